@@ -1,0 +1,92 @@
+//! The two reconcilers and what they share. Each reconcile is
+//! dereference → validate → build → apply → update_status; validate and build are pure.
+
+pub mod policy;
+pub mod spice_proxy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use crate::crd::SpiceProxy;
+use crate::metrics::Metrics;
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    #[error("could not encode the proxy configuration: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of one operator process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Image the proxy Deployments run unless a SpiceProxy overrides it.
+    pub proxy_image: String,
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    /// Every SpiceProxy, as the policy reconciler's lookup table (no API call per reference).
+    pub proxies: Store<DeserializeGuard<SpiceProxy>>,
+}
+
+/// Runs both controllers until `shutdown` flips to true. `ready` is set once the caches are synced.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (proxies, writer) = reflector::store();
+    // One reflected stream of SpiceProxies feeds the lookup table and, through the policy
+    // controller's mapping, re-resolves every policy that refers to a changed or deleted proxy.
+    // The store is written before an event is passed on, so a triggered reconcile sees it.
+    let proxy_events = reflector(
+        writer,
+        watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|r| futures::future::ready(r.ok()));
+
+    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone() });
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let spx = spice_proxy::controller(ctx.clone(), stop(shutdown.clone()));
+    let ccp = policy::controller(ctx.clone(), proxy_events, stop(shutdown.clone()));
+    let readiness = async move {
+        let _ = proxies.wait_until_ready().await;
+        let _ = ready.send(true);
+        futures::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = futures::future::join(spx, ccp) => {},
+        _ = readiness => {},
+    }
+}
+
+/// Requeue after an error with a short delay; the controller runtime adds its own backoff on
+/// repeated trigger failures.
+pub(crate) fn retry_after(error: &Error) -> Duration {
+    match error {
+        Error::Kube(kube::Error::Api(s)) if s.code == 409 => Duration::from_secs(1),
+        _ => Duration::from_secs(5),
+    }
+}

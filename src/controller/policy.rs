@@ -1,0 +1,171 @@
+//! ClusterConsolePolicy reconciler: resolves every cluster, pool and opted-out VM (pure, in
+//! `crate::resolve`) against the SpiceProxy cache and writes the result into status.
+//! A SpiceProxy change re-resolves exactly the policies that refer to it (watch + map, no polling).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Future, Stream, StreamExt};
+use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::{Context, Error, Result, retry_after};
+use crate::conditions;
+use crate::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy, SpiceProxyRef};
+use crate::metrics::ControllerLabel;
+use crate::resolve::{self, Resolved};
+
+const LABEL: ControllerLabel = ControllerLabel { controller: "clusterconsolepolicy" };
+
+pub async fn controller(
+    ctx: Arc<Context>,
+    proxy_events: impl Stream<Item = DeserializeGuard<SpiceProxy>> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api = Api::<DeserializeGuard<ClusterConsolePolicy>>::all(ctx.client.clone());
+    let controller = Controller::new(api, watcher::Config::default());
+    let policies = controller.store();
+    let mapper = move |proxy: DeserializeGuard<SpiceProxy>| {
+        let key = SpiceProxyRef {
+            name: proxy.0.as_ref().map(|p| p.name_any()).unwrap_or_else(|e| e.metadata.name.clone().unwrap_or_default()),
+            namespace: proxy.0.as_ref().ok().and_then(|p| p.namespace()).or_else(|| proxy.0.as_ref().err().and_then(|e| e.metadata.namespace.clone())).unwrap_or_default(),
+        };
+        policies
+            .state()
+            .into_iter()
+            .filter(|p| p.0.as_ref().is_ok_and(|p| p.spec.proxy_refs().any(|r| *r == key)))
+            .map(|p| ObjectRef::from_obj(&*p))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .watches_stream(proxy_events.map(Ok::<_, watcher::Error>), mapper)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "policy reconcile trigger");
+            }
+        })
+        .await;
+}
+
+fn error_policy(obj: Arc<DeserializeGuard<ClusterConsolePolicy>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.get_or_create(&LABEL).inc();
+    let name = obj.0.as_ref().map(|o| o.name_any()).unwrap_or_default();
+    tracing::warn!(policy = %name, %error, "reconcile failed");
+    Action::requeue(retry_after(error))
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciles.get_or_create(&LABEL).inc();
+    let started = Instant::now();
+    let api: Api<DeserializeGuard<ClusterConsolePolicy>> = Api::all(ctx.client.clone());
+    let result = match &guard.0 {
+        Ok(policy) => {
+            // Resolve against a complete cache only: a half-listed cache would report proxies missing.
+            ctx.proxies.wait_until_ready().await.map_err(|_| Error::MissingField("SpiceProxy cache"))?;
+            let lookup = |r: &SpiceProxyRef| -> Result<String, String> {
+                match ctx.proxies.get(&ObjectRef::new(&r.name).within(&r.namespace)) {
+                    None => Err("does not exist".into()),
+                    Some(guard) => match &guard.0 {
+                        Ok(spx) => spx.ready_url().map(str::to_string),
+                        Err(invalid) => Err(format!("cannot be decoded: {}", invalid.error)),
+                    },
+                }
+            };
+            let resolved = resolve::resolve(&policy.spec, &lookup);
+            let previous = policy.status.clone().unwrap_or_default();
+            let status = build_status(&previous, resolved, policy.metadata.generation);
+            if status != previous {
+                let patch = Patch::Merge(json!({"status": status}));
+                api.patch_status(&policy.name_any(), &PatchParams::default(), &patch).await?;
+            }
+            Ok(Action::await_change())
+        }
+        Err(invalid) => {
+            let Some(name) = &invalid.metadata.name else { return Ok(Action::await_change()) };
+            let generation = invalid.metadata.generation;
+            let msg = format!("cannot decode the policy: {}", invalid.error);
+            let cond = conditions::new("Ready", false, "InvalidSpec", msg, generation);
+            let patch = Patch::Merge(json!({"status": {"conditions": [cond], "observedGeneration": generation}}));
+            api.patch_status(name, &PatchParams::default(), &patch).await?;
+            Ok(Action::await_change())
+        }
+    };
+    ctx.metrics.duration.get_or_create(&LABEL).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Status from a resolution; pure. Conditions keep their transition time when unchanged.
+pub fn build_status(previous: &ClusterConsolePolicyStatus, resolved: Resolved, generation: Option<i64>) -> ClusterConsolePolicyStatus {
+    let errors: Vec<String> = resolved
+        .errors()
+        .map(|e| {
+            let place = match (&e.cluster, &e.pool) {
+                (Some(c), Some(p)) => format!("VM {} ({c}/{p})", e.name),
+                (Some(c), None) if resolved.vms.iter().any(|v| std::ptr::eq(v, e)) => format!("VM {} ({c})", e.name),
+                (Some(c), None) => format!("pool {c}/{}", e.name),
+                (None, _) => format!("cluster {}", e.name),
+            };
+            format!("{place}: {}", e.error.as_deref().unwrap_or_default())
+        })
+        .collect();
+    let unresolved = errors.len() as i32;
+    let total = resolved.entries().count();
+    let ready = if errors.is_empty() {
+        conditions::new("Ready", true, "Resolved", format!("{total} entries resolved"), generation)
+    } else {
+        // Name the first few problems; every entry carries its own error too.
+        let mut msg = format!("{unresolved} of {total} entries unresolved: {}", errors.iter().take(5).cloned().collect::<Vec<_>>().join("; "));
+        if errors.len() > 5 {
+            msg.push_str("; ...");
+        }
+        conditions::new("Ready", false, "UnresolvedEntries", msg, generation)
+    };
+    let degraded = conditions::new(
+        "Degraded",
+        !errors.is_empty(),
+        if errors.is_empty() { "AsExpected" } else { "UnresolvedEntries" },
+        if errors.is_empty() { "every entry resolved".to_string() } else { format!("{unresolved} entries have no usable proxy; the others are resolved") },
+        generation,
+    );
+    ClusterConsolePolicyStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&previous.conditions, vec![ready, degraded]),
+        default_proxy_url: resolved.default_proxy_url,
+        resolved_pools: resolved.pools.iter().filter(|p| p.error.is_none()).count() as i32,
+        unresolved,
+        clusters: resolved.clusters,
+        pools: resolved.pools,
+        vms: resolved.vms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ClusterConsolePolicySpec;
+
+    #[test]
+    fn status_names_unresolved_entries_and_keeps_others() {
+        let spec: ClusterConsolePolicySpec = serde_yaml::from_str(
+            "defaultProxy: {url: g.example}\nclusters:\n- name: c\n  pools:\n  - {name: ok}\n  - {name: bad, proxy: {spiceProxyRef: {name: nope, namespace: ns}}}\n",
+        )
+        .unwrap();
+        let none = |_: &SpiceProxyRef| -> Result<String, String> { Err("does not exist".into()) };
+        let st = build_status(&Default::default(), resolve::resolve(&spec, &none), Some(4));
+        assert_eq!((st.unresolved, st.resolved_pools, st.observed_generation), (1, 1, Some(4)));
+        let ready = &st.conditions[0];
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "UnresolvedEntries"));
+        assert!(ready.message.contains("pool c/bad: SpiceProxy ns/nope does not exist"), "{}", ready.message);
+        assert!(conditions::is_true(&st.conditions, "Degraded"));
+        // Same input again: identical status, so no write and no watch loop.
+        let again = build_status(&st, resolve::resolve(&spec, &none), Some(4));
+        assert_eq!(again, st);
+    }
+}

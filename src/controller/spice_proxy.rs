@@ -1,0 +1,619 @@
+//! SpiceProxy reconciler: runs the built-in proxy as ConfigMap + key Secret + Deployment +
+//! Service owned by the SpiceProxy, and publishes the URL clients use once it is Ready.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Future, StreamExt};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Node, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec as K8sServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::{Context, Error, Result, retry_after};
+use crate::conditions;
+use crate::crd::{ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, AuthMode};
+use crate::labels;
+use crate::metrics::ControllerLabel;
+use crate::proxy::config::{self as pc, AllowedTarget, ProxyConfig};
+use crate::resolve::{UrlError, validate_host};
+
+const LABEL: ControllerLabel = ControllerLabel { controller: "spiceproxy" };
+
+pub async fn controller(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let owned = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::FIELD_MANAGER));
+    Controller::new(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "spiceproxy reconcile trigger");
+            }
+        })
+        .await;
+}
+
+fn error_policy(obj: Arc<DeserializeGuard<SpiceProxy>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.get_or_create(&LABEL).inc();
+    let name = obj.0.as_ref().map(|o| o.name_any()).unwrap_or_default();
+    tracing::warn!(spiceproxy = %name, %error, "reconcile failed");
+    Action::requeue(retry_after(error))
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<SpiceProxy>>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciles.get_or_create(&LABEL).inc();
+    let started = Instant::now();
+    let result = match &guard.0 {
+        Ok(spx) => reconcile_valid(spx, &ctx).await,
+        Err(invalid) => report_undecodable(invalid, &ctx).await,
+    };
+    ctx.metrics.duration.get_or_create(&LABEL).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// An object the operator cannot even decode (e.g. written before a schema change): say so in
+/// its status instead of breaking the watch for every other SpiceProxy.
+async fn report_undecodable(invalid: &kube::core::error_boundary::InvalidObject, ctx: &Context) -> Result<Action> {
+    let (Some(name), Some(ns)) = (&invalid.metadata.name, &invalid.metadata.namespace) else {
+        return Ok(Action::await_change());
+    };
+    let cond = conditions::new("Ready", false, "InvalidSpec", format!("cannot decode the object: {}", invalid.error), invalid.metadata.generation);
+    let api: Api<DeserializeGuard<SpiceProxy>> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = json!({"status": {"conditions": [cond], "observedGeneration": invalid.metadata.generation}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    Ok(Action::await_change())
+}
+
+async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
+    let ns = spx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = spx.name_any();
+    let api: Api<SpiceProxy> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // validate: nothing is applied for an invalid spec, so nothing running is half-changed.
+    if let Err(problems) = validate(&spx.spec) {
+        let status = invalid_status(spx, &problems.join("; "));
+        return update_status(&api, spx, status).await;
+    }
+
+    // build (pure) → apply
+    let owner = spx.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
+    let image = spx.spec.image.clone().unwrap_or_else(|| ctx.settings.proxy_image.clone());
+    let children = build(spx, &image)?;
+    let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
+    ensure_key_secret(&ctx.client, &ns, &name, &owner).await?;
+    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let with_owner = |mut meta: ObjectMeta| {
+        meta.owner_references = Some(vec![owner.clone()]);
+        meta
+    };
+    let mut cm = children.config_map;
+    cm.metadata = with_owner(cm.metadata);
+    let mut deploy = children.deployment;
+    deploy.metadata = with_owner(deploy.metadata);
+    let mut svc = children.service;
+    svc.metadata = with_owner(svc.metadata);
+    cm_api.patch(&cm.name_any(), &pp, &Patch::Apply(&cm)).await?;
+    let deploy = deploy_api.patch(&deploy.name_any(), &pp, &Patch::Apply(&deploy)).await?;
+    let svc = svc_api.patch(&svc.name_any(), &pp, &Patch::Apply(&svc)).await?;
+
+    // update_status, from what the apply returned
+    let node_address = if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() {
+        first_node_address(&ctx.client).await?
+    } else {
+        None
+    };
+    let status = build_status(spx, &deploy, &svc, node_address.as_deref());
+    update_status(&api, spx, status).await
+}
+
+async fn update_status(api: &Api<SpiceProxy>, spx: &SpiceProxy, mut status: SpiceProxyStatus) -> Result<Action> {
+    let previous = spx.status.clone().unwrap_or_default();
+    status.conditions = conditions::merge(&previous.conditions, status.conditions);
+    if status != previous {
+        let patch = json!({"status": status});
+        api.patch_status(&spx.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    }
+    // Nothing to poll: changes to the SpiceProxy or anything it owns trigger a reconcile.
+    Ok(Action::await_change())
+}
+
+/// Checks what the CRD schema cannot (or what a CRD installed without CEL would let through).
+pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    if spec.allowed_targets.is_empty() {
+        problems.push("allowedTargets is empty: the proxy is never an open proxy, list the hypervisor CIDRs and ports".into());
+    }
+    for (i, rule) in spec.allowed_targets.iter().enumerate() {
+        if rule.cidr.parse::<ipnet::IpNet>().is_err() {
+            problems.push(format!("allowedTargets[{i}].cidr {:?} is not a CIDR such as 10.0.0.0/16", rule.cidr));
+        }
+        if rule.ports.is_empty() {
+            problems.push(format!("allowedTargets[{i}].ports is empty"));
+        }
+        for (j, p) in rule.ports.iter().enumerate() {
+            let to = p.to.unwrap_or(p.from);
+            if !(1..=65535).contains(&p.from) || !(1..=65535).contains(&to) || to < p.from {
+                problems.push(format!("allowedTargets[{i}].ports[{j}] {}-{to} is not a port range within 1-65535", p.from));
+            }
+        }
+    }
+    if spec.auth.mode == AuthMode::Basic && spec.auth.credentials_secret.is_none() {
+        problems.push("auth mode Basic needs credentialsSecret".into());
+    }
+    if spec.limits.idle_timeout_seconds <= 300 {
+        problems.push("limits.idleTimeoutSeconds must exceed 300: SPICE servers ping idle channels only every 300 s".into());
+    }
+    if let Some(ext) = &spec.external_address {
+        if let Err(e) = validate_host(&ext.host) {
+            problems.push(format!("externalAddress.host: {e}"));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+/// Objects that make up one proxy, without owner references (added at apply time).
+pub struct Children {
+    pub config_map: ConfigMap,
+    pub deployment: Deployment,
+    pub service: Service,
+}
+
+pub fn config_map_name(spx: &str) -> String {
+    format!("{spx}-config")
+}
+pub fn key_secret_name(spx: &str) -> String {
+    format!("{spx}-keys")
+}
+
+/// The proxy configuration a replica reads; assumes `validate` passed.
+pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
+    ProxyConfig {
+        listen: format!("[::]:{}", pc::LISTEN_PORT),
+        admin_listen: format!("[::]:{}", pc::ADMIN_PORT),
+        allowed_targets: spec
+            .allowed_targets
+            .iter()
+            .filter_map(|r| {
+                let cidr = r.cidr.parse().ok()?;
+                let ports = r.ports.iter().map(|p| (p.from as u16, p.to.unwrap_or(p.from) as u16)).collect();
+                Some(AllowedTarget { cidr, ports })
+            })
+            .collect(),
+        auth_mode: spec.auth.mode,
+        keys_dir: Some(pc::KEYS_DIR.into()),
+        basic_dir: spec.auth.credentials_secret.as_ref().map(|_| pc::BASIC_DIR.into()),
+        limits: spec.limits.clone(),
+    }
+}
+
+pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
+    let name = spx.name_any();
+    let ns = spx.namespace();
+    let spec = &spx.spec;
+    let labels = labels::proxy_labels(&name);
+    let meta = |n: String| ObjectMeta { name: Some(n), namespace: ns.clone(), labels: Some(labels.clone()), ..Default::default() };
+
+    let config_json = serde_json::to_string_pretty(&proxy_config(spec))?;
+    let config_hash = format!("{:x}", Sha256::digest(config_json.as_bytes()));
+    let config_map = ConfigMap {
+        metadata: meta(config_map_name(&name)),
+        data: Some(BTreeMap::from([(pc::CONFIG_FILE.to_string(), config_json)])),
+        ..Default::default()
+    };
+
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource { name: config_map_name(&name), ..Default::default() }),
+            ..Default::default()
+        },
+        Volume {
+            name: "keys".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(key_secret_name(&name)), ..Default::default() }),
+            ..Default::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount { name: "config".into(), mount_path: pc::CONFIG_DIR.into(), read_only: Some(true), ..Default::default() },
+        VolumeMount { name: "keys".into(), mount_path: pc::KEYS_DIR.into(), read_only: Some(true), ..Default::default() },
+    ];
+    if let Some(secret) = &spec.auth.credentials_secret {
+        volumes.push(Volume {
+            name: "basic".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount { name: "basic".into(), mount_path: pc::BASIC_DIR.into(), read_only: Some(true), ..Default::default() });
+    }
+    let probe = |path: &str, period| Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("admin".into()), ..Default::default() }),
+        period_seconds: Some(period),
+        ..Default::default()
+    };
+    let quantity = |s: &str| Quantity(s.into());
+    let resources = spec.resources.clone().unwrap_or_else(|| ResourceRequirements {
+        requests: Some(BTreeMap::from([("cpu".into(), quantity("50m")), ("memory".into(), quantity("32Mi"))])),
+        limits: Some(BTreeMap::from([("memory".into(), quantity("256Mi"))])),
+        ..Default::default()
+    });
+    let container = Container {
+        name: "proxy".into(),
+        image: Some(image.into()),
+        args: Some(vec!["proxy".into(), "--config".into(), format!("{}/{}", pc::CONFIG_DIR, pc::CONFIG_FILE)]),
+        ports: Some(vec![
+            ContainerPort { name: Some("proxy".into()), container_port: pc::LISTEN_PORT.into(), ..Default::default() },
+            ContainerPort { name: Some("admin".into()), container_port: pc::ADMIN_PORT.into(), ..Default::default() },
+        ]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: Some(resources),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let selector = labels::proxy_selector(&name);
+    let deployment = Deployment {
+        metadata: meta(name.clone()),
+        spec: DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector { match_labels: Some(selector.clone()), ..Default::default() },
+            // Never drop below the desired count while rolling: open consoles stay served.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    annotations: Some(BTreeMap::from([(labels::CONFIG_HASH.to_string(), config_hash)])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    // Covers the proxy's drain deadline so open tunnels can finish.
+                    termination_grace_period_seconds: Some(i64::from(spec.limits.drain_seconds) + 10),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        ..Default::default()
+                    }),
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    affinity: spec.affinity.clone(),
+                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                        max_skew: 1,
+                        topology_key: "kubernetes.io/hostname".into(),
+                        when_unsatisfiable: "ScheduleAnyway".into(),
+                        label_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..Default::default() }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let service = Service {
+        metadata: ObjectMeta { annotations: spec.service.annotations.clone(), ..meta(name.clone()) },
+        spec: Some(K8sServiceSpec {
+            type_: Some(service_type(spec.service.type_).into()),
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("proxy".into()),
+                port: spec.service.port,
+                target_port: Some(IntOrString::String("proxy".into())),
+                node_port: spec.service.node_port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Children { config_map, deployment, service })
+}
+
+fn service_type(t: ServiceType) -> &'static str {
+    match t {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+    }
+}
+
+/// The ticket signing key. Created once with a random key and never overwritten, so every
+/// replica (and every restart of the operator) keeps validating the tickets already issued.
+async fn ensure_key_secret(client: &kube::Client, ns: &str, spx: &str, owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = key_secret_name(spx);
+    if api.get_metadata_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    let key: [u8; 32] = rand::random();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(ns.into()),
+            labels: Some(labels::proxy_labels(spx)),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("current".into(), k8s_openapi::ByteString(key.to_vec()))])),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Address of a schedulable node for a NodePort URL: ExternalIP first, then InternalIP.
+async fn first_node_address(client: &kube::Client) -> Result<Option<String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes.list(&ListParams::default().limit(50)).await?;
+    let pick = |kind: &str| {
+        list.items.iter().find_map(|n| {
+            n.status.as_ref()?.addresses.as_ref()?.iter().find(|a| a.type_ == kind && !a.address.contains(':')).map(|a| a.address.clone())
+        })
+    };
+    Ok(pick("ExternalIP").or_else(|| pick("InternalIP")))
+}
+
+/// Where clients reach the proxy, or why it is not known (yet).
+pub fn derive_url(spx: &SpiceProxy, svc: &Service, node_address: Option<&str>) -> Result<String, (bool, String)> {
+    let spec = &spx.spec;
+    let node_port = svc.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).and_then(|p| p.node_port);
+    let (host, port) = if let Some(ext) = &spec.external_address {
+        let port = ext.port.or(if spec.service.type_ == ServiceType::NodePort { node_port } else { None }).unwrap_or(spec.service.port);
+        (ext.host.clone(), port)
+    } else {
+        match spec.service.type_ {
+            ServiceType::LoadBalancer => {
+                let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref()).and_then(|i| i.first());
+                match ingress.and_then(|i| i.hostname.clone().or_else(|| i.ip.clone())) {
+                    Some(h) => (h, spec.service.port),
+                    None => return Err((false, "waiting for the LoadBalancer to publish an ingress address".into())),
+                }
+            }
+            ServiceType::NodePort => match (node_address, node_port) {
+                (Some(a), Some(p)) => (a.to_string(), p),
+                (None, _) => return Err((false, "no node address found for the NodePort; set externalAddress.host".into())),
+                (_, None) => return Err((false, "waiting for a node port to be allocated".into())),
+            },
+            ServiceType::ClusterIP => (format!("{}.{}.svc", spx.name_any(), spx.namespace().unwrap_or_default()), spec.service.port),
+        }
+    };
+    // An IPv6 LoadBalancer address, say, would make SPICE clients connect directly: report, never publish.
+    match validate_host(&host) {
+        Ok(h) => Ok(format!("http://{h}:{port}")),
+        Err(e @ (UrlError::Ipv6 | UrlError::BadHost(_))) => Err((true, format!("address {host:?} cannot be handed to SPICE clients: {e}"))),
+        Err(e) => Err((true, e.to_string())),
+    }
+}
+
+pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_address: Option<&str>) -> SpiceProxyStatus {
+    let generation = spx.metadata.generation;
+    let desired = spx.spec.replicas;
+    let ds = deploy.status.clone().unwrap_or_default();
+    let ready = ds.ready_replicas.unwrap_or(0);
+    let updated = ds.updated_replicas.unwrap_or(0);
+    let rolled_out = ds.observed_generation >= deploy.metadata.generation
+        && updated >= desired
+        && ds.replicas.unwrap_or(0) <= desired
+        && ready >= desired;
+    let url = derive_url(spx, svc, node_address);
+    let replica_failure = ds.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True"));
+
+    let (ready_ok, ready_reason, ready_msg) = match (&url, rolled_out) {
+        (Err((true, why)), _) => (false, "UnusableAddress", why.clone()),
+        _ if desired == 0 => (false, "ScaledToZero", "replicas is 0".to_string()),
+        (_, false) => (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready")),
+        (Err((false, why)), true) => (false, "AddressPending", why.clone()),
+        (Ok(u), true) => (true, "ProxyReady", format!("{ready}/{desired} replicas ready at {u}")),
+    };
+    let (degraded, degraded_reason, degraded_msg) = match (&url, replica_failure) {
+        (Err((true, why)), _) => (true, "UnusableAddress", why.clone()),
+        (_, Some(c)) => (true, "ReplicaFailure", c.message.clone().unwrap_or_default()),
+        _ => (false, "AsExpected", "no problems found".to_string()),
+    };
+    let (progressing, prog_reason, prog_msg) = match (&url, rolled_out) {
+        (_, false) => (true, "RollingOut", format!("{updated} updated, {ready} ready of {desired} replicas")),
+        (Err((false, why)), true) => (true, "AddressPending", why.clone()),
+        _ => (false, "Complete", "rollout complete".to_string()),
+    };
+    SpiceProxyStatus {
+        proxy_url: url.ok(),
+        ready_replicas: ready,
+        replicas: ds.replicas.unwrap_or(0),
+        observed_generation: generation,
+        conditions: vec![
+            conditions::new("Ready", ready_ok, ready_reason, ready_msg, generation),
+            conditions::new("Progressing", progressing, prog_reason, prog_msg, generation),
+            conditions::new("Degraded", degraded, degraded_reason, degraded_msg, generation),
+        ],
+    }
+}
+
+fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
+    let generation = spx.metadata.generation;
+    let previous = spx.status.clone().unwrap_or_default();
+    SpiceProxyStatus {
+        proxy_url: None,
+        ready_replicas: previous.ready_replicas,
+        replicas: previous.replicas,
+        observed_generation: generation,
+        conditions: vec![
+            conditions::new("Ready", false, "InvalidSpec", why, generation),
+            conditions::new("Progressing", false, "InvalidSpec", "nothing applied until the spec is fixed", generation),
+            conditions::new("Degraded", true, "InvalidSpec", why, generation),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ExternalAddress, PortRange, TargetRule};
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+
+    fn spx(yaml: &str) -> SpiceProxy {
+        let mut s: SpiceProxy = serde_yaml::from_str(yaml).unwrap();
+        s.metadata.uid = Some("uid-1".into());
+        s.metadata.generation = Some(3);
+        s
+    }
+    const BASIC: &str = "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {name: edge, namespace: spice}\nspec:\n  allowedTargets: [{cidr: 10.0.0.0/16, ports: [{from: 5900, to: 5999}]}]\n";
+
+    fn deploy_with(ready: i32, replicas: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta { generation: Some(1), ..Default::default() },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(1),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(replicas),
+                replicas: Some(replicas),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_ones_spice_clients_and_ops_expect() {
+        let s = spx(BASIC);
+        assert_eq!((s.spec.replicas, s.spec.service.port, s.spec.auth.mode), (1, 3128, AuthMode::Ticket));
+        assert!(s.spec.limits.idle_timeout_seconds > 300);
+        assert!(validate(&s.spec).is_ok());
+    }
+
+    #[test]
+    fn build_makes_a_hardened_owned_deployment_and_service() {
+        let s = spx(BASIC);
+        let c = build(&s, "img:1").unwrap();
+        let d = c.deployment.spec;
+        assert_eq!(d.replicas, Some(1));
+        let pod = d.template.spec.unwrap();
+        let ctr = &pod.containers[0];
+        assert_eq!(ctr.image.as_deref(), Some("img:1"));
+        assert_eq!(ctr.args.as_ref().unwrap()[0], "proxy");
+        let sc = ctr.security_context.as_ref().unwrap();
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+        assert_eq!(pod.termination_grace_period_seconds, Some(70));
+        assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
+        let svc = c.service.spec.unwrap();
+        assert_eq!((svc.type_.as_deref(), svc.ports.unwrap()[0].port), (Some("ClusterIP"), 3128));
+        let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
+        assert_eq!(cfg.allowed_targets[0].ports, vec![(5900, 5999)]);
+        assert_eq!(cfg.allowed_targets[0].cidr.to_string(), "10.0.0.0/16");
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template_hash() {
+        let a = spx(BASIC);
+        let mut b = a.clone();
+        b.spec.allowed_targets.push(TargetRule { cidr: "10.9.0.0/24".into(), ports: vec![PortRange { from: 5900, to: None }] });
+        let hash = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.metadata.unwrap().annotations.unwrap()[labels::CONFIG_HASH].clone();
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(hash(&a), hash(&a.clone()));
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut s = spx(BASIC);
+        s.spec.allowed_targets = vec![];
+        s.spec.auth.mode = AuthMode::Basic;
+        s.spec.external_address = Some(ExternalAddress { host: "fd00::1".into(), port: None });
+        let problems = validate(&s.spec).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("never an open proxy"));
+        assert!(problems[2].contains("IPv6"));
+        let mut s = spx(BASIC);
+        s.spec.allowed_targets[0].cidr = "10.0.0.0/33".into();
+        s.spec.allowed_targets[0].ports[0] = PortRange { from: 6000, to: Some(5900) };
+        assert_eq!(validate(&s.spec).unwrap_err().len(), 2);
+    }
+
+    #[test]
+    fn url_from_external_address_load_balancer_and_cluster_ip() {
+        let mut s = spx(BASIC);
+        let svc = Service::default();
+        assert_eq!(derive_url(&s, &svc, None).unwrap(), "http://edge.spice.svc:3128");
+        s.spec.service.type_ = ServiceType::LoadBalancer;
+        assert!(matches!(derive_url(&s, &svc, None), Err((false, _))));
+        let lb = |ip: &str| Service {
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus { ingress: Some(vec![LoadBalancerIngress { ip: Some(ip.into()), ..Default::default() }]) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(derive_url(&s, &lb("203.0.113.7"), None).unwrap(), "http://203.0.113.7:3128");
+        let err = derive_url(&s, &lb("2001:db8::7"), None).unwrap_err();
+        assert!(err.0 && err.1.contains("IPv6"), "{err:?}");
+        s.spec.external_address = Some(ExternalAddress { host: "Console.Example.com".into(), port: Some(8080) });
+        assert_eq!(derive_url(&s, &lb("2001:db8::7"), None).unwrap(), "http://console.example.com:8080");
+    }
+
+    #[test]
+    fn status_ready_only_when_rolled_out_with_a_url() {
+        let s = spx(BASIC);
+        let st = build_status(&s, &deploy_with(0, 1), &Service::default(), None);
+        assert!(!conditions::is_true(&st.conditions, "Ready"));
+        assert!(conditions::is_true(&st.conditions, "Progressing"));
+        assert_eq!(st.proxy_url.as_deref(), Some("http://edge.spice.svc:3128"));
+        let st = build_status(&s, &deploy_with(1, 1), &Service::default(), None);
+        assert!(conditions::is_true(&st.conditions, "Ready"));
+        assert!(!conditions::is_true(&st.conditions, "Progressing"));
+        assert!(!conditions::is_true(&st.conditions, "Degraded"));
+        assert_eq!((st.ready_replicas, st.observed_generation), (1, Some(3)));
+        let mut v6 = s.clone();
+        v6.spec.service.type_ = ServiceType::LoadBalancer;
+        let svc = Service {
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus { ingress: Some(vec![LoadBalancerIngress { ip: Some("::1".into()), ..Default::default() }]) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let st = build_status(&v6, &deploy_with(1, 1), &svc, None);
+        assert_eq!(st.proxy_url, None);
+        assert!(conditions::is_true(&st.conditions, "Degraded"));
+        assert_eq!(st.conditions[0].reason, "UnusableAddress");
+    }
+}

@@ -1,0 +1,268 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One built-in SPICE proxy: the operator runs it as a Deployment plus Service and
+/// reports the URL clients must use in `status.proxyUrl`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "console.spice-operator.io",
+    version = "v1alpha1",
+    kind = "SpiceProxy",
+    plural = "spiceproxies",
+    shortname = "spx",
+    category = "spice",
+    namespaced,
+    status = "SpiceProxyStatus",
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.proxyUrl"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiceProxySpec {
+    /// Proxy pods to run. Every replica accepts the same tickets (shared key Secret).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Address SPICE clients use to reach the proxy. When absent it is derived from the
+    /// LoadBalancer ingress, a node address (NodePort) or the in-cluster Service name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_address: Option<ExternalAddress>,
+
+    /// Hypervisor targets tunnels may reach. Required and non-empty: the proxy is never open.
+    #[schemars(length(min = 1, max = 256))]
+    pub allowed_targets: Vec<TargetRule>,
+
+    #[serde(default)]
+    pub auth: AuthSpec,
+
+    /// Limits and timeouts of every proxy replica.
+    #[serde(default)]
+    pub limits: ProxyLimits,
+
+    /// Container image of the proxy; defaults to the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.nodePort) || self.type == 'NodePort' || self.type == 'LoadBalancer'",
+     "message": "nodePort needs service type NodePort or LoadBalancer"}
+]))]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Service port of the CONNECT proxy. 3128 is what SPICE clients assume for http://.
+    #[serde(default = "default_proxy_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Fixed node port (NodePort/LoadBalancer); allocated by Kubernetes when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub node_port: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+pub const DEFAULT_PROXY_PORT: i32 = 3128;
+fn default_proxy_port() -> i32 {
+    DEFAULT_PROXY_PORT
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None }
+    }
+}
+
+/// Host (DNS name or IPv4 address) and port clients connect to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAddress {
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// Defaults to the node port (NodePort) or the Service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+/// Targets a tunnel may reach: an address block and the ports allowed in it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRule {
+    /// IPv4 or IPv6 CIDR, e.g. 10.0.0.0/16. A single address needs /32 or /128.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isCIDR(self)", "message": "must be a CIDR such as 10.0.0.0/16"}
+    ]))]
+    #[schemars(length(min = 1, max = 64))]
+    pub cidr: String,
+    /// Port ranges in that block; SPICE servers listen on 5900-6923 by default.
+    #[schemars(length(min = 1, max = 64))]
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.to) || self.to >= self.from", "message": "to must not be below from"}
+]))]
+pub struct PortRange {
+    #[schemars(range(min = 1, max = 65535))]
+    pub from: i32,
+    /// Last port, inclusive; defaults to `from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub to: Option<i32>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AuthMode {
+    /// Signed, target-bound, expiring tickets carried as the Basic password (default).
+    #[default]
+    Ticket,
+    /// Fixed credentials from a Secret.
+    Basic,
+    /// No authentication; must be chosen explicitly. The allow-list still applies.
+    None,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'Basic' || has(self.credentialsSecret)",
+     "message": "auth mode Basic needs credentialsSecret (keys username and password)"}
+]))]
+pub struct AuthSpec {
+    #[serde(default)]
+    pub mode: AuthMode,
+    /// Secret in the same namespace with keys `username` and `password` (mode Basic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// Limits and timeouts; every one has a default that is safe for SPICE.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyLimits {
+    /// Concurrent tunnels per replica.
+    #[serde(default = "d_max_tunnels")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_tunnels: u32,
+    /// Concurrent tunnels per client address and replica.
+    #[serde(default = "d_max_per_client")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_tunnels_per_client: u32,
+    /// Idle time before a tunnel is closed. SPICE servers ping inputs and cursor channels
+    /// only every 300 s, so anything shorter silently kills sessions.
+    #[serde(default = "d_idle")]
+    #[schemars(range(min = 301, max = 604800))]
+    pub idle_timeout_seconds: u32,
+    #[serde(default = "d_connect")]
+    #[schemars(range(min = 1, max = 300))]
+    pub connect_timeout_seconds: u32,
+    /// Time a client has to send its complete request head (slowloris guard).
+    #[serde(default = "d_head")]
+    #[schemars(range(min = 1, max = 300))]
+    pub handshake_timeout_seconds: u32,
+    /// Time open tunnels get to finish when a pod stops.
+    #[serde(default = "d_drain")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub drain_seconds: u32,
+}
+
+fn d_max_tunnels() -> u32 {
+    10_000
+}
+fn d_max_per_client() -> u32 {
+    256
+}
+fn d_idle() -> u32 {
+    3600
+}
+fn d_connect() -> u32 {
+    10
+}
+fn d_head() -> u32 {
+    10
+}
+fn d_drain() -> u32 {
+    60
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self {
+            max_tunnels: d_max_tunnels(),
+            max_tunnels_per_client: d_max_per_client(),
+            idle_timeout_seconds: d_idle(),
+            connect_timeout_seconds: d_connect(),
+            handshake_timeout_seconds: d_head(),
+            drain_seconds: d_drain(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiceProxyStatus {
+    /// `http://host:port`, exactly what a SPICE client accepts; absent until known and valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_url: Option<String>,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl SpiceProxy {
+    /// The published URL, only when the proxy is Ready for the current generation.
+    pub fn ready_url(&self) -> Result<&str, String> {
+        let status = self.status.as_ref().ok_or("has no status yet")?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        match ready {
+            Some(c) if c.status == "True" => {
+                status.proxy_url.as_deref().ok_or_else(|| "is Ready but publishes no proxyUrl".into())
+            }
+            Some(c) => Err(format!("is not Ready ({}: {})", c.reason, c.message)),
+            None => Err("is not Ready yet".into()),
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Every label and annotation the operator sets, in one place (`app.kubernetes.io/*`).
+
+use std::collections::BTreeMap;
+
+pub const FIELD_MANAGER: &str = "spice-operator";
+pub const NAME: &str = "app.kubernetes.io/name";
+pub const INSTANCE: &str = "app.kubernetes.io/instance";
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const PART_OF: &str = "app.kubernetes.io/part-of";
+pub const VERSION: &str = "app.kubernetes.io/version";
+/// Pod template annotation: a hash of the proxy configuration, so a change rolls the pods.
+pub const CONFIG_HASH: &str = "console.spice-operator.io/config-hash";
+
+/// Labels that select the pods of one SpiceProxy. Never change these: a Deployment's
+/// selector is immutable.
+pub fn proxy_selector(instance: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(NAME.into(), "spice-proxy".into()), (INSTANCE.into(), instance.into())])
+}
+
+/// Labels on every object made for one SpiceProxy.
+pub fn proxy_labels(instance: &str) -> BTreeMap<String, String> {
+    let mut labels = proxy_selector(instance);
+    labels.insert(COMPONENT.into(), "proxy".into());
+    labels.insert(MANAGED_BY.into(), FIELD_MANAGER.into());
+    labels.insert(PART_OF.into(), "spice-operator".into());
+    labels.insert(VERSION.into(), env!("CARGO_PKG_VERSION").into());
+    labels
+}

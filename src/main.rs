@@ -1,0 +1,112 @@
+//! One binary, several modes: `controller`, `crdgen`, ...
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use spice_operator::controller::{self, Settings};
+use spice_operator::metrics::{Metrics, RequestLabel};
+use spice_operator::{admin, crd};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "spice-operator", version, about = "SPICE console proxies on Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile SpiceProxy and ClusterConsolePolicy objects (uses KUBECONFIG or the in-cluster account).
+    Controller {
+        /// Image the proxy Deployments run unless a SpiceProxy sets spec.image.
+        #[arg(long, env = "SPICE_PROXY_IMAGE", default_value = concat!("spice-operator:", env!("CARGO_PKG_VERSION")))]
+        proxy_image: String,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "SPICE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+        admin_addr: SocketAddr,
+        /// Log as JSON lines instead of human-readable text.
+        #[arg(long, env = "SPICE_LOG_JSON")]
+        log_json: bool,
+    },
+    /// Print the CustomResourceDefinitions (YAML), or write them to a file.
+    Crdgen {
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { builder.json().init() } else { builder.init() }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crdgen { output } => crdgen(output),
+        Command::Controller { proxy_image, admin_addr, log_json } => {
+            init_tracing(log_json);
+            run_controller(Settings { proxy_image }, admin_addr).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spice-operator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn crdgen(output: Option<PathBuf>) -> anyhow::Result<()> {
+    let yaml = crd::crds_yaml();
+    match output {
+        Some(path) => std::fs::write(&path, yaml).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),
+        None => {
+            print!("{yaml}");
+            Ok(())
+        }
+    }
+}
+
+async fn run_controller(settings: Settings, admin_addr: SocketAddr) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let client = counting_client(metrics.clone()).await?;
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = tokio::spawn(admin::serve(admin_addr, metrics.clone(), ready_rx));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing reconciles in flight");
+        let _ = stop_tx.send(true);
+    });
+    tracing::info!(%admin_addr, image = %settings.proxy_image, "controller starting");
+    tokio::select! {
+        _ = controller::run(client, settings, metrics, ready_tx, stop_rx) => Ok(()),
+        res = admin => res?.map_err(Into::into),
+    }
+}
+
+/// A client that counts every request it sends, for `/metrics` and the scale benchmark.
+async fn counting_client(metrics: Arc<Metrics>) -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer().await.map_err(|e| anyhow::anyhow!("no Kubernetes configuration found (set KUBECONFIG): {e}"))?;
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        metrics.api_requests.get_or_create(&RequestLabel { verb: req.method().to_string() }).inc();
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

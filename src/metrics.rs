@@ -1,0 +1,60 @@
+//! Prometheus metrics of the operator, served on `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    pub verb: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<ControllerLabel, Counter>,
+    pub failures: Family<ControllerLabel, Counter>,
+    pub duration: Family<ControllerLabel, Histogram>,
+    /// Every HTTP request the operator sends to the Kubernetes API, by method.
+    pub api_requests: Family<RequestLabel, Counter<u64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("spice_operator");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let failures = Family::<ControllerLabel, Counter>::default();
+        let duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        let api_requests = Family::<RequestLabel, Counter<u64, AtomicU64>>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register("reconcile_failures", "Reconciles that failed", failures.clone());
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", duration.clone());
+        registry.register("kube_api_requests", "Requests sent to the Kubernetes API", api_requests.clone());
+        Self { registry, reconciles, failures, duration, api_requests }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn api_request_total(&self) -> u64 {
+        ["GET", "POST", "PUT", "PATCH", "DELETE"]
+            .iter()
+            .map(|v| self.api_requests.get_or_create(&RequestLabel { verb: v.to_string() }).get())
+            .sum()
+    }
+}

@@ -1,0 +1,36 @@
+//! The configuration file a proxy replica reads: rendered by the operator into a ConfigMap
+//! from a SpiceProxy spec, so the proxy needs no access to the Kubernetes API.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crd::{AuthMode, ProxyLimits};
+
+pub const CONFIG_DIR: &str = "/etc/spice-proxy/config";
+pub const CONFIG_FILE: &str = "config.json";
+pub const KEYS_DIR: &str = "/etc/spice-proxy/keys";
+pub const BASIC_DIR: &str = "/etc/spice-proxy/basic";
+/// Port the proxy listens on inside the pod; the Service maps its own port to it.
+pub const LISTEN_PORT: u16 = 3128;
+pub const ADMIN_PORT: u16 = 9090;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfig {
+    pub listen: String,
+    pub admin_listen: String,
+    pub allowed_targets: Vec<AllowedTarget>,
+    pub auth_mode: AuthMode,
+    /// Directory with the ticket signing keys (`current`, optional `previous`).
+    pub keys_dir: Option<String>,
+    /// Directory with `username` and `password` (mode Basic).
+    pub basic_dir: Option<String>,
+    pub limits: ProxyLimits,
+}
+
+/// One allow-list entry: CIDR and inclusive port ranges.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedTarget {
+    pub cidr: ipnet::IpNet,
+    pub ports: Vec<(u16, u16)>,
+}

@@ -1,0 +1,2 @@
+//! The built-in SPICE proxy run by every SpiceProxy Deployment (`spice-operator proxy`).
+pub mod config;
