@@ -69,10 +69,23 @@ build_simple() { # name module-require package
   mv "$BIN/$name.tmp" "$BIN/$name"
 }
 
+# kwok simulates nothing without stages: take the upstream "fast" node and pod stages and
+# the node heartbeat from the same module version.
+kwok_stages() {
+  [[ -s "$BIN/kwok-stages.yaml" ]] && return 0
+  local src; src=$(cd "$CACHE/src/kwok-$KWOK_VERSION" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+  for f in "$src"/kustomize/stage/node/fast/*.yaml "$src"/kustomize/stage/node/heartbeat/*.yaml "$src"/kustomize/stage/pod/fast/*.yaml; do
+    [[ $(basename "$f") == kustomization.yaml ]] && continue
+    echo "---"; cat "$f"
+  done > "$BIN/kwok-stages.yaml.tmp"
+  mv "$BIN/kwok-stages.yaml.tmp" "$BIN/kwok-stages.yaml"
+}
+
 need_k8s=0
 for c in kube-apiserver kube-controller-manager kube-scheduler; do [[ -x "$BIN/$c" ]] || need_k8s=1; done
 build_simple etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" go.etcd.io/etcd/server/v3
 build_simple kwok "sigs.k8s.io/kwok@$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+kwok_stages
 build_simple helm "helm.sh/helm/v3@$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 [[ $need_k8s == 1 ]] && build_kubernetes
 echo "$BIN"

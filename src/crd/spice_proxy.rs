@@ -181,45 +181,45 @@ pub struct ProxyLimits {
     /// Concurrent tunnels per replica.
     #[serde(default = "d_max_tunnels")]
     #[schemars(range(min = 1, max = 1000000))]
-    pub max_tunnels: u32,
+    pub max_tunnels: i32,
     /// Concurrent tunnels per client address and replica.
     #[serde(default = "d_max_per_client")]
     #[schemars(range(min = 1, max = 1000000))]
-    pub max_tunnels_per_client: u32,
+    pub max_tunnels_per_client: i32,
     /// Idle time before a tunnel is closed. SPICE servers ping inputs and cursor channels
     /// only every 300 s, so anything shorter silently kills sessions.
     #[serde(default = "d_idle")]
     #[schemars(range(min = 301, max = 604800))]
-    pub idle_timeout_seconds: u32,
+    pub idle_timeout_seconds: i32,
     #[serde(default = "d_connect")]
     #[schemars(range(min = 1, max = 300))]
-    pub connect_timeout_seconds: u32,
+    pub connect_timeout_seconds: i32,
     /// Time a client has to send its complete request head (slowloris guard).
     #[serde(default = "d_head")]
     #[schemars(range(min = 1, max = 300))]
-    pub handshake_timeout_seconds: u32,
+    pub handshake_timeout_seconds: i32,
     /// Time open tunnels get to finish when a pod stops.
     #[serde(default = "d_drain")]
     #[schemars(range(min = 0, max = 86400))]
-    pub drain_seconds: u32,
+    pub drain_seconds: i32,
 }
 
-fn d_max_tunnels() -> u32 {
+fn d_max_tunnels() -> i32 {
     10_000
 }
-fn d_max_per_client() -> u32 {
+fn d_max_per_client() -> i32 {
     256
 }
-fn d_idle() -> u32 {
+fn d_idle() -> i32 {
     3600
 }
-fn d_connect() -> u32 {
+fn d_connect() -> i32 {
     10
 }
-fn d_head() -> u32 {
+fn d_head() -> i32 {
     10
 }
-fn d_drain() -> u32 {
+fn d_drain() -> i32 {
     60
 }
 
