@@ -1,0 +1,161 @@
+//! Shared harness of the integration tests. They run against the real local control plane
+//! that `make test` starts (hack/local-cluster.sh) and find through `KUBECONFIG`; the CRDs
+//! come from `crds/`, exactly as users apply them. Each test works in its own throwaway
+//! namespace labelled `spice-operator-test`, dumped on failure.
+#![allow(dead_code)]
+
+use std::fmt::Debug;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use spice_operator::controller::{self, Settings};
+use spice_operator::metrics::Metrics;
+use tokio::sync::watch;
+
+pub const TEST_IMAGE: &str = "spice-operator:test";
+
+pub async fn client() -> Client {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        panic!("integration tests need the local control plane: run `make test` (or hack/local-cluster.sh start DIR and export KUBECONFIG=DIR/kubeconfig)");
+    }
+    Client::try_default().await.expect("KUBECONFIG must point at a running API server")
+}
+
+/// An operator running in the background of this test process, in its own runtime so it
+/// outlives every test's runtime.
+pub struct Operator {
+    stop: watch::Sender<bool>,
+    done: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Operator {
+    pub fn start() -> Operator {
+        let (stop, stop_rx) = watch::channel(false);
+        let (ready_tx, mut ready_rx) = watch::channel(false);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let metrics = Arc::new(Metrics::default());
+        let m = metrics.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let client = Client::try_default().await.expect("operator client");
+                let settings = Settings { proxy_image: TEST_IMAGE.into() };
+                controller::run(client, settings, m, ready_tx, stop_rx).await;
+            });
+            let _ = done_tx.send(());
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !*ready_rx.borrow_and_update() {
+            assert!(Instant::now() < deadline, "operator caches did not sync within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Operator { stop, done: std::sync::Mutex::new(done), metrics }
+    }
+
+    /// Stops the operator the way SIGTERM does and waits until it has exited.
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        self.done.lock().unwrap().recv_timeout(Duration::from_secs(30)).expect("operator did not stop within 30 s");
+    }
+}
+
+/// One operator for the whole test binary.
+pub fn shared_operator() {
+    static OP: OnceLock<Operator> = OnceLock::new();
+    OP.get_or_init(Operator::start);
+}
+
+/// A throwaway labelled namespace; deleted afterwards, its objects dumped if the test failed.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client, prefix: &str) -> TestNamespace {
+        let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xffffff);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"spice-operator-test": "true"}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create test namespace");
+        TestNamespace { name, client: client.clone() }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- diagnostics for namespace {} -----", self.name);
+            for what in ["spiceproxies,deployments,services,configmaps,pods", "events"] {
+                let out = std::process::Command::new("kubectl")
+                    .args(["get", what, "-n", &self.name, "-o", "yaml"])
+                    .output();
+                if let Ok(o) = out {
+                    eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+                }
+            }
+            let out = std::process::Command::new("kubectl").args(["get", "clusterconsolepolicies", "-o", "yaml"]).output();
+            if let Ok(o) = out {
+                eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+            }
+        }
+        let _ = std::process::Command::new("kubectl")
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .output();
+        let _ = &self.client;
+    }
+}
+
+/// Polls until `check` returns Some, or panics after `timeout` with the last object seen.
+pub async fn wait_for<K, T>(api: &Api<K>, name: &str, timeout: Duration, check: impl Fn(&K) -> Option<T>) -> T
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(Some(obj)) = api.get_opt(name).await {
+            if let Some(v) = check(&obj) {
+                return v;
+            }
+            last = Some(obj);
+        }
+        if Instant::now() > deadline {
+            panic!("{name}: condition not met within {timeout:?}; last seen: {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until the object is gone.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, timeout: Duration)
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let deadline = Instant::now() + timeout;
+    while api.get_opt(name).await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "{name} still exists after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn delete_cluster_scoped<K>(api: &Api<K>, name: &str)
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}
+
+pub fn spx(yaml: &str) -> spice_operator::crd::SpiceProxy {
+    serde_yaml::from_str(yaml).expect("test SpiceProxy YAML")
+}
+
+pub fn is_ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conds.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+}

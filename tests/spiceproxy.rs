@@ -1,0 +1,214 @@
+//! SpiceProxy against the real API server: children, readiness through kwok, spec changes,
+//! garbage collection, drift repair and admission errors.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use spice_operator::crd::SpiceProxy;
+use spice_operator::proxy::config::ProxyConfig;
+
+const T: Duration = Duration::from_secs(30);
+
+fn proxy_yaml(name: &str, ns: &str) -> String {
+    format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: 2\n  service: {{type: NodePort}}\n  allowedTargets:\n  - cidr: 10.20.0.0/16\n    ports: [{{from: 5900, to: 5999}}]\n"
+    )
+}
+
+fn config_of(cm: &ConfigMap) -> ProxyConfig {
+    serde_json::from_str(&cm.data.as_ref().unwrap()["config.json"]).unwrap()
+}
+
+#[tokio::test]
+async fn create_builds_owned_children_and_reports_ready_url() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-create").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let created = api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d = wait_for(&deploys, "edge", T, |d| Some(d.clone())).await;
+    let owner = &d.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("SpiceProxy", created.uid().unwrap().as_str(), Some(true)));
+    assert_eq!(d.spec.replicas, Some(2));
+    let pod = d.spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.containers[0].image.as_deref(), Some(TEST_IMAGE));
+    assert_eq!(pod.containers[0].args.as_ref().unwrap()[0], "proxy");
+    assert_eq!(d.labels()["app.kubernetes.io/managed-by"], "spice-operator");
+
+    let svc = Api::<Service>::namespaced(client.clone(), &ns.name).get("edge").await.unwrap();
+    let svc_spec = svc.spec.unwrap();
+    assert_eq!(svc_spec.type_.as_deref(), Some("NodePort"));
+    let port = &svc_spec.ports.as_ref().unwrap()[0];
+    assert_eq!(port.port, 3128);
+    let node_port = port.node_port.expect("node port allocated");
+
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("edge-config").await.unwrap();
+    let cfg = config_of(&cm);
+    assert_eq!(cfg.allowed_targets[0].cidr.to_string(), "10.20.0.0/16");
+    assert_eq!(cfg.allowed_targets[0].ports, vec![(5900, 5999)]);
+    let key = Api::<Secret>::namespaced(client.clone(), &ns.name).get("edge-keys").await.unwrap();
+    assert_eq!(key.data.unwrap()["current"].0.len(), 32);
+
+    // kwok runs the pods; the URL is a node address plus the node port.
+    let status = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
+    assert_eq!(status.ready_replicas, 2);
+    assert_eq!(status.observed_generation, Some(1));
+    let url = status.proxy_url.unwrap();
+    assert!(url == format!("http://127.0.0.11:{node_port}") || url == format!("http://127.0.0.12:{node_port}"), "{url}");
+    for t in ["Ready", "Progressing", "Degraded"] {
+        let c = status.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"));
+        assert!(!c.reason.is_empty() && !c.message.is_empty() && c.observed_generation == Some(1), "{c:?}");
+    }
+}
+
+#[tokio::test]
+async fn spec_change_updates_children_and_advances_observed_generation() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-change").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let hash_before = deploys.get("edge").await.unwrap().spec.template.metadata.unwrap().annotations.unwrap()
+        ["console.spice-operator.io/config-hash"].clone();
+
+    let patch = json!({"spec": {
+        "replicas": 3,
+        "service": {"type": "NodePort", "port": 4000},
+        "allowedTargets": [
+            {"cidr": "10.20.0.0/16", "ports": [{"from": 5900, "to": 5999}]},
+            {"cidr": "192.0.2.0/24", "ports": [{"from": 5900}]}
+        ]
+    }});
+    let updated = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let generation = updated.metadata.generation.unwrap();
+    assert_eq!(generation, 2);
+
+    let d = wait_for(&deploys, "edge", T, |d| (d.spec.replicas == Some(3)).then(|| d.clone())).await;
+    let hash_after = d.spec.template.metadata.unwrap().annotations.unwrap()["console.spice-operator.io/config-hash"].clone();
+    assert_ne!(hash_before, hash_after, "a new allow-list must roll the pods");
+    let svc = Api::<Service>::namespaced(client.clone(), &ns.name);
+    wait_for(&svc, "edge", T, |s| (s.spec.as_ref()?.ports.as_ref()?[0].port == 4000).then_some(())).await;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let cfg = wait_for(&cms, "edge-config", T, |cm| Some(config_of(cm)).filter(|c| c.allowed_targets.len() == 2)).await;
+    assert_eq!(cfg.allowed_targets[1].ports, vec![(5900, 5900)]);
+    let st = wait_for(&api, "edge", T, |s| {
+        s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions) && st.ready_replicas == 3)
+    })
+    .await;
+    assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
+}
+
+#[tokio::test]
+async fn deleting_the_spice_proxy_garbage_collects_its_objects() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-delete").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(&deploys, "edge", T, |_| Some(())).await;
+    wait_for(&secrets, "edge-keys", T, |_| Some(())).await;
+    api.delete("edge", &DeleteParams::foreground()).await.unwrap();
+    wait_gone(&api, "edge", T).await;
+    wait_gone(&deploys, "edge", T).await;
+    wait_gone(&svcs, "edge", T).await;
+    wait_gone(&cms, "edge-config", T).await;
+    wait_gone(&secrets, "edge-keys", T).await;
+}
+
+#[tokio::test]
+async fn manual_edits_of_owned_objects_are_reverted() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-drift").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(&deploys, "edge", T, |_| Some(())).await;
+
+    // Someone scales by hand and swaps the image, as `kubectl edit` would.
+    let edit = json!({"spec": {"replicas": 5, "template": {"spec": {"containers": [{"name": "proxy", "image": "evil:latest"}]}}}});
+    deploys.patch("edge", &PatchParams::default(), &Patch::Strategic(&edit)).await.unwrap();
+    let d = wait_for(&deploys, "edge", T, |d| {
+        let image = d.spec.template.spec.as_ref()?.containers[0].image.clone();
+        (d.spec.replicas == Some(2) && image.as_deref() == Some(TEST_IMAGE)).then(|| d.clone())
+    })
+    .await;
+    assert_eq!(d.spec.replicas, Some(2));
+
+    // A deleted ConfigMap comes back too.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let old_uid = cms.get("edge-config").await.unwrap().uid();
+    cms.delete("edge-config", &DeleteParams::default()).await.unwrap();
+    wait_for(&cms, "edge-config", T, |cm| (cm.uid() != old_uid).then_some(())).await;
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_at_admission_with_a_clear_message() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-invalid").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let cases: &[(&str, &str)] = &[
+        ("allowedTargets: []", "allowedTargets"),
+        ("allowedTargets: [{cidr: 10.0.0.0/33, ports: [{from: 5900}]}]", "must be a CIDR"),
+        ("allowedTargets: [{cidr: not-a-cidr, ports: [{from: 5900}]}]", "must be a CIDR"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 6000, to: 5900}]}]", "to must not be below from"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 70000}]}]", "65535"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: []}]", "ports"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  auth: {mode: Basic}", "needs credentialsSecret"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  auth: {mode: Open}", "Unsupported value"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {idleTimeoutSeconds: 60}", "301"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: ClusterIP, nodePort: 30000}", "nodePort needs service type"),
+    ];
+    for (i, (spec, expected)) in cases.iter().enumerate() {
+        let yaml = format!("apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: bad-{i}, namespace: {}}}\nspec:\n  {spec}\n", ns.name);
+        let value: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+        let obj: kube::api::DynamicObject = serde_json::from_value(value).unwrap();
+        let dyn_api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &kube::api::ApiResource::erase::<SpiceProxy>(&()));
+        match dyn_api.create(&PostParams::default(), &obj).await {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "case {i}: {e:?}");
+                assert!(e.message.contains(expected), "case {i}: expected {expected:?} in {:?}", e.message);
+            }
+            other => panic!("case {i} ({spec}) was accepted: {other:?}"),
+        }
+    }
+    assert!(api.list(&Default::default()).await.unwrap().items.is_empty(), "nothing may be stored");
+}
+
+#[tokio::test]
+async fn address_spice_clients_cannot_use_is_a_condition_and_nothing_is_applied() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-v6").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let mut p = spx(&proxy_yaml("v6", &ns.name));
+    p.spec.external_address = Some(spice_operator::crd::ExternalAddress { host: "fd00::5".into(), port: None });
+    api.create(&PostParams::default(), &p).await.unwrap();
+    let st = wait_for(&api, "v6", T, |s| s.status.clone().filter(|st| !st.conditions.is_empty())).await;
+    let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    assert!(degraded.message.contains("IPv6"), "{}", degraded.message);
+    assert_eq!(st.proxy_url, None);
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert!(deploys.get_opt("v6").await.unwrap().is_none(), "an invalid spec must not be applied");
+
+    // Fixing the spec applies it and clears the condition.
+    let fix = json!({"spec": {"externalAddress": {"host": "console.example.com"}}});
+    api.patch("v6", &PatchParams::default(), &Patch::Merge(&fix)).await.unwrap();
+    let st = wait_for(&api, "v6", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
+    assert_eq!(st.proxy_url.as_deref().map(|u| u.starts_with("http://console.example.com:")), Some(true));
+}
