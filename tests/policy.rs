@@ -1,0 +1,172 @@
+//! ClusterConsolePolicy end to end: resolution written into status, propagation of a
+//! SpiceProxy change to every pool, admission errors, and per-entry errors.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+use spice_operator::crd::{ClusterConsolePolicy, Source, SpiceProxy};
+
+const T: Duration = Duration::from_secs(30);
+
+fn proxy(ns: &str, name: &str, host: &str) -> SpiceProxy {
+    spx(&format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  externalAddress: {{host: {host}}}\n  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900, to: 6923}}]}}]\n"
+    ))
+}
+
+fn policy(yaml: &str) -> ClusterConsolePolicy {
+    serde_yaml::from_str(yaml).expect("test policy YAML")
+}
+
+struct Cleanup(Api<ClusterConsolePolicy>, String);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kubectl").args(["delete", "clusterconsolepolicy", &self.1, "--wait=false"]).output();
+        let _ = &self.0;
+    }
+}
+
+#[tokio::test]
+async fn policy_resolves_every_level_and_follows_spice_proxy_changes_within_two_seconds() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "ccp-e2e").await;
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    spx_api.create(&PostParams::default(), &proxy(&ns.name, "edge", "edge-1.example.com")).await.unwrap();
+    wait_for(&spx_api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+
+    let name = format!("{}-policy", ns.name);
+    let pools: Vec<String> = (0..20).map(|i| format!("{{name: p{i}}}")).collect();
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {name}}}\nspec:\n  defaultProxy: {{url: global.example}}\n  clusters:\n  - name: prod\n    proxy: {{spiceProxyRef: {{name: edge, namespace: {ns}}}}}\n    pools: [{pools}, {{name: direct-pool, proxy: {{direct: true}}}}, {{name: own, proxy: {{url: 'http://own.example:8080'}}}}]\n  - name: lab\n    pools: [{{name: students}}]\n  vmOptOuts: [{{name: vm-1, cluster: prod, pool: p1}}]\n",
+        ns = ns.name,
+        pools = pools.join(", ")
+    );
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let _cleanup = Cleanup(api.clone(), name.clone());
+    api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
+
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| is_ready(&s.conditions))).await;
+    assert_eq!((st.unresolved, st.resolved_pools, st.observed_generation), (0, 23, Some(1)));
+    let pool = |n: &str| st.pools.iter().find(|p| p.name == n).unwrap().clone();
+    let p0 = pool("p0");
+    assert_eq!((p0.proxy_url.as_deref(), p0.source, p0.proxy_configured), (Some("http://edge-1.example.com:3128"), Source::Cluster, true));
+    let d = pool("direct-pool");
+    assert_eq!((d.proxy_url.as_deref(), d.source, d.proxy_configured), (None, Source::Pool, false));
+    assert_eq!(pool("own").proxy_url.as_deref(), Some("http://own.example:8080"));
+    let s = pool("students");
+    assert_eq!((s.proxy_url.as_deref(), s.source), (Some("http://global.example:3128"), Source::Global));
+    let vm = &st.vms[0];
+    assert_eq!((vm.name.as_str(), vm.proxy_url.as_deref(), vm.source), ("vm-1", None, Source::Vm));
+
+    // The SpiceProxy moves: every pool that inherits it must follow within 2 s.
+    let started = Instant::now();
+    let moved = json!({"spec": {"externalAddress": {"host": "edge-2.example.com", "port": 8080}}});
+    spx_api.patch("edge", &PatchParams::default(), &Patch::Merge(&moved)).await.unwrap();
+    let expected = "http://edge-2.example.com:8080";
+    loop {
+        let p = api.get(&name).await.unwrap();
+        let st = p.status.unwrap();
+        let following = st.pools.iter().filter(|p| p.cluster.as_deref() == Some("prod") && p.name.starts_with('p')).collect::<Vec<_>>();
+        if following.len() == 20 && following.iter().all(|p| p.proxy_url.as_deref() == Some(expected)) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "pools did not follow the SpiceProxy within 2 s: {:?}", following.first());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    eprintln!("SpiceProxy URL change reached all 20 pools in {:?}", started.elapsed());
+
+    // Deleting the SpiceProxy makes its entries fail, without falling back to the global default.
+    spx_api.delete("edge", &DeleteParams::default()).await.unwrap();
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.unresolved == 21)).await;
+    let p0 = st.pools.iter().find(|p| p.name == "p0").unwrap();
+    assert_eq!((p0.proxy_url.as_deref(), p0.source), (None, Source::Cluster));
+    assert!(p0.error.as_deref().unwrap().contains("does not exist"), "{:?}", p0.error);
+    assert_eq!(st.pools.iter().find(|p| p.name == "students").unwrap().proxy_url.as_deref(), Some("http://global.example:3128"));
+}
+
+#[tokio::test]
+async fn unknown_reference_is_reported_per_entry_and_others_still_resolve() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "ccp-missing").await;
+    let name = format!("{}-policy", ns.name);
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {name}}}\nspec:\n  defaultProxy: {{url: 'global.example:3128'}}\n  clusters:\n  - name: c\n    pools:\n    - {{name: ghost, proxy: {{spiceProxyRef: {{name: nope, namespace: {ns}}}}}}}\n    - {{name: fine}}\n",
+        ns = ns.name
+    );
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let _cleanup = Cleanup(api.clone(), name.clone());
+    api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(1))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "UnresolvedEntries"));
+    assert!(ready.message.contains(&format!("pool c/ghost: SpiceProxy {}/nope does not exist", ns.name)), "{}", ready.message);
+    let ghost = st.pools.iter().find(|p| p.name == "ghost").unwrap();
+    assert_eq!((ghost.proxy_url.as_deref(), ghost.source, ghost.proxy_configured), (None, Source::Pool, false));
+    let fine = st.pools.iter().find(|p| p.name == "fine").unwrap();
+    assert_eq!(fine.proxy_url.as_deref(), Some("http://global.example:3128"));
+
+    // Creating the missing SpiceProxy resolves the entry without touching the policy.
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    spx_api.create(&PostParams::default(), &proxy(&ns.name, "nope", "found.example.com")).await.unwrap();
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| is_ready(&s.conditions))).await;
+    assert_eq!(st.pools.iter().find(|p| p.name == "ghost").unwrap().proxy_url.as_deref(), Some("http://found.example.com:3128"));
+}
+
+#[tokio::test]
+async fn bad_policies_are_rejected_at_admission_with_the_reason() {
+    let client = client().await;
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let cases: &[(&str, &str)] = &[
+        ("defaultProxy: {url: 'https://secure.example:3129'}", "SPICE clients ignore an https proxy and connect directly"),
+        ("defaultProxy: {url: 'HTTPS://secure.example'}", "connect directly"),
+        ("defaultProxy: {url: 'socks5://p:1080'}", "only http://"),
+        ("clusters: [{name: c, proxy: {url: 'https://x'}}]", "connect directly"),
+        ("clusters: [{name: c, pools: [{name: p, proxy: {url: 'https://x'}}]}]", "connect directly"),
+        ("defaultProxy: {url: 'p.example', direct: true}", "exactly one of"),
+        ("defaultProxy: {}", "exactly one of"),
+        ("clusters: [{name: c}, {name: c}]", "Duplicate value"),
+        ("clusters: [{name: c, pools: [{name: p}, {name: p}]}]", "Duplicate value"),
+    ];
+    for (i, (spec, expected)) in cases.iter().enumerate() {
+        let yaml = format!("apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: bad-policy-{i}}}\nspec:\n  {spec}\n");
+        let value: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+        let obj: kube::api::DynamicObject = serde_json::from_value(value).unwrap();
+        let dyn_api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &kube::api::ApiResource::erase::<ClusterConsolePolicy>(&()));
+        match dyn_api.create(&PostParams::default(), &obj).await {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "case {i}: {e:?}");
+                assert!(e.message.contains(expected), "case {i}: expected {expected:?} in {:?}", e.message);
+            }
+            other => {
+                let _ = api.delete(&format!("bad-policy-{i}"), &DeleteParams::default()).await;
+                panic!("case {i} ({spec}) was accepted: {other:?}")
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn urls_only_the_operator_can_judge_become_entry_errors() {
+    shared_operator();
+    let client = client().await;
+    let name = format!("ccp-urls-{:06x}", rand::random::<u32>() & 0xffffff);
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {name}}}\nspec:\n  clusters:\n  - name: c\n    pools:\n    - {{name: v6, proxy: {{url: 'http://[fd00::1]:3128'}}}}\n    - {{name: port, proxy: {{url: 'p.example:70000'}}}}\n    - {{name: path, proxy: {{url: 'http://p.example:3128/x'}}}}\n    - {{name: ok, proxy: {{url: 'p.example'}}}}\n"
+    );
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let _cleanup = Cleanup(api.clone(), name.clone());
+    api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(1))).await;
+    let err = |n: &str| st.pools.iter().find(|p| p.name == n).unwrap().error.clone().unwrap_or_default();
+    assert!(err("v6").contains("IPv6"), "{}", err("v6"));
+    assert!(err("port").contains("invalid port"), "{}", err("port"));
+    assert!(err("path").contains("path"), "{}", err("path"));
+    assert_eq!(st.pools.iter().find(|p| p.name == "ok").unwrap().proxy_url.as_deref(), Some("http://p.example:3128"));
+    assert_eq!(st.unresolved, 3);
+}
