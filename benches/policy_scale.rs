@@ -1,1 +1,166 @@
-fn main(){}
+//! Scale benchmark on the local control plane (run by `make bench`, which starts the control
+//! plane and the release operator and passes OPERATOR_PID / OPERATOR_ADMIN).
+//! A policy of 50 clusters × 40 pools (2,000 pools) plus 100 SpiceProxies: time from apply to
+//! fully resolved status, time for one global change to reach every inheriting pool, time for
+//! a SpiceProxy move to reach its pools, operator peak RSS, and API requests per reconcile.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde_json::json;
+use spice_operator::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy};
+
+const CLUSTERS: usize = 50;
+const POOLS: usize = 40;
+const PROXIES: usize = 100;
+const NS: &str = "bench";
+const POLICY: &str = "scale";
+
+fn scrape(admin: &str) -> (f64, f64, f64) {
+    let body = std::process::Command::new("curl").args(["-sf", &format!("http://{admin}/metrics")]).output().expect("curl");
+    let text = String::from_utf8_lossy(&body.stdout).to_string();
+    let sum = |prefix: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    (
+        sum("spice_operator_kube_api_requests_total"),
+        sum("spice_operator_reconciles_total{controller=\"clusterconsolepolicy\"}"),
+        sum("spice_operator_reconciles_total{controller=\"spiceproxy\"}"),
+    )
+}
+
+fn rss_kib(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("operator process");
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Waits (watching, not polling) until the policy's status satisfies `done`; returns the time.
+async fn until(api: &Api<ClusterConsolePolicy>, started: Instant, limit: Duration, done: impl Fn(&ClusterConsolePolicyStatus) -> bool) -> Duration {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={POLICY}"));
+    let mut stream = watcher::watcher(api.clone(), cfg).boxed();
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => panic!("not resolved within {limit:?}"),
+            ev = stream.next() => {
+                let obj = match ev {
+                    Some(Ok(watcher::Event::Apply(o))) | Some(Ok(watcher::Event::InitApply(o))) => o,
+                    _ => continue,
+                };
+                if obj.status.as_ref().is_some_and(&done) {
+                    return started.elapsed();
+                }
+            }
+        }
+    }
+}
+
+fn policy_yaml(global: &str) -> ClusterConsolePolicy {
+    let clusters: Vec<_> = (0..CLUSTERS)
+        .map(|c| {
+            let pools: Vec<_> = (0..POOLS)
+                .map(|p| {
+                    // The last two pools of every cluster use SpiceProxies (100 in all); the others inherit.
+                    if p >= POOLS - 2 {
+                        let i = c * 2 + (p - (POOLS - 2));
+                        json!({"name": format!("pool-{p}"), "proxy": {"spiceProxyRef": {"name": format!("spx-{i}"), "namespace": NS}}})
+                    } else {
+                        json!({"name": format!("pool-{p}")})
+                    }
+                })
+                .collect();
+            json!({"name": format!("cluster-{c}"), "pools": pools})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "console.spice-operator.io/v1alpha1", "kind": "ClusterConsolePolicy",
+        "metadata": {"name": POLICY},
+        "spec": {"defaultProxy": {"url": global}, "clusters": clusters}
+    }))
+    .unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    let pid = std::env::var("OPERATOR_PID").expect("run through `make bench` (hack/bench.sh)");
+    let admin = std::env::var("OPERATOR_ADMIN").expect("OPERATOR_ADMIN");
+    let client = Client::try_default().await.expect("KUBECONFIG");
+    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = ns_api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap()).await;
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), NS);
+    let ccp_api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+
+    println!("scale: {CLUSTERS} clusters x {POOLS} pools = {} pools, {PROXIES} SpiceProxies", CLUSTERS * POOLS);
+    let (req0, _, spx_rec0) = scrape(&admin);
+    let started = Instant::now();
+    for i in 0..PROXIES {
+        let p: SpiceProxy = serde_json::from_value(json!({
+            "apiVersion": "console.spice-operator.io/v1alpha1", "kind": "SpiceProxy",
+            "metadata": {"name": format!("spx-{i}"), "namespace": NS},
+            "spec": {"externalAddress": {"host": format!("spx-{i}.example.com")},
+                     "allowedTargets": [{"cidr": "10.0.0.0/8", "ports": [{"from": 5900, "to": 6923}]}]}
+        }))
+        .unwrap();
+        spx_api.create(&PostParams::default(), &p).await.expect("create SpiceProxy");
+    }
+    loop {
+        let ready = spx_api.list(&Default::default()).await.unwrap().items.iter().filter(|s| s.ready_url().is_ok()).count();
+        if ready == PROXIES {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "only {ready} SpiceProxies Ready after 300 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let proxies_ready = started.elapsed();
+    let (req1, ccp_rec1, spx_rec1) = scrape(&admin);
+    println!("100 SpiceProxies Ready (Deployment+Service+ConfigMap+Secret each, pods by kwok): {:.2} s", proxies_ready.as_secs_f64());
+    println!("  API requests per SpiceProxy reconcile: {:.1} ({} requests / {} reconciles)", (req1 - req0) / (spx_rec1 - spx_rec0), req1 - req0, spx_rec1 - spx_rec0);
+
+    // 1. apply → every pool resolved
+    let started = Instant::now();
+    ccp_api.create(&PostParams::default(), &policy_yaml("http://global-1.example:3128")).await.expect("create policy");
+    let apply_to_resolved = until(&ccp_api, started, Duration::from_secs(60), |s| {
+        s.observed_generation == Some(1) && s.resolved_pools as usize == CLUSTERS * POOLS && s.unresolved == 0
+    })
+    .await;
+    let (req2, ccp_rec2, _) = scrape(&admin);
+    println!("apply -> all {} pools resolved: {:.3} s (target < 2 s)", CLUSTERS * POOLS, apply_to_resolved.as_secs_f64());
+
+    // 2. one global change → every inheriting pool
+    let inheriting = CLUSTERS * (POOLS - 2);
+    let started = Instant::now();
+    let patch = json!({"spec": {"defaultProxy": {"url": "http://global-2.example:3128"}}});
+    ccp_api.patch(POLICY, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let global_change = until(&ccp_api, started, Duration::from_secs(60), |s| {
+        s.pools.iter().filter(|p| p.proxy_url.as_deref() == Some("http://global-2.example:3128")).count() == inheriting
+    })
+    .await;
+    let (req3, ccp_rec3, _) = scrape(&admin);
+    println!("global change -> all {inheriting} inheriting pools (the other 100 use SpiceProxies): {:.3} s (target < 1 s)", global_change.as_secs_f64());
+
+    // 3. a SpiceProxy moves → its pool follows
+    let started = Instant::now();
+    let moved = json!({"spec": {"externalAddress": {"host": "moved.example.com"}}});
+    spx_api.patch("spx-7", &PatchParams::default(), &Patch::Merge(&moved)).await.unwrap();
+    let spx_change = until(&ccp_api, started, Duration::from_secs(60), |s| {
+        s.pools.iter().any(|p| p.proxy_url.as_deref() == Some("http://moved.example.com:3128"))
+    })
+    .await;
+    println!("SpiceProxy address change -> its pool in the policy status: {:.3} s", spx_change.as_secs_f64());
+
+    let per_policy_reconcile = (req3 - req2) / (ccp_rec3 - ccp_rec2).max(1.0);
+    println!(
+        "API requests per policy reconcile: {per_policy_reconcile:.1} (initial apply: {} requests over {} reconciles)",
+        req2 - req1,
+        ccp_rec2 - ccp_rec1
+    );
+    let hwm = rss_kib(&pid, "VmHWM:");
+    let rss = rss_kib(&pid, "VmRSS:");
+    println!("operator peak RSS: {:.1} MiB (now {:.1} MiB; target < 64 MiB)", hwm as f64 / 1024.0, rss as f64 / 1024.0);
+    let ok = apply_to_resolved < Duration::from_secs(2) && global_change < Duration::from_secs(1) && hwm < 64 * 1024;
+    println!("targets {}", if ok { "met" } else { "NOT met" });
+}

@@ -44,10 +44,11 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubectl/pkg/cmd"
 )
 EOG
   go mod tidy >/dev/null 2>&1 || go mod tidy
-  for c in kube-apiserver kube-controller-manager kube-scheduler; do
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     [[ -x "$BIN/$c" ]] && continue
     log "building $c $KUBE_VERSION (minutes on a cold cache)"
     go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION" -o "$BIN/$c.tmp" "k8s.io/kubernetes/cmd/$c"
@@ -82,7 +83,7 @@ kwok_stages() {
 }
 
 need_k8s=0
-for c in kube-apiserver kube-controller-manager kube-scheduler; do [[ -x "$BIN/$c" ]] || need_k8s=1; done
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do [[ -x "$BIN/$c" ]] || need_k8s=1; done
 build_simple etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" go.etcd.io/etcd/server/v3
 build_simple kwok "sigs.k8s.io/kwok@$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 kwok_stages

@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`.
+.PHONY: demo test unit build crds tools bench clean-cluster
+
+demo:            ## Local control plane + operator + examples; Ctrl-C stops everything
+	hack/demo.sh
+
+test:            ## Unit tests, then integration tests against a real local control plane
+	hack/test.sh
+
+unit:            ## Unit tests only (no cluster)
+	cargo test --lib --test crd_drift
+
+build:
+	cargo build --release
+
+crds:            ## Regenerate crds/ from the Rust types
+	cargo run --quiet -- crdgen -o crds/crds.yaml
+
+tools:           ## Build the control-plane binaries into the cache (hack/tools.sh)
+	hack/tools.sh
+
+bench:           ## Scale benchmark of policy resolution on the local control plane
+	hack/bench.sh
