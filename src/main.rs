@@ -32,6 +32,30 @@ enum Command {
         #[arg(long, env = "SPICE_LOG_JSON")]
         log_json: bool,
     },
+    /// Run the SPICE CONNECT proxy (what every SpiceProxy Deployment runs).
+    Proxy {
+        /// Configuration rendered by the operator into the proxy's ConfigMap.
+        #[arg(long, default_value = "/etc/spice-proxy/config/config.json")]
+        config: String,
+        /// Log as JSON lines instead of human-readable text.
+        #[arg(long, env = "SPICE_LOG_JSON")]
+        log_json: bool,
+    },
+    /// Mint a ticket for one console: the password of `proxy=http://USER:TICKET@host:port`.
+    Ticket {
+        /// Target host and its ports, e.g. 10.0.0.5:5900,5901 (SPICE port and tls-port).
+        #[arg(long)]
+        target: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 120)]
+        ttl: u64,
+        /// File holding the signing key (the `current` key of the SpiceProxy's key Secret).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Who the ticket is for (appears in the proxy's audit lines).
+        #[arg(long, default_value = "")]
+        subject: String,
+    },
     /// Print the CustomResourceDefinitions (YAML), or write them to a file.
     Crdgen {
         #[arg(long, short)]
@@ -61,6 +85,11 @@ async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crdgen { output } => crdgen(output),
+        Command::Proxy { config, log_json } => {
+            init_tracing(log_json);
+            spice_operator::proxy::server::run_from_file(&config).await
+        }
+        Command::Ticket { target, ttl, key_file, subject } => mint_ticket(&target, ttl, &key_file, subject),
         Command::Controller { proxy_image, admin_addr, log_json } => {
             init_tracing(log_json);
             run_controller(Settings { proxy_image }, admin_addr).await
@@ -73,6 +102,29 @@ async fn async_main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn mint_ticket(target: &str, ttl: u64, key_file: &std::path::Path, subject: String) -> anyhow::Result<()> {
+    use spice_operator::proxy::ticket;
+    let (host, ports) = target.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--target must be HOST:PORT[,PORT], got {target:?}"))?;
+    let ports = ports
+        .split(',')
+        .map(|p| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| anyhow::anyhow!("invalid port {p:?} in --target")))
+        .collect::<anyhow::Result<Vec<u16>>>()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        anyhow::bail!("--target has no host");
+    }
+    if ttl == 0 {
+        anyhow::bail!("--ttl must be at least 1 second");
+    }
+    let key = std::fs::read(key_file).map_err(|e| anyhow::anyhow!("cannot read key file {}: {e}", key_file.display()))?;
+    if key.is_empty() {
+        anyhow::bail!("key file {} is empty", key_file.display());
+    }
+    let claims = ticket::Claims { host: host.to_ascii_lowercase(), ports, expires: ticket::now() + ttl, subject };
+    println!("{}", ticket::mint(&key, &claims));
+    Ok(())
 }
 
 fn crdgen(output: Option<PathBuf>) -> anyhow::Result<()> {
@@ -91,9 +143,13 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr) -> anyhow::R
     let client = counting_client(metrics.clone()).await?;
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = tokio::spawn(admin::serve(admin_addr, metrics.clone(), ready_rx));
+    let encode = {
+        let m = metrics.clone();
+        Arc::new(move || m.encode())
+    };
+    let admin = tokio::spawn(admin::serve(admin::bind(&admin_addr.to_string()).await?, encode, ready_rx, "caches not synced yet"));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        spice_operator::shutdown_signal().await;
         tracing::info!("shutting down: finishing reconciles in flight");
         let _ = stop_tx.send(true);
     });
@@ -114,10 +170,3 @@ async fn counting_client(metrics: Arc<Metrics>) -> anyhow::Result<kube::Client> 
     Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build())
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}

@@ -43,18 +43,19 @@ async fn create_builds_owned_children_and_reports_ready_url() {
     assert_eq!(pod.containers[0].args.as_ref().unwrap()[0], "proxy");
     assert_eq!(d.labels()["app.kubernetes.io/managed-by"], "spice-operator");
 
-    let svc = Api::<Service>::namespaced(client.clone(), &ns.name).get("edge").await.unwrap();
+    // Children are applied one after another: wait for each, never assume the order.
+    let svc = wait_for(&Api::<Service>::namespaced(client.clone(), &ns.name), "edge", T, |s| Some(s.clone())).await;
     let svc_spec = svc.spec.unwrap();
     assert_eq!(svc_spec.type_.as_deref(), Some("NodePort"));
     let port = &svc_spec.ports.as_ref().unwrap()[0];
     assert_eq!(port.port, 3128);
     let node_port = port.node_port.expect("node port allocated");
 
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("edge-config").await.unwrap();
+    let cm = wait_for(&Api::<ConfigMap>::namespaced(client.clone(), &ns.name), "edge-config", T, |c| Some(c.clone())).await;
     let cfg = config_of(&cm);
     assert_eq!(cfg.allowed_targets[0].cidr.to_string(), "10.20.0.0/16");
     assert_eq!(cfg.allowed_targets[0].ports, vec![(5900, 5999)]);
-    let key = Api::<Secret>::namespaced(client.clone(), &ns.name).get("edge-keys").await.unwrap();
+    let key = wait_for(&Api::<Secret>::namespaced(client.clone(), &ns.name), "edge-keys", T, |k| Some(k.clone())).await;
     assert_eq!(key.data.unwrap()["current"].0.len(), 32);
 
     // kwok runs the pods; the URL is a node address plus the node port.
@@ -151,7 +152,7 @@ async fn manual_edits_of_owned_objects_are_reverted() {
 
     // A deleted ConfigMap comes back too.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
-    let old_uid = cms.get("edge-config").await.unwrap().uid();
+    let old_uid = wait_for(&cms, "edge-config", T, |c| Some(c.uid())).await;
     cms.delete("edge-config", &DeleteParams::default()).await.unwrap();
     wait_for(&cms, "edge-config", T, |cm| (cm.uid() != old_uid).then_some(())).await;
 }

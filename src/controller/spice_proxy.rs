@@ -202,6 +202,7 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         keys_dir: Some(pc::KEYS_DIR.into()),
         basic_dir: spec.auth.credentials_secret.as_ref().map(|_| pc::BASIC_DIR.into()),
         limits: spec.limits.clone(),
+        data_path: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::tunnel::DataPath;
 use crate::crd::{AuthMode, ProxyLimits};
 
 pub const CONFIG_DIR: &str = "/etc/spice-proxy/config";
@@ -25,6 +26,8 @@ pub struct ProxyConfig {
     /// Directory with `username` and `password` (mode Basic).
     pub basic_dir: Option<String>,
     pub limits: ProxyLimits,
+    #[serde(default)]
+    pub data_path: DataPath,
 }
 
 /// One allow-list entry: CIDR and inclusive port ranges.

@@ -1,2 +1,9 @@
-//! The built-in SPICE proxy run by every SpiceProxy Deployment (`spice-operator proxy`).
+//! The built-in SPICE proxy run by every SpiceProxy Deployment (`spice-operator proxy`):
+//! HTTP CONNECT tunnels with tickets, an allow-list and a zero-copy splice(2) data path.
+pub mod allow;
 pub mod config;
+pub mod head;
+pub mod metrics;
+pub mod server;
+pub mod ticket;
+pub mod tunnel;

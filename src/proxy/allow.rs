@@ -1,0 +1,99 @@
+//! The allow-list: a tunnel may only reach addresses and ports a SpiceProxy lists. It is
+//! checked on resolved addresses, and the proxy connects to exactly the address it checked
+//! (no DNS rebinding). Loopback, link-local (cloud metadata), unspecified, multicast and
+//! broadcast addresses are refused unless a rule lists them explicitly, i.e. a rule whose
+//! whole block lies inside such a range (`0.0.0.0/0` does not count).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use super::config::AllowedTarget;
+
+#[derive(Debug, Clone)]
+pub struct AllowList {
+    rules: Vec<AllowedTarget>,
+}
+
+fn special_ranges() -> [IpNet; 9] {
+    [
+        "127.0.0.0/8".parse().unwrap(),
+        "0.0.0.0/8".parse().unwrap(),
+        "169.254.0.0/16".parse().unwrap(),
+        "224.0.0.0/4".parse().unwrap(),
+        "255.255.255.255/32".parse().unwrap(),
+        "::1/128".parse().unwrap(),
+        "::/128".parse().unwrap(),
+        "fe80::/10".parse().unwrap(),
+        "ff00::/8".parse().unwrap(),
+    ]
+}
+
+/// An IPv4-mapped IPv6 address is judged as the IPv4 address it is.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+fn is_special(ip: IpAddr) -> bool {
+    special_ranges().iter().any(|r| r.contains(&ip)) || ip == IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254))
+}
+
+fn explicitly_special(rule: &IpNet) -> bool {
+    special_ranges().iter().any(|r| r.contains(rule))
+        || *rule == "fd00:ec2::254/128".parse::<IpNet>().unwrap()
+}
+
+impl AllowList {
+    pub fn new(rules: Vec<AllowedTarget>) -> Self {
+        Self { rules }
+    }
+
+    pub fn permits(&self, ip: IpAddr, port: u16) -> bool {
+        let ip = canonical(ip);
+        let special = is_special(ip);
+        self.rules.iter().any(|r| {
+            r.cidr.contains(&ip)
+                && r.ports.iter().any(|(from, to)| *from <= port && port <= *to)
+                && (!special || explicitly_special(&r.cidr))
+        })
+    }
+}
+
+pub const UNSPECIFIED: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(rules: &[(&str, u16, u16)]) -> AllowList {
+        AllowList::new(rules.iter().map(|(c, a, b)| AllowedTarget { cidr: c.parse().unwrap(), ports: vec![(*a, *b)] }).collect())
+    }
+
+    #[test]
+    fn cidr_and_port_ranges() {
+        let l = list(&[("10.0.0.0/16", 5900, 5999), ("2001:db8::/32", 5900, 5900)]);
+        assert!(l.permits("10.0.3.4".parse().unwrap(), 5900));
+        assert!(l.permits("10.0.3.4".parse().unwrap(), 5999));
+        assert!(!l.permits("10.0.3.4".parse().unwrap(), 6000));
+        assert!(!l.permits("10.1.0.1".parse().unwrap(), 5900));
+        assert!(l.permits("2001:db8::7".parse().unwrap(), 5900));
+        assert!(!l.permits("2001:db8::7".parse().unwrap(), 5901));
+    }
+
+    #[test]
+    fn loopback_link_local_and_metadata_need_an_explicit_rule() {
+        let open = list(&[("0.0.0.0/0", 1, 65535), ("::/0", 1, 65535)]);
+        for ip in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "::1", "fe80::1", "::ffff:127.0.0.1", "fd00:ec2::254", "224.0.0.1"] {
+            assert!(!open.permits(ip.parse().unwrap(), 5900), "{ip} allowed by a catch-all rule");
+        }
+        assert!(open.permits("192.0.2.1".parse().unwrap(), 5900));
+        let explicit = list(&[("127.0.0.1/32", 5900, 5900), ("::1/128", 5900, 5900)]);
+        assert!(explicit.permits("127.0.0.1".parse().unwrap(), 5900));
+        assert!(explicit.permits("::ffff:127.0.0.1".parse().unwrap(), 5900));
+        assert!(explicit.permits("::1".parse().unwrap(), 5900));
+        assert!(!explicit.permits("127.0.0.2".parse().unwrap(), 5900));
+    }
+}

@@ -1,0 +1,49 @@
+//! Prometheus metrics of a proxy replica.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: &'static str,
+}
+
+pub struct ProxyMetrics {
+    registry: Registry,
+    pub active: Gauge,
+    pub tunnels: Family<Outcome, Counter>,
+    pub bytes: Family<Direction, Counter>,
+    pub handshake: Histogram,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("spice_proxy");
+        let active = Gauge::default();
+        let tunnels = Family::<Outcome, Counter>::default();
+        let bytes = Family::<Direction, Counter>::default();
+        let handshake = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register("active_tunnels", "Tunnels open now", active.clone());
+        registry.register("tunnels", "Tunnel requests by outcome (ok, or the HTTP status refused with)", tunnels.clone());
+        registry.register("bytes", "Bytes moved, client_to_server (up) and server_to_client (down)", bytes.clone());
+        registry.register("handshake_seconds", "Time from accept to the 200 reply", handshake.clone());
+        Self { registry, active, tunnels, bytes, handshake }
+    }
+}
+
+impl ProxyMetrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,462 @@
+//! The CONNECT proxy: accept, read and check the request head, authorise, check the target
+//! against the allow-list, connect, then hand the two sockets to the data path. Every refusal
+//! is a specific HTTP answer with a one-line body; every tunnel ends in one JSON audit line.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use super::allow::{AllowList, canonical};
+use super::config::ProxyConfig;
+use super::head::{self, HeadError, MAX_HEAD, Version};
+use super::metrics::{Direction, Outcome, ProxyMetrics};
+use super::ticket::{self, TicketError};
+use super::tunnel::{self, Activity, Close};
+use crate::crd::AuthMode;
+
+/// A refusal: status, reason phrase and the one-line body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub body: String,
+}
+
+fn refuse(status: u16, body: impl Into<String>) -> Refusal {
+    Refusal { status, body: body.into() }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "Connection established",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+pub fn response(version: Version, r: &Refusal) -> Vec<u8> {
+    let body = format!("{}\n", r.body);
+    let mut out = format!("{} {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n", version.as_str(), r.status, reason(r.status), body.len());
+    if r.status == 407 {
+        out.push_str("Proxy-Authenticate: Basic realm=\"spice\"\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    out.into_bytes()
+}
+
+/// Credentials a replica accepts, reloaded from the mounted Secrets.
+#[derive(Default)]
+struct Credentials {
+    /// Ticket keys: current first, then previous (rotation).
+    keys: Vec<Vec<u8>>,
+    basic: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+fn read_credentials(cfg: &ProxyConfig) -> anyhow::Result<Credentials> {
+    let mut c = Credentials::default();
+    if let Some(dir) = &cfg.keys_dir {
+        for name in ["current", "previous"] {
+            match std::fs::read(format!("{dir}/{name}")) {
+                Ok(k) if !k.is_empty() => c.keys.push(k),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("cannot read ticket key {dir}/{name}: {e}"),
+            }
+        }
+    }
+    if let Some(dir) = &cfg.basic_dir {
+        let read = |n: &str| std::fs::read(format!("{dir}/{n}")).map_err(|e| anyhow::anyhow!("cannot read {dir}/{n}: {e}"));
+        c.basic = Some((read("username")?, read("password")?));
+    }
+    match cfg.auth_mode {
+        AuthMode::Ticket if c.keys.is_empty() => anyhow::bail!("auth mode Ticket needs a key file: none found in {:?}", cfg.keys_dir),
+        AuthMode::Basic if c.basic.is_none() => anyhow::bail!("auth mode Basic needs basicDir with username and password"),
+        _ => Ok(c),
+    }
+}
+
+pub struct Shared {
+    cfg: ProxyConfig,
+    allow: AllowList,
+    creds: RwLock<Credentials>,
+    pub metrics: ProxyMetrics,
+    tunnels: Arc<Semaphore>,
+    per_client: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// Who a tunnel was authorised for, for the audit line (never the token itself).
+struct Identity {
+    user: Option<String>,
+    subject: Option<String>,
+}
+
+impl Shared {
+    fn authorise(&self, req: &head::Request) -> Result<Identity, Refusal> {
+        if self.cfg.auth_mode == AuthMode::None {
+            return Ok(Identity { user: None, subject: None });
+        }
+        let Some((user, pass)) = req.proxy_authorization.as_deref().and_then(head::basic_credentials) else {
+            return Err(refuse(407, "proxy credentials required (Basic user:ticket in the proxy URL)"));
+        };
+        let creds = self.creds.read().expect("credentials lock");
+        match self.cfg.auth_mode {
+            AuthMode::Basic => {
+                let (u, p) = creds.basic.as_ref().expect("checked at start");
+                // Both compared in constant time; `&` so neither short-circuits.
+                let ok = u.as_slice().ct_eq(user.as_bytes()) & p.as_slice().ct_eq(pass.as_bytes());
+                if bool::from(ok) { Ok(Identity { user: Some(user), subject: None }) } else { Err(refuse(407, "wrong proxy credentials")) }
+            }
+            AuthMode::Ticket => match ticket::verify(&creds.keys, &pass, ticket::now()) {
+                Ok(claims) if claims.allows(&req.host, req.port) => Ok(Identity { user: Some(user), subject: Some(claims.subject) }),
+                Ok(claims) => Err(refuse(403, format!("ticket is for another target ({} ports {:?})", claims.host, claims.ports))),
+                Err(TicketError::Expired) => Err(refuse(407, "ticket expired")),
+                Err(e) => Err(refuse(407, e.to_string())),
+            },
+            AuthMode::None => unreachable!("handled above"),
+        }
+    }
+
+    /// Resolves the target and keeps only the addresses the allow-list permits.
+    async fn allowed_addresses(&self, req: &head::Request) -> Result<Vec<SocketAddr>, Refusal> {
+        let resolved: Vec<SocketAddr> = match req.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, req.port)],
+            Err(_) => match tokio::time::timeout(self.connect_timeout(), tokio::net::lookup_host((req.host.as_str(), req.port))).await {
+                Ok(Ok(addrs)) => addrs.collect(),
+                Ok(Err(e)) => return Err(refuse(502, format!("cannot resolve {}: {e}", req.host))),
+                Err(_) => return Err(refuse(504, format!("resolving {} timed out", req.host))),
+            },
+        };
+        let allowed: Vec<SocketAddr> = resolved
+            .iter()
+            .filter(|a| self.allow.permits(a.ip(), a.port()))
+            .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
+            .collect();
+        if allowed.is_empty() {
+            let shown: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
+            return Err(refuse(403, format!("target {}:{} ({}) is not on the allow-list", req.host, req.port, shown.join(", "))));
+        }
+        Ok(allowed)
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.limits.connect_timeout_seconds.max(1) as u64)
+    }
+
+    async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
+        let mut last = refuse(502, "no address to connect to");
+        for addr in addrs {
+            // Connect to exactly the address that was checked: no second lookup, no rebinding.
+            match tokio::time::timeout(self.connect_timeout(), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => return Ok((s, *addr)),
+                Ok(Err(e)) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
+                Err(_) => last = refuse(504, format!("upstream {addr} did not answer within {:?}", self.connect_timeout())),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// A place in the per-client count, given back on drop.
+struct ClientSlot<'a> {
+    shared: &'a Shared,
+    ip: IpAddr,
+}
+
+impl<'a> ClientSlot<'a> {
+    fn take(shared: &'a Shared, ip: IpAddr) -> Option<Self> {
+        let mut map = shared.per_client.lock().expect("per-client lock");
+        let n = map.entry(ip).or_insert(0);
+        if *n >= shared.cfg.limits.max_tunnels_per_client as u32 {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { shared, ip })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_client.lock().expect("per-client lock");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+enum HeadRead {
+    Head(Vec<u8>, Vec<u8>),
+    TooLarge,
+    Closed,
+}
+
+/// Reads until the blank line; returns the head and any bytes the client sent after it.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<HeadRead> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(HeadRead::Closed);
+        }
+        let scan_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head::head_len(&buf[scan_from..]).map(|e| e + scan_from) {
+            let rest = buf.split_off(end);
+            return Ok(HeadRead::Head(buf, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(HeadRead::TooLarge);
+        }
+    }
+}
+
+pub struct ProxyServer {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: TcpListener,
+}
+
+impl ProxyServer {
+    pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
+        let creds = read_credentials(&cfg)?;
+        let listener = TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let admin = crate::admin::bind(&cfg.admin_listen).await?;
+        let shared = Arc::new(Shared {
+            allow: AllowList::new(cfg.allowed_targets.clone()),
+            tunnels: Arc::new(Semaphore::new(cfg.limits.max_tunnels.max(1) as usize)),
+            creds: RwLock::new(creds),
+            metrics: ProxyMetrics::default(),
+            per_client: Mutex::new(HashMap::new()),
+            cfg,
+        });
+        Ok(Self { shared, listener, admin })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener")
+    }
+
+    /// Serves until `shutdown` flips to true, then drains: stops accepting, fails readiness,
+    /// lets open tunnels finish until the drain deadline, then closes what is left.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let ProxyServer { shared, listener, admin } = self;
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let encode = {
+            let s = shared.clone();
+            Arc::new(move || s.metrics.encode())
+        };
+        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, ready_rx, "draining"));
+        let reload = tokio::spawn(reload_credentials(shared.clone()));
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let tracker = tokio_util_tracker::Tracker::default();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue }
+                    };
+                    let shared = shared.clone();
+                    let cancel = cancel_rx.clone();
+                    tracker.spawn(async move { handle(shared, stream, peer, cancel).await });
+                }
+            }
+        }
+        drop(listener);
+        let _ = ready_tx.send(false);
+        let deadline = Duration::from_secs(shared.cfg.limits.drain_seconds.max(0) as u64);
+        tracing::info!(open = tracker.len(), ?deadline, "draining");
+        if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+            tracing::info!(open = tracker.len(), "drain deadline passed: closing the remaining tunnels");
+            let _ = cancel_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        }
+        admin_task.abort();
+        reload.abort();
+        Ok(())
+    }
+}
+
+/// Secret volumes are updated in place by the kubelet: pick up rotated keys without a restart.
+async fn reload_credentials(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        match read_credentials(&shared.cfg) {
+            Ok(c) => *shared.creds.write().expect("credentials lock") = c,
+            Err(e) => tracing::warn!(error = %e, "keeping the previous credentials"),
+        }
+    }
+}
+
+/// Counts spawned tunnel tasks so a drain can wait for them.
+mod tokio_util_tracker {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    #[derive(Default, Clone)]
+    pub struct Tracker(Arc<(AtomicUsize, Notify)>);
+
+    impl Tracker {
+        pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+            let inner = self.0.clone();
+            inner.0.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                fut.await;
+                if inner.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    inner.1.notify_waiters();
+                }
+            });
+        }
+        pub fn len(&self) -> usize {
+            self.0.0.load(Ordering::SeqCst)
+        }
+        pub async fn wait(&self) {
+            loop {
+                let notified = self.0.1.notified();
+                if self.len() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mut cancel: watch::Receiver<bool>) {
+    let started = Instant::now();
+    let peer_ip = canonical(peer.ip());
+    let mut audit = json!({"event": "tunnel", "client": SocketAddr::new(peer_ip, peer.port()).to_string()});
+    let outcome = serve_one(&shared, &mut client, peer_ip, started, &mut audit, &mut cancel).await;
+    let (label, close) = match &outcome {
+        Ok(close) => ("ok", close.as_str().to_string()),
+        Err((version, r)) => {
+            let _ = client.write_all(&response(*version, r)).await;
+            let _ = client.shutdown().await;
+            (status_label(r.status), format!("{} {}", r.status, r.body))
+        }
+    };
+    shared.metrics.tunnels.get_or_create(&Outcome { outcome: label }).inc();
+    audit["outcome"] = json!(label);
+    audit["close"] = json!(close);
+    audit["durationMs"] = json!(started.elapsed().as_millis() as u64);
+    // One structured line per tunnel on stdout; the token is never part of it.
+    println!("{audit}");
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        400 => "400",
+        403 => "403",
+        405 => "405",
+        407 => "407",
+        408 => "408",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "error",
+    }
+}
+
+type Refused = (Version, Refusal);
+
+async fn serve_one(
+    shared: &Shared,
+    client: &mut TcpStream,
+    peer_ip: IpAddr,
+    started: Instant,
+    audit: &mut serde_json::Value,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<Close, Refused> {
+    let v10 = Version::Http10;
+    let Ok(_permit) = shared.tunnels.clone().try_acquire_owned() else {
+        return Err((v10, refuse(503, "proxy is at its tunnel limit, try again later")));
+    };
+    let Some(_slot) = ClientSlot::take(shared, peer_ip) else {
+        return Err((v10, refuse(503, "too many tunnels from your address")));
+    };
+    let head_timeout = Duration::from_secs(shared.cfg.limits.handshake_timeout_seconds.max(1) as u64);
+    let (head, leftover) = match tokio::time::timeout(head_timeout, read_head(client)).await {
+        Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
+        Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(Close::Error("client closed before sending a request".into())),
+        Ok(Ok(HeadRead::TooLarge)) => return Err((v10, refuse(400, format!("request head larger than {MAX_HEAD} bytes")))),
+        Ok(Ok(HeadRead::Head(h, rest))) => (h, rest),
+    };
+    let req = match head::parse(&head) {
+        Ok(r) => r,
+        Err(e @ HeadError::NotConnect { version, .. }) => return Err((version, refuse(405, e.to_string()))),
+        Err(e) => return Err((v10, refuse(400, e.to_string()))),
+    };
+    let version = req.version;
+    audit["target"] = json!(format!("{}:{}", req.host, req.port));
+    let who = shared.authorise(&req).map_err(|r| (version, r))?;
+    audit["user"] = json!(who.user);
+    audit["subject"] = json!(who.subject);
+    let addrs = shared.allowed_addresses(&req).await.map_err(|r| (version, r))?;
+    let (mut upstream, addr) = shared.connect(&addrs).await.map_err(|r| (version, r))?;
+    audit["upstream"] = json!(addr.to_string());
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // Success: the status line and a blank line, nothing more; then the client speaks first.
+    let ok = format!("{} 200 Connection established\r\n\r\n", version.as_str());
+    client.write_all(ok.as_bytes()).await.map_err(|e| (version, refuse(400, e.to_string())))?;
+    if !leftover.is_empty() {
+        // Bytes a client sent before our reply belong to the upstream, in order.
+        upstream.write_all(&leftover).await.map_err(|e| (version, refuse(502, e.to_string())))?;
+    }
+    shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
+    shared.metrics.active.inc();
+    let activity = Activity::default();
+    activity.up.fetch_add(leftover.len() as u64, Ordering::Relaxed);
+    let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
+    let close = tunnel::run(client, &upstream, shared.cfg.data_path, idle, &activity, async {
+        let _ = cancel.wait_for(|c| *c).await;
+    })
+    .await;
+    shared.metrics.active.dec();
+    let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
+    shared.metrics.bytes.get_or_create(&Direction { direction: "up" }).inc_by(up);
+    shared.metrics.bytes.get_or_create(&Direction { direction: "down" }).inc_by(down);
+    audit["bytesUp"] = json!(up);
+    audit["bytesDown"] = json!(down);
+    Ok(close)
+}
+
+/// `spice-operator proxy --config FILE`: serve until SIGTERM/SIGINT, then drain.
+pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read proxy configuration {path}: {e}"))?;
+    let cfg: ProxyConfig = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid proxy configuration {path}: {e}"))?;
+    if cfg.allowed_targets.is_empty() {
+        anyhow::bail!("allowedTargets is empty: refusing to run an open proxy");
+    }
+    let server = ProxyServer::bind(cfg).await?;
+    tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "proxy serving");
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    server.run(rx).await
+}
