@@ -5,7 +5,7 @@ source "$(dirname "$0")/env.sh"
 cd "$ROOT_DIR"
 
 echo "== unit tests"
-cargo test --lib --test crd_drift
+cargo test --lib --test crd_drift --test proxy
 
 CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-test-cluster.XXXXXX")
 cleanup() {

@@ -219,6 +219,9 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<HeadRead> {
         let scan_from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = head::head_len(&buf[scan_from..]).map(|e| e + scan_from) {
+            if end > MAX_HEAD {
+                return Ok(HeadRead::TooLarge);
+            }
             let rest = buf.split_off(end);
             return Ok(HeadRead::Head(buf, rest));
         }
@@ -272,7 +275,7 @@ impl ProxyServer {
         let tracker = tokio_util_tracker::Tracker::default();
         loop {
             tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                 accepted = listener.accept() => {
                     let (stream, peer) = match accepted {
                         Ok(a) => a,

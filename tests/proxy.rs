@@ -1,0 +1,452 @@
+//! The CONNECT proxy on loopback: every error answer, auth modes, tickets and key rotation,
+//! the allow-list (with DNS), limits, slowloris, half-close, 1 GiB each way with checksums,
+//! and a graceful drain. No cluster needed.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use spice_operator::crd::{AuthMode, ProxyLimits};
+use spice_operator::proxy::config::{AllowedTarget, ProxyConfig};
+use spice_operator::proxy::server::ProxyServer;
+use spice_operator::proxy::ticket::{self, Claims};
+use spice_operator::proxy::tunnel::DataPath;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+struct TestProxy {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+fn base_config(dir: &std::path::Path) -> ProxyConfig {
+    ProxyConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        allowed_targets: vec![AllowedTarget { cidr: "127.0.0.1/32".parse().unwrap(), ports: vec![(1024, 65535)] }],
+        auth_mode: AuthMode::Ticket,
+        keys_dir: Some(dir.join("keys").to_string_lossy().into()),
+        basic_dir: None,
+        limits: ProxyLimits::default(),
+        data_path: DataPath::Splice,
+    }
+}
+
+async fn start(edit: impl FnOnce(&mut ProxyConfig, &std::path::Path)) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
+    let mut cfg = base_config(dir.path());
+    edit(&mut cfg, dir.path());
+    let server = ProxyServer::bind(cfg).await.expect("proxy starts");
+    let (addr, admin) = (server.local_addr(), server.admin_addr());
+    let (stop, rx) = watch::channel(false);
+    let done = tokio::spawn(server.run(rx));
+    TestProxy { addr, admin, stop, done, _dir: dir }
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+}
+
+fn ticket_for(host: &str, ports: &[u16], ttl: i64, key: &[u8]) -> String {
+    let expires = (ticket::now() as i64 + ttl) as u64;
+    ticket::mint(key, &Claims { host: host.into(), ports: ports.to_vec(), expires, subject: "vm-test".into() })
+}
+
+fn spice_gtk_head(target: &str, auth: &str) -> String {
+    format!("CONNECT {target} HTTP/1.0\r\nHost: {target}\r\nProxy-Connection: keep-alive\r\nUser-Agent: GLib/2.74\r\n{auth}\r\n")
+}
+
+/// Sends a head; returns the stream, the status code and the whole response head.
+async fn request(proxy: SocketAddr, head: &[u8]) -> (TcpStream, u16, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(head).await.unwrap();
+    let (status, text) = read_response(&mut s).await;
+    (s, status, text)
+}
+
+async fn read_response(s: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut b)).await.expect("response in time").unwrap();
+        assert!(n == 1, "connection closed before a response: {:?}", String::from_utf8_lossy(&buf));
+        buf.push(b[0]);
+    }
+    let text = String::from_utf8(buf).unwrap();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, text)
+}
+
+async fn body(s: &mut TcpStream) -> String {
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut rest)).await;
+    rest
+}
+
+/// An upstream that echoes everything back, then closes when the client does.
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.expect("echo in time").unwrap();
+    assert_eq!(back, msg);
+}
+
+#[tokio::test]
+async fn ticket_tunnel_replies_with_the_client_version_and_nothing_more() {
+    let up = echo_server().await;
+    let p = start(|_, _| {}).await;
+    let t = ticket_for("127.0.0.1", &[up.port(), 5901], 60, KEY);
+    let (mut s, status, text) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("alice", &t)).as_bytes()).await;
+    assert_eq!(status, 200);
+    assert_eq!(text, "HTTP/1.0 200 Connection established\r\n\r\n", "exactly a status line and a blank line");
+    echo_roundtrip(&mut s, b"REDQ\x02\x00\x00\x00hello").await;
+    // HTTP/1.1 clients get an HTTP/1.1 answer; the same ticket serves another channel.
+    let head = format!("CONNECT {up} HTTP/1.1\r\nHost: {up}\r\n{}\r\n", basic("alice", &t));
+    let (mut s2, status, text) = request(p.addr, head.as_bytes()).await;
+    assert_eq!((status, text.as_str()), (200, "HTTP/1.1 200 Connection established\r\n\r\n"));
+    echo_roundtrip(&mut s2, b"second channel").await;
+}
+
+#[tokio::test]
+async fn every_error_answer_is_specific() {
+    let up = echo_server().await;
+    let p = start(|c, _| c.limits.connect_timeout_seconds = 1).await;
+    let good = ticket_for("127.0.0.1", &[up.port()], 60, KEY);
+
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("NONSENSE\r\n\r\n".into(), 400, "malformed request"),
+        ("CONNECT 127.0.0.1 HTTP/1.0\r\n\r\n".into(), 400, "no port"),
+        ("GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n".into(), 405, "only tunnels CONNECT"),
+        (spice_gtk_head(&up.to_string(), ""), 407, "credentials required"),
+        (spice_gtk_head(&up.to_string(), &basic("u", "v1.forged.sig")), 407, "ticket"),
+        (spice_gtk_head(&up.to_string(), &basic("u", &ticket_for("127.0.0.1", &[up.port()], -5, KEY))), 407, "ticket expired"),
+        (spice_gtk_head(&up.to_string(), &basic("u", &ticket_for("127.0.0.1", &[up.port()], 60, b"another key"))), 407, "signature"),
+        (spice_gtk_head("127.0.0.1:6000", &basic("u", &good)), 403, "another target"),
+        (spice_gtk_head("10.0.0.9:5900", &basic("u", &ticket_for("10.0.0.9", &[5900], 60, KEY))), 403, "not on the allow-list"),
+        (spice_gtk_head("127.0.0.2:5900", &basic("u", &ticket_for("127.0.0.2", &[5900], 60, KEY))), 403, "not on the allow-list"),
+        (spice_gtk_head("127.0.0.1:80", &basic("u", &ticket_for("127.0.0.1", &[80], 60, KEY))), 403, "not on the allow-list"),
+    ];
+    for (head, want, text) in cases {
+        let (mut s, status, resp) = request(p.addr, head.as_bytes()).await;
+        let b = body(&mut s).await;
+        assert_eq!(status, want, "{head:?} → {resp}{b}");
+        assert!(b.contains(text), "{head:?}: body {b:?} lacks {text:?}");
+        assert_eq!(b.lines().count(), 1, "one-line body: {b:?}");
+        assert!(!b.contains("v1."), "a token must never be echoed: {b:?}");
+        if want == 407 {
+            assert!(resp.contains("Proxy-Authenticate: Basic"), "{resp}");
+        }
+    }
+
+    // 502: allowed, but nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let head = spice_gtk_head(&closed.to_string(), &basic("u", &ticket_for("127.0.0.1", &[closed.port()], 60, KEY)));
+    let (mut s, status, _) = request(p.addr, head.as_bytes()).await;
+    assert_eq!(status, 502, "{}", body(&mut s).await);
+
+    // 504: a listener whose accept queue is full drops SYNs, so the connect never completes.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    full.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(full_addr)).await {
+            fillers.push(c);
+        }
+    }
+    let head = spice_gtk_head(&full_addr.to_string(), &basic("u", &ticket_for("127.0.0.1", &[full_addr.port()], 60, KEY)));
+    let started = Instant::now();
+    let (mut s, status, _) = request(p.addr, head.as_bytes()).await;
+    assert_eq!(status, 504, "{}", body(&mut s).await);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // 400: a head larger than 8 KiB.
+    let huge = format!("CONNECT {up} HTTP/1.0\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000));
+    let (mut s, status, _) = request(p.addr, huge.as_bytes()).await;
+    assert_eq!(status, 400);
+    assert!(body(&mut s).await.contains("larger than 8192"));
+}
+
+#[tokio::test]
+async fn a_dns_name_resolving_outside_the_allow_list_is_refused() {
+    let up = echo_server().await;
+    // Only 127.0.0.2 is allowed; "localhost" resolves to 127.0.0.1 / ::1.
+    let p = start(|c, _| {
+        c.allowed_targets = vec![AllowedTarget { cidr: "127.0.0.2/32".parse().unwrap(), ports: vec![(1, 65535)] }];
+        c.auth_mode = AuthMode::None;
+    })
+    .await;
+    let head = spice_gtk_head(&format!("localhost:{}", up.port()), "");
+    let (mut s, status, _) = request(p.addr, head.as_bytes()).await;
+    let b = body(&mut s).await;
+    assert_eq!(status, 403, "{b}");
+    assert!(b.contains("127.0.0.1") && b.contains("not on the allow-list"), "{b}");
+    // With the resolved address listed, the name works and the checked address is used.
+    let p = start(|c, _| c.auth_mode = AuthMode::None).await;
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&format!("localhost:{}", up.port()), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    echo_roundtrip(&mut s, b"via dns").await;
+}
+
+#[tokio::test]
+async fn basic_and_none_modes() {
+    let up = echo_server().await;
+    let p = start(|c, dir| {
+        std::fs::create_dir_all(dir.join("basic")).unwrap();
+        std::fs::write(dir.join("basic/username"), "spice").unwrap();
+        std::fs::write(dir.join("basic/password"), "s3cret").unwrap();
+        c.auth_mode = AuthMode::Basic;
+        c.basic_dir = Some(dir.join("basic").to_string_lossy().into());
+    })
+    .await;
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("spice", "s3cret")).as_bytes()).await;
+    assert_eq!(status, 200);
+    echo_roundtrip(&mut s, b"basic").await;
+    for (u, pw) in [("spice", "wrong"), ("other", "s3cret"), ("spice", "s3cret2"), ("", "")] {
+        let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic(u, pw)).as_bytes()).await;
+        assert_eq!(status, 407, "{u}:{pw}");
+    }
+    let p = start(|c, _| c.auth_mode = AuthMode::None).await;
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    echo_roundtrip(&mut s, b"none").await;
+    // None still enforces the allow-list.
+    let (_, status, _) = request(p.addr, spice_gtk_head("127.0.0.1:80", "").as_bytes()).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn key_rotation_accepts_current_and_previous_only() {
+    let up = echo_server().await;
+    let p = start(|_, dir| {
+        std::fs::write(dir.join("keys/current"), b"new-key-new-key-new-key-new-key!").unwrap();
+        std::fs::write(dir.join("keys/previous"), KEY).unwrap();
+    })
+    .await;
+    for key in [&b"new-key-new-key-new-key-new-key!"[..], KEY] {
+        let t = ticket_for("127.0.0.1", &[up.port()], 60, key);
+        let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("u", &t)).as_bytes()).await;
+        assert_eq!(status, 200);
+    }
+    let t = ticket_for("127.0.0.1", &[up.port()], 60, b"retired-key");
+    let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("u", &t)).as_bytes()).await;
+    assert_eq!(status, 407);
+}
+
+#[tokio::test]
+async fn slowloris_gets_408_and_limits_give_503() {
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.limits.handshake_timeout_seconds = 1;
+        c.limits.max_tunnels = 3;
+        c.limits.max_tunnels_per_client = 2;
+        c.auth_mode = AuthMode::None;
+    })
+    .await;
+    let mut slow = TcpStream::connect(p.addr).await.unwrap();
+    slow.write_all(b"CONNECT 127.0.0.1:5900 HTTP/1.0\r\nHost: x").await.unwrap();
+    let started = Instant::now();
+    let (status, _) = read_response(&mut slow).await;
+    assert_eq!(status, 408);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let head = spice_gtk_head(&up.to_string(), "");
+    let (_a, s1, _) = request(p.addr, head.as_bytes()).await;
+    let (_b, s2, _) = request(p.addr, head.as_bytes()).await;
+    let (mut c, s3, _) = request(p.addr, head.as_bytes()).await;
+    assert_eq!((s1, s2, s3), (200, 200, 503), "a third tunnel from one address is over the per-client limit");
+    assert!(body(&mut c).await.contains("too many tunnels from your address"));
+    // Another client address (127.0.0.2) may still open one: the global limit is 3.
+    let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    other.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    other.connect(&p.addr.into()).unwrap();
+    let std_stream: std::net::TcpStream = other.into();
+    std_stream.set_nonblocking(true).unwrap();
+    let mut third = TcpStream::from_std(std_stream).unwrap();
+    third.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut third).await.0, 200);
+    let (mut d, s4, _) = request(p.addr, head.as_bytes()).await;
+    assert_eq!(s4, 503);
+    assert!(body(&mut d).await.contains("tunnel limit"));
+}
+
+#[tokio::test]
+async fn half_close_propagates_both_ways() {
+    // The upstream reads until EOF, then answers and closes: only works if our EOF reaches it.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    for mode in [DataPath::Splice, DataPath::Copy] {
+        let p = start(|c, _| {
+            c.auth_mode = AuthMode::None;
+            c.data_path = mode;
+        })
+        .await;
+        if mode == DataPath::Copy {
+            break; // the single-shot upstream above served the splice run; copy is covered by the GiB test
+        }
+        let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+        assert_eq!(status, 200);
+        s.write_all(&[7u8; 100_000]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.expect("EOF reaches us").unwrap();
+        assert_eq!(answer, "got 100000 bytes");
+    }
+}
+
+/// A deterministic stream: chunk i is filled from a seed and carries its index, so loss,
+/// duplication and reordering all change the checksum.
+fn chunk(i: u64, seed: u8, buf: &mut [u8]) {
+    for (j, b) in buf.iter_mut().enumerate() {
+        *b = (j as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add(i as u8);
+    }
+    buf[..8].copy_from_slice(&i.to_le_bytes());
+}
+
+async fn send_and_hash(mut w: impl AsyncWriteExt + Unpin, total: u64, seed: u8) -> Vec<u8> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..total / buf.len() as u64 {
+        chunk(i, seed, &mut buf);
+        h.update(&buf);
+        w.write_all(&buf).await.unwrap();
+    }
+    w.shutdown().await.unwrap();
+    h.finalize().to_vec()
+}
+
+async fn receive_and_hash(mut r: impl AsyncReadExt + Unpin) -> (u64, Vec<u8>) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).await.unwrap();
+        if k == 0 {
+            return (n, h.finalize().to_vec());
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+async fn both_ways(mode: DataPath, total: u64) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let (r, w) = s.into_split();
+        let (sent, got) = tokio::join!(send_and_hash(w, total, 2), receive_and_hash(r));
+        (sent, got)
+    });
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.data_path = mode;
+    })
+    .await;
+    let (s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    let (r, w) = s.into_split();
+    let (sent_up, (n_down, got_down)) = tokio::join!(send_and_hash(w, total, 1), receive_and_hash(r));
+    let (sent_down, (n_up, got_up)) = server.await.unwrap();
+    assert_eq!((n_up, n_down), (total, total), "{mode:?}: byte counts");
+    assert_eq!(got_up, sent_up, "{mode:?}: client → server checksum");
+    assert_eq!(got_down, sent_down, "{mode:?}: server → client checksum");
+    let metrics = http_get(p.admin, "/metrics").await;
+    assert!(metrics.contains("spice_proxy_tunnels_total{outcome=\"ok\"} 1"), "{metrics}");
+    assert!(metrics.contains(&format!("spice_proxy_bytes_total{{direction=\"up\"}} {total}")), "{metrics}");
+}
+
+#[tokio::test]
+async fn one_gib_each_way_with_checksums_through_splice() {
+    both_ways(DataPath::Splice, 1 << 30).await;
+}
+
+#[tokio::test]
+async fn copy_fallback_moves_the_same_bytes() {
+    both_ways(DataPath::Copy, 64 << 20).await;
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn drain_keeps_open_tunnels_working_then_closes_them_at_the_deadline() {
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.limits.drain_seconds = 2;
+    })
+    .await;
+    assert!(http_get(p.admin, "/readyz").await.starts_with("HTTP/1.1 200"));
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    p.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: not ready, no new connections, but the open tunnel still works.
+    let ready = http_get(p.admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("draining"), "{ready}");
+    assert!(TcpStream::connect(p.addr).await.is_err(), "the listener must be closed while draining");
+    echo_roundtrip(&mut s, b"still here during the drain").await;
+    // At the deadline the proxy closes it and exits.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed at the deadline").ok();
+    assert!(started.elapsed() < Duration::from_secs(4));
+    tokio::time::timeout(Duration::from_secs(5), p.done).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn drain_ends_early_when_the_last_tunnel_closes() {
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.limits.drain_seconds = 60;
+    })
+    .await;
+    let (mut s, _, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    echo_roundtrip(&mut s, b"x").await;
+    p.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(5), p.done).await.expect("exits once idle, long before 60 s").unwrap().unwrap();
+}
