@@ -4,8 +4,9 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT_DIR"
 
-echo "== unit tests"
-cargo test --lib --test crd_drift --test proxy
+"$HACK_DIR/deps.sh"
+echo "== unit tests, proxy tests on loopback, real SPICE peers"
+cargo test --lib --test crd_drift --test proxy --test spice_e2e
 
 CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-test-cluster.XXXXXX")
 cleanup() {

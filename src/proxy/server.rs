@@ -354,6 +354,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
     let mut audit = json!({"event": "tunnel", "client": SocketAddr::new(peer_ip, peer.port()).to_string()});
     let outcome = serve_one(&shared, &mut client, peer_ip, started, &mut audit, &mut cancel).await;
     let (label, close) = match &outcome {
+        Ok(Close::NoRequest) => ("no_request", Close::NoRequest.as_str().to_string()),
         Ok(close) => ("ok", close.as_str().to_string()),
         Err((version, r)) => {
             let _ = client.write_all(&response(*version, r)).await;
@@ -403,7 +404,7 @@ async fn serve_one(
     let head_timeout = Duration::from_secs(shared.cfg.limits.handshake_timeout_seconds.max(1) as u64);
     let (head, leftover) = match tokio::time::timeout(head_timeout, read_head(client)).await {
         Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
-        Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(Close::Error("client closed before sending a request".into())),
+        Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(Close::NoRequest),
         Ok(Ok(HeadRead::TooLarge)) => return Err((v10, refuse(400, format!("request head larger than {MAX_HEAD} bytes")))),
         Ok(Ok(HeadRead::Head(h, rest))) => (h, rest),
     };

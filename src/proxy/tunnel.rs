@@ -65,6 +65,8 @@ pub enum Close {
     /// The drain deadline of a stopping proxy passed.
     Drained,
     Error(String),
+    /// The client went away before sending a complete request (a port probe, say).
+    NoRequest,
 }
 
 impl Close {
@@ -74,6 +76,7 @@ impl Close {
             Close::Idle => "idle timeout",
             Close::Drained => "drain deadline",
             Close::Error(e) => e,
+            Close::NoRequest => "client closed before sending a request",
         }
     }
 }
