@@ -187,8 +187,8 @@ pub fn key_secret_name(spx: &str) -> String {
 /// The proxy configuration a replica reads; assumes `validate` passed.
 pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
     ProxyConfig {
-        listen: format!("[::]:{}", pc::LISTEN_PORT),
-        admin_listen: format!("[::]:{}", pc::ADMIN_PORT),
+        listen: format!("0.0.0.0:{}", pc::LISTEN_PORT),
+        admin_listen: format!("0.0.0.0:{}", pc::ADMIN_PORT),
         allowed_targets: spec
             .allowed_targets
             .iter()
