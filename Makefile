@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: demo test unit build crds tools bench clean-cluster
+.PHONY: demo test unit build crds tools bench bench-proxy
 
 demo:            ## Local control plane + operator + examples; Ctrl-C stops everything
 	hack/demo.sh
@@ -21,3 +21,6 @@ tools:           ## Build the control-plane binaries into the cache (hack/tools.
 
 bench:           ## Scale benchmark of policy resolution on the local control plane
 	hack/bench.sh
+
+bench-proxy:     ## CONNECT proxy vs HAProxy (splice), squid, tinyproxy on loopback
+	hack/bench-proxy.sh
