@@ -401,10 +401,37 @@ async fn serve_one(
     let Some(_slot) = ClientSlot::take(shared, peer_ip) else {
         return Err((v10, refuse(503, "too many tunnels from your address")));
     };
+    // The handshake runs in its own boxed future, so its buffers are freed before the
+    // tunnel starts: an idle tunnel keeps only the two sockets and a small state.
+    let upstream = match Box::pin(handshake(shared, client, audit)).await? {
+        Some(up) => up,
+        None => return Ok(Close::NoRequest),
+    };
+    shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
+    shared.metrics.active.inc();
+    let activity = Activity::default();
+    let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
+    let close = tunnel::run(client, &upstream, shared.cfg.data_path, idle, &activity, async {
+        let _ = cancel.wait_for(|c| *c).await;
+    })
+    .await;
+    shared.metrics.active.dec();
+    let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
+    shared.metrics.bytes.get_or_create(&Direction { direction: "up" }).inc_by(up);
+    shared.metrics.bytes.get_or_create(&Direction { direction: "down" }).inc_by(down);
+    audit["bytesUp"] = json!(up);
+    audit["bytesDown"] = json!(down);
+    Ok(close)
+}
+
+/// Reads and checks the request, authorises it, connects upstream and answers 200.
+/// `None` when the client went away without a request.
+async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut serde_json::Value) -> Result<Option<TcpStream>, Refused> {
+    let v10 = Version::Http10;
     let head_timeout = Duration::from_secs(shared.cfg.limits.handshake_timeout_seconds.max(1) as u64);
     let (head, leftover) = match tokio::time::timeout(head_timeout, read_head(client)).await {
         Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
-        Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(Close::NoRequest),
+        Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(None),
         Ok(Ok(HeadRead::TooLarge)) => return Err((v10, refuse(400, format!("request head larger than {MAX_HEAD} bytes")))),
         Ok(Ok(HeadRead::Head(h, rest))) => (h, rest),
     };
@@ -429,23 +456,9 @@ async fn serve_one(
     if !leftover.is_empty() {
         // Bytes a client sent before our reply belong to the upstream, in order.
         upstream.write_all(&leftover).await.map_err(|e| (version, refuse(502, e.to_string())))?;
+        audit["bytesEarly"] = json!(leftover.len());
     }
-    shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
-    shared.metrics.active.inc();
-    let activity = Activity::default();
-    activity.up.fetch_add(leftover.len() as u64, Ordering::Relaxed);
-    let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
-    let close = tunnel::run(client, &upstream, shared.cfg.data_path, idle, &activity, async {
-        let _ = cancel.wait_for(|c| *c).await;
-    })
-    .await;
-    shared.metrics.active.dec();
-    let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
-    shared.metrics.bytes.get_or_create(&Direction { direction: "up" }).inc_by(up);
-    shared.metrics.bytes.get_or_create(&Direction { direction: "down" }).inc_by(down);
-    audit["bytesUp"] = json!(up);
-    audit["bytesDown"] = json!(down);
-    Ok(close)
+    Ok(Some(upstream))
 }
 
 /// `spice-operator proxy --config FILE`: serve until SIGTERM/SIGINT, then drain.
