@@ -22,11 +22,11 @@ fn policy(yaml: &str) -> ClusterConsolePolicy {
     serde_yaml::from_str(yaml).expect("test policy YAML")
 }
 
-struct Cleanup(Api<ClusterConsolePolicy>, String);
+/// Deletes a cluster-scoped test policy however the test ends.
+struct Cleanup(String);
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kubectl").args(["delete", "clusterconsolepolicy", &self.1, "--wait=false"]).output();
-        let _ = &self.0;
+        let _ = std::process::Command::new("kubectl").args(["delete", "clusterconsolepolicy", &self.0, "--wait=false"]).output();
     }
 }
 
@@ -47,7 +47,7 @@ async fn policy_resolves_every_level_and_follows_spice_proxy_changes_within_two_
         pools = pools.join(", ")
     );
     let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
-    let _cleanup = Cleanup(api.clone(), name.clone());
+    let _cleanup = Cleanup(name.clone());
     api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
 
     let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| is_ready(&s.conditions))).await;
@@ -100,7 +100,7 @@ async fn unknown_reference_is_reported_per_entry_and_others_still_resolve() {
         ns = ns.name
     );
     let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
-    let _cleanup = Cleanup(api.clone(), name.clone());
+    let _cleanup = Cleanup(name.clone());
     api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
     let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(1))).await;
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
@@ -160,7 +160,7 @@ async fn urls_only_the_operator_can_judge_become_entry_errors() {
         "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {name}}}\nspec:\n  clusters:\n  - name: c\n    pools:\n    - {{name: v6, proxy: {{url: 'http://[fd00::1]:3128'}}}}\n    - {{name: port, proxy: {{url: 'p.example:70000'}}}}\n    - {{name: path, proxy: {{url: 'http://p.example:3128/x'}}}}\n    - {{name: ok, proxy: {{url: 'p.example'}}}}\n"
     );
     let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
-    let _cleanup = Cleanup(api.clone(), name.clone());
+    let _cleanup = Cleanup(name.clone());
     api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
     let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(1))).await;
     let err = |n: &str| st.pools.iter().find(|p| p.name == n).unwrap().error.clone().unwrap_or_default();

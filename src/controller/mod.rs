@@ -23,6 +23,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("object has no {0}")]
     MissingField(&'static str),
+    #[error("the SpiceProxy cache stopped before it was ready")]
+    CacheNotReady,
     #[error("could not encode the proxy configuration: {0}")]
     Encode(#[from] serde_json::Error),
 }

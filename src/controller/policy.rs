@@ -68,7 +68,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
     let result = match &guard.0 {
         Ok(policy) => {
             // Resolve against a complete cache only: a half-listed cache would report proxies missing.
-            ctx.proxies.wait_until_ready().await.map_err(|_| Error::MissingField("SpiceProxy cache"))?;
+            ctx.proxies.wait_until_ready().await.map_err(|_| Error::CacheNotReady)?;
             let lookup = |r: &SpiceProxyRef| -> Result<String, String> {
                 match ctx.proxies.get(&ObjectRef::new(&r.name).within(&r.namespace)) {
                     None => Err("does not exist".into()),

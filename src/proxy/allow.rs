@@ -4,7 +4,8 @@
 //! broadcast addresses are refused unless a rule lists them explicitly, i.e. a rule whose
 //! whole block lies inside such a range (`0.0.0.0/0` does not count).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+use std::sync::LazyLock;
 
 use ipnet::IpNet;
 
@@ -15,19 +16,17 @@ pub struct AllowList {
     rules: Vec<AllowedTarget>,
 }
 
-fn special_ranges() -> [IpNet; 9] {
+/// Addresses a catch-all rule must not open: loopback, "this network", link-local (cloud
+/// metadata at 169.254.169.254), multicast, broadcast, unspecified, and AWS's IPv6 metadata address.
+static SPECIAL: LazyLock<Vec<IpNet>> = LazyLock::new(|| {
     [
-        "127.0.0.0/8".parse().unwrap(),
-        "0.0.0.0/8".parse().unwrap(),
-        "169.254.0.0/16".parse().unwrap(),
-        "224.0.0.0/4".parse().unwrap(),
-        "255.255.255.255/32".parse().unwrap(),
-        "::1/128".parse().unwrap(),
-        "::/128".parse().unwrap(),
-        "fe80::/10".parse().unwrap(),
-        "ff00::/8".parse().unwrap(),
+        "127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32",
+        "::1/128", "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128",
     ]
-}
+    .iter()
+    .map(|r| r.parse().expect("valid built-in range"))
+    .collect()
+});
 
 /// An IPv4-mapped IPv6 address is judged as the IPv4 address it is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
@@ -38,12 +37,12 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 fn is_special(ip: IpAddr) -> bool {
-    special_ranges().iter().any(|r| r.contains(&ip)) || ip == IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254))
+    SPECIAL.iter().any(|r| r.contains(&ip))
 }
 
+/// A rule lists special addresses explicitly when its whole block lies inside a special range.
 fn explicitly_special(rule: &IpNet) -> bool {
-    special_ranges().iter().any(|r| r.contains(rule))
-        || *rule == "fd00:ec2::254/128".parse::<IpNet>().unwrap()
+    SPECIAL.iter().any(|r| r.contains(rule))
 }
 
 impl AllowList {
@@ -61,8 +60,6 @@ impl AllowList {
         })
     }
 }
-
-pub const UNSPECIFIED: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use spice_operator::controller::{self, Settings};
@@ -73,7 +73,6 @@ pub fn shared_operator() {
 /// A throwaway labelled namespace; deleted afterwards, its objects dumped if the test failed.
 pub struct TestNamespace {
     pub name: String,
-    client: Client,
 }
 
 impl TestNamespace {
@@ -84,7 +83,7 @@ impl TestNamespace {
         }))
         .unwrap();
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create test namespace");
-        TestNamespace { name, client: client.clone() }
+        TestNamespace { name }
     }
 }
 
@@ -108,7 +107,6 @@ impl Drop for TestNamespace {
         let _ = std::process::Command::new("kubectl")
             .args(["delete", "namespace", &self.name, "--wait=false"])
             .output();
-        let _ = &self.client;
     }
 }
 
@@ -143,13 +141,6 @@ where
         assert!(Instant::now() < deadline, "{name} still exists after {timeout:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-pub async fn delete_cluster_scoped<K>(api: &Api<K>, name: &str)
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    let _ = api.delete(name, &DeleteParams::default()).await;
 }
 
 pub fn spx(yaml: &str) -> spice_operator::crd::SpiceProxy {
