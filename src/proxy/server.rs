@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -97,6 +96,32 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     tunnels: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One audit line per connection. A plain struct, not a JSON map, because it lives as long as
+/// the tunnel: idle tunnels should cost as little memory as possible. Never holds a token.
+#[derive(serde::Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Audit {
+    event: &'static str,
+    client: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_down: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_early: Option<usize>,
+    outcome: &'static str,
+    close: String,
+    duration_ms: u64,
 }
 
 /// Who a tunnel was authorised for, for the audit line (never the token itself).
@@ -351,7 +376,7 @@ mod tokio_util_tracker {
 async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mut cancel: watch::Receiver<bool>) {
     let started = Instant::now();
     let peer_ip = canonical(peer.ip());
-    let mut audit = json!({"event": "tunnel", "client": SocketAddr::new(peer_ip, peer.port()).to_string()});
+    let mut audit = Audit { event: "tunnel", client: Some(SocketAddr::new(peer_ip, peer.port())), ..Default::default() };
     let outcome = serve_one(&shared, &mut client, peer_ip, started, &mut audit, &mut cancel).await;
     let (label, close) = match &outcome {
         Ok(Close::NoRequest) => ("no_request", Close::NoRequest.as_str().to_string()),
@@ -363,11 +388,11 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
         }
     };
     shared.metrics.tunnels.get_or_create(&Outcome { outcome: label }).inc();
-    audit["outcome"] = json!(label);
-    audit["close"] = json!(close);
-    audit["durationMs"] = json!(started.elapsed().as_millis() as u64);
+    audit.outcome = label;
+    audit.close = close;
+    audit.duration_ms = started.elapsed().as_millis() as u64;
     // One structured line per tunnel on stdout; the token is never part of it.
-    println!("{audit}");
+    println!("{}", serde_json::to_string(&audit).expect("audit lines serialise"));
 }
 
 fn status_label(status: u16) -> &'static str {
@@ -391,7 +416,7 @@ async fn serve_one(
     client: &mut TcpStream,
     peer_ip: IpAddr,
     started: Instant,
-    audit: &mut serde_json::Value,
+    audit: &mut Audit,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<Close, Refused> {
     let v10 = Version::Http10;
@@ -419,14 +444,14 @@ async fn serve_one(
     let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
     shared.metrics.bytes.get_or_create(&Direction { direction: "up" }).inc_by(up);
     shared.metrics.bytes.get_or_create(&Direction { direction: "down" }).inc_by(down);
-    audit["bytesUp"] = json!(up);
-    audit["bytesDown"] = json!(down);
+    audit.bytes_up = Some(up);
+    audit.bytes_down = Some(down);
     Ok(close)
 }
 
 /// Reads and checks the request, authorises it, connects upstream and answers 200.
 /// `None` when the client went away without a request.
-async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut serde_json::Value) -> Result<Option<TcpStream>, Refused> {
+async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit) -> Result<Option<TcpStream>, Refused> {
     let v10 = Version::Http10;
     let head_timeout = Duration::from_secs(shared.cfg.limits.handshake_timeout_seconds.max(1) as u64);
     let (head, leftover) = match tokio::time::timeout(head_timeout, read_head(client)).await {
@@ -441,13 +466,13 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut serde_js
         Err(e) => return Err((v10, refuse(400, e.to_string()))),
     };
     let version = req.version;
-    audit["target"] = json!(format!("{}:{}", req.host, req.port));
+    audit.target = Some(format!("{}:{}", req.host, req.port));
     let who = shared.authorise(&req).map_err(|r| (version, r))?;
-    audit["user"] = json!(who.user);
-    audit["subject"] = json!(who.subject);
+    audit.user = who.user;
+    audit.subject = who.subject;
     let addrs = shared.allowed_addresses(&req).await.map_err(|r| (version, r))?;
     let (mut upstream, addr) = shared.connect(&addrs).await.map_err(|r| (version, r))?;
-    audit["upstream"] = json!(addr.to_string());
+    audit.upstream = Some(addr);
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // Success: the status line and a blank line, nothing more; then the client speaks first.
@@ -456,7 +481,7 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut serde_js
     if !leftover.is_empty() {
         // Bytes a client sent before our reply belong to the upstream, in order.
         upstream.write_all(&leftover).await.map_err(|e| (version, refuse(502, e.to_string())))?;
-        audit["bytesEarly"] = json!(leftover.len());
+        audit.bytes_early = Some(leftover.len());
     }
     Ok(Some(upstream))
 }
