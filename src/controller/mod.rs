@@ -45,6 +45,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Every SpiceProxy, as the policy reconciler's lookup table (no API call per reference).
     pub proxies: Store<DeserializeGuard<SpiceProxy>>,
+    /// Flips to true once `proxies` holds a complete list. Reconciles wait on this rather than
+    /// on `Store::wait_until_ready`, whose one-shot channel keeps only the last waiter's waker:
+    /// with two waiters the first one is never woken (a policy once stayed unresolved forever).
+    pub proxies_ready: watch::Receiver<bool>,
 }
 
 /// Runs both controllers until `shutdown` flips to true. `ready` is set once the caches are synced.
@@ -65,16 +69,26 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects()
-    .filter_map(|r| futures::future::ready(r.ok()));
+    .filter_map(|r| {
+        if let Err(error) = &r {
+            tracing::warn!(%error, "SpiceProxy watch failed; retrying with backoff");
+        }
+        futures::future::ready(r.ok())
+    });
 
-    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone() });
+    let (proxies_ready_tx, proxies_ready) = watch::channel(false);
+    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready });
     let stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let spx = spice_proxy::controller(ctx.clone(), stop(shutdown.clone()));
     let ccp = policy::controller(ctx.clone(), proxy_events, stop(shutdown.clone()));
+    // The only waiter on the store's own readiness signal; everyone else watches `proxies_ready`.
     let readiness = async move {
-        let _ = proxies.wait_until_ready().await;
+        match proxies.wait_until_ready().await {
+            Ok(()) => _ = proxies_ready_tx.send(true),
+            Err(_) => drop(proxies_ready_tx), // waiters get CacheNotReady instead of hanging
+        }
         let _ = ready.send(true);
         futures::future::pending::<()>().await
     };

@@ -68,7 +68,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
     let result = match &guard.0 {
         Ok(policy) => {
             // Resolve against a complete cache only: a half-listed cache would report proxies missing.
-            ctx.proxies.wait_until_ready().await.map_err(|_| Error::CacheNotReady)?;
+            ctx.proxies_ready.clone().wait_for(|ready| *ready).await.map_err(|_| Error::CacheNotReady)?;
             let lookup = |r: &SpiceProxyRef| -> Result<String, String> {
                 match ctx.proxies.get(&ObjectRef::new(&r.name).within(&r.namespace)) {
                     None => Err("does not exist".into()),
@@ -81,7 +81,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
             let resolved = resolve::resolve(&policy.spec, &lookup);
             let previous = policy.status.clone().unwrap_or_default();
             let status = build_status(&previous, resolved, policy.metadata.generation);
-            if status != previous {
+            let changed = status != previous;
+            tracing::debug!(policy = %policy.name_any(), generation = ?policy.metadata.generation, changed, "policy resolved");
+            if changed {
                 let patch = Patch::Merge(json!({"status": status}));
                 api.patch_status(&policy.name_any(), &PatchParams::default(), &patch).await?;
             }

@@ -35,6 +35,10 @@ pub struct Operator {
 
 impl Operator {
     pub fn start() -> Operator {
+        // RUST_LOG=debug shows the operator's own log lines in a failing test's output.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        }
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, mut ready_rx) = watch::channel(false);
         let (done_tx, done) = std::sync::mpsc::channel();
