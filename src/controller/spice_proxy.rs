@@ -13,7 +13,8 @@ use k8s_openapi::api::core::v1::{
     Service, ServicePort, ServiceSpec as K8sServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
@@ -40,6 +41,7 @@ pub async fn controller(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + 
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -96,24 +98,17 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
     let owner = spx.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
     let image = spx.spec.image.clone().unwrap_or_else(|| ctx.settings.proxy_image.clone());
     let children = build(spx, &image)?;
-    let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
-    ensure_key_secret(&ctx.client, &ns, &name, &owner).await?;
-    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let with_owner = |mut meta: ObjectMeta| {
-        meta.owner_references = Some(vec![owner.clone()]);
-        meta
+    let (deploy, svc) = match apply(children, &owner, &ns, &name, ctx).await {
+        Ok(applied) => applied,
+        // Say in status why nothing (more) could be applied, e.g. a missing RBAC rule or an
+        // object the API server rejects, then retry with backoff.
+        Err(Error::Kube(kube::Error::Api(e))) if e.code != 409 => {
+            let status = apply_failed_status(spx, &e);
+            let _ = update_status(&api, spx, status).await;
+            return Err(Error::Kube(kube::Error::Api(e)));
+        }
+        Err(e) => return Err(e),
     };
-    let mut cm = children.config_map;
-    cm.metadata = with_owner(cm.metadata);
-    let mut deploy = children.deployment;
-    deploy.metadata = with_owner(deploy.metadata);
-    let mut svc = children.service;
-    svc.metadata = with_owner(svc.metadata);
-    cm_api.patch(&cm.name_any(), &pp, &Patch::Apply(&cm)).await?;
-    let deploy = deploy_api.patch(&deploy.name_any(), &pp, &Patch::Apply(&deploy)).await?;
-    let svc = svc_api.patch(&svc.name_any(), &pp, &Patch::Apply(&svc)).await?;
 
     // update_status, from what the apply returned
     let node_address = if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() {
@@ -123,6 +118,47 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
     };
     let status = build_status(spx, &deploy, &svc, node_address.as_deref());
     update_status(&api, spx, status).await
+}
+
+/// Server-side applies every child (one field manager); returns what the API server stored.
+async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, ctx: &Context) -> Result<(Deployment, Service)> {
+    let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
+    ensure_key_secret(&ctx.client, ns, name, owner).await?;
+    let with_owner = |mut meta: ObjectMeta| {
+        meta.owner_references = Some(vec![owner.clone()]);
+        meta
+    };
+    let Children { mut config_map, mut deployment, mut service, mut disruption_budget } = children;
+    config_map.metadata = with_owner(config_map.metadata);
+    deployment.metadata = with_owner(deployment.metadata);
+    service.metadata = with_owner(service.metadata);
+    disruption_budget.metadata = with_owner(disruption_budget.metadata);
+    let client = &ctx.client;
+    Api::<ConfigMap>::namespaced(client.clone(), ns).patch(&config_map.name_any(), &pp, &Patch::Apply(&config_map)).await?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), ns).patch(&deployment.name_any(), &pp, &Patch::Apply(&deployment)).await?;
+    let service = Api::<Service>::namespaced(client.clone(), ns).patch(&service.name_any(), &pp, &Patch::Apply(&service)).await?;
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .patch(&disruption_budget.name_any(), &pp, &Patch::Apply(&disruption_budget))
+        .await?;
+    Ok((deployment, service))
+}
+
+/// Status after the API server refused an apply: `Forbidden` for a missing permission,
+/// `ApplyFailed` for anything else, with the server's own message.
+pub fn apply_failed_status(spx: &SpiceProxy, e: &kube::core::Status) -> SpiceProxyStatus {
+    let generation = spx.metadata.generation;
+    let previous = spx.status.clone().unwrap_or_default();
+    let reason = if e.code == 403 { "Forbidden" } else { "ApplyFailed" };
+    let msg = format!("the API server refused a change ({} {}): {}", e.code, e.reason, e.message);
+    SpiceProxyStatus {
+        conditions: vec![
+            conditions::new("Ready", false, reason, &msg, generation),
+            conditions::new("Progressing", false, reason, "retrying with backoff", generation),
+            conditions::new("Degraded", true, reason, &msg, generation),
+        ],
+        observed_generation: generation,
+        ..previous
+    }
 }
 
 async fn update_status(api: &Api<SpiceProxy>, spx: &SpiceProxy, mut status: SpiceProxyStatus) -> Result<Action> {
@@ -175,6 +211,8 @@ pub struct Children {
     pub config_map: ConfigMap,
     pub deployment: Deployment,
     pub service: Service,
+    /// Lets node drains evict one replica at a time, never all at once.
+    pub disruption_budget: PodDisruptionBudget,
 }
 
 pub fn config_map_name(spx: &str) -> String {
@@ -253,7 +291,8 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
     let quantity = |s: &str| Quantity(s.into());
     let resources = spec.resources.clone().unwrap_or_else(|| ResourceRequirements {
         requests: Some(BTreeMap::from([("cpu".into(), quantity("50m")), ("memory".into(), quantity("32Mi"))])),
-        limits: Some(BTreeMap::from([("memory".into(), quantity("256Mi"))])),
+        // Splice moves bytes in the kernel; 2 CPUs carry well over 10 Gbit/s (make bench-proxy).
+        limits: Some(BTreeMap::from([("cpu".into(), quantity("2")), ("memory".into(), quantity("256Mi"))])),
         ..Default::default()
     });
     let container = Container {
@@ -345,7 +384,16 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         }),
         ..Default::default()
     };
-    Ok(Children { config_map, deployment, service })
+    let disruption_budget = PodDisruptionBudget {
+        metadata: meta(name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(labels::proxy_selector(&name)), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Children { config_map, deployment, service, disruption_budget })
 }
 
 fn service_type(t: ServiceType) -> &'static str {
@@ -358,7 +406,7 @@ fn service_type(t: ServiceType) -> &'static str {
 
 /// The ticket signing key. Created once with a random key and never overwritten, so every
 /// replica (and every restart of the operator) keeps validating the tickets already issued.
-async fn ensure_key_secret(client: &kube::Client, ns: &str, spx: &str, owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference) -> Result<()> {
+async fn ensure_key_secret(client: &kube::Client, ns: &str, spx: &str, owner: &OwnerReference) -> Result<()> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let name = key_secret_name(spx);
     if api.get_metadata_opt(&name).await?.is_some() {
@@ -539,6 +587,9 @@ mod tests {
         assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
         let svc = c.service.spec.unwrap();
         assert_eq!((svc.type_.as_deref(), svc.ports.unwrap()[0].port), (Some("ClusterIP"), 3128));
+        let pdb = c.disruption_budget.spec.unwrap();
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(pdb.selector.unwrap().match_labels, d.selector.match_labels);
         let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
         assert_eq!(cfg.allowed_targets[0].ports, vec![(5900, 5999)]);
         assert_eq!(cfg.allowed_targets[0].cidr.to_string(), "10.0.0.0/16");
