@@ -5,6 +5,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod labels;
+pub mod leader;
 pub mod metrics;
 pub mod proxy;
 pub mod resolve;

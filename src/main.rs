@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use spice_operator::controller::{self, Settings};
 use spice_operator::metrics::{Metrics, RequestLabel};
+use spice_operator::leader::{self, LeaseSettings};
 use spice_operator::{admin, crd};
 use tokio::sync::watch;
 
@@ -31,6 +32,8 @@ enum Command {
         /// Log as JSON lines instead of human-readable text.
         #[arg(long, env = "SPICE_LOG_JSON")]
         log_json: bool,
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Run the SPICE CONNECT proxy (what every SpiceProxy Deployment runs).
     Proxy {
@@ -60,7 +63,45 @@ enum Command {
     Crdgen {
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Also write them as the Helm chart's CRD template to this file.
+        #[arg(long)]
+        chart_template: Option<PathBuf>,
     },
+}
+
+/// Leader election: with several operator replicas, only the Lease holder reconciles.
+#[derive(clap::Args)]
+struct LeaseArgs {
+    /// Reconcile only while holding the leader Lease (set false for a single replica without RBAC on leases).
+    #[arg(long, env = "SPICE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease: the operator's own (the chart passes it from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = "SPICE_LEASE_NAME", default_value = "spice-operator-leader")]
+    lease_name: String,
+    /// This process's identity in the Lease (default: the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    lease_identity: Option<String>,
+    /// A standby takes over this long after the leader's last renewal.
+    #[arg(long, env = "SPICE_LEASE_DURATION_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_duration_seconds: u64,
+}
+
+impl LeaseArgs {
+    fn settings(&self) -> Option<LeaseSettings> {
+        self.leader_election.then(|| LeaseSettings {
+            namespace: self.lease_namespace.clone(),
+            name: self.lease_name.clone(),
+            identity: self.lease_identity.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            }),
+            duration_seconds: self.lease_duration_seconds,
+            // Renew a third of the way before expiry: two renewal attempts fit in every lease.
+            grace_seconds: (self.lease_duration_seconds / 3).max(1),
+        })
+    }
 }
 
 fn init_tracing(json: bool) {
@@ -84,15 +125,15 @@ fn main() -> ExitCode {
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Crdgen { output } => crdgen(output),
+        Command::Crdgen { output, chart_template } => crdgen(output, chart_template),
         Command::Proxy { config, log_json } => {
             init_tracing(log_json);
             spice_operator::proxy::server::run_from_file(&config).await
         }
         Command::Ticket { target, ttl, key_file, subject } => mint_ticket(&target, ttl, &key_file, subject),
-        Command::Controller { proxy_image, admin_addr, log_json } => {
+        Command::Controller { proxy_image, admin_addr, log_json, lease } => {
             init_tracing(log_json);
-            run_controller(Settings { proxy_image }, admin_addr).await
+            run_controller(Settings { proxy_image }, admin_addr, lease.settings()).await
         }
     };
     match result {
@@ -127,7 +168,10 @@ fn mint_ticket(target: &str, ttl: u64, key_file: &std::path::Path, subject: Stri
     Ok(())
 }
 
-fn crdgen(output: Option<PathBuf>) -> anyhow::Result<()> {
+fn crdgen(output: Option<PathBuf>, chart_template: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(path) = chart_template {
+        std::fs::write(&path, crd::chart_crds_yaml()).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
     let yaml = crd::crds_yaml();
     match output {
         Some(path) => std::fs::write(&path, yaml).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),
@@ -138,7 +182,7 @@ fn crdgen(output: Option<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-async fn run_controller(settings: Settings, admin_addr: SocketAddr) -> anyhow::Result<()> {
+async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let client = counting_client(metrics.clone()).await?;
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -153,9 +197,29 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr) -> anyhow::R
         tracing::info!("shutting down: finishing reconciles in flight");
         let _ = stop_tx.send(true);
     });
-    tracing::info!(%admin_addr, image = %settings.proxy_image, "controller starting");
+    tracing::info!(%admin_addr, image = %settings.proxy_image, leader_election = lease.is_some(), "controller starting");
+    let reconcile = async move {
+        match lease {
+            None => {
+                metrics.leader.set(1);
+                controller::run(client, settings, metrics, ready_tx, stop_rx).await;
+                Ok(())
+            }
+            Some(lease) => {
+                // A standby is healthy and ready to take over, so it reports ready too.
+                let _ = ready_tx.send(true);
+                let m = metrics.clone();
+                leader::run_as_leader(client.clone(), &lease, &metrics, stop_rx, move |stop| async move {
+                    let (synced, _) = watch::channel(false);
+                    controller::run(client, settings, m, synced, stop).await
+                })
+                .await
+                .map_err(anyhow::Error::from)
+            }
+        }
+    };
     tokio::select! {
-        _ = controller::run(client, settings, metrics, ready_tx, stop_rx) => Ok(()),
+        res = reconcile => res,
         res = admin => res?.map_err(Into::into),
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -25,6 +26,8 @@ pub struct Metrics {
     pub duration: Family<ControllerLabel, Histogram>,
     /// Every HTTP request the operator sends to the Kubernetes API, by method.
     pub api_requests: Family<RequestLabel, Counter<u64, AtomicU64>>,
+    /// 1 while this process holds the leader Lease (or runs without leader election).
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -40,7 +43,9 @@ impl Default for Metrics {
         registry.register("reconcile_failures", "Reconciles that failed", failures.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", duration.clone());
         registry.register("kube_api_requests", "Requests sent to the Kubernetes API", api_requests.clone());
-        Self { registry, reconciles, failures, duration, api_requests }
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this process is the leader that reconciles", leader.clone());
+        Self { registry, reconciles, failures, duration, api_requests, leader }
     }
 }
 
