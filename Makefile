@@ -14,7 +14,7 @@ build:
 	cargo build --release
 
 crds:            ## Regenerate crds/ from the Rust types
-	cargo run --quiet -- crdgen -o crds/crds.yaml
+	cargo run --quiet -- crdgen -o crds/crds.yaml --chart-template charts/spice-operator/templates/crds.yaml
 
 tools:           ## Build the control-plane binaries into the cache (hack/tools.sh)
 	hack/tools.sh
