@@ -5,8 +5,11 @@ source "$(dirname "$0")/env.sh"
 cd "$ROOT_DIR"
 
 "$HACK_DIR/deps.sh"
-echo "== unit tests, proxy tests on loopback, real SPICE peers"
-cargo test --lib --test crd_drift --test proxy --test spice_e2e
+PATH="$PATH:$("$HACK_DIR/hadolint.sh")"
+export PATH
+
+echo "== unit tests, packaging (chart, Dockerfile), proxy tests on loopback, real SPICE peers"
+cargo test --lib --test crd_drift --test packaging --test proxy --test spice_e2e
 
 CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-test-cluster.XXXXXX")
 cleanup() {
@@ -21,9 +24,17 @@ trap cleanup EXIT INT TERM
 echo "== starting the local control plane"
 "$HACK_DIR/local-cluster.sh" start "$CLUSTER_DIR"
 export KUBECONFIG="$CLUSTER_DIR/kubeconfig"
-kubectl apply --server-side -f crds/ >/dev/null
+
+echo "== installing the chart (CRDs, ServiceAccount, RBAC); the operator under test runs as its ServiceAccount"
+# replicaCount=0: no kubelet runs the image here; the tests run the operator themselves with
+# a token of the chart's ServiceAccount, so they exercise exactly the chart's permissions.
+helm install spice-operator charts/spice-operator -n spice-operator-system --create-namespace \
+  --set replicaCount=0 --wait --timeout 2m >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/ >/dev/null
+export SPICE_TEST_OPERATOR_KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig"
+"$HACK_DIR/sa-kubeconfig.sh" spice-operator-system spice-operator > "$SPICE_TEST_OPERATOR_KUBECONFIG"
 
 echo "== integration tests"
-# Test binaries run one after another; tests inside one binary run in parallel, each in its own namespace.
+# Test binaries run one after another; tests inside one binary run in parallel, each in its own
+# namespace. rbac and leader run operators of their own, so they are separate binaries.
 cargo test --test spiceproxy --test policy --test restart

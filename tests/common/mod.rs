@@ -17,6 +17,26 @@ use spice_operator::metrics::Metrics;
 use tokio::sync::watch;
 
 pub const TEST_IMAGE: &str = "spice-operator:test";
+/// Where `make test` installs the chart (hack/test.sh); the operator's Lease lives there.
+pub const RELEASE_NAMESPACE: &str = "spice-operator-system";
+
+/// Credentials the operator under test uses: `make test` points SPICE_TEST_OPERATOR_KUBECONFIG
+/// at a token of the chart's ServiceAccount, so every scenario runs with exactly the chart's
+/// RBAC. Without it (a developer's ad-hoc run), the admin kubeconfig.
+pub fn operator_kubeconfig() -> Option<std::path::PathBuf> {
+    std::env::var_os("SPICE_TEST_OPERATOR_KUBECONFIG").map(Into::into)
+}
+
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Client {
+    match kubeconfig {
+        None => Client::try_default().await.expect("KUBECONFIG must point at a running API server"),
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).expect("operator kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("operator kubeconfig");
+            Client::try_from(config).expect("operator client")
+        }
+    }
+}
 
 pub async fn client() -> Client {
     if std::env::var_os("KUBECONFIG").is_none() {
@@ -35,6 +55,11 @@ pub struct Operator {
 
 impl Operator {
     pub fn start() -> Operator {
+        Operator::start_with(operator_kubeconfig())
+    }
+
+    /// An operator using the credentials in `kubeconfig` (None: the admin's).
+    pub fn start_with(kubeconfig: Option<std::path::PathBuf>) -> Operator {
         // RUST_LOG=debug shows the operator's own log lines in a failing test's output.
         if std::env::var_os("RUST_LOG").is_some() {
             let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
@@ -47,7 +72,7 @@ impl Operator {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
-                let client = Client::try_default().await.expect("operator client");
+                let client = client_from(kubeconfig.as_deref()).await;
                 let settings = Settings { proxy_image: TEST_IMAGE.into() };
                 controller::run(client, settings, m, ready_tx, stop_rx).await;
             });
@@ -153,4 +178,69 @@ pub fn spx(yaml: &str) -> spice_operator::crd::SpiceProxy {
 
 pub fn is_ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
     conds.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The real `spice-operator controller` binary in the background, killed (SIGKILL) on drop.
+pub struct OperatorProcess {
+    pub child: std::process::Child,
+    pub admin_port: u16,
+    pub identity: String,
+    pub log: std::path::PathBuf,
+}
+
+impl OperatorProcess {
+    pub fn spawn(identity: &str, kubeconfig: &std::path::Path, extra: &[&str]) -> OperatorProcess {
+        let admin_port = free_port();
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{identity}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+            .args(["controller", "--admin-addr", &format!("127.0.0.1:{admin_port}"), "--lease-identity", identity])
+            .args(["--lease-namespace", RELEASE_NAMESPACE, "--proxy-image", TEST_IMAGE])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,spice_operator=debug,kube_lease_manager=debug")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("spawn spice-operator controller");
+        OperatorProcess { child, admin_port, identity: identity.into(), log }
+    }
+
+    /// `spice_operator_leader` from /metrics; None while the admin server is not up (or the process is gone).
+    pub fn is_leader(&self) -> Option<bool> {
+        let body = http_get(self.admin_port, "/metrics")?;
+        body.lines().find(|l| l.starts_with("spice_operator_leader ")).map(|l| l.ends_with(" 1"))
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let _ = std::process::Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- log of operator {} -----\n{}", self.identity, self.log_text());
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.0 GET on loopback; the body, or None when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }
