@@ -98,9 +98,18 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
     let owner = spx.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
     let image = spx.spec.image.clone().unwrap_or_else(|| ctx.settings.proxy_image.clone());
     let children = build(spx, &image)?;
-    let (deploy, svc) = match apply(children, &owner, &ns, &name, ctx).await {
+    let applied = async {
+        let (deploy, svc) = apply(children, &owner, &ns, &name, ctx).await?;
+        let node_address = if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() {
+            first_node_address(&ctx.client).await?
+        } else {
+            None
+        };
+        Ok::<_, Error>((deploy, svc, node_address))
+    };
+    let (deploy, svc, node_address) = match applied.await {
         Ok(applied) => applied,
-        // Say in status why nothing (more) could be applied, e.g. a missing RBAC rule or an
+        // Say in status why nothing (more) could be done, e.g. a missing RBAC rule or an
         // object the API server rejects, then retry with backoff.
         Err(Error::Kube(kube::Error::Api(e))) if e.code != 409 => {
             let status = apply_failed_status(spx, &e);
@@ -111,11 +120,6 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
     };
 
     // update_status, from what the apply returned
-    let node_address = if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() {
-        first_node_address(&ctx.client).await?
-    } else {
-        None
-    };
     let status = build_status(spx, &deploy, &svc, node_address.as_deref());
     update_status(&api, spx, status).await
 }

@@ -1,0 +1,99 @@
+//! The chart's ClusterRole is needed rule by rule: an operator whose ServiceAccount lacks one
+//! rule fails the matching scenario with a Forbidden condition that names the resource.
+//! (That it is sufficient is shown by every other integration test, which runs the operator
+//! with a token of the chart's own ServiceAccount.)
+//!
+//! One test, cases in sequence: each case runs its own cluster-wide operator.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use spice_operator::crd::SpiceProxy;
+
+/// The ClusterRole `helm install` made in hack/test.sh.
+const CHART_CLUSTER_ROLE: &str = "spice-operator";
+
+struct Case {
+    /// The rule removed: the first rule whose resources include this one.
+    resource: &'static str,
+    service: &'static str,
+    external_address: bool,
+}
+
+#[tokio::test]
+async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbidden() {
+    let client = client().await;
+    let chart_role = Api::<ClusterRole>::all(client.clone())
+        .get(CHART_CLUSTER_ROLE)
+        .await
+        .expect("the chart's ClusterRole (make test installs the chart)");
+    let cases = [
+        Case { resource: "secrets", service: "ClusterIP", external_address: true },
+        Case { resource: "configmaps", service: "ClusterIP", external_address: true },
+        Case { resource: "deployments", service: "ClusterIP", external_address: true },
+        Case { resource: "poddisruptionbudgets", service: "ClusterIP", external_address: true },
+        // Only a NodePort proxy without externalAddress reads nodes, to publish a node's address.
+        Case { resource: "nodes", service: "NodePort", external_address: false },
+    ];
+    for case in cases {
+        let ns = TestNamespace::new(&client, &format!("rbac-no-{}", case.resource)).await;
+        let kubeconfig = account_without(&client, &chart_role, case.resource, &ns.name).await;
+        let op = Operator::start_with(Some(kubeconfig));
+        let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+        let external = if case.external_address { "  externalAddress: {host: edge.example.com}\n" } else { "" };
+        let proxy = spx(&format!(
+            "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  service: {{type: {}}}\n{external}  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n",
+            ns.name, case.service
+        ));
+        spx_api.create(&PostParams::default(), &proxy).await.unwrap();
+        let ready = wait_for(&spx_api, "edge", Duration::from_secs(30), |s| {
+            s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready" && c.reason == "Forbidden").cloned()
+        })
+        .await;
+        assert_eq!(ready.status, "False");
+        assert!(ready.message.contains(case.resource) && ready.message.contains("forbidden"), "{}: {}", case.resource, ready.message);
+        let st = spx_api.get("edge").await.unwrap().status.unwrap();
+        assert_eq!(st.proxy_url, None, "no URL is published while the proxy cannot be set up");
+        op.stop();
+        cleanup(&client, &ns.name).await;
+    }
+}
+
+/// A ServiceAccount bound to the chart's ClusterRole minus the rule covering `resource`;
+/// returns a kubeconfig with its token.
+async fn account_without(client: &Client, chart_role: &ClusterRole, resource: &str, ns: &str) -> std::path::PathBuf {
+    let mut role = chart_role.clone();
+    let rules = role.rules.as_mut().unwrap();
+    let before = rules.len();
+    rules.retain(|r| !r.resources.iter().flatten().any(|x| x == resource));
+    assert_eq!(rules.len(), before - 1, "the chart has exactly one rule for {resource}");
+    let name = format!("{ns}-operator");
+    role.metadata = serde_json::from_value(json!({"name": name, "labels": {"spice-operator-test": "true"}})).unwrap();
+    Api::<ClusterRole>::all(client.clone()).create(&PostParams::default(), &role).await.unwrap();
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "operator", "namespace": ns}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns).create(&PostParams::default(), &sa).await.unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"spice-operator-test": "true"}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}]
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone()).create(&PostParams::default(), &binding).await.unwrap();
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/sa-kubeconfig.sh")).args([ns, "operator", "1h"]).output().unwrap();
+    assert!(out.status.success(), "sa-kubeconfig.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}.kubeconfig"));
+    std::fs::write(&path, out.stdout).unwrap();
+    path
+}
+
+async fn cleanup(client: &Client, ns: &str) {
+    let name = format!("{ns}-operator");
+    let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&name, &DeleteParams::default()).await;
+    let _ = Api::<ClusterRole>::all(client.clone()).delete(&name, &DeleteParams::default()).await;
+}
