@@ -221,7 +221,13 @@ impl OperatorProcess {
 }
 
 impl Drop for OperatorProcess {
+    /// SIGTERM first, so a leader releases its Lease for the next test; SIGKILL after 10 s.
     fn drop(&mut self) {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
