@@ -3,47 +3,18 @@
 //! the VM's screen through the proxy with a ticket in a `.vv` file's `proxy=` key.
 //! Needs qemu-system-x86, virt-viewer, xvfb and imagemagick (hack/deps.sh installs them).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn qemu() -> (Kill, u16) {
-    let port = free_port();
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "accel=tcg", "-m", "64", "-nodefaults", "-vga", "qxl", "-display", "none"])
-        .args(["-spice", &format!("port={port},addr=127.0.0.1,disable-ticketing=on")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
-    let k = Kill(child);
-    wait_port(port, "qemu's SPICE server");
-    (k, port)
-}
+use common::free_port;
+use common::spice::{Kill, qemu, unique_colours};
 
 /// Runs `spice-operator proxy` as users do; returns it, its port, admin port and its stdout (audit).
 fn proxy(dir: &Path, mode: &str, spice_port: u16) -> (Kill, u16, u16, std::sync::mpsc::Receiver<String>) {
@@ -63,22 +34,8 @@ fn proxy(dir: &Path, mode: &str, spice_port: u16) -> (Kill, u16, u16, std::sync:
     });
     let file = dir.join(format!("{mode}.json"));
     std::fs::write(&file, cfg.to_string()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spice-operator"))
-        .args(["proxy", "--config", file.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Lines without a target are our own readiness probes (no request sent).
-        for line in BufReader::new(out).lines().map_while(Result::ok).filter(|l| l.contains("\"target\"")) {
-            let _ = tx.send(line);
-        }
-    });
-    wait_port(port, "the proxy");
-    (Kill(child), port, admin, rx)
+    let (child, rx) = common::spice::proxy_process(&file, port);
+    (child, port, admin, rx)
 }
 
 fn ticket(dir: &Path, target: &str) -> String {
@@ -149,11 +106,6 @@ fn spice_link_handshake_through_the_proxy_in_every_auth_mode() {
             assert_eq!(v["subject"].as_str(), Some("vm-e2e"));
         }
     }
-}
-
-fn unique_colours(png: &Path) -> usize {
-    let out = Command::new("convert").arg(png).args(["-format", "%k", "info:"]).output().expect("imagemagick");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! namespace labelled `spice-operator-test`, dumped on failure.
 #![allow(dead_code)]
 
+pub mod spice;
+
 use std::fmt::Debug;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -249,4 +251,29 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// A proxy process run from the ConfigMap and key Secret the operator generated for SpiceProxy
+/// `name` (what its pods run), listening on loopback `listen`; returns it with its admin port,
+/// its audit lines and the directory holding its files.
+pub async fn generated_proxy(client: &Client, ns: &str, name: &str, listen: u16) -> (spice::Kill, u16, std::sync::mpsc::Receiver<String>, tempfile::TempDir) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{name}-config")).await.unwrap();
+    let key = Api::<Secret>::namespaced(client.clone(), ns).get(&format!("{name}-keys")).await.unwrap().data.unwrap()["current"].0.clone();
+    let mut config: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["config.json"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("current"), key).unwrap();
+    let admin = free_port();
+    config["listen"] = format!("127.0.0.1:{listen}").into();
+    config["adminListen"] = format!("127.0.0.1:{admin}").into();
+    config["keysDir"] = dir.path().to_str().unwrap().into();
+    let file = dir.path().join("config.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let (proxy, audit) = spice::proxy_process(&file, listen);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(admin, "/readyz").is_none() {
+        assert!(Instant::now() < deadline, "proxy from the generated config did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (proxy, admin, audit, dir)
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -227,24 +227,9 @@ async fn through_service(client: &Client, ns: &str) -> (SocketAddr, SocketAddr, 
 
 /// Here: a proxy process run from the ConfigMap and key Secret the operator generated
 /// (listen addresses moved to loopback ports); the target is a loopback HTTP responder.
-async fn through_generated_config(client: &Client, ns: &str, key_file: &std::path::Path) -> (SocketAddr, SocketAddr, Keep) {
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get("edge-config").await.unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["config.json"]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(key_file, dir.path().join("current")).unwrap();
-    let (listen, admin) = (free_port(), free_port());
-    config["listen"] = format!("127.0.0.1:{listen}").into();
-    config["adminListen"] = format!("127.0.0.1:{admin}").into();
-    config["keysDir"] = dir.path().to_str().unwrap().into();
-    let config_file = dir.path().join("config.json");
-    std::fs::write(&config_file, config.to_string()).unwrap();
-    let proxy = Command::new(BIN).args(["proxy", "--config"]).arg(&config_file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], listen).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(admin, "/readyz").is_none() {
-        assert!(Instant::now() < deadline, "proxy from the generated config did not become ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+async fn through_generated_config(client: &Client, ns: &str, _key_file: &std::path::Path) -> (SocketAddr, SocketAddr, Keep) {
+    let listen = free_port();
+    let (proxy, _admin, _audit, dir) = generated_proxy(client, ns, "edge", listen).await;
     let responder = TcpListener::bind("127.0.0.1:0").unwrap();
     let target = responder.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -254,7 +239,7 @@ async fn through_generated_config(client: &Client, ns: &str, key_file: &std::pat
             let _ = conn.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
         }
     });
-    (addr, target, vec![Box::new(Killed(proxy)), Box::new(dir)])
+    (([127, 0, 0, 1], listen).into(), target, vec![Box::new(proxy), Box::new(dir)])
 }
 
 struct Killed(std::process::Child);

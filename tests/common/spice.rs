@@ -1,0 +1,100 @@
+//! Real SPICE peers for the tests: qemu's SPICE server, an X server for remote-viewer,
+//! screenshots, and a proxy process whose audit lines the test reads.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Kill(pub Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A diskless VM (it shows its BIOS screen) with SPICE on 127.0.0.1, no password.
+pub fn qemu() -> (Kill, u16) {
+    let port = super::free_port();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "accel=tcg", "-m", "64", "-nodefaults", "-vga", "qxl", "-display", "none"])
+        .args(["-spice", &format!("port={port},addr=127.0.0.1,disable-ticketing=on")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
+    let k = Kill(child);
+    wait_port(port, "qemu's SPICE server");
+    (k, port)
+}
+
+/// An Xvfb display for remote-viewer.
+pub struct Display {
+    pub name: String,
+    _server: Kill,
+}
+
+impl Display {
+    pub fn start(offset: u32) -> Display {
+        let name = format!(":{}", 90 + offset + (std::process::id() % 50) * 2);
+        let server = Kill(Command::new("Xvfb").args([name.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp"]).stderr(Stdio::null()).spawn().expect("Xvfb"));
+        std::thread::sleep(Duration::from_millis(800));
+        Display { name, _server: server }
+    }
+
+    pub fn screenshot(&self, file: &Path) {
+        assert!(Command::new("import").env("DISPLAY", &self.name).args(["-window", "root"]).arg(file).status().unwrap().success());
+    }
+
+    pub fn remote_viewer(&self, vv: &Path) -> Kill {
+        Kill(Command::new("remote-viewer").env("DISPLAY", &self.name).arg(vv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("remote-viewer"))
+    }
+}
+
+pub fn unique_colours(png: &Path) -> usize {
+    let out = Command::new("convert").arg(png).args(["-format", "%k", "info:"]).output().expect("imagemagick");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// `spice-operator proxy --config FILE`, its audit lines (stdout, those naming a target) on a channel.
+pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+        .args(["proxy", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Lines without a target are readiness probes (no request sent).
+        for line in BufReader::new(out).lines().map_while(Result::ok).filter(|l| l.contains("\"target\"")) {
+            let _ = tx.send(line);
+        }
+    });
+    wait_port(port, "the proxy");
+    (Kill(child), rx)
+}
+
+/// `spice_proxy_active_tunnels` from a proxy's /metrics.
+pub fn active_tunnels(admin_port: u16) -> u64 {
+    let text = super::http_get(admin_port, "/metrics").unwrap_or_default();
+    text.lines().find(|l| l.starts_with("spice_proxy_active_tunnels ")).and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+pub fn artifact(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
