@@ -4,6 +4,7 @@ pub mod admin;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod engine;
 pub mod labels;
 pub mod leader;
 pub mod metrics;

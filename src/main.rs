@@ -8,6 +8,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use spice_operator::controller::{self, Settings};
 use spice_operator::metrics::{Metrics, RequestLabel};
+use spice_operator::engine::service::Engine;
+use spice_operator::engine::tls::{self, CertSource};
+use spice_operator::engine::ConsoleRequest;
 use spice_operator::leader::{self, LeaseSettings};
 use spice_operator::{admin, crd};
 use tokio::sync::watch;
@@ -34,6 +37,46 @@ enum Command {
         log_json: bool,
         #[command(flatten)]
         lease: LeaseArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print the effective proxy of one VM, pool or cluster (JSON), as the engine API does.
+    Resolve {
+        #[command(flatten)]
+        place: Placement,
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Write a VM's console descriptor (.vv) with a fresh ticket, as the engine API does.
+    Console {
+        #[command(flatten)]
+        place: Placement,
+        #[arg(long)]
+        vm: String,
+        /// The hypervisor address of the VM's SPICE server.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        tls_port: Option<u16>,
+        /// File holding the SPICE password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// PEM file of the CA of the hypervisor's SPICE TLS certificate.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        #[arg(long)]
+        host_subject: Option<String>,
+        /// The user's "Enable SPICE Proxy" choice (honoured only when a proxy is configured).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        proxy_enabled: bool,
+        /// Ticket lifetime in seconds.
+        #[arg(long, default_value_t = 120)]
+        ttl: u64,
+        /// Where to write the .vv (default: stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
     /// Run the SPICE CONNECT proxy (what every SpiceProxy Deployment runs).
     Proxy {
@@ -88,6 +131,37 @@ struct LeaseArgs {
     lease_duration_seconds: u64,
 }
 
+/// Where a VM sits in a ClusterConsolePolicy.
+#[derive(clap::Args)]
+struct Placement {
+    /// The ClusterConsolePolicy's name.
+    #[arg(long)]
+    policy: String,
+    #[arg(long)]
+    cluster: String,
+    #[arg(long)]
+    pool: Option<String>,
+}
+
+/// The engine API (HTTPS, every replica serves it, leader or not).
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// Address of the engine API; "off" disables it.
+    #[arg(long, env = "SPICE_API_ADDR", default_value = "0.0.0.0:8443")]
+    api_addr: String,
+    /// Directory with tls.crt and tls.key (a mounted kubernetes.io/tls Secret). Default: a
+    /// certificate generated once into Secret --api-tls-secret, published in --api-ca-configmap.
+    #[arg(long, env = "SPICE_API_TLS_DIR")]
+    api_tls_dir: Option<PathBuf>,
+    #[arg(long, env = "SPICE_API_TLS_SECRET", default_value = "spice-operator-api-tls")]
+    api_tls_secret: String,
+    #[arg(long, env = "SPICE_API_CA_CONFIGMAP", default_value = "spice-operator-api-ca")]
+    api_ca_configmap: String,
+    /// DNS names of the generated certificate (comma-separated), e.g. the API Service's.
+    #[arg(long, env = "SPICE_API_DNS_NAMES", value_delimiter = ',')]
+    api_dns_names: Vec<String>,
+}
+
 impl LeaseArgs {
     fn settings(&self) -> Option<LeaseSettings> {
         self.leader_election.then(|| LeaseSettings {
@@ -131,9 +205,27 @@ async fn async_main() -> ExitCode {
             spice_operator::proxy::server::run_from_file(&config).await
         }
         Command::Ticket { target, ttl, key_file, subject } => mint_ticket(&target, ttl, &key_file, subject),
-        Command::Controller { proxy_image, admin_addr, log_json, lease } => {
+        Command::Controller { proxy_image, admin_addr, log_json, lease, api } => {
             init_tracing(log_json);
-            run_controller(Settings { proxy_image }, admin_addr, lease.settings()).await
+            let namespace = lease.lease_namespace.clone();
+            run_controller(Settings { proxy_image }, admin_addr, lease.settings(), api, namespace).await
+        }
+        Command::Resolve { place, vm } => cli_resolve(&place.policy, &place.cluster, place.pool.as_deref(), vm.as_deref()).await,
+        Command::Console { place: Placement { policy, cluster, pool }, vm, host, port, tls_port, password_file, ca_file, host_subject, proxy_enabled, ttl, output } => {
+            let read = |p: Option<PathBuf>| -> anyhow::Result<Option<String>> {
+                p.map(|p| std::fs::read_to_string(&p).map(|s| s.trim_end_matches('\n').to_string()).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display())))
+                    .transpose()
+            };
+            match (read(password_file), read(ca_file)) {
+                (Ok(password), Ok(ca)) => {
+                    let request = ConsoleRequest {
+                        policy, cluster, pool, vm, host, port, tls_port, password, ca,
+                        host_subject, proxy_enabled, title: None, ttl_seconds: Some(ttl),
+                    };
+                    cli_console(request, output).await
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            }
         }
     };
     match result {
@@ -182,9 +274,23 @@ fn crdgen(output: Option<PathBuf>, chart_template: Option<PathBuf>) -> anyhow::R
     }
 }
 
-async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>) -> anyhow::Result<()> {
+async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>, api: ApiArgs, namespace: String) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let client = counting_client(metrics.clone()).await?;
+    let engine_api = if api.api_addr == "off" {
+        tokio::spawn(futures::future::pending::<anyhow::Result<()>>())
+    } else {
+        let source = match api.api_tls_dir {
+            Some(dir) => CertSource::Files(dir),
+            None => CertSource::Generated { namespace, secret: api.api_tls_secret, ca_config_map: api.api_ca_configmap, dns_names: api.api_dns_names },
+        };
+        let (cert, key) = tls::load(&client, &source).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
+        let tcp = tokio::net::TcpListener::bind(&api.api_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (--api-addr): {e}", api.api_addr))?;
+        tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
+        let listener = tls::TlsListener::new(tcp, tls::server_config(&cert, &key)?)?;
+        let router = spice_operator::engine::api::router(client.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
+    };
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let encode = {
@@ -221,7 +327,38 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
     tokio::select! {
         res = reconcile => res,
         res = admin => res?.map_err(Into::into),
+        res = engine_api => res?,
     }
+}
+
+async fn cli_resolve(policy: &str, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("no Kubernetes configuration found (set KUBECONFIG): {e}"))?;
+    let r = Engine { client }.resolve(policy, cluster, pool, vm).await?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+/// The CLI runs with the caller's own credentials: RBAC on the policy, the SpiceProxy and its
+/// key Secret applies directly. The audit line names the caller (SelfSubjectReview).
+async fn cli_console(request: ConsoleRequest, output: Option<PathBuf>) -> anyhow::Result<()> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("no Kubernetes configuration found (set KUBECONFIG): {e}"))?;
+    let me = kube::Api::<SelfSubjectReview>::all(client.clone())
+        .create(&Default::default(), &SelfSubjectReview::default())
+        .await
+        .ok()
+        .and_then(|r| r.status?.user_info?.username)
+        .unwrap_or_else(|| "cli".into());
+    let prepared = Engine { client }.prepare(request).await?;
+    let console = Engine::issue(prepared, &me);
+    match output {
+        Some(path) => std::fs::write(&path, &console.vv).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+        None => print!("{}", console.vv),
+    }
+    if let Some(url) = console.html5_url {
+        eprintln!("browser console: {url}");
+    }
+    Ok(())
 }
 
 /// A client that counts every request it sends, for `/metrics` and the scale benchmark.

@@ -1,0 +1,220 @@
+//! The engine operations against the cluster: read the policy and the SpiceProxies it names,
+//! resolve one VM, and issue a console (checked against the proxy's allow-list, with a ticket
+//! signed by the proxy's own key). Shared by the HTTPS API and the CLI.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client, ResourceExt};
+use serde::Serialize;
+
+use super::{ConsoleRequest, DEFAULT_TICKET_TTL, LookupError, VmResolution, proxy_with_ticket, resolve_vm, use_proxy, validate_request, vv_file};
+use crate::controller::spice_proxy::{key_secret_name, proxy_config};
+use crate::crd::{AuthMode, ClusterConsolePolicy, SpiceProxy, SpiceProxyRef};
+use crate::proxy::allow::AllowList;
+use crate::proxy::ticket;
+
+#[derive(thiserror::Error, Debug)]
+pub enum EngineError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl EngineError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            EngineError::BadRequest(_) => 400,
+            EngineError::NotFound(_) => 404,
+            EngineError::Unavailable(_) => 503,
+            EngineError::Kube(kube::Error::Api(e)) if e.code == 403 => 502,
+            EngineError::Kube(_) => 502,
+        }
+    }
+}
+
+impl From<LookupError> for EngineError {
+    fn from(e: LookupError) -> Self {
+        EngineError::NotFound(e.to_string())
+    }
+}
+
+/// A resolved console request, before the ticket is minted (the API authorises in between).
+pub struct Prepared {
+    pub request: ConsoleRequest,
+    pub resolution: VmResolution,
+    /// Set when the console goes through a SpiceProxy that wants a ticket.
+    pub ticket_for: Option<(SpiceProxyRef, Vec<u8>)>,
+    /// The `proxy=` value when no ticket is needed (literal URL, or auth mode None).
+    pub plain_proxy: Option<String>,
+}
+
+/// What the engine hands the user.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Console {
+    pub vv: String,
+    pub html5_url: Option<String>,
+    pub resolution: VmResolution,
+    /// Unix time the ticket stops opening new sessions; null without a ticket.
+    pub ticket_expires: Option<u64>,
+}
+
+pub struct Engine {
+    pub client: Client,
+}
+
+impl Engine {
+    async fn policy(&self, name: &str) -> Result<ClusterConsolePolicy, EngineError> {
+        Api::<ClusterConsolePolicy>::all(self.client.clone())
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("policy {name:?} does not exist")))
+    }
+
+    /// Every SpiceProxy the policy names, fetched once.
+    async fn proxies(&self, policy: &ClusterConsolePolicy) -> Result<HashMap<SpiceProxyRef, SpiceProxy>, EngineError> {
+        let mut out = HashMap::new();
+        for r in policy.spec.proxy_refs() {
+            if out.contains_key(r) {
+                continue;
+            }
+            if let Some(p) = Api::<SpiceProxy>::namespaced(self.client.clone(), &r.namespace).get_opt(&r.name).await? {
+                out.insert(r.clone(), p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn resolve_with(&self, policy: &ClusterConsolePolicy, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> Result<(VmResolution, HashMap<SpiceProxyRef, SpiceProxy>), EngineError> {
+        let proxies = self.proxies(policy).await?;
+        let lookup = |r: &SpiceProxyRef| -> Result<String, String> {
+            match proxies.get(r) {
+                None => Err("does not exist".into()),
+                Some(p) => p.ready_url().map(str::to_string),
+            }
+        };
+        let resolution = resolve_vm(&policy.name_any(), &policy.spec, &lookup, cluster, pool, vm)?;
+        Ok((resolution, proxies))
+    }
+
+    /// The effective proxy of one VM (or pool, or cluster).
+    pub async fn resolve(&self, policy: &str, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> Result<VmResolution, EngineError> {
+        let policy = self.policy(policy).await?;
+        Ok(self.resolve_with(&policy, cluster, pool, vm).await?.0)
+    }
+
+    /// Validates, resolves and checks a console request; mints nothing yet.
+    pub async fn prepare(&self, request: ConsoleRequest) -> Result<Prepared, EngineError> {
+        validate_request(&request).map_err(EngineError::BadRequest)?;
+        let policy = self.policy(&request.policy).await?;
+        let (resolution, proxies) = self.resolve_with(&policy, &request.cluster, request.pool.as_deref(), Some(&request.vm)).await?;
+        if let Some(why) = &resolution.error {
+            // Never fall back to another level or to a direct connection.
+            return Err(EngineError::Unavailable(format!("the proxy for this VM cannot be used: {why}")));
+        }
+        let mut prepared = Prepared { request, resolution, ticket_for: None, plain_proxy: None };
+        if !use_proxy(&prepared.resolution, prepared.request.proxy_enabled) {
+            return Ok(prepared);
+        }
+        let url = prepared.resolution.proxy_url.clone().expect("a configured proxy has a URL");
+        let Some(reference) = prepared.resolution.spice_proxy.clone() else {
+            prepared.plain_proxy = Some(url); // a proxy this operator does not run
+            return Ok(prepared);
+        };
+        let spx = proxies.get(&reference).expect("resolved through this map");
+        check_allowed(&prepared.request, spx).await?;
+        match spx.spec.auth.mode {
+            AuthMode::None => prepared.plain_proxy = Some(url),
+            AuthMode::Basic => {
+                return Err(EngineError::BadRequest(format!(
+                    "SpiceProxy {}/{} uses Basic authentication, whose shared password must not be handed to users; use auth mode Ticket",
+                    reference.namespace, reference.name
+                )));
+            }
+            AuthMode::Ticket => {
+                let secret = Api::<Secret>::namespaced(self.client.clone(), &reference.namespace).get_opt(&key_secret_name(&reference.name)).await?;
+                let key = secret
+                    .and_then(|s| s.data)
+                    .and_then(|d| d.get("current").map(|k| k.0.clone()))
+                    .ok_or_else(|| EngineError::Unavailable(format!("SpiceProxy {}/{} has no ticket key yet", reference.namespace, reference.name)))?;
+                prepared.ticket_for = Some((reference, key));
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Mints the ticket (if any) and writes the `.vv`; one audit line per ticket.
+    pub fn issue(prepared: Prepared, caller: &str) -> Console {
+        let Prepared { request, resolution, ticket_for, plain_proxy } = prepared;
+        let mut ticket_expires = None;
+        let proxy = match (&ticket_for, plain_proxy) {
+            (Some((reference, key)), _) => {
+                let ttl = request.ttl_seconds.unwrap_or(DEFAULT_TICKET_TTL);
+                let ports: Vec<u16> = [request.port, request.tls_port].into_iter().flatten().collect();
+                let expires = ticket::now() + ttl;
+                let claims = ticket::Claims { host: request.host.to_ascii_lowercase(), ports: ports.clone(), expires, subject: format!("{caller} vm={}", request.vm) };
+                let token = ticket::mint(key, &claims);
+                ticket_expires = Some(expires);
+                audit(caller, &request, reference, &ports, expires);
+                Some(proxy_with_ticket(resolution.proxy_url.as_deref().unwrap_or_default(), &token))
+            }
+            (None, plain) => plain,
+        };
+        Console { vv: vv_file(&request, proxy.as_deref()), html5_url: resolution.html5_url.clone(), resolution, ticket_expires }
+    }
+}
+
+/// One JSON line on stdout per issued ticket: who, which VM, which target, until when.
+/// Never the ticket itself.
+fn audit(caller: &str, r: &ConsoleRequest, spx: &SpiceProxyRef, ports: &[u16], expires: u64) {
+    let line = serde_json::json!({
+        "event": "ticketIssued",
+        "time": ticket::now(),
+        "caller": caller,
+        "policy": r.policy,
+        "cluster": r.cluster,
+        "pool": r.pool,
+        "vm": r.vm,
+        "target": format!("{}:{}", r.host, ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")),
+        "spiceProxy": format!("{}/{}", spx.namespace, spx.name),
+        "expires": expires,
+    });
+    println!("{line}");
+}
+
+/// The console endpoint must be on the proxy's allow-list, so no ticket is issued that the
+/// proxy would refuse later. Names are resolved the way the proxy resolves them.
+async fn check_allowed(r: &ConsoleRequest, spx: &SpiceProxy) -> Result<(), EngineError> {
+    let allow = AllowList::new(proxy_config(&spx.spec).allowed_targets);
+    let addresses: Vec<IpAddr> = match r.host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((r.host.as_str(), 0))).await {
+            Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+            _ => return Err(EngineError::BadRequest(format!("host {:?} does not resolve", r.host))),
+        },
+    };
+    let rules: Vec<String> = spx.spec.allowed_targets.iter().map(|t| {
+        let ports: Vec<String> = t.ports.iter().map(|p| match p.to { Some(to) if to != p.from => format!("{}-{to}", p.from), _ => p.from.to_string() }).collect();
+        format!("{} ports {}", t.cidr, ports.join(","))
+    }).collect();
+    for port in [r.port, r.tls_port].into_iter().flatten() {
+        if !addresses.iter().any(|ip| allow.permits(*ip, port)) {
+            return Err(EngineError::BadRequest(format!(
+                "console endpoint {}:{port} is outside the allow-list of SpiceProxy {}/{} ({}); the proxy would refuse it",
+                r.host,
+                spx.namespace().unwrap_or_default(),
+                spx.name_any(),
+                rules.join("; ")
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The engine API's certificate: from a mounted Secret (`tls.crt`, `tls.key`), or generated
+//! once, stored in a Secret every replica loads, and its certificate published in a ConfigMap
+//! (`ca.crt`) so engines can pin it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::labels;
+
+#[derive(Clone, Debug)]
+pub enum CertSource {
+    /// A directory holding `tls.crt` and `tls.key` (a mounted kubernetes.io/tls Secret).
+    Files(PathBuf),
+    /// Generate once into Secret `secret` of `namespace`; publish `ca.crt` in ConfigMap `ca_config_map`.
+    Generated { namespace: String, secret: String, ca_config_map: String, dns_names: Vec<String> },
+}
+
+/// Certificate chain and key PEM.
+pub async fn load(client: &Client, source: &CertSource) -> anyhow::Result<(String, String)> {
+    match source {
+        CertSource::Files(dir) => {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()));
+            Ok((read("tls.crt")?, read("tls.key")?))
+        }
+        CertSource::Generated { namespace, secret, ca_config_map, dns_names } => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            let stored = match secrets.get_opt(secret).await? {
+                Some(s) => s,
+                None => {
+                    let mut names = dns_names.clone();
+                    names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+                    let key = rcgen::KeyPair::generate()?;
+                    let mut params = rcgen::CertificateParams::new(names)?;
+                    params.distinguished_name.push(rcgen::DnType::CommonName, "spice-operator engine API");
+                    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+                    let cert = params.self_signed(&key)?;
+                    let new = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(secret.clone()),
+                            labels: Some(BTreeMap::from([(labels::MANAGED_BY.into(), labels::FIELD_MANAGER.into())])),
+                            ..Default::default()
+                        },
+                        type_: Some("kubernetes.io/tls".into()),
+                        string_data: Some(BTreeMap::from([("tls.crt".into(), cert.pem()), ("tls.key".into(), key.serialize_pem())])),
+                        ..Default::default()
+                    };
+                    match secrets.create(&PostParams::default(), &new).await {
+                        Ok(s) => s,
+                        // Another replica generated it first: use that one.
+                        Err(kube::Error::Api(e)) if e.code == 409 => secrets.get(secret).await?,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            let data = stored.data.unwrap_or_default();
+            let field = |k: &str| {
+                data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned()).with_context(|| format!("Secret {namespace}/{secret} has no {k}"))
+            };
+            let (cert, key) = (field("tls.crt")?, field("tls.key")?);
+            let cm = ConfigMap {
+                metadata: ObjectMeta { name: Some(ca_config_map.clone()), ..Default::default() },
+                data: Some(BTreeMap::from([("ca.crt".into(), cert.clone())])),
+                ..Default::default()
+            };
+            Api::<ConfigMap>::namespaced(client.clone(), namespace)
+                .patch(ca_config_map, &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&cm))
+                .await
+                .with_context(|| format!("cannot publish the engine API certificate in ConfigMap {namespace}/{ca_config_map}"))?;
+            Ok((cert, key))
+        }
+    }
+}
+
+pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().context("bad certificate PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("bad private key PEM")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS listener for `axum::serve`: handshakes run in their own tasks (bounded by a
+/// timeout), so a slow or silent client never holds up the others.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<tokio::net::TcpStream>, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = mpsc::channel(64);
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = tcp.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(Ok(tls)) = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
