@@ -37,4 +37,4 @@ export SPICE_TEST_OPERATOR_KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig"
 echo "== integration tests"
 # Test binaries run one after another; tests inside one binary run in parallel, each in its own
 # namespace. rbac and leader run operators of their own, so they are separate binaries.
-cargo test --test spiceproxy --test policy --test restart --test e2e --test rbac --test leader
+cargo test --test spiceproxy --test policy --test restart --test e2e --test engine --test rbac --test leader

@@ -1,0 +1,289 @@
+//! The engine API against the local control plane, with the operator binary running as the
+//! chart's ServiceAccount: who may get a console (401/403 with a reason), what a bad request
+//! gets (404 naming the unknown cluster or pool, 400 for a target outside the allow-list),
+//! oVirt's checkbox semantics, one audit line per ticket — and end to end, the issued `.vv`
+//! opened by remote-viewer reaches a real qemu SPICE server through the proxy, and fails with
+//! a 407 from the proxy once its ticket has expired.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::spice::{Display, active_tunnels, artifact, qemu, unique_colours};
+use common::*;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use spice_operator::crd::{ClusterConsolePolicy, SpiceProxy};
+
+const T: Duration = Duration::from_secs(60);
+/// The ClusterRole the chart ships for engines (release `spice-operator`, hack/test.sh).
+const ISSUER_ROLE: &str = "spice-operator-console-issuer";
+
+/// An HTTPS response as curl saw it.
+struct Reply {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+struct EngineApi {
+    port: u16,
+    ca: PathBuf,
+    _operator: OperatorProcess,
+}
+
+impl EngineApi {
+    async fn start(client: &Client) -> EngineApi {
+        let port = free_port();
+        let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
+        let operator = OperatorProcess::spawn(&format!("engine-{port}"), &kubeconfig, &["--lease-name", "spice-operator-leader", "--api-addr", &format!("127.0.0.1:{port}")]);
+        // The generated certificate is published for engines to trust.
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+        let cm = wait_for(&cms, "spice-operator-api-ca", Duration::from_secs(30), |c| c.data.clone()).await;
+        let ca = artifact(&format!("engine-api-ca-{port}.crt"));
+        std::fs::write(&ca, &cm["ca.crt"]).unwrap();
+        let api = EngineApi { port, ca, _operator: operator };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.call("GET", "/healthz", None, None).map(|r| r.status) != Some(200) {
+            assert!(Instant::now() < deadline, "engine API did not answer over TLS:\n{}", api._operator.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        api
+    }
+
+    /// curl, verifying the certificate against the published CA (so TLS is real).
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Option<Reply> {
+        let out_file = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "--max-time", "30", "-X", method, "--cacert"]).arg(&self.ca);
+        cmd.args(["-o"]).arg(out_file.path()).args(["-w", "%{http_code} %{content_type}"]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data", &b.to_string()]);
+        }
+        cmd.arg(format!("https://localhost:{}{path}", self.port));
+        let out = cmd.output().expect("curl");
+        let meta = String::from_utf8_lossy(&out.stdout).to_string();
+        let (code, ct) = meta.split_once(' ').unwrap_or((&meta, ""));
+        let status: u16 = code.parse().ok().filter(|c| *c != 0)?;
+        Some(Reply { status, content_type: ct.to_string(), body: std::fs::read_to_string(out_file.path()).unwrap_or_default() })
+    }
+
+    fn console(&self, token: &str, body: &Value) -> Reply {
+        self.call("POST", "/v1/console", Some(token), Some(body)).expect("engine API answers")
+    }
+}
+
+async fn service_account_token(client: &Client, ns: &str, name: &str, issuer: bool) -> String {
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns).create(&PostParams::default(), &sa).await.unwrap();
+    if issuer {
+        // `kubectl create clusterrolebinding ... --clusterrole=spice-operator-console-issuer --serviceaccount=ns:name`
+        let out = Command::new("kubectl")
+            .args(["create", "clusterrolebinding", &format!("{ns}-{name}"), "--clusterrole", ISSUER_ROLE, "--serviceaccount", &format!("{ns}:{name}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new("kubectl").args(["-n", ns, "create", "token", name]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+struct Setup {
+    ns: TestNamespace,
+    policy: String,
+    spice_port: u16,
+    proxy_port: u16,
+}
+
+/// A SpiceProxy whose clients reach a proxy process on `proxy_port` (run from the generated
+/// config), allowing only `spice_port` on 127.0.0.1; a policy with a cluster whose pool
+/// `desktops` inherits it, a `direct` pool and an opted-out VM.
+async fn setup(client: &Client, prefix: &str, spice_port: u16) -> Setup {
+    let ns = TestNamespace::new(client, prefix).await;
+    let proxy_port = free_port();
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let p = spx(&format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: 127.0.0.1, port: {proxy_port}}}\n  allowedTargets: [{{cidr: 127.0.0.1/32, ports: [{{from: {spice_port}}}]}}]\n",
+        ns.name
+    ));
+    spx_api.create(&PostParams::default(), &p).await.unwrap();
+    wait_for(&spx_api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
+    let policy = format!("{}-engine", ns.name);
+    let ccp: ClusterConsolePolicy = serde_yaml::from_str(&format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {policy}}}\nspec:\n  clusters:\n  - name: prod\n    proxy: {{spiceProxyRef: {{name: edge, namespace: {}}}}}\n    pools: [{{name: desktops}}, {{name: kiosks, proxy: {{direct: true}}}}]\n  vmOptOuts: [{{name: private-vm, cluster: prod}}]\n",
+        ns.name
+    ))
+    .unwrap();
+    Api::<ClusterConsolePolicy>::all(client.clone()).create(&PostParams::default(), &ccp).await.unwrap();
+    Setup { ns, policy, spice_port, proxy_port }
+}
+
+async fn teardown(client: &Client, s: &Setup) {
+    let _ = Api::<ClusterConsolePolicy>::all(client.clone()).delete(&s.policy, &DeleteParams::default()).await;
+    let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&format!("{}-engine", s.ns.name), &DeleteParams::default()).await;
+}
+
+fn console_body(s: &Setup, pool: &str, vm: &str, host: &str) -> Value {
+    json!({"policy": s.policy, "cluster": "prod", "pool": pool, "vm": vm, "host": host, "port": s.spice_port, "password": "s3cret"})
+}
+
+fn proxy_line(vv: &str) -> Option<&str> {
+    vv.lines().find_map(|l| l.strip_prefix("proxy="))
+}
+
+#[tokio::test]
+async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
+    let client = client().await;
+    let api = EngineApi::start(&client).await;
+    let s = setup(&client, "engine-api", 5930).await;
+    let ok = service_account_token(&client, &s.ns.name, "engine", true).await;
+    let stranger = service_account_token(&client, &s.ns.name, "stranger", false).await;
+    let body = console_body(&s, "desktops", "vm1", "127.0.0.1");
+
+    // Authentication and authorisation, each with a reason.
+    let r = api.call("POST", "/v1/console", None, Some(&body)).unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("no bearer token"), "{}", r.body);
+    let r = api.console("not-a-token", &body);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = api.console(&stranger, &body);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains(&format!("system:serviceaccount:{}:stranger may not get clusterconsolepolicies", s.ns.name)), "{}", r.body);
+
+    // An authorised engine gets a .vv with a fresh ticket for exactly this target.
+    let r = api.console(&ok, &body);
+    assert_eq!((r.status, r.content_type.as_str()), (200, "application/x-virt-viewer"), "{}", r.body);
+    let line = proxy_line(&r.body).expect("a proxy= line");
+    assert!(line.starts_with("http://console:v1.") && line.ends_with(&format!("@127.0.0.1:{}", s.proxy_port)), "{}", r.body);
+    assert!(r.body.contains("\ndelete-this-file=1\n") && r.body.contains("\npassword=s3cret\n"), "{}", r.body);
+
+    // Unknown names: 404 with the name.
+    let mut bad = body.clone();
+    bad["cluster"] = "staging".into();
+    let r = api.console(&ok, &bad);
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("cluster \\\"staging\\\" is not in policy"), "{}", r.body);
+    let mut bad = body.clone();
+    bad["pool"] = "labs".into();
+    let r = api.console(&ok, &bad);
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("pool \\\"labs\\\" is not in cluster \\\"prod\\\""), "{}", r.body);
+    let r = api.call("GET", "/v1/resolve?policy=nope&cluster=prod", Some(&ok), None).unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("policy \\\"nope\\\" does not exist"), "{}", r.body);
+
+    // A console endpoint the proxy would refuse gets no ticket: 400 with the reason.
+    let r = api.console(&ok, &console_body(&s, "desktops", "vm1", "10.1.2.3"));
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("10.1.2.3:5930 is outside the allow-list of SpiceProxy") && r.body.contains("127.0.0.1/32 ports 5930"), "{}", r.body);
+    let mut other_port = body.clone();
+    other_port["tlsPort"] = 5931.into();
+    assert_eq!(api.console(&ok, &other_port).status, 400);
+    // Malformed input: 400 saying what is wrong, nothing minted.
+    let mut bad = body.clone();
+    bad["password"] = "x\nproxy=http://evil:1".into();
+    let r = api.console(&ok, &bad);
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("password contains control characters"), "{}", r.body);
+    let r = api.console(&ok, &json!({"policy": s.policy}));
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // oVirt's checkbox: with a proxy configured the user's choice is honoured...
+    let res: Value = serde_json::from_str(&api.call("GET", &format!("/v1/resolve?policy={}&cluster=prod&pool=desktops&vm=vm1", s.policy), Some(&ok), None).unwrap().body).unwrap();
+    assert_eq!(res["proxyConfigured"], true);
+    assert_eq!(res["source"], "Cluster");
+    let mut unticked = body.clone();
+    unticked["proxyEnabled"] = false.into();
+    let r = api.console(&ok, &unticked);
+    assert_eq!(r.status, 200);
+    assert_eq!(proxy_line(&r.body), None, "{}", r.body);
+    // ...without one, proxyConfigured is false and the choice is ignored.
+    let res: Value = serde_json::from_str(&api.call("GET", &format!("/v1/resolve?policy={}&cluster=prod&pool=kiosks", s.policy), Some(&ok), None).unwrap().body).unwrap();
+    assert_eq!((res["proxyConfigured"].clone(), res["proxyUrl"].clone(), res["source"].clone()), (json!(false), Value::Null, json!("Pool")));
+    let r = api.console(&ok, &console_body(&s, "kiosks", "vm2", "10.1.2.3"));
+    assert_eq!(r.status, 200);
+    assert_eq!(proxy_line(&r.body), None);
+    // An opted-out VM never gets a proxy.
+    let res: Value = serde_json::from_str(&api.call("GET", &format!("/v1/resolve?policy={}&cluster=prod&pool=desktops&vm=private-vm", s.policy), Some(&ok), None).unwrap().body).unwrap();
+    assert_eq!((res["source"].clone(), res["proxyConfigured"].clone()), (json!("VM"), json!(false)));
+    assert_eq!(proxy_line(&api.console(&ok, &console_body(&s, "desktops", "private-vm", "127.0.0.1")).body), None);
+
+    // One audit line per ticket (here: the first console only), never the ticket.
+    let ticket = line.split(':').nth(2).unwrap().split('@').next().unwrap().to_string();
+    let log = api._operator.log_text();
+    let issued: Vec<Value> = log.lines().filter(|l| l.contains("\"ticketIssued\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mine: Vec<&Value> = issued.iter().filter(|v| v["policy"] == json!(s.policy)).collect();
+    assert_eq!(mine.len(), 1, "{issued:?}");
+    assert_eq!(mine[0]["caller"], json!(format!("system:serviceaccount:{}:engine", s.ns.name)));
+    assert_eq!((mine[0]["vm"].clone(), mine[0]["target"].clone()), (json!("vm1"), json!("127.0.0.1:5930")));
+    assert!(mine[0]["expires"].as_u64().unwrap() > 0);
+    assert!(!log.contains(&ticket), "the ticket must never be logged");
+    teardown(&client, &s).await;
+}
+
+#[tokio::test]
+async fn issued_vv_opens_in_remote_viewer_through_the_proxy_and_expires() {
+    let client = client().await;
+    let (_qemu, spice_port) = qemu();
+    let api = EngineApi::start(&client).await;
+    let s = setup(&client, "engine-vv", spice_port).await;
+    let token = service_account_token(&client, &s.ns.name, "engine", true).await;
+    let (_proxy, admin, audit, _dir) = generated_proxy(&client, &s.ns.name, "edge", s.proxy_port).await;
+    let display = Display::start(1);
+    let blank = artifact("engine-blank.png");
+    display.screenshot(&blank);
+
+    // A fresh console: remote-viewer reaches the VM through the proxy with the ticket.
+    let r = api.console(&token, &json!({"policy": s.policy, "cluster": "prod", "pool": "desktops", "vm": "vm-e2e", "host": "127.0.0.1", "port": spice_port}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let vv = write_vv(&r.body, "fresh");
+    let viewer = display.remote_viewer(&vv);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while active_tunnels(admin) < 2 {
+        assert!(Instant::now() < deadline, "remote-viewer opened no channels through the proxy");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    let shot = artifact("engine-remote-viewer.png");
+    display.screenshot(&shot);
+    let (before, after) = (unique_colours(&blank), unique_colours(&shot));
+    assert!(before <= 2 && after > 16, "the VM screen did not show: {before} colours before, {after} after ({})", shot.display());
+    drop(viewer);
+    while let Ok(line) = audit.recv_timeout(Duration::from_secs(3)) {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["outcome"], "ok", "{line}");
+        assert!(v["subject"].as_str().unwrap().contains("vm=vm-e2e"), "{line}");
+    }
+
+    // The same kind of file once its ticket has expired: the proxy refuses it with 407.
+    let r = api.console(&token, &json!({"policy": s.policy, "cluster": "prod", "pool": "desktops", "vm": "vm-e2e", "host": "127.0.0.1", "port": spice_port, "ttlSeconds": 1}));
+    assert_eq!(r.status, 200);
+    std::thread::sleep(Duration::from_millis(2100));
+    let vv = write_vv(&r.body, "expired");
+    let _viewer = display.remote_viewer(&vv);
+    let line = audit.recv_timeout(Duration::from_secs(30)).expect("the proxy logged the refused attempt");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((v["outcome"].as_str(), v["close"].as_str()), (Some("407"), Some("407 ticket expired")), "{line}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(active_tunnels(admin), 0, "an expired ticket opened a tunnel");
+
+    // Unticked checkbox: no proxy= line, the console goes direct.
+    let r = api.console(&token, &json!({"policy": s.policy, "cluster": "prod", "pool": "desktops", "vm": "vm-e2e", "host": "127.0.0.1", "port": spice_port, "proxyEnabled": false}));
+    assert_eq!(proxy_line(&r.body), None, "{}", r.body);
+    teardown(&client, &s).await;
+}
+
+fn write_vv(body: &str, name: &str) -> PathBuf {
+    let path = artifact(&format!("engine-{name}-{}.vv", std::process::id()));
+    std::fs::write(&path, body).unwrap();
+    assert!(Path::new(&path).exists());
+    path
+}
