@@ -198,6 +198,8 @@ impl OperatorProcess {
             .args(["controller", "--admin-addr", &format!("127.0.0.1:{admin_port}"), "--lease-identity", identity])
             .args(["--lease-namespace", RELEASE_NAMESPACE, "--proxy-image", TEST_IMAGE])
             .args(extra)
+            // Each process its own engine API port, so several can run side by side.
+            .args(if extra.contains(&"--api-addr") { vec![] } else { vec!["--api-addr".to_string(), format!("127.0.0.1:{}", free_port())] })
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,spice_operator=debug,kube_lease_manager=debug")
             .stdout(std::fs::File::create(&log).unwrap())
