@@ -36,6 +36,7 @@ fn base_config(dir: &std::path::Path) -> ProxyConfig {
         basic_dir: None,
         limits: ProxyLimits::default(),
         data_path: DataPath::Splice,
+        html5: None,
     }
 }
 

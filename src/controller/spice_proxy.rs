@@ -245,6 +245,7 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         basic_dir: spec.auth.credentials_secret.as_ref().map(|_| pc::BASIC_DIR.into()),
         limits: spec.limits.clone(),
         data_path: Default::default(),
+        html5: None,
     }
 }
 

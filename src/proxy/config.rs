@@ -28,6 +28,28 @@ pub struct ProxyConfig {
     pub limits: ProxyLimits,
     #[serde(default)]
     pub data_path: DataPath,
+    /// The browser path (spice-html5 pages + WebSocket bridge); absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html5: Option<Html5Config>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Html5Config {
+    pub listen: String,
+    /// Where the spice-html5 client files are (the image ships Debian's package there).
+    #[serde(default = "default_html5_dir")]
+    pub static_dir: String,
+    /// Origins, besides the console page's own, whose pages may open the WebSocket.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+pub const HTML5_DIR: &str = "/usr/share/spice-html5";
+pub const HTML5_PORT: u16 = 6082;
+
+fn default_html5_dir() -> String {
+    HTML5_DIR.into()
 }
 
 /// One allow-list entry: CIDR and inclusive port ranges.

@@ -7,3 +7,4 @@ pub mod metrics;
 pub mod server;
 pub mod ticket;
 pub mod tunnel;
+pub mod websocket;

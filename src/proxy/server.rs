@@ -90,11 +90,11 @@ fn read_credentials(cfg: &ProxyConfig) -> anyhow::Result<Credentials> {
 }
 
 pub struct Shared {
-    cfg: ProxyConfig,
+    pub(crate) cfg: ProxyConfig,
     allow: AllowList,
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
-    tunnels: Arc<Semaphore>,
+    pub(crate) tunnels: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, u32>>,
 }
 
@@ -102,26 +102,33 @@ pub struct Shared {
 /// the tunnel: idle tunnels should cost as little memory as possible. Never holds a token.
 #[derive(serde::Serialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct Audit {
-    event: &'static str,
-    client: Option<SocketAddr>,
+pub(crate) struct Audit {
+    pub(crate) event: &'static str,
+    pub(crate) client: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    target: Option<String>,
+    pub(crate) target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    subject: Option<String>,
+    pub(crate) subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    upstream: Option<SocketAddr>,
+    pub(crate) upstream: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    bytes_up: Option<u64>,
+    pub(crate) bytes_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    bytes_down: Option<u64>,
+    pub(crate) bytes_down: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    bytes_early: Option<usize>,
-    outcome: &'static str,
-    close: String,
-    duration_ms: u64,
+    pub(crate) bytes_early: Option<usize>,
+    pub(crate) outcome: &'static str,
+    pub(crate) close: String,
+    pub(crate) duration_ms: u64,
+}
+
+impl Audit {
+    /// One structured line on stdout; the token is never part of it.
+    pub(crate) fn emit(&self) {
+        println!("{}", serde_json::to_string(self).expect("audit lines serialise"));
+    }
 }
 
 /// Who a tunnel was authorised for, for the audit line (never the token itself).
@@ -157,13 +164,13 @@ impl Shared {
     }
 
     /// Resolves the target and keeps only the addresses the allow-list permits.
-    async fn allowed_addresses(&self, req: &head::Request) -> Result<Vec<SocketAddr>, Refusal> {
-        let resolved: Vec<SocketAddr> = match req.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, req.port)],
-            Err(_) => match tokio::time::timeout(self.connect_timeout(), tokio::net::lookup_host((req.host.as_str(), req.port))).await {
+    pub(crate) async fn allowed_addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
+        let resolved: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => match tokio::time::timeout(self.connect_timeout(), tokio::net::lookup_host((host, port))).await {
                 Ok(Ok(addrs)) => addrs.collect(),
-                Ok(Err(e)) => return Err(refuse(502, format!("cannot resolve {}: {e}", req.host))),
-                Err(_) => return Err(refuse(504, format!("resolving {} timed out", req.host))),
+                Ok(Err(e)) => return Err(refuse(502, format!("cannot resolve {host}: {e}"))),
+                Err(_) => return Err(refuse(504, format!("resolving {host} timed out"))),
             },
         };
         let allowed: Vec<SocketAddr> = resolved
@@ -173,16 +180,21 @@ impl Shared {
             .collect();
         if allowed.is_empty() {
             let shown: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
-            return Err(refuse(403, format!("target {}:{} ({}) is not on the allow-list", req.host, req.port, shown.join(", "))));
+            return Err(refuse(403, format!("target {host}:{port} ({}) is not on the allow-list", shown.join(", "))));
         }
         Ok(allowed)
+    }
+
+    /// Ticket keys (current first), as last read from the key Secret.
+    pub(crate) fn ticket_keys(&self) -> Vec<Vec<u8>> {
+        self.creds.read().expect("credentials lock").keys.clone()
     }
 
     fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.cfg.limits.connect_timeout_seconds.max(1) as u64)
     }
 
-    async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
+    pub(crate) async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
         let mut last = refuse(502, "no address to connect to");
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
@@ -197,7 +209,7 @@ impl Shared {
 }
 
 /// A place in the per-client count, given back on drop.
-struct ClientSlot<'a> {
+pub(crate) struct ClientSlot<'a> {
     shared: &'a Shared,
     ip: IpAddr,
 }
@@ -223,6 +235,26 @@ impl Drop for ClientSlot<'_> {
                 map.remove(&self.ip);
             }
         }
+    }
+}
+
+/// The same, owned, for a bridge task that outlives the request handler.
+pub(crate) struct OwnedClientSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ClientSlot<'_> {
+    pub(crate) fn take_owned(shared: &Arc<Shared>, ip: IpAddr) -> Option<OwnedClientSlot> {
+        let slot = ClientSlot::take(shared, ip)?;
+        std::mem::forget(slot); // the count is now held by the owned slot
+        Some(OwnedClientSlot { shared: shared.clone(), ip })
+    }
+}
+
+impl Drop for OwnedClientSlot {
+    fn drop(&mut self) {
+        drop(ClientSlot { shared: &self.shared, ip: self.ip });
     }
 }
 
@@ -260,6 +292,8 @@ pub struct ProxyServer {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: TcpListener,
+    /// The browser path (page server + WebSocket bridge), when configured.
+    html5: Option<TcpListener>,
 }
 
 impl ProxyServer {
@@ -267,6 +301,15 @@ impl ProxyServer {
         let creds = read_credentials(&cfg)?;
         let listener = TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
+        let html5 = match &cfg.html5 {
+            Some(h) => {
+                if cfg.auth_mode != AuthMode::Ticket {
+                    anyhow::bail!("the browser path needs auth mode Ticket: its token names the target");
+                }
+                Some(TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
             tunnels: Arc::new(Semaphore::new(cfg.limits.max_tunnels.max(1) as usize)),
@@ -275,7 +318,7 @@ impl ProxyServer {
             per_client: Mutex::new(HashMap::new()),
             cfg,
         });
-        Ok(Self { shared, listener, admin })
+        Ok(Self { shared, listener, admin, html5 })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -284,11 +327,14 @@ impl ProxyServer {
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().expect("bound listener")
     }
+    pub fn html5_addr(&self) -> Option<SocketAddr> {
+        self.html5.as_ref().map(|l| l.local_addr().expect("bound listener"))
+    }
 
     /// Serves until `shutdown` flips to true, then drains: stops accepting, fails readiness,
     /// lets open tunnels finish until the drain deadline, then closes what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let ProxyServer { shared, listener, admin } = self;
+        let ProxyServer { shared, listener, admin, html5 } = self;
         let (ready_tx, ready_rx) = watch::channel(true);
         let encode = {
             let s = shared.clone();
@@ -298,6 +344,13 @@ impl ProxyServer {
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let tracker = tokio_util_tracker::Tracker::default();
+        let html5_task = html5.map(|l| {
+            let mut stop = shutdown.clone();
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::spawn(super::websocket::serve(shared.clone(), l, tracker.clone(), cancel_rx.clone(), stopped))
+        });
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
@@ -314,6 +367,10 @@ impl ProxyServer {
         }
         drop(listener);
         let _ = ready_tx.send(false);
+        if let Some(t) = html5_task {
+            // Stops accepting at once (the bridges already open are tracked below).
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         let deadline = Duration::from_secs(shared.cfg.limits.drain_seconds.max(0) as u64);
         tracing::info!(open = tracker.len(), ?deadline, "draining");
         if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
@@ -339,6 +396,8 @@ async fn reload_credentials(shared: Arc<Shared>) {
 }
 
 /// Counts spawned tunnel tasks so a drain can wait for them.
+pub(crate) use tokio_util_tracker::Tracker;
+
 mod tokio_util_tracker {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -391,11 +450,10 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
     audit.outcome = label;
     audit.close = close;
     audit.duration_ms = started.elapsed().as_millis() as u64;
-    // One structured line per tunnel on stdout; the token is never part of it.
-    println!("{}", serde_json::to_string(&audit).expect("audit lines serialise"));
+    audit.emit();
 }
 
-fn status_label(status: u16) -> &'static str {
+pub(crate) fn status_label(status: u16) -> &'static str {
     match status {
         400 => "400",
         403 => "403",
@@ -470,7 +528,7 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit) -
     let who = shared.authorise(&req).map_err(|r| (version, r))?;
     audit.user = who.user;
     audit.subject = who.subject;
-    let addrs = shared.allowed_addresses(&req).await.map_err(|r| (version, r))?;
+    let addrs = shared.allowed_addresses(&req.host, req.port).await.map_err(|r| (version, r))?;
     let (mut upstream, addr) = shared.connect(&addrs).await.map_err(|r| (version, r))?;
     audit.upstream = Some(addr);
     let _ = client.set_nodelay(true);

@@ -1,0 +1,290 @@
+//! The browser path, like OpenStack's spicehtml5proxy but stateless: serves the spice-html5
+//! client pages and bridges each WebSocket (one per SPICE channel, subprotocol `binary`) to
+//! the hypervisor the token names. The token is the same signed, target-bound, expiring
+//! ticket as the CONNECT path (`?token=` or the `token` cookie spice_auto.html sets), checked
+//! by any replica with the shared key, never logged.
+//!
+//! Refusals happen before the upgrade, as HTTP answers with a one-line body: 400 not a
+//! WebSocket handshake, 401 missing/forged/expired token, 403 foreign Origin (cross-site
+//! WebSocket hijacking, CVE-2015-0259) or a target off the allow-list, 502/504 upstream, 503 full.
+//! The page server never redirects (websockify's `//host` open redirect, CVE-2021-3654).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::server::{Audit, ClientSlot, Shared, Tracker};
+#[allow(unused_imports)]
+use std::sync::atomic::Ordering as _;
+use super::ticket;
+
+/// Largest WebSocket message or frame accepted from a browser. spice-html5 sends small
+/// messages (input events, acks); anything this big is not a SPICE client.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Bytes read from the hypervisor per frame sent to the browser.
+const READ_CHUNK: usize = 64 * 1024;
+
+struct Bridge {
+    shared: Arc<Shared>,
+    tracker: Tracker,
+    cancel: tokio::sync::watch::Receiver<bool>,
+    static_dir: PathBuf,
+    allowed_origins: Vec<String>,
+}
+
+/// Serves pages and WebSockets on `listener` until `shutdown` resolves; bridges run as
+/// tracked tasks so the proxy's drain waits for them too.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tracker: Tracker,
+    cancel: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let html5 = shared.cfg.html5.clone().expect("serve is only called with html5 configured");
+    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins });
+    let app = axum::Router::new().fallback(handle).with_state(bridge);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await
+}
+
+fn refuse(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut body = body.into();
+    body.push('\n');
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn handle(
+    State(bridge): State<Arc<Bridge>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let wants_upgrade = headers.get(header::UPGRADE).is_some() || uri.path() == "/websockify";
+    if !wants_upgrade {
+        return page(&bridge.static_dir, &method, uri.path()).await;
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return refuse(StatusCode::BAD_REQUEST, format!("not a WebSocket handshake: {}", rejection.body_text())),
+    };
+    if let Err(why) = check_origin(&headers, &bridge.allowed_origins) {
+        return refuse(StatusCode::FORBIDDEN, why);
+    }
+    let Some(token) = token(&uri, &headers) else {
+        return refuse(StatusCode::UNAUTHORIZED, "no token: open the console URL with ?token=<ticket>");
+    };
+    let keys = bridge.shared.ticket_keys();
+    let claims = match ticket::verify(&keys, &token, ticket::now()) {
+        Ok(c) => c,
+        Err(ticket::TicketError::Expired) => return refuse(StatusCode::UNAUTHORIZED, "token expired: ask for a new console"),
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, format!("invalid token: {e}")),
+    };
+    // The plain SPICE port comes first in a ticket (engines mint [port, tls-port]).
+    let Some(&port) = claims.ports.first() else { return refuse(StatusCode::UNAUTHORIZED, "the token names no port") };
+    let started = Instant::now();
+    let peer_ip = super::allow::canonical(peer.ip());
+    let Ok(permit) = bridge.shared.tunnels.clone().try_acquire_owned() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "proxy is at its tunnel limit, try again later");
+    };
+    let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many tunnels from your address");
+    };
+    let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), ..Default::default() };
+    audit.target = Some(format!("{}:{port}", claims.host));
+    audit.subject = Some(claims.subject.clone());
+    let addrs = match bridge.shared.allowed_addresses(&claims.host, port).await {
+        Ok(a) => a,
+        Err(r) => return log_refusal(&bridge.shared, audit, started, StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN), r.body),
+    };
+    let (upstream, addr) = match bridge.shared.connect(&addrs).await {
+        Ok(c) => c,
+        Err(r) => return log_refusal(&bridge.shared, audit, started, StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY), r.body),
+    };
+    audit.upstream = Some(addr);
+    let _ = upstream.set_nodelay(true);
+    bridge.shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
+    let b = bridge.clone();
+    upgrade
+        .protocols(["binary"])
+        .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let tracker = b.tracker.clone();
+            tracker.spawn(async move {
+                let _held = (permit, slot);
+                run(&b, socket, upstream, audit, started).await;
+            });
+        })
+}
+
+fn log_refusal(shared: &Shared, mut audit: Audit, started: Instant, status: StatusCode, body: String) -> Response {
+    let label = super::server::status_label(status.as_u16());
+    shared.metrics.tunnels.get_or_create(&super::metrics::Outcome { outcome: label }).inc();
+    audit.outcome = label;
+    audit.close = format!("{} {body}", status.as_u16());
+    audit.duration_ms = started.elapsed().as_millis() as u64;
+    audit.emit();
+    refuse(status, body)
+}
+
+/// The token from `?token=` or the `token` cookie (what spice_auto.html sets).
+fn token(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let from_query = uri.query().into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("token=")).map(str::to_string);
+    let from_cookie = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix("token=").map(str::to_string))
+    };
+    from_query.or_else(from_cookie).filter(|t| !t.is_empty())
+}
+
+/// A browser always sends Origin on a WebSocket handshake: it must be this very page's
+/// origin (same scheme and host:port) or one the SpiceProxy lists. Clients that are not
+/// browsers send none and cannot be hijacked cross-site; the token still decides for them.
+pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
+    let origin = origin.to_str().map_err(|_| "Origin header is not text".to_string())?.trim_end_matches('/').to_ascii_lowercase();
+    if allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(&origin)) {
+        return Ok(());
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    // This listener speaks plain HTTP: the only same-origin pages are http:// ones.
+    if !host.is_empty() && origin == format!("http://{host}") {
+        return Ok(());
+    }
+    Err(format!("cross-origin WebSocket refused: Origin {origin} is not this console's origin http://{host} nor an allowed origin"))
+}
+
+/// The spice-html5 pages: `/` and `/spice_auto.html` are the console; other files by exact
+/// name. Path segments are plain names only, so nothing escapes the directory and nothing
+/// redirects.
+async fn page(dir: &Path, method: &Method, path: &str) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+    }
+    let rel = if path == "/" { "/spice_auto.html" } else { path };
+    let segments: Vec<&str> = rel.strip_prefix('/').unwrap_or("").split('/').collect();
+    let plain = |s: &&str| !s.is_empty() && !s.starts_with('.') && s.len() <= 100 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if segments.len() > 4 || !segments.iter().all(plain) {
+        return refuse(StatusCode::NOT_FOUND, "not found");
+    }
+    let file = segments.iter().fold(dir.to_path_buf(), |p, s| p.join(s));
+    let Ok(bytes) = tokio::fs::read(&file).await else { return refuse(StatusCode::NOT_FOUND, "not found") };
+    let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let ctype = match ext {
+        "html" => "text/html; charset=utf-8",
+        "js" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "png" => "image/png",
+        "svg" => "image/svg+xml",
+        "ico" => "image/x-icon",
+        _ => "application/octet-stream",
+    };
+    let mut r = Response::new(if method == Method::HEAD { Body::empty() } else { Body::from(bytes) });
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // The console URL carries the token: never send it on as a Referer, never cache the page.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    r
+}
+
+/// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
+/// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
+/// write side; upstream EOF sends Close 1000.
+async fn run(bridge: &Bridge, socket: WebSocket, upstream: TcpStream, mut audit: Audit, started: Instant) {
+    let shared = &bridge.shared;
+    shared.metrics.active.inc();
+    let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut up_r, mut up_w) = upstream.into_split();
+    let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
+    let mut cancel = bridge.cancel.clone();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let close = loop {
+        tokio::select! {
+            msg = tokio::time::timeout(idle, ws_rx.next()) => match msg {
+                Err(_) => break "idle timeout",
+                Ok(None) => break "client gone",
+                Ok(Some(Err(e))) => {
+                    // Say why before hanging up: 1009 for an oversized message, 1002 otherwise.
+                    let too_big = e.into_inner().downcast::<tokio_tungstenite::tungstenite::Error>().is_ok_and(|e| matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                    let (code, reason) = if too_big { (close_code::SIZE, "message too big") } else { (close_code::PROTOCOL, "protocol error") };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))).await;
+                    break reason;
+                }
+                Ok(Some(Ok(Message::Binary(data)))) => {
+                    bytes_up += data.len() as u64;
+                    if up_w.write_all(&data).await.is_err() {
+                        break "upstream write failed";
+                    }
+                }
+                Ok(Some(Ok(Message::Text(_)))) => {
+                    let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::UNSUPPORTED, reason: "SPICE over WebSocket is binary".into() }))).await;
+                    break "text frame";
+                }
+                Ok(Some(Ok(Message::Close(_)))) => {
+                    // The hypervisor sees EOF. RFC 6455: after a Close nothing more may be
+                    // sent to the browser (the WebSocket layer answers the Close itself).
+                    let _ = up_w.shutdown().await;
+                    break "client closed";
+                }
+                Ok(Some(Ok(_))) => {} // ping/pong: answered by the WebSocket layer
+            },
+            read = tokio::time::timeout(idle, up_r.read(&mut buf)) => match read {
+                Err(_) => break "idle timeout",
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::NORMAL, reason: "upstream closed".into() })))).await;
+                    break "upstream closed";
+                }
+                Ok(Ok(n)) => {
+                    bytes_down += n as u64;
+                    // A browser that stops reading stalls this send, and so the reads from
+                    // the hypervisor: nothing piles up here. Past the idle timeout it is gone.
+                    match tokio::time::timeout(idle, ws_tx.send(Message::Binary(axum::body::Bytes::copy_from_slice(&buf[..n])))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break "client gone",
+                        Err(_) => break "client stopped reading",
+                    }
+                }
+            },
+            _ = async { let _ = cancel.wait_for(|c| *c).await; } => {
+                let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "proxy shutting down".into() }))).await;
+                break "drain deadline";
+            }
+        }
+    };
+    // Lets the WebSocket layer send its answer to a client's Close before the socket drops.
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.close()).await;
+    shared.metrics.active.dec();
+    shared.metrics.bytes.get_or_create(&super::metrics::Direction { direction: "up" }).inc_by(bytes_up);
+    shared.metrics.bytes.get_or_create(&super::metrics::Direction { direction: "down" }).inc_by(bytes_down);
+    shared.metrics.tunnels.get_or_create(&super::metrics::Outcome { outcome: "ok" }).inc();
+    audit.bytes_up = Some(bytes_up);
+    audit.bytes_down = Some(bytes_down);
+    audit.outcome = "ok";
+    audit.close = close.to_string();
+    audit.duration_ms = started.elapsed().as_millis() as u64;
+    audit.emit();
+}
+

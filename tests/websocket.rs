@@ -1,0 +1,350 @@
+//! The browser path of the proxy on loopback: the page server (no traversal, no redirects),
+//! every handshake refusal with its status, the Origin check, and the bridge itself (binary
+//! both ways, ping/pong, close codes, oversized frames, half-close, a client that never reads,
+//! drain), with a real WebSocket client (tokio-tungstenite).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use spice_operator::crd::{AuthMode, ProxyLimits};
+use spice_operator::proxy::config::{AllowedTarget, Html5Config, ProxyConfig};
+use spice_operator::proxy::tunnel::DataPath;
+use spice_operator::proxy::server::ProxyServer;
+use spice_operator::proxy::ticket::{self, Claims};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+const KEY: &[u8] = b"websocket-test-key-0123456789abc";
+
+struct Bridge {
+    web: SocketAddr,
+    admin: SocketAddr,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(idle: i32, drain: i32) -> Bridge {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
+    let pages = dir.path().join("pages");
+    std::fs::create_dir_all(pages.join("thirdparty")).unwrap();
+    std::fs::write(pages.join("spice_auto.html"), "<html><title>spice console</title></html>").unwrap();
+    std::fs::write(pages.join("thirdparty/jsbn.js"), "var x = 1;").unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "not for you").unwrap();
+    let cfg = ProxyConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        allowed_targets: vec![AllowedTarget { cidr: "127.0.0.1/32".parse().unwrap(), ports: vec![(1024, 65535)] }],
+        auth_mode: AuthMode::Ticket,
+        keys_dir: Some(dir.path().join("keys").to_string_lossy().into()),
+        basic_dir: None,
+        limits: ProxyLimits { idle_timeout_seconds: idle, drain_seconds: drain, ..ProxyLimits::default() },
+        data_path: DataPath::Splice,
+        html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()] }),
+    };
+    let server = ProxyServer::bind(cfg).await.unwrap();
+    let (web, admin) = (server.html5_addr().unwrap(), server.admin_addr());
+    let (stop, rx) = watch::channel(false);
+    let done = tokio::spawn(server.run(rx));
+    Bridge { web, admin, stop, done, _dir: dir }
+}
+
+fn token(port: u16, ttl: i64, key: &[u8]) -> String {
+    token_for("127.0.0.1", port, ttl, key)
+}
+
+fn token_for(host: &str, port: u16, ttl: i64, key: &[u8]) -> String {
+    let expires = (ticket::now() as i64 + ttl) as u64;
+    ticket::mint(key, &Claims { host: host.into(), ports: vec![port, port + 1], expires, subject: "vm-ws".into() })
+}
+
+/// A raw HTTP exchange: the whole response as text.
+async fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn open(b: &Bridge, query: &str, origin: Option<&str>) -> Result<Ws, WsError> {
+    let mut req = format!("ws://{}/websockify{query}", b.web).into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", HeaderValue::from_str(o).unwrap());
+    }
+    tokio_tungstenite::connect_async(req).await.map(|(ws, resp)| {
+        assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "binary");
+        ws
+    })
+}
+
+fn refused_with(r: Result<Ws, WsError>) -> (u16, String) {
+    match r {
+        Err(WsError::Http(resp)) => (resp.status().as_u16(), String::from_utf8_lossy(resp.body().as_deref().unwrap_or(&[])).into_owned()),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, the WebSocket opened"),
+    }
+}
+
+/// A TCP echo server standing in for the hypervisor; reports what it saw on a channel.
+async fn echo() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send("connected");
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send("eof");
+                            // Half-close: still able to answer after the client stopped sending.
+                            let _ = s.write_all(b"bye").await;
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn pages_are_served_without_traversal_or_redirects() {
+    let b = start(600, 1).await;
+    let r = raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(r.contains("spice console") && r.to_ascii_lowercase().contains("referrer-policy: no-referrer"), "{r}");
+    let r = raw(b.web, "GET /spice_auto.html?token=abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&r), 200);
+    assert!(r.to_ascii_lowercase().contains("content-type: text/html"));
+    assert_eq!(status(&raw(b.web, "GET /thirdparty/jsbn.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await), 200);
+    for path in ["//evil.example.com", "//evil.example.com/%2F..", "/../secret.txt", "/%2e%2e/secret.txt", "/.hidden", "/nope.html", "/thirdparty/../../secret.txt"] {
+        let r = raw(b.web, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(status(&r), 404, "{path}: {r}");
+        assert!(!r.to_ascii_lowercase().contains("location:") && !r.contains("not for you"), "{path}: {r}");
+    }
+    assert_eq!(status(&raw(b.web, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await), 405);
+    let _ = b.stop.send(true);
+}
+
+#[tokio::test]
+async fn handshake_refusals_say_why() {
+    let b = start(600, 1).await;
+    let (up, _) = echo().await;
+    let good = token(up.port(), 60, KEY);
+    // Not a WebSocket handshake.
+    let r = raw(b.web, &format!("GET /websockify?token={good} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(r.contains("not a WebSocket handshake"), "{r}");
+    let r = raw(b.web, &format!("GET /websockify?token={good} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")).await;
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(r.contains("Sec-WebSocket-Version"), "{r}");
+    // Tokens.
+    let (code, body) = refused_with(open(&b, "", None).await);
+    assert_eq!(code, 401);
+    assert!(body.contains("no token"), "{body}");
+    let (code, body) = refused_with(open(&b, "?token=v1.forged.sig", None).await);
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = refused_with(open(&b, &format!("?token={}", token(up.port(), -5, KEY)), None).await);
+    assert_eq!(code, 401);
+    assert!(body.contains("expired"), "{body}");
+    let (code, _) = refused_with(open(&b, &format!("?token={}", token(up.port(), 60, b"some other key 0123456789abcdefg")), None).await);
+    assert_eq!(code, 401);
+    // A valid token for a target this proxy does not allow.
+    let (code, body) = refused_with(open(&b, &format!("?token={}", token_for("10.0.0.9", 5900, 60, KEY)), None).await);
+    assert_eq!(code, 403);
+    assert!(body.contains("not on the allow-list"), "{body}");
+    // Cross-site WebSocket hijacking: a foreign page, or the right host with the wrong scheme.
+    let host = format!("http://{}", b.web);
+    let (code, body) = refused_with(open(&b, &format!("?token={good}"), Some("http://evil.example.com")).await);
+    assert_eq!(code, 403);
+    assert!(body.contains("cross-origin"), "{body}");
+    let (code, _) = refused_with(open(&b, &format!("?token={good}"), Some(&host.replace("http://", "https://"))).await);
+    assert_eq!(code, 403);
+    // Same origin, a listed origin, and the cookie spice_auto.html sets all work.
+    assert!(open(&b, &format!("?token={good}"), Some(&host)).await.is_ok());
+    assert!(open(&b, &format!("?token={good}"), Some("https://portal.example.com")).await.is_ok());
+    let mut req = format!("ws://{}/websockify", b.web).into_client_request().unwrap();
+    req.headers_mut().insert("Cookie", HeaderValue::from_str(&format!("lang=en; token={good}")).unwrap());
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+    let _ = b.stop.send(true);
+}
+
+#[tokio::test]
+async fn bridge_moves_binary_both_ways_and_propagates_close() {
+    let b = start(600, 1).await;
+    let (up, mut seen) = echo().await;
+    let t = token(up.port(), 60, KEY);
+    let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
+    assert_eq!(seen.recv().await, Some("connected"));
+    // Binary both ways, in order, large and small.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    for payload in [b"REDQ".to_vec(), big.clone(), vec![0u8; 1]] {
+        ws.send(Message::binary(payload.clone())).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < payload.len() {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap() {
+                Message::Binary(d) => got.extend_from_slice(&d),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, payload);
+    }
+    // Ping is answered with the same payload.
+    ws.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("expected pong, got {other:?}"),
+    }
+    // Client Close (1000) → the hypervisor sees EOF; the Close is answered (RFC 6455: no
+    // data may follow a Close) and the connection ends cleanly.
+    ws.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))).await.unwrap();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap(), Some("eof"));
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        match m {
+            Message::Close(f) => code = f.map(|f| f.code),
+            Message::Binary(d) => panic!("data after Close: {d:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(code, Some(CloseCode::Normal));
+
+    // Text frames are not SPICE: Close 1003.
+    let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Message::Close(f) = m {
+            code = f.map(|f| f.code);
+        }
+    }
+    assert_eq!(code, Some(CloseCode::Unsupported));
+
+    // An oversized frame (over 1 MiB) ends the connection instead of being buffered.
+    let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
+    let _ = ws.send(Message::binary(vec![1u8; 2 << 20])).await;
+    let mut ended = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
+            Ok(None) | Ok(Some(Err(_))) => { ended = true; break }
+            Ok(Some(Ok(Message::Close(f)))) => { assert_eq!(f.map(|f| f.code), Some(CloseCode::Size)); ended = true; break }
+            _ => {}
+        }
+    }
+    assert!(ended, "the oversized frame did not end the connection");
+
+    // Audit lines name the target and the subject, never the token.
+    let _ = b.stop.send(true);
+    let _ = b.done.await;
+}
+
+// Multi-threaded: the test polls /metrics with a blocking curl while the proxy runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_close_reaches_the_browser_and_a_client_that_never_reads_is_dropped() {
+    let b = start(2, 1).await;
+    // A hypervisor that says something and hangs up.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"REDQ-reply").await.unwrap();
+        s.shutdown().await.unwrap();
+        // Second connection: floods a client that never reads; counts what it got out.
+        let (mut s, _) = l.accept().await.unwrap();
+        let chunk = vec![7u8; 65536];
+        let mut sent = 0usize;
+        while sent < 256 << 20 {
+            match tokio::time::timeout(Duration::from_secs(10), s.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break,
+            }
+        }
+        assert!(sent < 64 << 20, "the bridge buffered {sent} bytes for a client that never reads");
+    });
+    let t = token(port, 60, KEY);
+    let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
+    let mut got = Vec::new();
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        match m {
+            Message::Binary(d) => got.extend_from_slice(&d),
+            Message::Close(f) => code = f.map(|f| f.code),
+            _ => {}
+        }
+    }
+    assert_eq!((got.as_slice(), code), (&b"REDQ-reply"[..], Some(CloseCode::Normal)));
+
+    // Never read: the bridge stops reading upstream (bounded memory) and drops the client
+    // once a send has been stuck for the idle timeout.
+    let ws = open(&b, &format!("?token={t}"), None).await.unwrap();
+    let started = Instant::now();
+    let metrics = || {
+        let text = std::process::Command::new("curl").args(["-s", &format!("http://{}/metrics", b.admin)]).output().unwrap().stdout;
+        String::from_utf8_lossy(&text).to_string()
+    };
+    let active = |m: &str| m.lines().find(|l| l.starts_with("spice_proxy_active_tunnels ")).and_then(|l| l.split(' ').nth(1)?.parse::<u64>().ok()).unwrap_or(99);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(active(&metrics()), 1);
+    while active(&metrics()) != 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "a client that never reads was kept open");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(ws);
+    let _ = b.stop.send(true);
+}
+
+#[tokio::test]
+async fn drain_keeps_open_bridges_until_the_deadline_then_closes_them_with_1001() {
+    let b = start(600, 2).await;
+    let (up, _) = echo().await;
+    let t = token(up.port(), 60, KEY);
+    let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
+    let _ = b.stop.send(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Still bridged during the drain...
+    ws.send(Message::binary(b"during drain".to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"during drain"),
+        other => panic!("{other:?}"),
+    }
+    // ...but no new ones are accepted.
+    assert!(TcpStream::connect(b.web).await.is_err() || open(&b, &format!("?token={t}"), None).await.is_err());
+    // At the deadline: Close 1001 (going away).
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Message::Close(f) = m {
+            code = f.map(|f| f.code);
+        }
+    }
+    assert_eq!(code, Some(CloseCode::Away));
+    tokio::time::timeout(Duration::from_secs(10), b.done).await.unwrap().unwrap().unwrap();
+}
