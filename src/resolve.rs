@@ -130,6 +130,10 @@ pub enum Effective {
 /// Looks up a SpiceProxy: its published URL when Ready, or why it cannot be used.
 pub trait ProxyDirectory {
     fn lookup(&self, reference: &SpiceProxyRef) -> Result<String, String>;
+    /// The browser console base URL of a Ready SpiceProxy, when it has one.
+    fn html5_url(&self, _reference: &SpiceProxyRef) -> Option<String> {
+        None
+    }
 }
 
 impl<F: Fn(&SpiceProxyRef) -> Result<String, String>> ProxyDirectory for F {
@@ -180,7 +184,25 @@ impl Resolved {
     }
 }
 
-fn entry(name: &str, cluster: Option<&str>, pool: Option<&str>, source: Source, eff: &Effective) -> Resolution {
+/// One level's verdict: where it came from, what it amounts to, and its browser console URL.
+#[derive(Clone)]
+struct Level {
+    source: Source,
+    effective: Effective,
+    html5_url: Option<String>,
+}
+
+fn level(source: Source, choice: &ProxyChoice, proxies: &dyn ProxyDirectory) -> Level {
+    let effective = evaluate(choice, proxies);
+    let html5_url = match (&effective, &choice.spice_proxy_ref) {
+        (Effective::Proxy(_), Some(r)) => proxies.html5_url(r),
+        _ => None,
+    };
+    Level { source, effective, html5_url }
+}
+
+fn entry(name: &str, cluster: Option<&str>, pool: Option<&str>, level: &Level) -> Resolution {
+    let (source, eff) = (level.source, &level.effective);
     let (proxy_url, error) = match eff {
         Effective::Proxy(u) => (Some(u.clone()), None),
         Effective::Direct => (None, None),
@@ -192,6 +214,7 @@ fn entry(name: &str, cluster: Option<&str>, pool: Option<&str>, source: Source, 
         pool: pool.map(str::to_string),
         proxy_configured: proxy_url.is_some(),
         proxy_url,
+        html5_url: level.html5_url.clone(),
         source,
         error,
     }
@@ -200,11 +223,11 @@ fn entry(name: &str, cluster: Option<&str>, pool: Option<&str>, source: Source, 
 /// Resolves every cluster, pool and opted-out VM of a policy.
 /// Each level's choice is evaluated once, so a global change costs one lookup, not one per pool.
 pub fn resolve(spec: &ClusterConsolePolicySpec, proxies: &dyn ProxyDirectory) -> Resolved {
-    let global = spec.default_proxy.as_ref().map(|c| (Source::Global, evaluate(c, proxies)));
-    let none = (Source::None, Effective::Direct);
+    let global = spec.default_proxy.as_ref().map(|c| level(Source::Global, c, proxies));
+    let none = Level { source: Source::None, effective: Effective::Direct, html5_url: None };
     let mut out = Resolved {
         default_proxy_url: match &global {
-            Some((_, Effective::Proxy(u))) => Some(u.clone()),
+            Some(Level { effective: Effective::Proxy(u), .. }) => Some(u.clone()),
             _ => None,
         },
         ..Default::default()
@@ -212,22 +235,22 @@ pub fn resolve(spec: &ClusterConsolePolicySpec, proxies: &dyn ProxyDirectory) ->
     let mut known_pools: HashSet<(&str, &str)> = HashSet::new();
     for cluster in &spec.clusters {
         let cluster_level = match &cluster.proxy {
-            Some(c) => (Source::Cluster, evaluate(c, proxies)),
+            Some(c) => level(Source::Cluster, c, proxies),
             None => global.clone().unwrap_or_else(|| none.clone()),
         };
-        out.clusters.push(entry(&cluster.name, None, None, cluster_level.0, &cluster_level.1));
+        out.clusters.push(entry(&cluster.name, None, None, &cluster_level));
         for pool in &cluster.pools {
             known_pools.insert((&cluster.name, &pool.name));
             let pool_level = match &pool.proxy {
-                Some(c) => (Source::Pool, evaluate(c, proxies)),
+                Some(c) => level(Source::Pool, c, proxies),
                 None => cluster_level.clone(),
             };
-            out.pools.push(entry(&pool.name, Some(&cluster.name), None, pool_level.0, &pool_level.1));
+            out.pools.push(entry(&pool.name, Some(&cluster.name), None, &pool_level));
         }
     }
     for vm in &spec.vm_opt_outs {
         let known_cluster = spec.clusters.iter().any(|c| c.name == vm.cluster);
-        let eff = match &vm.pool {
+        let effective = match &vm.pool {
             _ if !known_cluster => {
                 Effective::Unusable(format!("VM {} names cluster {:?}, which this policy does not list", vm.name, vm.cluster))
             }
@@ -237,7 +260,7 @@ pub fn resolve(spec: &ClusterConsolePolicySpec, proxies: &dyn ProxyDirectory) ->
             )),
             _ => Effective::Direct,
         };
-        out.vms.push(entry(&vm.name, Some(&vm.cluster), vm.pool.as_deref(), Source::Vm, &eff));
+        out.vms.push(entry(&vm.name, Some(&vm.cluster), vm.pool.as_deref(), &Level { source: Source::Vm, effective, html5_url: None }));
     }
     out
 }
@@ -284,6 +307,38 @@ mod tests {
     }
     fn find<'a>(list: &'a [Resolution], name: &str) -> &'a Resolution {
         list.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no entry {name}"))
+    }
+
+    /// A directory where SpiceProxy spice/edge also serves browser consoles.
+    struct WithHtml5;
+    impl ProxyDirectory for WithHtml5 {
+        fn lookup(&self, r: &SpiceProxyRef) -> Result<String, String> {
+            if r.name == "edge" { Ok("http://edge.example.com:3128".into()) } else { Ok("http://other.example.com:3128".into()) }
+        }
+        fn html5_url(&self, r: &SpiceProxyRef) -> Option<String> {
+            (r.name == "edge").then(|| "http://edge.example.com:6082/spice_auto.html".into())
+        }
+    }
+
+    #[test]
+    fn html5_url_follows_the_deciding_level_only() {
+        let spec = ClusterConsolePolicySpec {
+            default_proxy: spx("spice", "edge"),
+            clusters: vec![
+                cluster("inherits", None, vec![pool("p", None), pool("literal", url("squid.example.com")), pool("other", spx("spice", "other"))]),
+                cluster("direct", direct(), vec![pool("q", None)]),
+            ],
+            vm_opt_outs: vec![VmOptOut { name: "vm".into(), cluster: "inherits".into(), pool: None }],
+        };
+        let r = resolve(&spec, &WithHtml5);
+        let html5 = |list: &[Resolution], n: &str| find(list, n).html5_url.clone();
+        assert_eq!(html5(&r.pools, "p").as_deref(), Some("http://edge.example.com:6082/spice_auto.html"));
+        assert_eq!(html5(&r.clusters, "inherits").as_deref(), Some("http://edge.example.com:6082/spice_auto.html"));
+        // A literal URL proxy, a SpiceProxy without the browser path, direct and opted-out VMs: none.
+        assert_eq!(html5(&r.pools, "literal"), None);
+        assert_eq!(html5(&r.pools, "other"), None);
+        assert_eq!(html5(&r.pools, "q"), None);
+        assert_eq!(html5(&r.vms, "vm"), None);
     }
 
     #[test]

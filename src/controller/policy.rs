@@ -69,15 +69,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
         Ok(policy) => {
             // Resolve against a complete cache only: a half-listed cache would report proxies missing.
             ctx.proxies_ready.clone().wait_for(|ready| *ready).await.map_err(|_| Error::CacheNotReady)?;
-            let lookup = |r: &SpiceProxyRef| -> Result<String, String> {
-                match ctx.proxies.get(&ObjectRef::new(&r.name).within(&r.namespace)) {
-                    None => Err("does not exist".into()),
-                    Some(guard) => match &guard.0 {
-                        Ok(spx) => spx.ready_url().map(str::to_string),
-                        Err(invalid) => Err(format!("cannot be decoded: {}", invalid.error)),
-                    },
-                }
-            };
+            let lookup = StoreDirectory(&ctx.proxies);
             let resolved = resolve::resolve(&policy.spec, &lookup);
             let previous = policy.status.clone().unwrap_or_default();
             let status = build_status(&previous, resolved, policy.metadata.generation);
@@ -101,6 +93,26 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
     };
     ctx.metrics.duration.get_or_create(&LABEL).observe(started.elapsed().as_secs_f64());
     result
+}
+
+/// The SpiceProxy cache as the resolver's directory.
+struct StoreDirectory<'a>(&'a kube::runtime::reflector::Store<DeserializeGuard<SpiceProxy>>);
+
+impl resolve::ProxyDirectory for StoreDirectory<'_> {
+    fn lookup(&self, r: &SpiceProxyRef) -> Result<String, String> {
+        match self.0.get(&ObjectRef::new(&r.name).within(&r.namespace)) {
+            None => Err("does not exist".into()),
+            Some(guard) => match &guard.0 {
+                Ok(spx) => spx.ready_url().map(str::to_string),
+                Err(invalid) => Err(format!("cannot be decoded: {}", invalid.error)),
+            },
+        }
+    }
+
+    fn html5_url(&self, r: &SpiceProxyRef) -> Option<String> {
+        let guard = self.0.get(&ObjectRef::new(&r.name).within(&r.namespace))?;
+        guard.0.as_ref().ok()?.ready_html5_url().map(str::to_string)
+    }
 }
 
 /// Status from a resolution; pure. Conditions keep their transition time when unchanged.

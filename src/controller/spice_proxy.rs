@@ -202,6 +202,20 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if spec.limits.idle_timeout_seconds <= 300 {
         problems.push("limits.idleTimeoutSeconds must exceed 300: SPICE servers ping idle channels only every 300 s".into());
     }
+    if let Some(h) = &spec.html5 {
+        if spec.auth.mode != AuthMode::Ticket {
+            problems.push("html5 needs auth mode Ticket: the token in the browser console URL names the VM".into());
+        }
+        if h.port == spec.service.port {
+            problems.push(format!("html5.port {} is also the proxy's service port", h.port));
+        }
+        for o in &h.allowed_origins {
+            let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.trim_end_matches('/').split_once("://").is_some_and(|(_, rest)| rest.is_empty() || rest.contains('/'));
+            if !ok {
+                problems.push(format!("html5.allowedOrigins entry {o:?} is not an origin such as https://portal.example.com"));
+            }
+        }
+    }
     if let Some(ext) = &spec.external_address {
         if let Err(e) = validate_host(&ext.host) {
             problems.push(format!("externalAddress.host: {e}"));
@@ -245,7 +259,11 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         basic_dir: spec.auth.credentials_secret.as_ref().map(|_| pc::BASIC_DIR.into()),
         limits: spec.limits.clone(),
         data_path: Default::default(),
-        html5: None,
+        html5: spec.html5.as_ref().map(|h| pc::Html5Config {
+            listen: format!("0.0.0.0:{}", pc::HTML5_PORT),
+            static_dir: pc::HTML5_DIR.into(),
+            allowed_origins: h.allowed_origins.clone(),
+        }),
     }
 }
 
@@ -304,10 +322,16 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         name: "proxy".into(),
         image: Some(image.into()),
         args: Some(vec!["proxy".into(), "--config".into(), format!("{}/{}", pc::CONFIG_DIR, pc::CONFIG_FILE)]),
-        ports: Some(vec![
-            ContainerPort { name: Some("proxy".into()), container_port: pc::LISTEN_PORT.into(), ..Default::default() },
-            ContainerPort { name: Some("admin".into()), container_port: pc::ADMIN_PORT.into(), ..Default::default() },
-        ]),
+        ports: Some(
+            [
+                Some(ContainerPort { name: Some("proxy".into()), container_port: pc::LISTEN_PORT.into(), ..Default::default() }),
+                Some(ContainerPort { name: Some("admin".into()), container_port: pc::ADMIN_PORT.into(), ..Default::default() }),
+                spec.html5.as_ref().map(|_| ContainerPort { name: Some("html5".into()), container_port: pc::HTML5_PORT.into(), ..Default::default() }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
         resources: Some(resources),
@@ -377,14 +401,29 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         spec: Some(K8sServiceSpec {
             type_: Some(service_type(spec.service.type_).into()),
             selector: Some(selector),
-            ports: Some(vec![ServicePort {
-                name: Some("proxy".into()),
-                port: spec.service.port,
-                target_port: Some(IntOrString::String("proxy".into())),
-                node_port: spec.service.node_port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]),
+            ports: Some(
+                [
+                    Some(ServicePort {
+                        name: Some("proxy".into()),
+                        port: spec.service.port,
+                        target_port: Some(IntOrString::String("proxy".into())),
+                        node_port: spec.service.node_port,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    }),
+                    spec.html5.as_ref().map(|h| ServicePort {
+                        name: Some("html5".into()),
+                        port: h.port,
+                        target_port: Some(IntOrString::String("html5".into())),
+                        node_port: h.node_port,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -480,6 +519,17 @@ pub fn derive_url(spx: &SpiceProxy, svc: &Service, node_address: Option<&str>) -
     }
 }
 
+/// The browser console base URL, on the same host as the proxy URL.
+pub fn derive_html5_url(spx: &SpiceProxy, svc: &Service, proxy_url: &str) -> Option<String> {
+    let h = spx.spec.html5.as_ref()?;
+    let host = proxy_url.strip_prefix("http://")?.rsplit_once(':')?.0;
+    let node_port = || {
+        svc.spec.as_ref()?.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("html5"))?.node_port
+    };
+    let port = h.external_port.or_else(|| if spx.spec.service.type_ == ServiceType::NodePort { node_port() } else { None }).unwrap_or(h.port);
+    Some(format!("http://{host}:{port}/spice_auto.html"))
+}
+
 pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_address: Option<&str>) -> SpiceProxyStatus {
     let generation = spx.metadata.generation;
     let desired = spx.spec.replicas;
@@ -510,17 +560,23 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
         (Err((false, why)), true) => (true, "AddressPending", why.clone()),
         _ => (false, "Complete", "rollout complete".to_string()),
     };
-    SpiceProxyStatus {
-        proxy_url: url.ok(),
-        ready_replicas: ready,
-        replicas: ds.replicas.unwrap_or(0),
-        observed_generation: generation,
-        conditions: vec![
-            conditions::new("Ready", ready_ok, ready_reason, ready_msg, generation),
-            conditions::new("Progressing", progressing, prog_reason, prog_msg, generation),
-            conditions::new("Degraded", degraded, degraded_reason, degraded_msg, generation),
-        ],
+    let html5_url = url.as_ref().ok().and_then(|u| derive_html5_url(spx, svc, u));
+    let mut conditions = vec![
+        conditions::new("Ready", ready_ok, ready_reason, ready_msg, generation),
+        conditions::new("Progressing", progressing, prog_reason, prog_msg, generation),
+        conditions::new("Degraded", degraded, degraded_reason, degraded_msg, generation),
+    ];
+    if spx.spec.html5.is_some() {
+        // Browser-side TLS (wss) is not built in: say so where operators look.
+        conditions.push(conditions::new(
+            "Html5Encrypted",
+            false,
+            "PlainWebSocket",
+            "browser consoles use ws://: console tokens travel in clear; put a TLS-terminating ingress or load balancer in front of the html5 port",
+            generation,
+        ));
     }
+    SpiceProxyStatus { proxy_url: url.ok(), html5_url, ready_replicas: ready, replicas: ds.replicas.unwrap_or(0), observed_generation: generation, conditions }
 }
 
 fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
@@ -528,6 +584,7 @@ fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
     let previous = spx.status.clone().unwrap_or_default();
     SpiceProxyStatus {
         proxy_url: None,
+        html5_url: None,
         ready_replicas: previous.ready_replicas,
         replicas: previous.replicas,
         observed_generation: generation,
@@ -624,6 +681,33 @@ mod tests {
         s.spec.allowed_targets[0].cidr = "10.0.0.0/33".into();
         s.spec.allowed_targets[0].ports[0] = PortRange { from: 6000, to: Some(5900) };
         assert_eq!(validate(&s.spec).unwrap_err().len(), 2);
+    }
+
+    #[test]
+    fn html5_adds_a_port_a_config_and_a_console_url() {
+        let mut s = spx(&format!("{BASIC}  html5: {{allowedOrigins: [\"https://portal.example.com\"]}}\n  externalAddress: {{host: console.example.com}}\n"));
+        assert!(validate(&s.spec).is_ok(), "{:?}", validate(&s.spec));
+        let c = build(&s, "i").unwrap();
+        let svc_ports = c.service.spec.as_ref().unwrap().ports.clone().unwrap();
+        assert_eq!(svc_ports.iter().map(|p| (p.name.clone().unwrap(), p.port)).collect::<Vec<_>>(), vec![("proxy".into(), 3128), ("html5".into(), 6082)]);
+        let ctr_ports = c.deployment.spec.template.spec.unwrap().containers[0].ports.clone().unwrap();
+        assert!(ctr_ports.iter().any(|p| p.name.as_deref() == Some("html5") && p.container_port == 6082));
+        let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
+        let h = cfg.html5.unwrap();
+        assert_eq!((h.listen.as_str(), h.allowed_origins.len()), ("0.0.0.0:6082", 1));
+        let st = build_status(&s, &deploy_with(1, 1), &c.service, None);
+        assert_eq!(st.html5_url.as_deref(), Some("http://console.example.com:6082/spice_auto.html"));
+        let enc = st.conditions.iter().find(|c| c.type_ == "Html5Encrypted").unwrap();
+        assert_eq!((enc.status.as_str(), enc.reason.as_str()), ("False", "PlainWebSocket"));
+        // Without html5: no port, no URL, no condition.
+        let plain = spx(BASIC);
+        let st = build_status(&plain, &deploy_with(1, 1), &build(&plain, "i").unwrap().service, None);
+        assert!(st.html5_url.is_none() && st.conditions.iter().all(|c| c.type_ != "Html5Encrypted"));
+        // The browser path needs tickets, a port of its own and real origins.
+        s.spec.auth.mode = AuthMode::None;
+        s.spec.html5.as_mut().unwrap().port = 3128;
+        s.spec.html5.as_mut().unwrap().allowed_origins.push("portal.example.com/app".into());
+        assert_eq!(validate(&s.spec).unwrap_err().len(), 3, "{:?}", validate(&s.spec));
     }
 
     #[test]

@@ -138,6 +138,9 @@ pub struct Resolution {
     pub pool: Option<String>,
     /// `http://host:port`, or null when no proxy applies or the deciding level is unusable.
     pub proxy_url: Option<String>,
+    /// Browser console base URL (spice-html5) when the deciding SpiceProxy serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html5_url: Option<String>,
     pub source: Source,
     /// Drives the engine's "Enable SPICE Proxy" checkbox: true when a proxy is configured.
     pub proxy_configured: bool,

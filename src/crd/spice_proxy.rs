@@ -49,6 +49,12 @@ pub struct SpiceProxySpec {
     #[serde(default)]
     pub limits: ProxyLimits,
 
+    /// The browser console path: spice-html5 pages and a WebSocket bridge on their own port,
+    /// like OpenStack's spicehtml5proxy. Absent: off. Needs auth mode Ticket (the token in
+    /// the console URL names the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html5: Option<Html5Spec>,
+
     /// Container image of the proxy; defaults to the operator's own image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
@@ -106,6 +112,33 @@ impl Default for ServiceSpec {
     fn default() -> Self {
         Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None }
     }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Html5Spec {
+    /// Service port of the browser path; 6082 as nova's spicehtml5proxy.
+    #[serde(default = "default_html5_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Fixed node port (NodePort/LoadBalancer); allocated by Kubernetes when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub node_port: Option<i32>,
+    /// Port browsers use when it differs (externalAddress host, e.g. behind a load balancer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub external_port: Option<i32>,
+    /// Origins, besides the console page's own, whose pages may open the WebSocket
+    /// (e.g. an engine portal embedding the console). Anything else gets 403.
+    #[serde(default)]
+    #[schemars(length(max = 20))]
+    pub allowed_origins: Vec<String>,
+}
+
+pub const DEFAULT_HTML5_PORT: i32 = 6082;
+fn default_html5_port() -> i32 {
+    DEFAULT_HTML5_PORT
 }
 
 /// Host (DNS name or IPv4 address) and port clients connect to.
@@ -242,6 +275,10 @@ pub struct SpiceProxyStatus {
     /// `http://host:port`, exactly what a SPICE client accepts; absent until known and valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_url: Option<String>,
+    /// Base URL of the browser console (`http://host:port/spice_auto.html`); engines append
+    /// `?token=<ticket>`. Absent unless spec.html5 is set and the proxy is Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html5_url: Option<String>,
     #[serde(default)]
     pub ready_replicas: i32,
     #[serde(default)]
@@ -253,6 +290,12 @@ pub struct SpiceProxyStatus {
 }
 
 impl SpiceProxy {
+    /// The browser console base URL, only when Ready (like `ready_url`).
+    pub fn ready_html5_url(&self) -> Option<&str> {
+        self.ready_url().ok()?;
+        self.status.as_ref()?.html5_url.as_deref()
+    }
+
     /// The published URL, only when the proxy is Ready for the current generation.
     pub fn ready_url(&self) -> Result<&str, String> {
         let status = self.status.as_ref().ok_or("has no status yet")?;

@@ -80,11 +80,12 @@ pub fn resolve_vm(
         Effective::Direct => (None, None),
         Effective::Unusable(why) => (None, Some(why)),
     };
+    let html5_url = proxy_url.as_ref().and(choice.spice_proxy_ref.as_ref()).and_then(|r| proxies.html5_url(r));
     Ok(VmResolution {
         proxy_configured: proxy_url.is_some(),
         spice_proxy: proxy_url.as_ref().and(choice.spice_proxy_ref.clone()),
         proxy_url,
-        html5_url: None,
+        html5_url,
         source,
         error,
     })

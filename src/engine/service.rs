@@ -67,6 +67,21 @@ pub struct Console {
     pub ticket_expires: Option<u64>,
 }
 
+struct MapDirectory<'a>(&'a HashMap<SpiceProxyRef, SpiceProxy>);
+
+impl crate::resolve::ProxyDirectory for MapDirectory<'_> {
+    fn lookup(&self, r: &SpiceProxyRef) -> Result<String, String> {
+        match self.0.get(r) {
+            None => Err("does not exist".into()),
+            Some(p) => p.ready_url().map(str::to_string),
+        }
+    }
+
+    fn html5_url(&self, r: &SpiceProxyRef) -> Option<String> {
+        self.0.get(r)?.ready_html5_url().map(str::to_string)
+    }
+}
+
 pub struct Engine {
     pub client: Client,
 }
@@ -95,13 +110,7 @@ impl Engine {
 
     async fn resolve_with(&self, policy: &ClusterConsolePolicy, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> Result<(VmResolution, HashMap<SpiceProxyRef, SpiceProxy>), EngineError> {
         let proxies = self.proxies(policy).await?;
-        let lookup = |r: &SpiceProxyRef| -> Result<String, String> {
-            match proxies.get(r) {
-                None => Err("does not exist".into()),
-                Some(p) => p.ready_url().map(str::to_string),
-            }
-        };
-        let resolution = resolve_vm(&policy.name_any(), &policy.spec, &lookup, cluster, pool, vm)?;
+        let resolution = resolve_vm(&policy.name_any(), &policy.spec, &MapDirectory(&proxies), cluster, pool, vm)?;
         Ok((resolution, proxies))
     }
 
@@ -155,6 +164,7 @@ impl Engine {
     pub fn issue(prepared: Prepared, caller: &str) -> Console {
         let Prepared { request, resolution, ticket_for, plain_proxy } = prepared;
         let mut ticket_expires = None;
+        let mut html5_url = None;
         let proxy = match (&ticket_for, plain_proxy) {
             (Some((reference, key)), _) => {
                 let ttl = request.ttl_seconds.unwrap_or(DEFAULT_TICKET_TTL);
@@ -164,11 +174,15 @@ impl Engine {
                 let token = ticket::mint(key, &claims);
                 ticket_expires = Some(expires);
                 audit(caller, &request, reference, &ports, expires);
+                // The browser bridge connects to the plain SPICE port, the first in the ticket.
+                if request.port.is_some() {
+                    html5_url = resolution.html5_url.as_ref().map(|base| format!("{base}?token={token}"));
+                }
                 Some(proxy_with_ticket(resolution.proxy_url.as_deref().unwrap_or_default(), &token))
             }
             (None, plain) => plain,
         };
-        Console { vv: vv_file(&request, proxy.as_deref()), html5_url: resolution.html5_url.clone(), resolution, ticket_expires }
+        Console { vv: vv_file(&request, proxy.as_deref()), html5_url, resolution, ticket_expires }
     }
 }
 
