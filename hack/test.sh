@@ -9,7 +9,7 @@ PATH="$PATH:$("$HACK_DIR/hadolint.sh")"
 export PATH
 
 echo "== unit tests, packaging (chart, Dockerfile), proxy tests on loopback, real SPICE peers"
-cargo test --lib --test crd_drift --test packaging --test proxy --test websocket --test spice_e2e
+cargo test --lib --test crd_drift --test packaging --test proxy --test websocket --test spice_e2e --test browser
 
 CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-test-cluster.XXXXXX")
 cleanup() {

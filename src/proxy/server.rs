@@ -456,6 +456,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
 pub(crate) fn status_label(status: u16) -> &'static str {
     match status {
         400 => "400",
+        401 => "401",
         403 => "403",
         405 => "405",
         407 => "407",

@@ -82,31 +82,33 @@ async fn handle(
         Ok(u) => u,
         Err(rejection) => return refuse(StatusCode::BAD_REQUEST, format!("not a WebSocket handshake: {}", rejection.body_text())),
     };
+    let started = Instant::now();
+    let peer_ip = super::allow::canonical(peer.ip());
+    let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), ..Default::default() };
     if let Err(why) = check_origin(&headers, &bridge.allowed_origins) {
-        return refuse(StatusCode::FORBIDDEN, why);
+        return log_refusal(&bridge.shared, audit, started, StatusCode::FORBIDDEN, why);
     }
     let Some(token) = token(&uri, &headers) else {
-        return refuse(StatusCode::UNAUTHORIZED, "no token: open the console URL with ?token=<ticket>");
+        return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "no token: open the console URL with ?token=<ticket>".into());
     };
     let keys = bridge.shared.ticket_keys();
     let claims = match ticket::verify(&keys, &token, ticket::now()) {
         Ok(c) => c,
-        Err(ticket::TicketError::Expired) => return refuse(StatusCode::UNAUTHORIZED, "token expired: ask for a new console"),
-        Err(e) => return refuse(StatusCode::UNAUTHORIZED, format!("invalid token: {e}")),
+        Err(ticket::TicketError::Expired) => return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "token expired: ask for a new console".into()),
+        Err(e) => return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, format!("invalid token: {e}")),
     };
     // The plain SPICE port comes first in a ticket (engines mint [port, tls-port]).
-    let Some(&port) = claims.ports.first() else { return refuse(StatusCode::UNAUTHORIZED, "the token names no port") };
-    let started = Instant::now();
-    let peer_ip = super::allow::canonical(peer.ip());
-    let Ok(permit) = bridge.shared.tunnels.clone().try_acquire_owned() else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "proxy is at its tunnel limit, try again later");
+    let Some(&port) = claims.ports.first() else {
+        return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "the token names no port".into());
     };
-    let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many tunnels from your address");
-    };
-    let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), ..Default::default() };
     audit.target = Some(format!("{}:{port}", claims.host));
     audit.subject = Some(claims.subject.clone());
+    let Ok(permit) = bridge.shared.tunnels.clone().try_acquire_owned() else {
+        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, "proxy is at its tunnel limit, try again later".into());
+    };
+    let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
+        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, "too many tunnels from your address".into());
+    };
     let addrs = match bridge.shared.allowed_addresses(&claims.host, port).await {
         Ok(a) => a,
         Err(r) => return log_refusal(&bridge.shared, audit, started, StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN), r.body),

@@ -80,8 +80,8 @@ pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiv
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // Lines without a target are readiness probes (no request sent).
-        for line in BufReader::new(out).lines().map_while(Result::ok).filter(|l| l.contains("\"target\"")) {
+        // Connections without a request are the tests' own readiness probes.
+        for line in BufReader::new(out).lines().map_while(Result::ok).filter(|l| l.starts_with('{') && !l.contains("\"no_request\"")) {
             let _ = tx.send(line);
         }
     });

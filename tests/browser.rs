@@ -1,0 +1,218 @@
+//! The browser console in real headless Chromium (Debian's chromium + chromedriver, driven
+//! over WebDriver): spice-html5's spice_auto.html served by our proxy, its WebSockets bridged
+//! to a real qemu SPICE server with a ticket as token — the page's canvas shows the VM's
+//! screen. An expired, forged or other-target token shows the page's error and no byte
+//! reaches the server; a page on a foreign origin that opens the WebSocket is refused.
+//! Needs chromium, chromium-driver and spice-html5 (hack/deps.sh installs them).
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::free_port;
+use common::spice::{Kill, active_tunnels, artifact, proxy_process, qemu, wait_port};
+use serde_json::{Value, json};
+use spice_operator::proxy::ticket::{self, Claims};
+
+const KEY: &[u8] = b"browser-test-key-0123456789abcde";
+
+struct Proxy {
+    _process: Kill,
+    html5: u16,
+    admin: u16,
+    audit: std::sync::mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn proxy(spice_port: u16) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
+    let (port, admin, html5) = (free_port(), free_port(), free_port());
+    let cfg = json!({
+        "listen": format!("127.0.0.1:{port}"), "adminListen": format!("127.0.0.1:{admin}"),
+        "allowedTargets": [{"cidr": "127.0.0.1/32", "ports": [[spice_port, spice_port]]}],
+        "authMode": "Ticket", "keysDir": dir.path().join("keys"),
+        "limits": {"maxTunnels": 100, "maxTunnelsPerClient": 50, "idleTimeoutSeconds": 3600,
+                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1},
+        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5"}
+    });
+    let file = dir.path().join("config.json");
+    std::fs::write(&file, cfg.to_string()).unwrap();
+    let (process, audit) = proxy_process(&file, port);
+    wait_port(html5, "the browser port");
+    Proxy { _process: process, html5, admin, audit, _dir: dir }
+}
+
+fn token(host: &str, port: u16, ttl: i64, key: &[u8]) -> String {
+    let expires = (ticket::now() as i64 + ttl) as u64;
+    ticket::mint(key, &Claims { host: host.into(), ports: vec![port], expires, subject: "vm-browser".into() })
+}
+
+/// A minimal WebDriver client for chromedriver on loopback.
+struct Browser {
+    port: u16,
+    session: String,
+    _driver: Kill,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = Kill(
+            Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver must be installed (hack/deps.sh: chromium-driver)"),
+        );
+        wait_port(port, "chromedriver");
+        let mut b = Browser { port, session: String::new(), _driver: driver };
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"]
+        }}}});
+        let r = b.call("POST", "/session", Some(caps));
+        b.session = r["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {r}")).to_string();
+        b
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        // Read the head, then exactly Content-Length bytes (chromedriver may keep the socket open).
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).unwrap(), 1, "chromedriver closed mid-response");
+            raw.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap_or_else(|_| panic!("WebDriver answered {head}{}", String::from_utf8_lossy(&body)))
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", &format!("/session/{}/url", self.session), Some(json!({"url": url})));
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.call("POST", &format!("/session/{}/execute/sync", self.session), Some(json!({"script": script, "args": []})))["value"].clone()
+    }
+
+    fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        let v = self.call("GET", &format!("/session/{}/screenshot", self.session), None);
+        let png = base64::engine::general_purpose::STANDARD.decode(v["value"].as_str().unwrap()).unwrap();
+        let path = artifact(name);
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+
+    /// Polls a script until it returns something truthy for `check`.
+    fn wait(&self, script: &str, timeout: Duration, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.js(script);
+            if check(&v) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = std::panic::catch_unwind(|| self.call("DELETE", &format!("/session/{}", self.session), None));
+        }
+    }
+}
+
+/// Lit pixels on the spice-html5 canvas (-1: no canvas yet). A blank screen has none.
+const LIT_PIXELS: &str = r#"
+    const c = document.querySelector('#spice-screen canvas');
+    if (!c || !c.width) return -1;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let lit = 0;
+    for (let i = 0; i < d.length; i += 4) { if (d[i] > 60 || d[i + 1] > 60 || d[i + 2] > 60) lit++; }
+    return lit;
+"#;
+const MESSAGES: &str = "const m = document.getElementById('message-div'); return m ? m.innerText : '';";
+
+#[test]
+fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
+    let (_qemu, spice) = qemu();
+    let p = proxy(spice);
+    let browser = Browser::start();
+
+    // A valid ticket: the canvas fills with the VM's BIOS screen.
+    let good = token("127.0.0.1", spice, 120, KEY);
+    browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
+    let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
+    let shot = browser.screenshot("browser-console.png");
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank ({lit} lit pixels; {}); page says: {}", shot.display(), browser.js(MESSAGES));
+    let channels = active_tunnels(p.admin);
+    assert!(channels >= 2, "spice-html5 opens one WebSocket per channel, saw {channels}");
+    eprintln!("browser console screenshot: {} ({lit} lit pixels, {channels} channels)", shot.display());
+    // Leave the page: every bridge closes and is audited with the bytes it moved.
+    browser.open("about:blank");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while active_tunnels(p.admin) != 0 {
+        assert!(Instant::now() < deadline, "bridges stayed open after the page was left");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines: Vec<Value> = std::iter::from_fn(|| p.audit.recv_timeout(Duration::from_secs(2)).ok()).map(|l| serde_json::from_str(&l).unwrap()).collect();
+    let ok: Vec<&Value> = lines.iter().filter(|v| v["event"] == "websocket" && v["outcome"] == "ok").collect();
+    assert!(ok.len() >= 2 && ok.iter().any(|v| v["bytesDown"].as_u64().unwrap_or(0) > 10_000), "{lines:#?}");
+    assert!(lines.iter().all(|v| !v.to_string().contains(&good)), "a token reached the audit log");
+
+    // Expired, forged and other-target tokens: the page reports the error, the server gets nothing.
+    for (label, bad, status) in [
+        ("expired", token("127.0.0.1", spice, -10, KEY), "401"),
+        ("forged", token("127.0.0.1", spice, 120, b"not-the-proxy-key-0123456789abcd"), "401"),
+        ("other target", token("127.0.0.1", spice + 1, 120, KEY), "403"),
+    ] {
+        browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={bad}", p.html5));
+        let msg = browser.wait(MESSAGES, Duration::from_secs(20), |v| v.as_str().is_some_and(|m| m.contains("WebSocket error")));
+        assert!(msg.as_str().unwrap_or("").contains("WebSocket error"), "{label}: the page shows no error: {msg}");
+        assert!(browser.js(LIT_PIXELS).as_i64().unwrap_or(-1) <= 0, "{label}: something was drawn");
+        let line: Value = serde_json::from_str(&p.audit.recv_timeout(Duration::from_secs(10)).expect("the refusal is audited")).unwrap();
+        assert_eq!(line["outcome"], status, "{label}: {line}");
+        assert!(line.get("upstream").is_none() && line.get("bytesUp").is_none(), "{label}: bytes reached the server: {line}");
+        assert_eq!(active_tunnels(p.admin), 0, "{label}");
+        // spice_auto.html keeps the token in a cookie: clear it between cases.
+        browser.js("document.cookie = 'token=; expires=Thu, 01 Jan 1970 00:00:00 GMT; path=/'; return 0;");
+    }
+
+    // A page on another origin that opens the bridge with a valid token: refused (403).
+    let evil = TcpListener::bind("127.0.0.1:0").unwrap();
+    let evil_port = evil.local_addr().unwrap().port();
+    let page = format!(
+        "<html><body><script>const ws = new WebSocket('ws://127.0.0.1:{}/websockify?token={good}', 'binary');\
+         ws.onopen = () => document.title = 'OPEN'; ws.onerror = () => document.title = 'REFUSED';</script></body></html>",
+        p.html5
+    );
+    std::thread::spawn(move || {
+        for mut conn in evil.incoming().flatten().take(4) {
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}", page.len());
+        }
+    });
+    browser.open(&format!("http://127.0.0.1:{evil_port}/"));
+    let title = browser.wait("return document.title;", Duration::from_secs(20), |v| v.as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(title, "REFUSED");
+    let line: Value = serde_json::from_str(&p.audit.recv_timeout(Duration::from_secs(10)).expect("the refusal is audited")).unwrap();
+    assert_eq!(line["outcome"], "403", "{line}");
+    assert!(line["close"].as_str().unwrap().contains("cross-origin"), "{line}");
+    assert_eq!(active_tunnels(p.admin), 0);
+}
