@@ -10,7 +10,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
- && echo 'fn main() {}' > benches/policy_scale.rs && echo 'fn main() {}' > benches/proxy_compare.rs \
+ && for b in policy_scale proxy_compare bridge_compare; do echo 'fn main() {}' > "benches/$b.rs"; done \
  && cargo build --release --locked \
  && rm -rf src
 COPY src ./src
