@@ -78,6 +78,19 @@ impl EngineApi {
     fn console(&self, token: &str, body: &Value) -> Reply {
         self.call("POST", "/v1/console", Some(token), Some(body)).expect("engine API answers")
     }
+
+    /// The console answer as JSON (`Accept: application/json`).
+    fn console_json(&self, token: &str, body: &Value) -> Value {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "30", "--cacert"])
+            .arg(&self.ca)
+            .args(["-H", &format!("Authorization: Bearer {token}"), "-H", "Accept: application/json", "-H", "Content-Type: application/json"])
+            .args(["--data", &body.to_string(), &format!("https://localhost:{}/v1/console", self.port)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "console as JSON failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
 }
 
 async fn service_account_token(client: &Client, ns: &str, name: &str, issuer: bool) -> String {
@@ -111,7 +124,7 @@ async fn setup(client: &Client, prefix: &str, spice_port: u16) -> Setup {
     let proxy_port = free_port();
     let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
     let p = spx(&format!(
-        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: 127.0.0.1, port: {proxy_port}}}\n  allowedTargets: [{{cidr: 127.0.0.1/32, ports: [{{from: {spice_port}}}]}}]\n",
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: 127.0.0.1, port: {proxy_port}}}\n  allowedTargets: [{{cidr: 127.0.0.1/32, ports: [{{from: {spice_port}}}]}}]\n  html5: {{port: 6082}}\n",
         ns.name
     ));
     spx_api.create(&PostParams::default(), &p).await.unwrap();
@@ -133,6 +146,11 @@ async fn teardown(client: &Client, s: &Setup) {
 
 fn console_body(s: &Setup, pool: &str, vm: &str, host: &str) -> Value {
     json!({"policy": s.policy, "cluster": "prod", "pool": pool, "vm": vm, "host": host, "port": s.spice_port, "password": "s3cret"})
+}
+
+fn res_html5(api: &EngineApi, token: &str, s: &Setup, pool: &str) -> Value {
+    let r = api.call("GET", &format!("/v1/resolve?policy={}&cluster=prod&pool={pool}&vm=vm1", s.policy), Some(token), None).unwrap();
+    serde_json::from_str::<Value>(&r.body).unwrap()["html5Url"].clone()
 }
 
 fn proxy_line(vv: &str) -> Option<&str> {
@@ -216,12 +234,23 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
     assert_eq!((res["source"].clone(), res["proxyConfigured"].clone()), (json!("VM"), json!(false)));
     assert_eq!(proxy_line(&api.console(&ok, &console_body(&s, "desktops", "private-vm", "127.0.0.1")).body), None);
 
-    // One audit line per ticket (here: the first console only), never the ticket.
+    // The browser console: html5Url resolved per level like proxyUrl, handed out with a token.
+    assert_eq!(res_html5(&api, &ok, &s, "desktops"), json!("http://127.0.0.1:6082/spice_auto.html"));
+    assert_eq!(res_html5(&api, &ok, &s, "kiosks"), Value::Null);
+    let ccp = Api::<ClusterConsolePolicy>::all(client.clone()).get(&s.policy).await.unwrap().status.unwrap();
+    let pool = ccp.pools.iter().find(|p| p.name == "desktops").unwrap();
+    assert_eq!(pool.html5_url.as_deref(), Some("http://127.0.0.1:6082/spice_auto.html"));
+    let answer = api.console_json(&ok, &body);
+    let html5 = answer["html5Url"].as_str().expect("html5Url with a token");
+    assert!(html5.starts_with("http://127.0.0.1:6082/spice_auto.html?token=v1."), "{answer}");
+    assert!(answer["vv"].as_str().unwrap().contains("proxy=http://console:v1."));
+
+    // One audit line per ticket (here: the first console and the JSON one), never the ticket.
     let ticket = line.split(':').nth(2).unwrap().split('@').next().unwrap().to_string();
     let log = api._operator.log_text();
     let issued: Vec<Value> = log.lines().filter(|l| l.contains("\"ticketIssued\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
     let mine: Vec<&Value> = issued.iter().filter(|v| v["policy"] == json!(s.policy)).collect();
-    assert_eq!(mine.len(), 1, "{issued:?}");
+    assert_eq!(mine.len(), 2, "{issued:?}");
     assert_eq!(mine[0]["caller"], json!(format!("system:serviceaccount:{}:engine", s.ns.name)));
     assert_eq!((mine[0]["vm"].clone(), mine[0]["target"].clone()), (json!("vm1"), json!("127.0.0.1:5930")));
     assert!(mine[0]["expires"].as_u64().unwrap() > 0);

@@ -269,6 +269,9 @@ pub async fn generated_proxy(client: &Client, ns: &str, name: &str, listen: u16)
     config["listen"] = format!("127.0.0.1:{listen}").into();
     config["adminListen"] = format!("127.0.0.1:{admin}").into();
     config["keysDir"] = dir.path().to_str().unwrap().into();
+    if config.get("html5").is_some_and(|h| !h.is_null()) {
+        config["html5"]["listen"] = format!("127.0.0.1:{}", free_port()).into();
+    }
     let file = dir.path().join("config.json");
     std::fs::write(&file, config.to_string()).unwrap();
     let (proxy, audit) = spice::proxy_process(&file, listen);
