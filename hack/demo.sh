@@ -27,9 +27,12 @@ export KUBECONFIG="$STATE/kubeconfig"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/ >/dev/null
 
-ADMIN_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-echo "== running the operator (log: $STATE/operator.log, metrics: http://127.0.0.1:$ADMIN_PORT/metrics)"
-target/release/spice-operator controller --admin-addr "127.0.0.1:$ADMIN_PORT" --proxy-image "spice-operator:0.1.0" > "$STATE/operator.log" 2>&1 &
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ADMIN_PORT=$(free_port)
+API_PORT=$(free_port)
+echo "== running the operator (log: $STATE/operator.log, metrics: http://127.0.0.1:$ADMIN_PORT/metrics, engine API: https://127.0.0.1:$API_PORT)"
+target/release/spice-operator controller --admin-addr "127.0.0.1:$ADMIN_PORT" --api-addr "127.0.0.1:$API_PORT" \
+  --proxy-image "spice-operator:0.1.0" > "$STATE/operator.log" 2>&1 &
 OPERATOR_PID=$!
 
 echo "== applying examples/"
@@ -41,10 +44,10 @@ done
 
 echo; kubectl get spiceproxies -A; echo; kubectl get clusterconsolepolicies; echo
 echo "Resolved console proxies (ClusterConsolePolicy default):"
-TEMPLATE='KIND CLUSTER POOL/VM PROXY-URL SOURCE PROXY-CONFIGURED ERROR
-{{range .status.clusters}}cluster {{.name}} - {{or .proxyUrl "(none)"}} {{.source}} {{.proxyConfigured}} {{or .error "-"}}
-{{end}}{{range .status.pools}}pool {{.cluster}} {{.name}} {{or .proxyUrl "(none)"}} {{.source}} {{.proxyConfigured}} {{or .error "-"}}
-{{end}}{{range .status.vms}}vm {{.cluster}} {{.name}} {{or .proxyUrl "(none)"}} {{.source}} {{.proxyConfigured}} {{or .error "-"}}
+TEMPLATE='KIND CLUSTER POOL/VM PROXY-URL SOURCE PROXY-CONFIGURED HTML5-URL ERROR
+{{range .status.clusters}}cluster {{.name}} - {{or .proxyUrl "(none)"}} {{.source}} {{.proxyConfigured}} {{or .html5Url "-"}} {{or .error "-"}}
+{{end}}{{range .status.pools}}pool {{.cluster}} {{.name}} {{or .proxyUrl "(none)"}} {{.source}} {{.proxyConfigured}} {{or .html5Url "-"}} {{or .error "-"}}
+{{end}}{{range .status.vms}}vm {{.cluster}} {{.name}} {{or .proxyUrl "(none)"}} {{.source}} {{.proxyConfigured}} {{or .html5Url "-"}} {{or .error "-"}}
 {{end}}'
 kubectl get ccp default -o go-template="$TEMPLATE" | column -t
 echo
