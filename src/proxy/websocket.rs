@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::server::{Audit, ClientSlot, Shared, Tracker};
@@ -31,8 +31,13 @@ use super::ticket;
 /// Largest WebSocket message or frame accepted from a browser. spice-html5 sends small
 /// messages (input events, acks); anything this big is not a SPICE client.
 pub const MAX_MESSAGE: usize = 1 << 20;
-/// Bytes read from the hypervisor per frame sent to the browser.
-const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes read from the hypervisor into one frame for the browser. The buffer exists only
+/// while data is in flight, so an idle console costs nothing here.
+const READ_CHUNK: usize = 256 * 1024;
+/// The WebSocket layer's read buffer (browser → hypervisor: input events, acks; it grows for a
+/// bigger message). tungstenite zero-fills its whole read buffer, so its size is resident
+/// memory per connection: 128 KiB by default.
+const WS_READ_BUFFER: usize = 4 * 1024;
 
 struct Bridge {
     shared: Arc<Shared>,
@@ -125,6 +130,8 @@ async fn handle(
         .protocols(["binary"])
         .max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let tracker = b.tracker.clone();
             tracker.spawn(async move {
@@ -211,6 +218,21 @@ async fn page(dir: &Path, method: &Method, path: &str) -> Response {
     r
 }
 
+/// Waits for the hypervisor to send, then reads what is there into a fresh buffer handed on
+/// without a copy. None at EOF.
+async fn read_chunk(up: &tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Option<axum::body::Bytes>> {
+    loop {
+        up.readable().await?;
+        let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+        match up.try_read_buf(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(buf.freeze())),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
 /// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
 /// write side; upstream EOF sends Close 1000.
@@ -219,10 +241,9 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: TcpStream, mut audit:
     shared.metrics.active.inc();
     let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
     let (mut ws_tx, mut ws_rx) = socket.split();
-    let (mut up_r, mut up_w) = upstream.into_split();
+    let (up_r, mut up_w) = upstream.into_split();
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut cancel = bridge.cancel.clone();
-    let mut buf = vec![0u8; READ_CHUNK];
     let close = loop {
         tokio::select! {
             msg = tokio::time::timeout(idle, ws_rx.next()) => match msg {
@@ -253,17 +274,17 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: TcpStream, mut audit:
                 }
                 Ok(Some(Ok(_))) => {} // ping/pong: answered by the WebSocket layer
             },
-            read = tokio::time::timeout(idle, up_r.read(&mut buf)) => match read {
+            read = tokio::time::timeout(idle, read_chunk(&up_r)) => match read {
                 Err(_) => break "idle timeout",
-                Ok(Ok(0)) | Ok(Err(_)) => {
+                Ok(Err(_)) | Ok(Ok(None)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::NORMAL, reason: "upstream closed".into() })))).await;
                     break "upstream closed";
                 }
-                Ok(Ok(n)) => {
-                    bytes_down += n as u64;
+                Ok(Ok(Some(chunk))) => {
+                    bytes_down += chunk.len() as u64;
                     // A browser that stops reading stalls this send, and so the reads from
                     // the hypervisor: nothing piles up here. Past the idle timeout it is gone.
-                    match tokio::time::timeout(idle, ws_tx.send(Message::Binary(axum::body::Bytes::copy_from_slice(&buf[..n])))).await {
+                    match tokio::time::timeout(idle, ws_tx.send(Message::Binary(chunk))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break "client gone",
                         Err(_) => break "client stopped reading",
