@@ -27,8 +27,15 @@ struct Proxy {
     _dir: tempfile::TempDir,
 }
 
-fn proxy(spice_port: u16) -> Proxy {
+fn proxy(spice_port: u16, tls: bool) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
+    let tls = tls.then(|| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        json!({"certFile": dir.path().join("tls.crt"), "keyFile": dir.path().join("tls.key")})
+    });
     std::fs::create_dir_all(dir.path().join("keys")).unwrap();
     std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
     let (port, admin, html5) = (free_port(), free_port(), free_port());
@@ -38,7 +45,7 @@ fn proxy(spice_port: u16) -> Proxy {
         "authMode": "Ticket", "keysDir": dir.path().join("keys"),
         "limits": {"maxTunnels": 100, "maxTunnelsPerClient": 50, "idleTimeoutSeconds": 3600,
                    "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1},
-        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5"}
+        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5", "tls": tls}
     });
     let file = dir.path().join("config.json");
     std::fs::write(&file, cfg.to_string()).unwrap();
@@ -74,7 +81,9 @@ impl Browser {
         let mut b = Browser { port, session: String::new(), _driver: driver };
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"]
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900",
+                     // the wss case uses a throwaway self-signed certificate
+                     "--ignore-certificate-errors"]
         }}}});
         let r = b.call("POST", "/session", Some(caps));
         b.session = r["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {r}")).to_string();
@@ -151,7 +160,7 @@ const MESSAGES: &str = "const m = document.getElementById('message-div'); return
 #[test]
 fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
     let (_qemu, spice) = qemu();
-    let p = proxy(spice);
+    let p = proxy(spice, false);
     let browser = Browser::start();
 
     // A valid ticket: the canvas fills with the VM's BIOS screen.
@@ -215,4 +224,18 @@ fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
     assert_eq!(line["outcome"], "403", "{line}");
     assert!(line["close"].as_str().unwrap().contains("cross-origin"), "{line}");
     assert_eq!(active_tunnels(p.admin), 0);
+}
+
+#[test]
+fn browser_console_over_https_and_wss() {
+    let (_qemu, spice) = qemu();
+    let p = proxy(spice, true);
+    let browser = Browser::start();
+    let good = token("127.0.0.1", spice, 120, KEY);
+    // spice_auto.html on https:// opens wss:// to the same origin.
+    browser.open(&format!("https://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
+    let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
+    let shot = browser.screenshot("browser-console-wss.png");
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank over wss ({lit}; {}); page says: {}", shot.display(), browser.js(MESSAGES));
+    assert!(active_tunnels(p.admin) >= 2);
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use spice_operator::crd::{AuthMode, ProxyLimits};
-use spice_operator::proxy::config::{AllowedTarget, Html5Config, ProxyConfig};
+use spice_operator::proxy::config::{AllowedTarget, Html5Config, ProxyConfig, TlsFiles};
 use spice_operator::proxy::tunnel::DataPath;
 use spice_operator::proxy::server::ProxyServer;
 use spice_operator::proxy::ticket::{self, Claims};
@@ -31,6 +31,10 @@ struct Bridge {
 }
 
 async fn start(idle: i32, drain: i32) -> Bridge {
+    start_with(idle, drain, None).await
+}
+
+async fn start_with(idle: i32, drain: i32, tls: Option<(String, String)>) -> Bridge {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("keys")).unwrap();
     std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
@@ -39,6 +43,11 @@ async fn start(idle: i32, drain: i32) -> Bridge {
     std::fs::write(pages.join("spice_auto.html"), "<html><title>spice console</title></html>").unwrap();
     std::fs::write(pages.join("thirdparty/jsbn.js"), "var x = 1;").unwrap();
     std::fs::write(dir.path().join("secret.txt"), "not for you").unwrap();
+    let tls = tls.map(|(cert, key)| {
+        std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        TlsFiles { cert_file: dir.path().join("tls.crt").to_string_lossy().into(), key_file: dir.path().join("tls.key").to_string_lossy().into() }
+    });
     let cfg = ProxyConfig {
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
@@ -48,7 +57,7 @@ async fn start(idle: i32, drain: i32) -> Bridge {
         basic_dir: None,
         limits: ProxyLimits { idle_timeout_seconds: idle, drain_seconds: drain, ..ProxyLimits::default() },
         data_path: DataPath::Splice,
-        html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()] }),
+        html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()], tls }),
     };
     let server = ProxyServer::bind(cfg).await.unwrap();
     let (web, admin) = (server.html5_addr().unwrap(), server.admin_addr());
@@ -347,4 +356,49 @@ async fn drain_keeps_open_bridges_until_the_deadline_then_closes_them_with_1001(
     }
     assert_eq!(code, Some(CloseCode::Away));
     tokio::time::timeout(Duration::from_secs(10), b.done).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn wss_with_a_certificate_and_the_https_origin() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+    let b = start_with(600, 1, Some((cert.pem(), key.serialize_pem()))).await;
+    let (up, _) = echo().await;
+    let t = token(up.port(), 60, KEY);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let wss = |origin: &'static str| {
+        let config = config.clone();
+        let t = t.clone();
+        async move {
+            let tcp = TcpStream::connect(b.web).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(config).connect("localhost".try_into().unwrap(), tcp).await.expect("TLS handshake with the bridge");
+            let mut req = format!("wss://localhost:{}/websockify?token={t}", b.web.port()).into_client_request().unwrap();
+            req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+            req.headers_mut().insert("Origin", HeaderValue::from_str(&origin.replace("PORT", &b.web.port().to_string())).unwrap());
+            tokio_tungstenite::client_async(req, tls).await.map(|(ws, _)| ws)
+        }
+    };
+    // wss:// from the console's own https:// page: bridged.
+    let mut ws = wss("https://localhost:PORT").await.expect("wss handshake");
+    ws.send(Message::binary(b"over tls".to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"over tls"),
+        other => panic!("{other:?}"),
+    }
+    // The same host and port over http:// is another origin.
+    match wss("http://localhost:PORT").await {
+        Err(WsError::Http(r)) => assert_eq!(r.status().as_u16(), 403),
+        other => panic!("an http:// page opened a wss:// console: {:?}", other.map(|_| ())),
+    }
+    // Plain ws:// to the TLS port gets nowhere.
+    assert!(open(&b, &format!("?token={t}"), None).await.is_err());
+    let _ = b.stop.send(true);
 }

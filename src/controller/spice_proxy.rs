@@ -263,6 +263,10 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
             listen: format!("0.0.0.0:{}", pc::HTML5_PORT),
             static_dir: pc::HTML5_DIR.into(),
             allowed_origins: h.allowed_origins.clone(),
+            tls: h.tls_secret.as_ref().map(|_| pc::TlsFiles {
+                cert_file: format!("{}/tls.crt", pc::HTML5_TLS_DIR),
+                key_file: format!("{}/tls.key", pc::HTML5_TLS_DIR),
+            }),
         }),
     }
 }
@@ -305,6 +309,14 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
             ..Default::default()
         });
         mounts.push(VolumeMount { name: "basic".into(), mount_path: pc::BASIC_DIR.into(), read_only: Some(true), ..Default::default() });
+    }
+    if let Some(secret) = spec.html5.as_ref().and_then(|h| h.tls_secret.as_ref()) {
+        volumes.push(Volume {
+            name: "html5-tls".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount { name: "html5-tls".into(), mount_path: pc::HTML5_TLS_DIR.into(), read_only: Some(true), ..Default::default() });
     }
     let probe = |path: &str, period| Probe {
         http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("admin".into()), ..Default::default() }),
@@ -527,7 +539,8 @@ pub fn derive_html5_url(spx: &SpiceProxy, svc: &Service, proxy_url: &str) -> Opt
         svc.spec.as_ref()?.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("html5"))?.node_port
     };
     let port = h.external_port.or_else(|| if spx.spec.service.type_ == ServiceType::NodePort { node_port() } else { None }).unwrap_or(h.port);
-    Some(format!("http://{host}:{port}/spice_auto.html"))
+    let scheme = if h.tls_secret.is_some() { "https" } else { "http" };
+    Some(format!("{scheme}://{host}:{port}/spice_auto.html"))
 }
 
 pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_address: Option<&str>) -> SpiceProxyStatus {
@@ -566,15 +579,17 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
         conditions::new("Progressing", progressing, prog_reason, prog_msg, generation),
         conditions::new("Degraded", degraded, degraded_reason, degraded_msg, generation),
     ];
-    if spx.spec.html5.is_some() {
-        // Browser-side TLS (wss) is not built in: say so where operators look.
-        conditions.push(conditions::new(
-            "Html5Encrypted",
-            false,
-            "PlainWebSocket",
-            "browser consoles use ws://: console tokens travel in clear; put a TLS-terminating ingress or load balancer in front of the html5 port",
-            generation,
-        ));
+    if let Some(h) = &spx.spec.html5 {
+        conditions.push(match &h.tls_secret {
+            Some(secret) => conditions::new("Html5Encrypted", true, "TLS", format!("browser consoles use https:// and wss:// with the certificate in Secret {secret}"), generation),
+            None => conditions::new(
+                "Html5Encrypted",
+                false,
+                "PlainWebSocket",
+                "browser consoles use ws://: console tokens travel in clear; set html5.tlsSecret or put a TLS-terminating ingress in front of the html5 port",
+                generation,
+            ),
+        });
     }
     SpiceProxyStatus { proxy_url: url.ok(), html5_url, ready_replicas: ready, replicas: ds.replicas.unwrap_or(0), observed_generation: generation, conditions }
 }
@@ -699,6 +714,17 @@ mod tests {
         assert_eq!(st.html5_url.as_deref(), Some("http://console.example.com:6082/spice_auto.html"));
         let enc = st.conditions.iter().find(|c| c.type_ == "Html5Encrypted").unwrap();
         assert_eq!((enc.status.as_str(), enc.reason.as_str()), ("False", "PlainWebSocket"));
+        // With a certificate: https, and the condition says the tokens are protected.
+        let mut tls = s.clone();
+        tls.spec.html5.as_mut().unwrap().tls_secret = Some("console-cert".into());
+        let c = build(&tls, "i").unwrap();
+        let pod = c.deployment.spec.template.spec.unwrap();
+        assert!(pod.volumes.unwrap().iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("console-cert")));
+        let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
+        assert_eq!(cfg.html5.unwrap().tls.unwrap().cert_file, "/etc/spice-proxy/html5-tls/tls.crt");
+        let st = build_status(&tls, &deploy_with(1, 1), &c.service, None);
+        assert_eq!(st.html5_url.as_deref(), Some("https://console.example.com:6082/spice_auto.html"));
+        assert!(conditions::is_true(&st.conditions, "Html5Encrypted"));
         // Without html5: no port, no URL, no condition.
         let plain = spx(BASIC);
         let st = build_status(&plain, &deploy_with(1, 1), &build(&plain, "i").unwrap().service, None);

@@ -134,6 +134,11 @@ pub struct Html5Spec {
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub allowed_origins: Vec<String>,
+    /// A kubernetes.io/tls Secret in this namespace: serve https:// and wss:// with it.
+    /// Absent: plain ws://, and console tokens travel in clear (a condition says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tls_secret: Option<String>,
 }
 
 pub const DEFAULT_HTML5_PORT: i32 = 6082;

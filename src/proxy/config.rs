@@ -43,7 +43,20 @@ pub struct Html5Config {
     /// Origins, besides the console page's own, whose pages may open the WebSocket.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// Serve https:// and wss:// with this certificate; absent: plain http:// and ws://.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
 }
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsFiles {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// Where the operator mounts a SpiceProxy's browser-side certificate (a kubernetes.io/tls Secret).
+pub const HTML5_TLS_DIR: &str = "/etc/spice-proxy/html5-tls";
 
 pub const HTML5_DIR: &str = "/usr/share/spice-html5";
 pub const HTML5_PORT: u16 = 6082;

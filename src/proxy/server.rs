@@ -306,6 +306,9 @@ impl ProxyServer {
                 if cfg.auth_mode != AuthMode::Ticket {
                     anyhow::bail!("the browser path needs auth mode Ticket: its token names the target");
                 }
+                if let Some(files) = &h.tls {
+                    super::websocket::tls_config(files).map_err(|e| anyhow::anyhow!("browser-side TLS: {e:#}"))?;
+                }
                 Some(TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?)
             }
             None => None,

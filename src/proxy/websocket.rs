@@ -45,6 +45,8 @@ struct Bridge {
     cancel: tokio::sync::watch::Receiver<bool>,
     static_dir: PathBuf,
     allowed_origins: Vec<String>,
+    /// "https" when the browser side is TLS: the only scheme a same-origin page can have.
+    scheme: &'static str,
 }
 
 /// Serves pages and WebSockets on `listener` until `shutdown` resolves; bridges run as
@@ -57,9 +59,39 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let html5 = shared.cfg.html5.clone().expect("serve is only called with html5 configured");
-    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins });
-    let app = axum::Router::new().fallback(handle).with_state(bridge);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await
+    let scheme = if html5.tls.is_some() { "https" } else { "http" };
+    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme });
+    let app = axum::Router::new().fallback(handle).with_state(bridge).into_make_service_with_connect_info::<PeerAddr>();
+    match &html5.tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(files) => {
+            let config = tls_config(files).map_err(std::io::Error::other)?;
+            let tls = crate::engine::tls::TlsListener::new(listener, config)?;
+            axum::serve(tls, app).with_graceful_shutdown(shutdown).await
+        }
+    }
+}
+
+/// The client's address, for plain and TLS listeners alike.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, TcpListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'a, TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, crate::engine::tls::TlsListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'a, crate::engine::tls::TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// The browser-side certificate; checked when the proxy starts so a bad Secret fails loudly.
+pub fn tls_config(files: &super::config::TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let read = |f: &str| std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read {f}: {e}"));
+    crate::engine::tls::server_config(&read(&files.cert_file)?, &read(&files.key_file)?)
 }
 
 fn refuse(status: StatusCode, body: impl Into<String>) -> Response {
@@ -73,7 +105,7 @@ fn refuse(status: StatusCode, body: impl Into<String>) -> Response {
 
 async fn handle(
     State(bridge): State<Arc<Bridge>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -90,7 +122,7 @@ async fn handle(
     let started = Instant::now();
     let peer_ip = super::allow::canonical(peer.ip());
     let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), ..Default::default() };
-    if let Err(why) = check_origin(&headers, &bridge.allowed_origins) {
+    if let Err(why) = check_origin(&headers, bridge.scheme, &bridge.allowed_origins) {
         return log_refusal(&bridge.shared, audit, started, StatusCode::FORBIDDEN, why);
     }
     let Some(token) = token(&uri, &headers) else {
@@ -168,18 +200,18 @@ fn token(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 /// A browser always sends Origin on a WebSocket handshake: it must be this very page's
 /// origin (same scheme and host:port) or one the SpiceProxy lists. Clients that are not
 /// browsers send none and cannot be hijacked cross-site; the token still decides for them.
-pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+pub fn check_origin(headers: &HeaderMap, scheme: &str, allowed: &[String]) -> Result<(), String> {
     let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
     let origin = origin.to_str().map_err(|_| "Origin header is not text".to_string())?.trim_end_matches('/').to_ascii_lowercase();
     if allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(&origin)) {
         return Ok(());
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    // This listener speaks plain HTTP: the only same-origin pages are http:// ones.
-    if !host.is_empty() && origin == format!("http://{host}") {
+    // Same host and port is not enough: an http:// page may not use a wss:// console, nor the reverse.
+    if !host.is_empty() && origin == format!("{scheme}://{host}") {
         return Ok(());
     }
-    Err(format!("cross-origin WebSocket refused: Origin {origin} is not this console's origin http://{host} nor an allowed origin"))
+    Err(format!("cross-origin WebSocket refused: Origin {origin} is not this console's origin {scheme}://{host} nor an allowed origin"))
 }
 
 /// The spice-html5 pages: `/` and `/spice_auto.html` are the console; other files by exact
