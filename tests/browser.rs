@@ -28,7 +28,16 @@ struct Proxy {
 }
 
 fn proxy(spice_port: u16, tls: bool) -> Proxy {
+    proxy_with(spice_port, tls, None)
+}
+
+/// `upstream`: (CA PEM, host-subject) for TLS to the hypervisor's tls-port.
+fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<String>)>) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream.map(|(ca, subject)| {
+        std::fs::write(dir.path().join("hv-ca.crt"), ca).unwrap();
+        json!({"caFile": dir.path().join("hv-ca.crt"), "hostSubject": subject})
+    });
     let tls = tls.then(|| {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().self_signed(&key).unwrap();
@@ -45,7 +54,7 @@ fn proxy(spice_port: u16, tls: bool) -> Proxy {
         "authMode": "Ticket", "keysDir": dir.path().join("keys"),
         "limits": {"maxTunnels": 100, "maxTunnelsPerClient": 50, "idleTimeoutSeconds": 3600,
                    "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1},
-        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5", "tls": tls}
+        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5", "tls": tls, "upstreamTls": upstream}
     });
     let file = dir.path().join("config.json");
     std::fs::write(&file, cfg.to_string()).unwrap();
@@ -238,4 +247,59 @@ fn browser_console_over_https_and_wss() {
     let shot = browser.screenshot("browser-console-wss.png");
     assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank over wss ({lit}; {}); page says: {}", shot.display(), browser.js(MESSAGES));
     assert!(active_tunnels(p.admin) >= 2);
+}
+
+/// A VM whose SPICE server listens on a tls-port only, with a certificate from our own CA.
+fn qemu_tls(dir: &std::path::Path) -> (Kill, u16, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test hypervisor CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "example");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "host1");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    let port = free_port();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "accel=tcg", "-m", "64", "-nodefaults", "-vga", "qxl", "-display", "none"])
+        .args(["-spice", &format!("tls-port={port},addr=127.0.0.1,x509-dir={},disable-ticketing=on", dir.display())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let k = Kill(child);
+    wait_port(port, "qemu's SPICE tls-port");
+    (k, port, ca.pem())
+}
+
+#[test]
+fn browser_console_reaches_a_tls_only_spice_server_through_the_bridge() {
+    let certs = tempfile::tempdir().unwrap();
+    let (_qemu, tls_port, ca) = qemu_tls(certs.path());
+    // The bridge checks the hypervisor against the CA and the host-subject.
+    let p = proxy_with(tls_port, false, Some((ca.clone(), Some("O=example, CN=host1".into()))));
+    let browser = Browser::start();
+    let good = token("127.0.0.1", tls_port, 120, KEY);
+    browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
+    let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
+    let shot = browser.screenshot("browser-console-upstream-tls.png");
+    let audit: Vec<String> = std::iter::from_fn(|| p.audit.try_recv().ok()).collect();
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen through TLS to the hypervisor ({lit}; {}); page says: {}; audit: {audit:?}", shot.display(), browser.js(MESSAGES));
+    drop(browser);
+
+    // The wrong subject: the bridge refuses the hypervisor (502) and the page shows the error.
+    let q = proxy_with(tls_port, false, Some((ca, Some("O=example, CN=host2".into()))));
+    let browser = Browser::start();
+    browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", q.html5));
+    let msg = browser.wait(MESSAGES, Duration::from_secs(20), |v| v.as_str().is_some_and(|m| m.contains("WebSocket error")));
+    assert!(msg.as_str().unwrap_or("").contains("WebSocket error"), "{msg}");
+    let line: Value = serde_json::from_str(&q.audit.recv_timeout(Duration::from_secs(10)).expect("audited")).unwrap();
+    assert_eq!(line["outcome"], "502", "{line}");
+    assert!(line["close"].as_str().unwrap().contains("TLS to the hypervisor failed"), "{line}");
 }

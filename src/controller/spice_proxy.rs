@@ -267,6 +267,10 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
                 cert_file: format!("{}/tls.crt", pc::HTML5_TLS_DIR),
                 key_file: format!("{}/tls.key", pc::HTML5_TLS_DIR),
             }),
+            upstream_tls: h.upstream_tls.as_ref().map(|u| pc::UpstreamTls {
+                ca_file: format!("{}/ca.crt", pc::UPSTREAM_CA_DIR),
+                host_subject: u.host_subject.clone(),
+            }),
         }),
     }
 }
@@ -317,6 +321,14 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
             ..Default::default()
         });
         mounts.push(VolumeMount { name: "html5-tls".into(), mount_path: pc::HTML5_TLS_DIR.into(), read_only: Some(true), ..Default::default() });
+    }
+    if let Some(u) = spec.html5.as_ref().and_then(|h| h.upstream_tls.as_ref()) {
+        volumes.push(Volume {
+            name: "hypervisor-ca".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(u.ca_secret.clone()), ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount { name: "hypervisor-ca".into(), mount_path: pc::UPSTREAM_CA_DIR.into(), read_only: Some(true), ..Default::default() });
     }
     let probe = |path: &str, period| Probe {
         http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("admin".into()), ..Default::default() }),
@@ -725,6 +737,14 @@ mod tests {
         let st = build_status(&tls, &deploy_with(1, 1), &c.service, None);
         assert_eq!(st.html5_url.as_deref(), Some("https://console.example.com:6082/spice_auto.html"));
         assert!(conditions::is_true(&st.conditions, "Html5Encrypted"));
+        // TLS to the hypervisors: the CA Secret is mounted and the bridge told where.
+        tls.spec.html5.as_mut().unwrap().upstream_tls = Some(crate::crd::UpstreamTlsSpec { ca_secret: "hv-ca".into(), host_subject: Some("O=example,CN=host1".into()) });
+        let c = build(&tls, "i").unwrap();
+        let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
+        let up = cfg.html5.unwrap().upstream_tls.unwrap();
+        assert_eq!((up.ca_file.as_str(), up.host_subject.as_deref()), ("/etc/spice-proxy/hypervisor-ca/ca.crt", Some("O=example,CN=host1")));
+        let vols = c.deployment.spec.template.spec.unwrap().volumes.unwrap();
+        assert!(vols.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("hv-ca")));
         // Without html5: no port, no URL, no condition.
         let plain = spx(BASIC);
         let st = build_status(&plain, &deploy_with(1, 1), &build(&plain, "i").unwrap().service, None);

@@ -139,6 +139,22 @@ pub struct Html5Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub tls_secret: Option<String>,
+    /// Reach the hypervisors' SPICE tls-port with TLS (the browser cannot do SPICE TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<UpstreamTlsSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamTlsSpec {
+    /// A Secret in this namespace whose `ca.crt` signed the hypervisors' SPICE certificates.
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret: String,
+    /// Check the certificate's subject instead of its name, e.g. `O=example,CN=host1`
+    /// (spice-gtk's host-subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub host_subject: Option<String>,
 }
 
 pub const DEFAULT_HTML5_PORT: i32 = 6082;

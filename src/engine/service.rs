@@ -54,6 +54,9 @@ pub struct Prepared {
     pub ticket_for: Option<(SpiceProxyRef, Vec<u8>)>,
     /// The `proxy=` value when no ticket is needed (literal URL, or auth mode None).
     pub plain_proxy: Option<String>,
+    /// The SpiceProxy's browser bridge can reach this console: it connects to the plain port,
+    /// or to the tls-port when it speaks TLS to hypervisors.
+    pub html5_reachable: bool,
 }
 
 /// What the engine hands the user.
@@ -129,7 +132,7 @@ impl Engine {
             // Never fall back to another level or to a direct connection.
             return Err(EngineError::Unavailable(format!("the proxy for this VM cannot be used: {why}")));
         }
-        let mut prepared = Prepared { request, resolution, ticket_for: None, plain_proxy: None };
+        let mut prepared = Prepared { request, resolution, ticket_for: None, plain_proxy: None, html5_reachable: false };
         if !use_proxy(&prepared.resolution, prepared.request.proxy_enabled) {
             return Ok(prepared);
         }
@@ -140,6 +143,11 @@ impl Engine {
         };
         let spx = proxies.get(&reference).expect("resolved through this map");
         check_allowed(&prepared.request, spx).await?;
+        prepared.html5_reachable = match &spx.spec.html5 {
+            Some(h) if h.upstream_tls.is_some() => prepared.request.tls_port.is_some(),
+            Some(_) => prepared.request.port.is_some(),
+            None => false,
+        };
         match spx.spec.auth.mode {
             AuthMode::None => prepared.plain_proxy = Some(url),
             AuthMode::Basic => {
@@ -162,7 +170,7 @@ impl Engine {
 
     /// Mints the ticket (if any) and writes the `.vv`; one audit line per ticket.
     pub fn issue(prepared: Prepared, caller: &str) -> Console {
-        let Prepared { request, resolution, ticket_for, plain_proxy } = prepared;
+        let Prepared { request, resolution, ticket_for, plain_proxy, html5_reachable } = prepared;
         let mut ticket_expires = None;
         let mut html5_url = None;
         let proxy = match (&ticket_for, plain_proxy) {
@@ -174,8 +182,7 @@ impl Engine {
                 let token = ticket::mint(key, &claims);
                 ticket_expires = Some(expires);
                 audit(caller, &request, reference, &ports, expires);
-                // The browser bridge connects to the plain SPICE port, the first in the ticket.
-                if request.port.is_some() {
+                if html5_reachable {
                     html5_url = resolution.html5_url.as_ref().map(|base| format!("{base}?token={token}"));
                 }
                 Some(proxy_with_ticket(resolution.proxy_url.as_deref().unwrap_or_default(), &token))

@@ -46,7 +46,23 @@ pub struct Html5Config {
     /// Serve https:// and wss:// with this certificate; absent: plain http:// and ws://.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFiles>,
+    /// Connect to the hypervisor's SPICE tls-port (the ticket's last port) with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<UpstreamTls>,
 }
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamTls {
+    /// PEM of the CA that signed the hypervisors' SPICE certificates.
+    pub ca_file: String,
+    /// Match the certificate's subject instead of its name, as spice-gtk's host-subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_subject: Option<String>,
+}
+
+/// Where the operator mounts the hypervisor CA (a Secret with `ca.crt`).
+pub const UPSTREAM_CA_DIR: &str = "/etc/spice-proxy/hypervisor-ca";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

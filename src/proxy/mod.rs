@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod server;
 pub mod ticket;
 pub mod tunnel;
+pub mod upstream_tls;
 pub mod websocket;

@@ -309,6 +309,9 @@ impl ProxyServer {
                 if let Some(files) = &h.tls {
                     super::websocket::tls_config(files).map_err(|e| anyhow::anyhow!("browser-side TLS: {e:#}"))?;
                 }
+                if let Some(u) = &h.upstream_tls {
+                    super::websocket::upstream_config(u).map_err(|e| anyhow::anyhow!("TLS to hypervisors: {e:#}"))?;
+                }
                 Some(TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?)
             }
             None => None,

@@ -47,6 +47,8 @@ struct Bridge {
     allowed_origins: Vec<String>,
     /// "https" when the browser side is TLS: the only scheme a same-origin page can have.
     scheme: &'static str,
+    /// TLS to the hypervisor's tls-port, when configured.
+    upstream_tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Serves pages and WebSockets on `listener` until `shutdown` resolves; bridges run as
@@ -60,7 +62,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let html5 = shared.cfg.html5.clone().expect("serve is only called with html5 configured");
     let scheme = if html5.tls.is_some() { "https" } else { "http" };
-    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme });
+    let upstream_tls = match &html5.upstream_tls {
+        Some(u) => Some(tokio_rustls::TlsConnector::from(upstream_config(u).map_err(std::io::Error::other)?)),
+        None => None,
+    };
+    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme, upstream_tls });
     let app = axum::Router::new().fallback(handle).with_state(bridge).into_make_service_with_connect_info::<PeerAddr>();
     match &html5.tls {
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
@@ -86,6 +92,12 @@ impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, 
     fn connect_info(stream: axum::serve::IncomingStream<'a, crate::engine::tls::TlsListener>) -> Self {
         PeerAddr(*stream.remote_addr())
     }
+}
+
+/// The hypervisor CA and subject; checked when the proxy starts.
+pub fn upstream_config(u: &super::config::UpstreamTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let ca = std::fs::read_to_string(&u.ca_file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", u.ca_file))?;
+    super::upstream_tls::client_config(&ca, u.host_subject.as_deref())
 }
 
 /// The browser-side certificate; checked when the proxy starts so a bad Secret fails loudly.
@@ -134,8 +146,9 @@ async fn handle(
         Err(ticket::TicketError::Expired) => return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "token expired: ask for a new console".into()),
         Err(e) => return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, format!("invalid token: {e}")),
     };
-    // The plain SPICE port comes first in a ticket (engines mint [port, tls-port]).
-    let Some(&port) = claims.ports.first() else {
+    // Engines mint [port, tls-port]: the plain port first, the TLS port last.
+    let port = if bridge.upstream_tls.is_some() { claims.ports.last() } else { claims.ports.first() };
+    let Some(&port) = port else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "the token names no port".into());
     };
     audit.target = Some(format!("{}:{port}", claims.host));
@@ -156,6 +169,20 @@ async fn handle(
     };
     audit.upstream = Some(addr);
     let _ = upstream.set_nodelay(true);
+    let upstream = match &bridge.upstream_tls {
+        None => Upstream::Plain(upstream),
+        Some(connector) => {
+            let name = match rustls::pki_types::ServerName::try_from(claims.host.clone()) {
+                Ok(n) => n,
+                Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("{} is not a name TLS can check", claims.host)),
+            };
+            match tokio::time::timeout(Duration::from_secs(10), connector.connect(name, upstream)).await {
+                Ok(Ok(tls)) => Upstream::Tls(Box::new(tls)),
+                Ok(Err(e)) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("TLS to the hypervisor failed: {e}")),
+                Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::GATEWAY_TIMEOUT, "TLS handshake with the hypervisor timed out".into()),
+            }
+        }
+    };
     bridge.shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     let b = bridge.clone();
     upgrade
@@ -268,12 +295,48 @@ async fn read_chunk(up: &tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Opti
 /// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
 /// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
 /// write side; upstream EOF sends Close 1000.
-async fn run(bridge: &Bridge, socket: WebSocket, upstream: TcpStream, mut audit: Audit, started: Instant) {
+/// The hypervisor connection: plain TCP, or TLS to its tls-port.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+enum UpReader {
+    Plain(tokio::net::tcp::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpReader {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<axum::body::Bytes>> {
+        match self {
+            UpReader::Plain(r) => read_chunk(r).await,
+            UpReader::Tls(r) => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+                match r.read_buf(&mut buf).await? {
+                    0 => Ok(None),
+                    _ => Ok(Some(buf.freeze())),
+                }
+            }
+        }
+    }
+}
+
+async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
     let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
     let (mut ws_tx, mut ws_rx) = socket.split();
-    let (up_r, mut up_w) = upstream.into_split();
+    let (mut up_r, mut up_w): (UpReader, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) = match upstream {
+        Upstream::Plain(s) => {
+            let (r, w) = s.into_split();
+            (UpReader::Plain(r), Box::new(w))
+        }
+        Upstream::Tls(s) => {
+            let (r, w) = tokio::io::split(*s);
+            (UpReader::Tls(r), Box::new(w))
+        }
+    };
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut cancel = bridge.cancel.clone();
     let close = loop {
@@ -306,7 +369,7 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: TcpStream, mut audit:
                 }
                 Ok(Some(Ok(_))) => {} // ping/pong: answered by the WebSocket layer
             },
-            read = tokio::time::timeout(idle, read_chunk(&up_r)) => match read {
+            read = tokio::time::timeout(idle, up_r.read_chunk()) => match read {
                 Err(_) => break "idle timeout",
                 Ok(Err(_)) | Ok(Ok(None)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::NORMAL, reason: "upstream closed".into() })))).await;

@@ -1,0 +1,98 @@
+//! TLS from the browser bridge to the hypervisor's SPICE `tls-port`: the browser cannot speak
+//! SPICE TLS itself, so the bridge does, verifying the hypervisor's certificate against the CA
+//! from the SpiceProxy spec and, like spice-gtk's `host-subject`, matching the certificate's
+//! subject instead of its name when one is given.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+/// The bridge's TLS client for hypervisors.
+pub fn client_config(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| anyhow::anyhow!("bad CA PEM: {e}"))?)?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("the hypervisor CA file holds no certificate");
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(SubjectVerifier { inner: webpki, host_subject: host_subject.map(normalize) });
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .dangerous() // a verifier of our own: the chain is still checked by webpki
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth(),
+    ))
+}
+
+/// `C=IL, L=Raanana, O=Red Hat, CN=host` and `CN=host,O=Red Hat,L=Raanana,C=IL` are the same
+/// subject: spice-gtk matches each component, in any order.
+fn normalize(subject: &str) -> String {
+    let mut parts: Vec<&str> = subject.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    parts.sort_unstable();
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subjects_compare_by_component() {
+        assert_eq!(super::normalize("O=example, CN=host1"), super::normalize("CN=host1,O=example"));
+        assert_ne!(super::normalize("O=example, CN=host1"), super::normalize("O=example, CN=host2"));
+    }
+}
+
+/// The subject of a DER certificate in the same notation.
+pub fn subject_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(normalize(&parsed.subject().to_string()))
+}
+
+#[derive(Debug)]
+struct SubjectVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    host_subject: Option<String>,
+}
+
+impl ServerCertVerifier for SubjectVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let result = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let Some(want) = &self.host_subject else { return result };
+        match result {
+            // The chain is valid; the subject decides, not the name (spice-gtk's host-subject).
+            Ok(_) | Err(Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })) => {
+                if subject_of(end_entity).as_deref() == Some(want.as_str()) {
+                    Ok(ServerCertVerified::assertion())
+                } else {
+                    Err(Error::General(format!("hypervisor certificate subject {:?} is not {want:?}", subject_of(end_entity).unwrap_or_default())))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
