@@ -132,9 +132,12 @@ metadata:
   annotations: {kwok.x-k8s.io/node: fake}
   labels: {kubernetes.io/hostname: kwok-node-$n, kubernetes.io/os: linux, type: kwok}
 EON
-    # Node status is a subresource: create ignores it. kwok keeps addresses it did not set.
+    # Node status is a subresource: create ignores it. Both address types, because kwok's
+    # node-initialize stage patches in whichever of InternalIP and Hostname is missing, and
+    # a merge patch replaces the whole list: with only InternalIP here, kwok running after
+    # this patch would leave the node with just a Hostname (a flaky "no node address").
     kubectl patch node "kwok-node-$n" --subresource=status --type=merge \
-      -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"127.0.0.$((10 + n))\"}]}}" >/dev/null
+      -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"127.0.0.$((10 + n))\"},{\"type\":\"Hostname\",\"address\":\"kwok-node-$n\"}]}}" >/dev/null
   done
   for _ in $(seq 300); do
     ready=$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null | grep -c True || true)
@@ -142,6 +145,17 @@ EON
     sleep 0.2
   done
   [[ "$ready" == 2 ]] || { log "kwok nodes did not become Ready"; dump; exit 1; }
+  # kwok initialises a node once; make sure the addresses tests expect survived it.
+  for n in 1 2; do
+    for _ in $(seq 50); do
+      ip=$(kubectl get node "kwok-node-$n" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+      [[ "$ip" == "127.0.0.$((10 + n))" ]] && break
+      kubectl patch node "kwok-node-$n" --subresource=status --type=merge \
+        -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"127.0.0.$((10 + n))\"},{\"type\":\"Hostname\",\"address\":\"kwok-node-$n\"}]}}" >/dev/null
+      sleep 0.2
+    done
+    [[ "$ip" == "127.0.0.$((10 + n))" ]] || { log "kwok-node-$n lost its InternalIP (has: ${ip:-none})"; dump; exit 1; }
+  done
   log "ready: export KUBECONFIG=$DIR/kubeconfig"
 }
 
