@@ -185,19 +185,23 @@ fn init_tracing(json: bool) {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     // glibc gives every thread that allocates its own arena; with tokio's workers that doubles
     // the operator's resident memory for no speed gain here. One arena keeps RSS low
-    // (measured by `make bench`: 60 MiB → about 40 MiB peak with 2,000 pools).
+    // (measured by `make bench`: 60 MiB → about 40 MiB peak with 2,000 pools). The proxy keeps
+    // an arena per worker thread: its threads allocate on every tunnel set-up, and one shared
+    // arena would make them queue on its lock.
     #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+    if !matches!(cli.command, Command::Proxy { .. }) {
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    runtime.block_on(async_main())
+    runtime.block_on(async_main(cli))
 }
 
-async fn async_main() -> ExitCode {
-    let cli = Cli::parse();
+async fn async_main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Crdgen { output, chart_template } => crdgen(output, chart_template),
         Command::Proxy { config, log_json } => {

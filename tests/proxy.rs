@@ -37,6 +37,8 @@ fn base_config(dir: &std::path::Path) -> ProxyConfig {
         limits: ProxyLimits::default(),
         data_path: DataPath::Splice,
         html5: None,
+        // Two threads, whatever this machine has: tunnels spread over both listeners.
+        workers: Some(2),
     }
 }
 

@@ -58,6 +58,7 @@ async fn start_with(idle: i32, drain: i32, tls: Option<(String, String)>) -> Bri
         limits: ProxyLimits { idle_timeout_seconds: idle, drain_seconds: drain, ..ProxyLimits::default() },
         data_path: DataPath::Splice,
         html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()], tls, upstream_tls: None }),
+        workers: None,
     };
     let server = ProxyServer::bind(cfg).await.unwrap();
     let (web, admin) = (server.html5_addr().unwrap(), server.admin_addr());

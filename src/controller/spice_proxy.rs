@@ -272,6 +272,8 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
                 host_subject: u.host_subject.clone(),
             }),
         }),
+        // One per CPU the pod may use (its CPU limit counts).
+        workers: None,
     }
 }
 

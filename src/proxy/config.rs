@@ -31,6 +31,10 @@ pub struct ProxyConfig {
     /// The browser path (spice-html5 pages + WebSocket bridge); absent: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html5: Option<Html5Config>,
+    /// Threads that accept and carry CONNECT tunnels; absent: one per CPU the process may use
+    /// (cgroup CPU limits included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

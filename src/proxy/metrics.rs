@@ -23,6 +23,10 @@ pub struct ProxyMetrics {
     pub tunnels: Family<Outcome, Counter>,
     pub bytes: Family<Direction, Counter>,
     pub handshake: Histogram,
+    /// The series every tunnel touches, looked up once rather than per tunnel.
+    pub tunnels_ok: Counter,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -36,7 +40,10 @@ impl Default for ProxyMetrics {
         registry.register("tunnels", "Tunnel requests by outcome (ok, or the HTTP status refused with)", tunnels.clone());
         registry.register("bytes", "Bytes moved, client_to_server (up) and server_to_client (down)", bytes.clone());
         registry.register("handshake_seconds", "Time from accept to the 200 reply", handshake.clone());
-        Self { registry, active, tunnels, bytes, handshake }
+        let tunnels_ok = tunnels.get_or_create(&Outcome { outcome: "ok" }).clone();
+        let bytes_up = bytes.get_or_create(&Direction { direction: "up" }).clone();
+        let bytes_down = bytes.get_or_create(&Direction { direction: "down" }).clone();
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down }
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
-use super::metrics::{Direction, Outcome, ProxyMetrics};
+use super::metrics::{Outcome, ProxyMetrics};
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::AuthMode;
@@ -127,7 +127,12 @@ pub(crate) struct Audit {
 impl Audit {
     /// One structured line on stdout; the token is never part of it.
     pub(crate) fn emit(&self) {
-        println!("{}", serde_json::to_string(self).expect("audit lines serialise"));
+        use std::io::Write;
+        let mut line = serde_json::to_vec(self).expect("audit lines serialise");
+        line.push(b'\n');
+        // One write per line (println! may split it in two), so lines from several worker
+        // threads never interleave.
+        let _ = std::io::stdout().lock().write_all(&line);
     }
 }
 
@@ -290,7 +295,11 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<HeadRead> {
 
 pub struct ProxyServer {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    /// One SO_REUSEPORT listener per worker thread on the same address: the kernel spreads
+    /// new connections over them, and each tunnel lives on one thread for its whole life
+    /// (no work stealing, no cross-thread wake-ups on the data path).
+    listeners: Vec<std::net::TcpListener>,
+    local: SocketAddr,
     admin: TcpListener,
     /// The browser path (page server + WebSocket bridge), when configured.
     html5: Option<TcpListener>,
@@ -299,7 +308,8 @@ pub struct ProxyServer {
 impl ProxyServer {
     pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
         let creds = read_credentials(&cfg)?;
-        let listener = TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let listeners = bind_workers(&cfg.listen, cfg.workers).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let local = listeners[0].local_addr()?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
         let html5 = match &cfg.html5 {
             Some(h) => {
@@ -324,11 +334,15 @@ impl ProxyServer {
             per_client: Mutex::new(HashMap::new()),
             cfg,
         });
-        Ok(Self { shared, listener, admin, html5 })
+        Ok(Self { shared, listeners, local, admin, html5 })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener")
+        self.local
+    }
+    /// How many threads accept and carry CONNECT tunnels.
+    pub fn workers(&self) -> usize {
+        self.listeners.len()
     }
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().expect("bound listener")
@@ -340,7 +354,7 @@ impl ProxyServer {
     /// Serves until `shutdown` flips to true, then drains: stops accepting, fails readiness,
     /// lets open tunnels finish until the drain deadline, then closes what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let ProxyServer { shared, listener, admin, html5 } = self;
+        let ProxyServer { shared, listeners, local: _, admin, html5 } = self;
         let (ready_tx, ready_rx) = watch::channel(true);
         let encode = {
             let s = shared.clone();
@@ -357,21 +371,24 @@ impl ProxyServer {
             };
             tokio::spawn(super::websocket::serve(shared.clone(), l, tracker.clone(), cancel_rx.clone(), stopped))
         });
-        loop {
-            tokio::select! {
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue }
-                    };
-                    let shared = shared.clone();
-                    let cancel = cancel_rx.clone();
-                    tracker.spawn(async move { handle(shared, stream, peer, cancel).await });
-                }
-            }
+        // Released once the drain is over: a worker's runtime (and every tunnel task on it)
+        // must live until then.
+        let (done_tx, done_rx) = watch::channel(false);
+        let mut workers = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (shared, tracker, cancel, stop, mut done) = (shared.clone(), tracker.clone(), cancel_rx.clone(), shutdown.clone(), done_rx.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            workers.push(std::thread::Builder::new().name(format!("connect-{i}")).spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => accept_loop(shared, l, tracker, cancel, stop).await,
+                        Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+                    }
+                    let _ = done.wait_for(|d| *d).await;
+                })
+            })?);
         }
-        drop(listener);
+        let _ = shutdown.wait_for(|s| *s).await;
         let _ = ready_tx.send(false);
         if let Some(t) = html5_task {
             // Stops accepting at once (the bridges already open are tracked below).
@@ -384,9 +401,49 @@ impl ProxyServer {
             let _ = cancel_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
+        let _ = done_tx.send(true);
+        let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
         admin_task.abort();
         reload.abort();
         Ok(())
+    }
+}
+
+/// Binds `workers` listeners (default: one per CPU this process may use) to one address with
+/// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
+async fn bind_workers(listen: &str, workers: Option<usize>) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing"))?;
+    let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).clamp(1, 64);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?.into_std()?;
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// One worker's accept loop: every tunnel it accepts runs on this worker's thread.
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tracker: Tracker, cancel: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue }
+                };
+                let (shared, cancel) = (shared.clone(), cancel.clone());
+                tracker.spawn(handle(shared, stream, peer, cancel));
+            }
+        }
     }
 }
 
@@ -412,16 +469,25 @@ mod tokio_util_tracker {
     #[derive(Default, Clone)]
     pub struct Tracker(Arc<(AtomicUsize, Notify)>);
 
+    /// Held by one tracked task; counts it out when the task ends or is dropped.
+    struct Counted(Arc<(AtomicUsize, Notify)>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            if self.0.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.0.1.notify_waiters();
+            }
+        }
+    }
+
     impl Tracker {
         pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
-            let inner = self.0.clone();
-            inner.0.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                fut.await;
-                if inner.0.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    inner.1.notify_waiters();
-                }
-            });
+            use futures::FutureExt;
+            self.0.0.fetch_add(1, Ordering::SeqCst);
+            let counted = Counted(self.0.clone());
+            // `map`, not `async move { fut.await }`: an async block keeps the moved future and
+            // the awaited one in two slots, doubling every idle tunnel's task (rust#62958).
+            tokio::spawn(fut.map(move |()| drop(counted)));
         }
         pub fn len(&self) -> usize {
             self.0.0.load(Ordering::SeqCst)
@@ -452,7 +518,11 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
             (status_label(r.status), format!("{} {}", r.status, r.body))
         }
     };
-    shared.metrics.tunnels.get_or_create(&Outcome { outcome: label }).inc();
+    if label == "ok" {
+        shared.metrics.tunnels_ok.inc();
+    } else {
+        shared.metrics.tunnels.get_or_create(&Outcome { outcome: label }).inc();
+    }
     audit.outcome = label;
     audit.close = close;
     audit.duration_ms = started.elapsed().as_millis() as u64;
@@ -507,8 +577,8 @@ async fn serve_one(
     .await;
     shared.metrics.active.dec();
     let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
-    shared.metrics.bytes.get_or_create(&Direction { direction: "up" }).inc_by(up);
-    shared.metrics.bytes.get_or_create(&Direction { direction: "down" }).inc_by(down);
+    shared.metrics.bytes_up.inc_by(up);
+    shared.metrics.bytes_down.inc_by(down);
     audit.bytes_up = Some(up);
     audit.bytes_down = Some(down);
     Ok(close)

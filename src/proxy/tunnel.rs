@@ -84,10 +84,13 @@ impl Close {
 /// Runs the tunnel until both directions end, it idles out, or `cancel` resolves.
 pub async fn run(client: &TcpStream, upstream: &TcpStream, mode: DataPath, idle: Duration, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
     activity.touch();
-    let up = one_way(client, upstream, mode, &activity.up, activity);
-    let down = one_way(upstream, client, mode, &activity.down, activity);
+    // Both directions are built inside the join: a future first bound to a local keeps a
+    // second slot in this state machine, and every idle tunnel would carry it (rust#62958).
     tokio::select! {
-        (a, b) = futures::future::join(up, down) => match (a, b) {
+        (a, b) = futures::future::join(
+            one_way(client, upstream, mode, &activity.up, activity),
+            one_way(upstream, client, mode, &activity.down, activity),
+        ) => match (a, b) {
             (Ok(()), Ok(())) => Close::Finished,
             (Err(e), _) | (_, Err(e)) => Close::Error(format!("io error: {e}")),
         },

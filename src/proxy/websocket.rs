@@ -395,8 +395,8 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     // Lets the WebSocket layer send its answer to a client's Close before the socket drops.
     let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.close()).await;
     shared.metrics.active.dec();
-    shared.metrics.bytes.get_or_create(&super::metrics::Direction { direction: "up" }).inc_by(bytes_up);
-    shared.metrics.bytes.get_or_create(&super::metrics::Direction { direction: "down" }).inc_by(bytes_down);
+    shared.metrics.bytes_up.inc_by(bytes_up);
+    shared.metrics.bytes_down.inc_by(bytes_down);
     shared.metrics.tunnels.get_or_create(&super::metrics::Outcome { outcome: "ok" }).inc();
     audit.bytes_up = Some(bytes_up);
     audit.bytes_down = Some(bytes_down);
