@@ -299,7 +299,6 @@ pub struct ProxyServer {
     /// new connections over them, and each tunnel lives on one thread for its whole life
     /// (no work stealing, no cross-thread wake-ups on the data path).
     listeners: Vec<std::net::TcpListener>,
-    local: SocketAddr,
     admin: TcpListener,
     /// The browser path (page server + WebSocket bridge), when configured.
     html5: Option<TcpListener>,
@@ -309,7 +308,6 @@ impl ProxyServer {
     pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
         let creds = read_credentials(&cfg)?;
         let listeners = bind_workers(&cfg.listen, cfg.workers).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-        let local = listeners[0].local_addr()?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
         let html5 = match &cfg.html5 {
             Some(h) => {
@@ -334,15 +332,11 @@ impl ProxyServer {
             per_client: Mutex::new(HashMap::new()),
             cfg,
         });
-        Ok(Self { shared, listeners, local, admin, html5 })
+        Ok(Self { shared, listeners, admin, html5 })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-    /// How many threads accept and carry CONNECT tunnels.
-    pub fn workers(&self) -> usize {
-        self.listeners.len()
+        self.listeners[0].local_addr().expect("bound listener")
     }
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().expect("bound listener")
@@ -354,7 +348,7 @@ impl ProxyServer {
     /// Serves until `shutdown` flips to true, then drains: stops accepting, fails readiness,
     /// lets open tunnels finish until the drain deadline, then closes what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let ProxyServer { shared, listeners, local: _, admin, html5 } = self;
+        let ProxyServer { shared, listeners, admin, html5 } = self;
         let (ready_tx, ready_rx) = watch::channel(true);
         let encode = {
             let s = shared.clone();
@@ -363,7 +357,7 @@ impl ProxyServer {
         let admin_task = tokio::spawn(crate::admin::serve(admin, encode, ready_rx, "draining"));
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let (cancel_tx, cancel_rx) = watch::channel(false);
-        let tracker = tokio_util_tracker::Tracker::default();
+        let tracker = Tracker::new();
         let html5_task = html5.map(|l| {
             let mut stop = shutdown.clone();
             let stopped = async move {
@@ -395,6 +389,7 @@ impl ProxyServer {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
         let deadline = Duration::from_secs(shared.cfg.limits.drain_seconds.max(0) as u64);
+        tracker.close(); // `wait` resolves once the tracker is closed and empty
         tracing::info!(open = tracker.len(), ?deadline, "draining");
         if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
             tracing::info!(open = tracker.len(), "drain deadline passed: closing the remaining tunnels");
@@ -458,51 +453,9 @@ async fn reload_credentials(shared: Arc<Shared>) {
     }
 }
 
-/// Counts spawned tunnel tasks so a drain can wait for them.
-pub(crate) use tokio_util_tracker::Tracker;
-
-mod tokio_util_tracker {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::Notify;
-
-    #[derive(Default, Clone)]
-    pub struct Tracker(Arc<(AtomicUsize, Notify)>);
-
-    /// Held by one tracked task; counts it out when the task ends or is dropped.
-    struct Counted(Arc<(AtomicUsize, Notify)>);
-
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            if self.0.0.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.0.1.notify_waiters();
-            }
-        }
-    }
-
-    impl Tracker {
-        pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
-            use futures::FutureExt;
-            self.0.0.fetch_add(1, Ordering::SeqCst);
-            let counted = Counted(self.0.clone());
-            // `map`, not `async move { fut.await }`: an async block keeps the moved future and
-            // the awaited one in two slots, doubling every idle tunnel's task (rust#62958).
-            tokio::spawn(fut.map(move |()| drop(counted)));
-        }
-        pub fn len(&self) -> usize {
-            self.0.0.load(Ordering::SeqCst)
-        }
-        pub async fn wait(&self) {
-            loop {
-                let notified = self.0.1.notified();
-                if self.len() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        }
-    }
-}
+/// Counts spawned tunnel tasks so a drain can wait for them. Its `spawn` wraps the future in
+/// a struct, not an async block that would hold the future twice (rust#62958).
+pub(crate) use tokio_util::task::TaskTracker as Tracker;
 
 async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mut cancel: watch::Receiver<bool>) {
     let started = Instant::now();
