@@ -178,7 +178,9 @@ async fn throughput(peer: &Peer, target: SocketAddr, streams: u64, total: u64) -
     (total as f64 * 8.0 / secs / 1e9, cpu / (total as f64 / GIB as f64))
 }
 
-async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64) {
+async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64, f64) {
+    let pid = peer.child.as_ref().map(|c| c.id());
+    let cpu0 = cpu_seconds(pid);
     let peer_kind = peer.kind;
     let peer_addr = peer.addr;
     let count = Arc::new(AtomicU64::new(0));
@@ -205,9 +207,11 @@ async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64) {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    let rate = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64().max(3.0);
+    let done = count.load(Ordering::Relaxed) as f64;
+    let rate = done / started.elapsed().as_secs_f64().max(3.0);
+    let cpu_us = (cpu_seconds(pid) - cpu0) / done * 1e6;
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (rate, all[all.len() * 99 / 100] * 1000.0)
+    (rate, all[all.len() * 99 / 100] * 1000.0, cpu_us)
 }
 
 async fn echo_p99(peer: &Peer, target: SocketAddr) -> f64 {
@@ -316,8 +320,8 @@ async fn main() {
         .filter(|p| p.kind == Kind::Direct || only.as_ref().is_none_or(|o| o.iter().any(|n| p.name.starts_with(n.as_str()))))
         .collect();
     println!("loopback, {} GiB per throughput run in the display direction, medians of 3\n", per_run / GIB);
-    println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | setups/s | p99 setup ms | echo p99 µs | RSS KiB per idle tunnel |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | setups/s | CPU µs/setup | p99 setup ms | echo p99 µs | RSS KiB per idle tunnel |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for peer in &peers {
         let mut one = Vec::new();
         let mut eight = Vec::new();
@@ -331,10 +335,10 @@ async fn main() {
             eight.push(g);
             cpu.push(c);
         }
-        let (rate, p99) = setup(peer, target).await;
+        let (rate, p99, setup_cpu) = setup(peer, target).await;
         let echo = echo_p99(peer, target).await;
         let rss = idle_rss(peer, target).await.map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into());
-        let cpu = if peer.child.is_some() { format!("{:.2}", median(cpu)) } else { "-".into() };
-        println!("| {} | {:.1} | {:.1} | {} | {:.0} | {:.2} | {:.0} | {} |", peer.name, median(one), median(eight), cpu, rate, p99, echo, rss);
+        let (cpu, setup_cpu) = if peer.child.is_some() { (format!("{:.2}", median(cpu)), format!("{setup_cpu:.0}")) } else { ("-".into(), "-".into()) };
+        println!("| {} | {:.1} | {:.1} | {} | {:.0} | {} | {:.2} | {:.0} | {} |", peer.name, median(one), median(eight), cpu, rate, setup_cpu, p99, echo, rss);
     }
 }

@@ -279,6 +279,14 @@ async fn slowloris_gets_408_and_limits_give_503() {
     assert_eq!(status, 408);
     assert!(started.elapsed() < Duration::from_secs(3));
     drop(slow);
+    // A client that connects and says nothing: the listener defers it (TCP_DEFER_ACCEPT, as
+    // long as the handshake timeout), then the handshake timeout applies; it is not held forever.
+    let mut silent = TcpStream::connect(p.addr).await.unwrap();
+    let started = Instant::now();
+    let (status, _) = read_response(&mut silent).await;
+    assert_eq!(status, 408);
+    assert!(started.elapsed() < Duration::from_secs(6), "silent client answered after {:?}", started.elapsed());
+    drop(silent);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let head = spice_gtk_head(&up.to_string(), "");
@@ -392,6 +400,47 @@ async fn both_ways(mode: DataPath, total: u64) {
     let metrics = http_get(p.admin, "/metrics").await;
     assert!(metrics.contains("spice_proxy_tunnels_total{outcome=\"ok\"} 1"), "{metrics}");
     assert!(metrics.contains(&format!("spice_proxy_bytes_total{{direction=\"up\"}} {total}")), "{metrics}");
+    let spliced: u64 = metric(&metrics, "spice_proxy_spliced_bytes_total");
+    match mode {
+        // Bulk data switches to splice after its first large read: all but a few reads' worth.
+        DataPath::Splice => assert!(spliced > 2 * total - (1 << 20), "{mode:?}: only {spliced} of {} bytes spliced", 2 * total),
+        DataPath::Copy => assert_eq!(spliced, 0, "{mode:?}: copy mode must not splice"),
+    }
+}
+
+#[tokio::test]
+async fn small_messages_are_copied_and_bulk_data_is_spliced() {
+    let up = echo_server().await;
+    let p = start(|c, _| c.auth_mode = AuthMode::None).await;
+    let spliced = || async { metric(&http_get(p.admin, "/metrics").await, "spice_proxy_spliced_bytes_total") };
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    for i in 0..50u8 {
+        echo_roundtrip(&mut s, &[i; 64]).await; // the size of SPICE input and cursor messages
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(spliced().await, 0, "interactive messages are copied: no pipe for them");
+
+    let (mut s, _, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    let bulk: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; bulk.len()];
+    let (sent, got) = tokio::join!(w.write_all(&bulk), r.read_exact(&mut back));
+    sent.unwrap();
+    got.unwrap();
+    assert!(back == bulk, "bytes changed on the way");
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = 2 * bulk.len() as u64;
+    let n = spliced().await;
+    assert!(n > moved / 2 && n <= moved, "bulk data moves by splice once a read fills the copy threshold: {n} of {moved}");
+}
+
+/// The value of an unlabelled series in Prometheus text.
+fn metric(text: &str, name: &str) -> u64 {
+    let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[tokio::test]

@@ -27,6 +27,8 @@ pub struct ProxyMetrics {
     pub tunnels_ok: Counter,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
+    /// Bytes (either way) that moved by splice(2), a subset of `bytes`.
+    pub spliced: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -39,11 +41,13 @@ impl Default for ProxyMetrics {
         registry.register("active_tunnels", "Tunnels open now", active.clone());
         registry.register("tunnels", "Tunnel requests by outcome (ok, or the HTTP status refused with)", tunnels.clone());
         registry.register("bytes", "Bytes moved, client_to_server (up) and server_to_client (down)", bytes.clone());
+        let spliced = Counter::default();
+        registry.register("spliced_bytes", "Bytes of those that moved by splice(2), never entering user space", spliced.clone());
         registry.register("handshake_seconds", "Time from accept to the 200 reply", handshake.clone());
         let tunnels_ok = tunnels.get_or_create(&Outcome { outcome: "ok" }).clone();
         let bytes_up = bytes.get_or_create(&Direction { direction: "up" }).clone();
         let bytes_down = bytes.get_or_create(&Direction { direction: "down" }).clone();
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down }
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced }
     }
 }
 

@@ -307,7 +307,8 @@ pub struct ProxyServer {
 impl ProxyServer {
     pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
         let creds = read_credentials(&cfg)?;
-        let listeners = bind_workers(&cfg.listen, cfg.workers).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let defer = cfg.limits.handshake_timeout_seconds.max(1) as u32;
+        let listeners = bind_workers(&cfg.listen, cfg.workers, defer).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
         let html5 = match &cfg.html5 {
             Some(h) => {
@@ -406,7 +407,12 @@ impl ProxyServer {
 
 /// Binds `workers` listeners (default: one per CPU this process may use) to one address with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
-async fn bind_workers(listen: &str, workers: Option<usize>) -> std::io::Result<Vec<std::net::TcpListener>> {
+/// Accepted sockets inherit TCP_NODELAY from the listener (one setsockopt less per tunnel),
+/// and TCP_DEFER_ACCEPT hands a connection over only once its request has arrived, so a
+/// tunnel starts with its head already readable: no wake-up just to find nothing to read.
+/// A client that sends nothing is handed over after about `defer_secs` all the same, and
+/// then meets the handshake timeout.
+async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = tokio::net::lookup_host(listen)
         .await?
         .next()
@@ -417,12 +423,24 @@ async fn bind_workers(listen: &str, workers: Option<usize>) -> std::io::Result<V
         let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
+        socket.set_nodelay(true)?;
+        set_defer_accept(&socket, defer_secs)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?.into_std()?;
         addr = listener.local_addr()?;
         out.push(listener);
     }
     Ok(out)
+}
+
+fn set_defer_accept(socket: &impl std::os::fd::AsRawFd, secs: u32) -> std::io::Result<()> {
+    let value = secs as libc::c_int;
+    // SAFETY: a valid socket descriptor and a pointer to a c_int that outlives the call,
+    // with its exact size; neither rustix nor socket2 wraps this option.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// One worker's accept loop: every tunnel it accepts runs on this worker's thread.
@@ -516,7 +534,7 @@ async fn serve_one(
     };
     // The handshake runs in its own boxed future, so its buffers are freed before the
     // tunnel starts: an idle tunnel keeps only the two sockets and a small state.
-    let upstream = match Box::pin(handshake(shared, client, audit)).await? {
+    let mut upstream = match Box::pin(handshake(shared, client, audit)).await? {
         Some(up) => up,
         None => return Ok(Close::NoRequest),
     };
@@ -524,7 +542,7 @@ async fn serve_one(
     shared.metrics.active.inc();
     let activity = Activity::default();
     let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
-    let close = tunnel::run(client, &upstream, shared.cfg.data_path, idle, &activity, async {
+    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, idle, &activity, async {
         let _ = cancel.wait_for(|c| *c).await;
     })
     .await;
@@ -532,6 +550,7 @@ async fn serve_one(
     let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
     shared.metrics.bytes_up.inc_by(up);
     shared.metrics.bytes_down.inc_by(down);
+    shared.metrics.spliced.inc_by(activity.spliced.load(Ordering::Relaxed));
     audit.bytes_up = Some(up);
     audit.bytes_down = Some(down);
     Ok(close)
@@ -561,7 +580,7 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit) -
     let addrs = shared.allowed_addresses(&req.host, req.port).await.map_err(|r| (version, r))?;
     let (mut upstream, addr) = shared.connect(&addrs).await.map_err(|r| (version, r))?;
     audit.upstream = Some(addr);
-    let _ = client.set_nodelay(true);
+    // The client socket has TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
     // Success: the status line and a blank line, nothing more; then the client speaks first.
     let ok = format!("{} 200 Connection established\r\n\r\n", version.as_str());

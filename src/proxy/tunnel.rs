@@ -2,16 +2,22 @@
 //! (zero copy: they never enter user space), with a portable copy fallback. EOF on one side
 //! becomes a write shutdown on the other (half-close), so each direction ends on its own.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Poll, ready};
+
 use futures::Future;
 use rustix::pipe::{SpliceFlags, pipe_with, PipeFlags};
 use serde::{Deserialize, Serialize};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DataPath {
@@ -24,7 +30,19 @@ pub enum DataPath {
 
 /// Bytes moved per splice call and the pipe size asked for (the kernel may grant less).
 const PIPE_SIZE: usize = 1 << 20;
-const COPY_BUF: usize = 64 * 1024;
+/// The per-thread buffer copies go through.
+const SCRATCH: usize = 64 * 1024;
+/// In splice mode a direction copies while its reads stay below this, and splices from the
+/// first read that reaches it. Interactive channels (inputs, cursor, the link exchange) move a
+/// few bytes at a time; for them a pipe costs more syscalls (pipe2, F_SETPIPE_SZ, two closes)
+/// than the one copy it would save. Bulk data (display, 1 GiB tests) splices after one read.
+const SPLICE_FROM: usize = 16 * 1024;
+
+thread_local! {
+    /// Copies are read into and written from here at once, so a tunnel holds no buffer of its
+    /// own unless its destination is full (then only the unsent rest is kept).
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
 
 /// Counters one tunnel shares between its two directions and the idle watchdog.
 pub struct Activity {
@@ -32,11 +50,13 @@ pub struct Activity {
     last_ms: AtomicU64,
     pub up: AtomicU64,
     pub down: AtomicU64,
+    /// Of those bytes, how many moved by splice(2) (never entering user space).
+    pub spliced: AtomicU64,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0) }
+        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0), spliced: AtomicU64::new(0) }
     }
 }
 
@@ -82,14 +102,18 @@ impl Close {
 }
 
 /// Runs the tunnel until both directions end, it idles out, or `cancel` resolves.
-pub async fn run(client: &TcpStream, upstream: &TcpStream, mode: DataPath, idle: Duration, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
+pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, idle: Duration, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
     activity.touch();
+    // Borrowed halves: reads through them learn from a short read that the socket is drained
+    // (no extra read just to see EAGAIN), and they cost no allocation.
+    let (client_in, client_out) = client.split();
+    let (upstream_in, upstream_out) = upstream.split();
     // Both directions are built inside the join: a future first bound to a local keeps a
     // second slot in this state machine, and every idle tunnel would carry it (rust#62958).
     tokio::select! {
         (a, b) = futures::future::join(
-            one_way(client, upstream, mode, &activity.up, activity),
-            one_way(upstream, client, mode, &activity.down, activity),
+            one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity),
+            one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity),
         ) => match (a, b) {
             (Ok(()), Ok(())) => Close::Finished,
             (Err(e), _) | (_, Err(e)) => Close::Error(format!("io error: {e}")),
@@ -99,14 +123,18 @@ pub async fn run(client: &TcpStream, upstream: &TcpStream, mode: DataPath, idle:
     }
 }
 
-async fn one_way(src: &TcpStream, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity) -> io::Result<()> {
+async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity) -> io::Result<()> {
     let result = match mode {
-        DataPath::Splice => match splice_loop(src, dst, counter, activity).await {
-            Err(SpliceError::Unsupported) => copy_loop(src, dst, counter, activity).await,
-            Err(SpliceError::Io(e)) => Err(e),
-            Ok(()) => Ok(()),
+        DataPath::Splice => match copy_loop(&mut src, dst, counter, activity, SPLICE_FROM).await {
+            Ok(Copied::Eof) => Ok(()),
+            Ok(Copied::Bulk) => match splice_loop(src.as_ref(), dst, counter, activity).await {
+                Err(SpliceError::Unsupported) => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
+                Err(SpliceError::Io(e)) => Err(e),
+                Ok(()) => Ok(()),
+            },
+            Err(e) => Err(e),
         },
-        DataPath::Copy => copy_loop(src, dst, counter, activity).await,
+        DataPath::Copy => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
     };
     if result.is_ok() {
         // Half-close: the peer sees EOF only once everything before it was delivered.
@@ -119,7 +147,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, mode: DataPath, counter: &Ato
 }
 
 enum SpliceError {
-    /// The kernel cannot splice these descriptors; nothing was moved yet.
+    /// The kernel cannot splice these descriptors; nothing was moved by splice.
     Unsupported,
     Io(io::Error),
 }
@@ -132,17 +160,12 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity) -> Result<(), SpliceError> {
-    // The pipe is made on first data: an idle channel (SPICE opens several) costs no descriptors.
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    let (r, w) = new_pipe().map_err(SpliceError::Io)?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved_any = false;
     loop {
         src.readable().await.map_err(SpliceError::Io)?;
-        if pipe.is_none() {
-            pipe = Some(new_pipe().map_err(SpliceError::Io)?);
-        }
-        let (r, w) = pipe.as_ref().expect("pipe was just made");
-        let filled = src.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(src, None, w, None, PIPE_SIZE, flags)?));
+        let filled = src.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(src, None, &w, None, PIPE_SIZE, flags)?));
         let mut in_pipe = match filled {
             Ok(0) => return Ok(()),
             Ok(n) => n,
@@ -155,10 +178,11 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
         moved_any = true;
         while in_pipe > 0 {
             dst.writable().await.map_err(SpliceError::Io)?;
-            match dst.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(r, None, dst, None, in_pipe, flags)?)) {
+            match dst.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&r, None, dst, None, in_pipe, flags)?)) {
                 Ok(n) => {
                     in_pipe -= n;
                     counter.fetch_add(n as u64, Ordering::Relaxed);
+                    activity.spliced.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(SpliceError::Io(e)),
@@ -168,23 +192,43 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
     }
 }
 
-async fn copy_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity) -> io::Result<()> {
-    let mut buf: Vec<u8> = Vec::new();
+/// How a copy loop ended.
+enum Copied {
+    Eof,
+    /// A read filled `limit` bytes: the caller splices from here on.
+    Bulk,
+}
+
+/// Copies through the per-thread buffer, reading at most `limit` bytes at a time; with
+/// `limit` < SCRATCH it returns `Bulk` after forwarding the first read that filled it.
+async fn copy_loop(src: &mut ReadHalf<'_>, dst: &TcpStream, counter: &AtomicU64, activity: &Activity, limit: usize) -> io::Result<Copied> {
     loop {
-        src.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; COPY_BUF];
+        // Read and write in one go while the buffer is borrowed; only what the destination
+        // would not take now is kept, in a buffer of its own, across the wait below.
+        let (n, rest) = poll_fn(|cx| {
+            SCRATCH_BUF.with_borrow_mut(|buf| {
+                let mut filled = ReadBuf::new(&mut buf[..limit]);
+                ready!(Pin::new(&mut *src).poll_read(cx, &mut filled))?;
+                let n = filled.filled().len();
+                let sent = match n {
+                    0 => 0,
+                    _ => match dst.try_write(&buf[..n]) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    },
+                };
+                Poll::Ready(Ok((n, buf[sent..n].to_vec())))
+            })
+        })
+        .await?;
+        if n == 0 {
+            return Ok(Copied::Eof);
         }
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
         let mut sent = 0;
-        while sent < n {
+        while sent < rest.len() {
             dst.writable().await?;
-            match dst.try_write(&buf[sent..n]) {
+            match dst.try_write(&rest[sent..]) {
                 Ok(m) => sent += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -192,5 +236,8 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activi
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
+        if limit < SCRATCH && n == limit {
+            return Ok(Copied::Bulk);
+        }
     }
 }
