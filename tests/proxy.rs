@@ -437,6 +437,35 @@ async fn small_messages_are_copied_and_bulk_data_is_spliced() {
     assert!(n > moved / 2 && n <= moved, "bulk data moves by splice once a read fills the copy threshold: {n} of {moved}");
 }
 
+#[tokio::test]
+async fn a_paused_reader_then_a_small_late_message_arrive_in_full() {
+    // While the client does not read, the proxy's output blocks and it stops listening to the
+    // hypervisor side; afterwards a message of a few bytes on an open connection (a cursor
+    // update, say) must still be delivered at once.
+    const BULK: usize = 32 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let (tail_tx, tail_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(&vec![9u8; BULK]).await.unwrap();
+        tail_rx.await.unwrap();
+        s.write_all(b"late cursor update").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await; // open: no EOF to wake anyone
+    });
+    let p = start(|c, _| c.auth_mode = AuthMode::None).await;
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the client is busy: buffers fill up
+    let mut bulk = vec![0u8; BULK];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut bulk)).await.expect("bulk in time").unwrap();
+    assert!(bulk.iter().all(|&b| b == 9));
+    tail_tx.send(()).unwrap();
+    let mut tail = [0u8; 18];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut tail)).await.expect("the late message is not held back").unwrap();
+    assert_eq!(&tail, b"late cursor update");
+}
+
 /// The value of an unlabelled series in Prometheus text.
 fn metric(text: &str, name: &str) -> u64 {
     let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in {text}"));

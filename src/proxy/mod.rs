@@ -5,6 +5,7 @@ pub mod config;
 pub mod head;
 pub mod metrics;
 pub mod server;
+mod sockopt;
 pub mod ticket;
 pub mod tunnel;
 pub mod upstream_tls;

@@ -424,23 +424,13 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> 
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         socket.set_nodelay(true)?;
-        set_defer_accept(&socket, defer_secs)?;
+        super::sockopt::set_defer_accept(&socket, defer_secs)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?.into_std()?;
         addr = listener.local_addr()?;
         out.push(listener);
     }
     Ok(out)
-}
-
-fn set_defer_accept(socket: &impl std::os::fd::AsRawFd, secs: u32) -> std::io::Result<()> {
-    let value = secs as libc::c_int;
-    // SAFETY: a valid socket descriptor and a pointer to a c_int that outlives the call,
-    // with its exact size; neither rustix nor socket2 wraps this option.
-    let rc = unsafe {
-        libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// One worker's accept loop: every tunnel it accepts runs on this worker's thread.
