@@ -1,16 +1,16 @@
-//! The data path of one tunnel: bytes move with splice(2) through a pipe per direction
-//! (zero copy: they never enter user space), with a portable copy fallback. EOF on one side
-//! becomes a write shutdown on the other (half-close), so each direction ends on its own.
+//! The data path of one tunnel: small reads are copied through a per-thread buffer, bulk data
+//! moves with splice(2) through a pipe per direction (zero copy: it never enters user space),
+//! with a portable copy fallback. EOF on one side becomes a write shutdown on the other
+//! (half-close), so each direction ends on its own.
 
 use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
-use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Poll, ready};
+use std::time::{Duration, Instant};
 
 use futures::Future;
 use rustix::pipe::{SpliceFlags, pipe_with, PipeFlags};
