@@ -18,10 +18,10 @@ pub fn new(type_: &str, status: bool, reason: &str, message: impl Into<String>, 
 /// The new conditions, each keeping its previous `lastTransitionTime` when its status did not change.
 pub fn merge(previous: &[Condition], mut next: Vec<Condition>) -> Vec<Condition> {
     for c in &mut next {
-        if let Some(old) = previous.iter().find(|o| o.type_ == c.type_) {
-            if old.status == c.status {
-                c.last_transition_time = old.last_transition_time.clone();
-            }
+        if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
+            && old.status == c.status
+        {
+            c.last_transition_time = old.last_transition_time.clone();
         }
     }
     next

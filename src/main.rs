@@ -330,7 +330,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
     };
     tokio::select! {
         res = reconcile => res,
-        res = admin => res?.map_err(Into::into),
+        res = admin => res?,
         res = engine_api => res?,
     }
 }

@@ -216,10 +216,10 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
             }
         }
     }
-    if let Some(ext) = &spec.external_address {
-        if let Err(e) = validate_host(&ext.host) {
-            problems.push(format!("externalAddress.host: {e}"));
-        }
+    if let Some(ext) = &spec.external_address
+        && let Err(e) = validate_host(&ext.host)
+    {
+        problems.push(format!("externalAddress.host: {e}"));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
 }

@@ -277,6 +277,23 @@ fn d_drain() -> i32 {
     60
 }
 
+/// The limits as durations. The proxy also reads its config from a file that the CRD schema
+/// never validated, so each is clamped to the smallest value that still means something.
+impl ProxyLimits {
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout_seconds.max(1) as u64)
+    }
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.connect_timeout_seconds.max(1) as u64)
+    }
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.handshake_timeout_seconds.max(1) as u64)
+    }
+    pub fn drain(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_seconds.max(0) as u64)
+    }
+}
+
 impl Default for ProxyLimits {
     fn default() -> Self {
         Self {

@@ -63,10 +63,10 @@ pub fn resolve_vm(
         })?),
         None => None,
     };
-    if let Some(vm) = vm {
-        if spec.vm_opt_outs.iter().any(|o| o.name == vm && o.cluster == cluster) {
-            return Ok(VmResolution { proxy_url: None, html5_url: None, source: Source::Vm, proxy_configured: false, spice_proxy: None, error: None });
-        }
+    if let Some(vm) = vm
+        && spec.vm_opt_outs.iter().any(|o| o.name == vm && o.cluster == cluster)
+    {
+        return Ok(VmResolution { proxy_url: None, html5_url: None, source: Source::Vm, proxy_configured: false, spice_proxy: None, error: None });
     }
     let deciding: Option<(Source, &ProxyChoice)> = p
         .and_then(|p| p.proxy.as_ref().map(|c| (Source::Pool, c)))
@@ -164,10 +164,10 @@ pub fn validate_request(r: &ConsoleRequest) -> Result<(), String> {
             problems.push(format!("{field} contains control characters"));
         }
     }
-    if let Some(ttl) = r.ttl_seconds {
-        if ttl == 0 || ttl > MAX_TICKET_TTL {
-            problems.push(format!("ttlSeconds must be 1-{MAX_TICKET_TTL}"));
-        }
+    if let Some(ttl) = r.ttl_seconds
+        && (ttl == 0 || ttl > MAX_TICKET_TTL)
+    {
+        problems.push(format!("ttlSeconds must be 1-{MAX_TICKET_TTL}"));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }

@@ -172,7 +172,7 @@ impl Shared {
     pub(crate) async fn allowed_addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
         let resolved: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => match tokio::time::timeout(self.connect_timeout(), tokio::net::lookup_host((host, port))).await {
+            Err(_) => match tokio::time::timeout(self.cfg.limits.connect_timeout(), tokio::net::lookup_host((host, port))).await {
                 Ok(Ok(addrs)) => addrs.collect(),
                 Ok(Err(e)) => return Err(refuse(502, format!("cannot resolve {host}: {e}"))),
                 Err(_) => return Err(refuse(504, format!("resolving {host} timed out"))),
@@ -195,18 +195,14 @@ impl Shared {
         self.creds.read().expect("credentials lock").keys.clone()
     }
 
-    fn connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.cfg.limits.connect_timeout_seconds.max(1) as u64)
-    }
-
     pub(crate) async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
         let mut last = refuse(502, "no address to connect to");
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
-            match tokio::time::timeout(self.connect_timeout(), TcpStream::connect(addr)).await {
+            match tokio::time::timeout(self.cfg.limits.connect_timeout(), TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => return Ok((s, *addr)),
                 Ok(Err(e)) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
-                Err(_) => last = refuse(504, format!("upstream {addr} did not answer within {:?}", self.connect_timeout())),
+                Err(_) => last = refuse(504, format!("upstream {addr} did not answer within {:?}", self.cfg.limits.connect_timeout())),
             }
         }
         Err(last)
@@ -307,7 +303,7 @@ pub struct ProxyServer {
 impl ProxyServer {
     pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
         let creds = read_credentials(&cfg)?;
-        let defer = cfg.limits.handshake_timeout_seconds.max(1) as u32;
+        let defer = cfg.limits.handshake_timeout().as_secs() as u32;
         let listeners = bind_workers(&cfg.listen, cfg.workers, defer).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
         let html5 = match &cfg.html5 {
@@ -389,7 +385,7 @@ impl ProxyServer {
             // Stops accepting at once (the bridges already open are tracked below).
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        let deadline = Duration::from_secs(shared.cfg.limits.drain_seconds.max(0) as u64);
+        let deadline = shared.cfg.limits.drain();
         tracker.close(); // `wait` resolves once the tracker is closed and empty
         tracing::info!(open = tracker.len(), ?deadline, "draining");
         if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
@@ -531,7 +527,7 @@ async fn serve_one(
     shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     shared.metrics.active.inc();
     let activity = Activity::default();
-    let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
+    let idle = shared.cfg.limits.idle_timeout();
     let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, idle, &activity, async {
         let _ = cancel.wait_for(|c| *c).await;
     })
@@ -550,7 +546,7 @@ async fn serve_one(
 /// `None` when the client went away without a request.
 async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit) -> Result<Option<TcpStream>, Refused> {
     let v10 = Version::Http10;
-    let head_timeout = Duration::from_secs(shared.cfg.limits.handshake_timeout_seconds.max(1) as u64);
+    let head_timeout = shared.cfg.limits.handshake_timeout();
     let (head, leftover) = match tokio::time::timeout(head_timeout, read_head(client)).await {
         Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
         Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(None),

@@ -160,6 +160,14 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity) -> Result<(), SpliceError> {
+    // Counted here and added once: the metric is read only when the tunnel ends.
+    let mut spliced = 0;
+    let ended = splice_until_end(src, dst, counter, activity, &mut spliced).await;
+    activity.spliced.fetch_add(spliced, Ordering::Relaxed);
+    ended
+}
+
+async fn splice_until_end(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity, spliced: &mut u64) -> Result<(), SpliceError> {
     let (r, w) = new_pipe().map_err(SpliceError::Io)?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved_any = false;
@@ -183,7 +191,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
                 Ok(n) => {
                     in_pipe -= n;
                     counter.fetch_add(n as u64, Ordering::Relaxed);
-                    activity.spliced.fetch_add(n as u64, Ordering::Relaxed);
+                    *spliced += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The destination is full and this direction reads nothing until it has

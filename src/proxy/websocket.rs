@@ -325,7 +325,7 @@ impl UpReader {
 async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
-    let idle = Duration::from_secs(shared.cfg.limits.idle_timeout_seconds.max(1) as u64);
+    let idle = shared.cfg.limits.idle_timeout();
     let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut up_r, mut up_w): (UpReader, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) = match upstream {
         Upstream::Plain(s) => {
