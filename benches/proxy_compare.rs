@@ -4,7 +4,11 @@
 //! squid, tinyproxy and ours. Measures 1- and 8-stream throughput in the display direction
 //! (server → client), proxy CPU seconds per GiB, tunnel setup rate and p99 setup latency,
 //! 64-byte echo p99, and RSS per idle tunnel with 2,000 tunnels open. Medians of 3 runs
-//! (throughput and set-up).
+//! (throughput and set-up), taken in rounds that visit every peer in turn, so a slow minute on
+//! a shared machine costs each peer one run rather than all of one peer's runs. Each peer
+//! reaches the target at an address of its own (127.0.0.1, .2, ...): set-up runs leave tens of
+//! thousands of TIME_WAIT entries, and the next peer's connects to the same address and port
+//! would pay for searching past them.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -29,6 +33,8 @@ struct Peer {
     name: &'static str,
     kind: Kind,
     addr: SocketAddr,
+    /// The target's address for this peer's tunnels.
+    target: SocketAddr,
     child: Option<Child>,
 }
 
@@ -41,9 +47,24 @@ impl Drop for Peer {
     }
 }
 
+/// The target on one port at `count` loopback addresses (127.0.0.1, .2, ...), one per peer.
+async fn target_servers(count: u8) -> Vec<SocketAddr> {
+    'port: loop {
+        let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut listeners = vec![first];
+        for i in 2..=count {
+            match TcpListener::bind(SocketAddr::from(([127, 0, 0, i], port))).await {
+                Ok(l) => listeners.push(l),
+                Err(_) => continue 'port, // taken at one of the addresses: try another port
+            }
+        }
+        return listeners.into_iter().map(target_server).collect();
+    }
+}
+
 /// What the target does with a connection, chosen by the first byte the client sends.
-async fn target_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+fn target_server(l: TcpListener) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -90,7 +111,8 @@ async fn target_server() -> SocketAddr {
     addr
 }
 
-async fn open(peer: &Peer, target: SocketAddr, cmd: u8, n: u64) -> TcpStream {
+async fn open(peer: &Peer, cmd: u8, n: u64) -> TcpStream {
+    let target = peer.target;
     let addr = if peer.kind == Kind::Direct { target } else { peer.addr };
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.set_nodelay(true);
@@ -150,13 +172,13 @@ fn rss_kib(pid: u32) -> u64 {
         .sum()
 }
 
-async fn throughput(peer: &Peer, target: SocketAddr, streams: u64, total: u64) -> (f64, f64) {
+async fn throughput(peer: &Peer, streams: u64, total: u64) -> (f64, f64) {
     let pid = peer.child.as_ref().map(|c| c.id());
     let cpu0 = cpu_seconds(pid);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..streams {
-        let mut s = open(peer, target, b'S', total / streams).await;
+        let mut s = open(peer, b'S', total / streams).await;
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 1 << 20];
             let mut got = 0u64;
@@ -179,11 +201,11 @@ async fn throughput(peer: &Peer, target: SocketAddr, streams: u64, total: u64) -
     (total as f64 * 8.0 / secs / 1e9, cpu / (total as f64 / GIB as f64))
 }
 
-async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64, f64) {
+async fn setup(peer: &Peer) -> (f64, f64, f64) {
     let pid = peer.child.as_ref().map(|c| c.id());
     let cpu0 = cpu_seconds(pid);
     let peer_kind = peer.kind;
-    let peer_addr = peer.addr;
+    let (peer_addr, target) = (peer.addr, peer.target);
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut tasks = Vec::new();
@@ -191,12 +213,12 @@ async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64, f64) {
     let clients = std::env::var("BENCH_CONCURRENCY").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(4);
     for _ in 0..clients {
         let count = count.clone();
-        let p = Peer { name: "setup", kind: peer_kind, addr: peer_addr, child: None };
+        let p = Peer { name: "setup", kind: peer_kind, addr: peer_addr, target, child: None };
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let mut s = open(&p, target, b'G', 0).await;
+                let mut s = open(&p, b'G', 0).await;
                 let mut g = [0u8; 1];
                 s.read_exact(&mut g).await.unwrap();
                 lat.push(t.elapsed().as_secs_f64());
@@ -217,8 +239,8 @@ async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64, f64) {
     (rate, all[all.len() * 99 / 100] * 1000.0, cpu_us)
 }
 
-async fn echo_p99(peer: &Peer, target: SocketAddr) -> f64 {
-    let mut s = open(peer, target, b'E', 0).await;
+async fn echo_p99(peer: &Peer) -> f64 {
+    let mut s = open(peer, b'E', 0).await;
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
     let mut lat = Vec::new();
@@ -232,13 +254,13 @@ async fn echo_p99(peer: &Peer, target: SocketAddr) -> f64 {
     lat[lat.len() * 99 / 100] * 1e6
 }
 
-async fn idle_rss(peer: &Peer, target: SocketAddr) -> Option<f64> {
+async fn idle_rss(peer: &Peer) -> Option<f64> {
     let pid = peer.child.as_ref()?.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid);
     let mut held = Vec::with_capacity(IDLE_TUNNELS);
     for _ in 0..IDLE_TUNNELS {
-        let mut s = open(peer, target, b'G', 0).await;
+        let mut s = open(peer, b'G', 0).await;
         let mut g = [0u8; 1];
         s.read_exact(&mut g).await.unwrap();
         held.push(s);
@@ -269,87 +291,107 @@ fn wait_listening(port: u16, name: &str) {
     }
 }
 
-fn spawn(name: &'static str, kind: Kind, port: u16, cmd: &mut Command) -> Peer {
+fn spawn(name: &'static str, kind: Kind, port: u16, target: SocketAddr, cmd: &mut Command) -> Peer {
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{name}: {e}"));
     wait_listening(port, name);
-    Peer { name, kind, addr: SocketAddr::from(([127, 0, 0, 1], port)), child: Some(child) }
+    Peer { name, kind, addr: SocketAddr::from(([127, 0, 0, 1], port)), target, child: Some(child) }
 }
 
-fn peers(dir: &std::path::Path, target: SocketAddr) -> Vec<Peer> {
-    let mut out = vec![Peer { name: "direct", kind: Kind::Direct, addr: target, child: None }];
+/// The peers, in table order; `targets` has one address for each.
+fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
+    let mut out = vec![Peer { name: "direct", kind: Kind::Direct, addr: targets[0], target: targets[0], child: None }];
 
+    let target = targets[1];
     let p = free_port();
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(&cfg, format!("global\n  maxconn 5000\n  tune.pipesize 1048576\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  option splice-request\n  option splice-response\nfrontend f\n  bind 127.0.0.1:{p}\n  default_backend b\nbackend b\n  server s {target}\n")).unwrap();
-    out.push(spawn("haproxy (splice)", Kind::Raw, p, Command::new("haproxy").args(["-db", "-f"]).arg(&cfg)));
+    out.push(spawn("haproxy (splice)", Kind::Raw, p, target, Command::new("haproxy").args(["-db", "-f"]).arg(&cfg)));
 
+    let target = targets[2];
     let p = free_port();
     let sq = dir.join("squid");
     std::fs::create_dir_all(&sq).unwrap();
     let _ = Command::new("chmod").args(["777"]).arg(&sq).status();
     let cfg = sq.join("squid.conf");
     std::fs::write(&cfg, format!("http_port 127.0.0.1:{p}\nacl all src all\nhttp_access allow all\ncache deny all\naccess_log none\ncache_log {0}/cache.log\npid_filename {0}/squid.pid\ncoredump_dir {0}\nmax_filedescriptors 16384\nshutdown_lifetime 0 seconds\n", sq.display())).unwrap();
-    out.push(spawn("squid", Kind::Connect, p, Command::new("squid").args(["-N", "-f"]).arg(&cfg)));
+    out.push(spawn("squid", Kind::Connect, p, target, Command::new("squid").args(["-N", "-f"]).arg(&cfg)));
 
+    let target = targets[3];
     let p = free_port();
     let cfg = dir.join("tinyproxy.conf");
     std::fs::write(&cfg, format!("Port {p}\nListen 127.0.0.1\nTimeout 3600\nMaxClients 4000\nAllow 127.0.0.1\nLogLevel Critical\n")).unwrap();
-    out.push(spawn("tinyproxy", Kind::Connect, p, Command::new("tinyproxy").args(["-d", "-c"]).arg(&cfg)));
+    out.push(spawn("tinyproxy", Kind::Connect, p, target, Command::new("tinyproxy").args(["-d", "-c"]).arg(&cfg)));
 
+    let target = targets[4];
     let p = free_port();
     let admin = free_port();
     let cfg = dir.join("ours.json");
     std::fs::write(&cfg, serde_json::json!({
         "listen": format!("127.0.0.1:{p}"), "adminListen": format!("127.0.0.1:{admin}"),
-        "allowedTargets": [{"cidr": "127.0.0.1/32", "ports": [[target.port(), target.port()]]}],
+        "allowedTargets": [{"cidr": format!("{}/32", target.ip()), "ports": [[target.port(), target.port()]]}],
         "authMode": "None", "keysDir": null, "basicDir": null,
         "limits": {"maxTunnels": 20000, "maxTunnelsPerClient": 20000, "idleTimeoutSeconds": 3600,
                    "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0}
     }).to_string()).unwrap();
     let bin = std::env::var("SPICE_OPERATOR_BIN").unwrap_or_else(|_| "target/release/spice-operator".into());
-    out.push(spawn("spice-operator", Kind::Connect, p, Command::new(bin).args(["proxy", "--config"]).arg(&cfg)));
+    out.push(spawn("spice-operator", Kind::Connect, p, target, Command::new(bin).args(["proxy", "--config"]).arg(&cfg)));
     out
 }
+
+/// What one peer measured; throughput and set-up figures hold one entry per round.
+#[derive(Default)]
+struct Figures {
+    one: Vec<f64>,
+    eight: Vec<f64>,
+    cpu: Vec<f64>,
+    rates: Vec<f64>,
+    p99s: Vec<f64>,
+    setup_cpus: Vec<f64>,
+}
+
+const ROUNDS: usize = 3;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let per_run: u64 = std::env::var("BENCH_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2) * GIB;
     let dir = tempfile::tempdir().unwrap();
-    let target = target_server().await;
+    let targets = target_servers(5).await;
     // BENCH_PEERS=squid,spice-operator: only those (direct is always measured).
     let only: Option<Vec<String>> = std::env::var("BENCH_PEERS").ok().map(|v| v.split(',').map(str::to_string).collect());
-    let peers: Vec<Peer> = peers(dir.path(), target)
+    let peers: Vec<Peer> = peers(dir.path(), &targets)
         .into_iter()
         .filter(|p| p.kind == Kind::Direct || only.as_ref().is_none_or(|o| o.iter().any(|n| p.name.starts_with(n.as_str()))))
         .collect();
-    println!("loopback, {} GiB per throughput run in the display direction, medians of 3\n", per_run / GIB);
+    let mut figures: Vec<Figures> = peers.iter().map(|_| Figures::default()).collect();
+    // BENCH_GIB=0 skips the throughput runs (set-up, echo and memory only).
+    for _ in 0..if per_run == 0 { 0 } else { ROUNDS } {
+        for (peer, f) in peers.iter().zip(&mut figures) {
+            let (g, c) = throughput(peer, 1, per_run).await;
+            f.one.push(g);
+            f.cpu.push(c);
+            let (g, c) = throughput(peer, 8, per_run).await;
+            f.eight.push(g);
+            f.cpu.push(c);
+        }
+    }
+    for _ in 0..ROUNDS {
+        for (peer, f) in peers.iter().zip(&mut figures) {
+            let (rate, p99, cpu_us) = setup(peer).await;
+            f.rates.push(rate);
+            f.p99s.push(p99);
+            f.setup_cpus.push(cpu_us);
+        }
+    }
+    println!("loopback, {} GiB per throughput run in the display direction, medians of {ROUNDS} rounds\n", per_run / GIB);
     println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | setups/s | CPU µs/setup | p99 setup ms | echo p99 µs | RSS KiB per idle tunnel |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for peer in &peers {
-        let mut one = Vec::new();
-        let mut eight = Vec::new();
-        let mut cpu = Vec::new();
-        // BENCH_GIB=0 skips the throughput runs (set-up, echo and memory only).
-        for _ in 0..if per_run == 0 { 0 } else { 3 } {
-            let (g, c) = throughput(peer, target, 1, per_run).await;
-            one.push(g);
-            cpu.push(c);
-            let (g, c) = throughput(peer, target, 8, per_run).await;
-            eight.push(g);
-            cpu.push(c);
-        }
-        // Set-up figures are noisier than throughput on shared CPUs: medians of 3 runs too.
-        let (mut rates, mut p99s, mut setup_cpus) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..3 {
-            let (rate, p99, cpu_us) = setup(peer, target).await;
-            rates.push(rate);
-            p99s.push(p99);
-            setup_cpus.push(cpu_us);
-        }
-        let (rate, p99, setup_cpu) = (median(rates), median(p99s), median(setup_cpus));
-        let echo = echo_p99(peer, target).await;
-        let rss = idle_rss(peer, target).await.map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into());
-        let (cpu, setup_cpu) = if peer.child.is_some() { (format!("{:.2}", median(cpu)), format!("{setup_cpu:.0}")) } else { ("-".into(), "-".into()) };
-        println!("| {} | {:.1} | {:.1} | {} | {:.0} | {} | {:.2} | {:.0} | {} |", peer.name, median(one), median(eight), cpu, rate, setup_cpu, p99, echo, rss);
+    for (peer, f) in peers.iter().zip(figures) {
+        let echo = echo_p99(peer).await;
+        let rss = idle_rss(peer).await.map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into());
+        let (cpu, setup_cpu) = match peer.child {
+            Some(_) => (format!("{:.2}", median(f.cpu)), format!("{:.0}", median(f.setup_cpus))),
+            None => ("-".into(), "-".into()),
+        };
+        println!("| {} | {:.1} | {:.1} | {} | {:.0} | {} | {:.2} | {:.0} | {} |", peer.name, median(f.one), median(f.eight), cpu, median(f.rates), setup_cpu, median(f.p99s), echo, rss);
     }
 }

@@ -368,7 +368,9 @@ impl ProxyServer {
         let mut workers = Vec::with_capacity(listeners.len());
         for (i, listener) in listeners.into_iter().enumerate() {
             let (shared, tracker, cancel, stop, mut done) = (shared.clone(), tracker.clone(), cancel_rx.clone(), shutdown.clone(), done_rx.clone());
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // I/O and timers only: enable_all would also run the child-process driver, which
+            // looks for orphaned children on every park (seen in profiles of the set-up path).
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
             workers.push(std::thread::Builder::new().name(format!("connect-{i}")).spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
