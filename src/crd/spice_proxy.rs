@@ -347,3 +347,24 @@ impl SpiceProxy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyLimits;
+    use std::time::Duration;
+
+    #[test]
+    fn limits_from_an_unvalidated_file_are_clamped_to_something_usable() {
+        // A config file the schema never saw may hold 0 or negative values: a zero timeout
+        // would refuse every client at once, a negative drain would wrap to centuries.
+        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, ..Default::default() };
+        assert_eq!(l.idle_timeout(), Duration::from_secs(1));
+        assert_eq!(l.connect_timeout(), Duration::from_secs(1));
+        assert_eq!(l.handshake_timeout(), Duration::from_secs(1));
+        assert_eq!(l.drain(), Duration::ZERO);
+        let d = ProxyLimits::default();
+        assert_eq!(d.idle_timeout(), Duration::from_secs(d.idle_timeout_seconds as u64));
+        assert!(d.idle_timeout() > Duration::from_secs(300), "SPICE pings inputs and cursor only every 300 s");
+        assert_eq!(d.handshake_timeout(), Duration::from_secs(10));
+    }
+}
