@@ -197,12 +197,13 @@ impl Shared {
 
     pub(crate) async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
         let mut last = refuse(502, "no address to connect to");
+        let timeout = self.cfg.limits.connect_timeout();
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
-            match tokio::time::timeout(self.cfg.limits.connect_timeout(), TcpStream::connect(addr)).await {
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => return Ok((s, *addr)),
                 Ok(Err(e)) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
-                Err(_) => last = refuse(504, format!("upstream {addr} did not answer within {:?}", self.cfg.limits.connect_timeout())),
+                Err(_) => last = refuse(504, format!("upstream {addr} did not answer within {timeout:?}")),
             }
         }
         Err(last)

@@ -127,11 +127,18 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
     let result = match mode {
         DataPath::Splice => match copy_loop(&mut src, dst, counter, activity, SPLICE_FROM).await {
             Ok(Copied::Eof) => Ok(()),
-            Ok(Copied::Bulk) => match splice_loop(src.as_ref(), dst, counter, activity).await {
-                Err(SpliceError::Unsupported) => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
-                Err(SpliceError::Io(e)) => Err(e),
-                Ok(()) => Ok(()),
-            },
+            Ok(Copied::Bulk) => {
+                // Only this direction adds to `counter`, so what it gained while splicing is
+                // what was spliced: one add per direction, none per splice call.
+                let before = counter.load(Ordering::Relaxed);
+                let spliced = splice_loop(src.as_ref(), dst, counter, activity).await;
+                activity.spliced.fetch_add(counter.load(Ordering::Relaxed) - before, Ordering::Relaxed);
+                match spliced {
+                    Err(SpliceError::Unsupported) => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
+                    Err(SpliceError::Io(e)) => Err(e),
+                    Ok(()) => Ok(()),
+                }
+            }
             Err(e) => Err(e),
         },
         DataPath::Copy => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
@@ -160,14 +167,6 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity) -> Result<(), SpliceError> {
-    // Counted here and added once: the metric is read only when the tunnel ends.
-    let mut spliced = 0;
-    let ended = splice_until_end(src, dst, counter, activity, &mut spliced).await;
-    activity.spliced.fetch_add(spliced, Ordering::Relaxed);
-    ended
-}
-
-async fn splice_until_end(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity, spliced: &mut u64) -> Result<(), SpliceError> {
     let (r, w) = new_pipe().map_err(SpliceError::Io)?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved_any = false;
@@ -191,7 +190,6 @@ async fn splice_until_end(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64,
                 Ok(n) => {
                     in_pipe -= n;
                     counter.fetch_add(n as u64, Ordering::Relaxed);
-                    *spliced += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The destination is full and this direction reads nothing until it has
