@@ -17,11 +17,13 @@ pub struct AllowList {
 }
 
 /// Addresses a catch-all rule must not open: loopback, "this network", link-local (cloud
-/// metadata at 169.254.169.254), multicast, broadcast, unspecified, and AWS's IPv6 metadata address.
+/// metadata at 169.254.169.254 on AWS, Azure, GCP, OpenStack, Oracle), multicast, broadcast,
+/// unspecified, and the metadata services elsewhere: AWS's and GCP's IPv6 ones, Alibaba's.
 static SPECIAL: LazyLock<Vec<IpNet>> = LazyLock::new(|| {
     [
         "127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32",
-        "::1/128", "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128",
+        "100.100.100.200/32", "::1/128", "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128",
+        "fd20:ce::254/128",
     ]
     .iter()
     .map(|r| r.parse().expect("valid built-in range"))
@@ -83,10 +85,12 @@ mod tests {
     #[test]
     fn loopback_link_local_and_metadata_need_an_explicit_rule() {
         let open = list(&[("0.0.0.0/0", 1, 65535), ("::/0", 1, 65535)]);
-        for ip in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "::1", "fe80::1", "::ffff:127.0.0.1", "fd00:ec2::254", "224.0.0.1"] {
+        for ip in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "::1", "fe80::1", "::ffff:127.0.0.1", "fd00:ec2::254", "fd20:ce::254", "100.100.100.200", "224.0.0.1"] {
             assert!(!open.permits(ip.parse().unwrap(), 5900), "{ip} allowed by a catch-all rule");
         }
         assert!(open.permits("192.0.2.1".parse().unwrap(), 5900));
+        // Only the metadata address itself: its neighbours in shared address space stay open.
+        assert!(open.permits("100.100.100.201".parse().unwrap(), 5900));
         let explicit = list(&[("127.0.0.1/32", 5900, 5900), ("::1/128", 5900, 5900)]);
         assert!(explicit.permits("127.0.0.1".parse().unwrap(), 5900));
         assert!(explicit.permits("::ffff:127.0.0.1".parse().unwrap(), 5900));
