@@ -236,7 +236,8 @@ pub struct ProxyLimits {
     #[serde(default = "d_max_tunnels")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_tunnels: i32,
-    /// Concurrent tunnels per client address and replica.
+    /// Concurrent tunnels per client and replica. A client is an IPv4 address or an IPv6 /64
+    /// (a host may use any address in its /64).
     #[serde(default = "d_max_per_client")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_tunnels_per_client: i32,

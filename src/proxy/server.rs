@@ -3,7 +3,7 @@
 //! is a specific HTTP answer with a one-line body; every tunnel ends in one JSON audit line.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -216,8 +216,19 @@ pub(crate) struct ClientSlot<'a> {
     ip: IpAddr,
 }
 
+/// What the per-client limit counts by: an IPv4 address, or the /64 of an IPv6 one. A host is
+/// usually given a whole /64 and may use any address in it, so counting single IPv6 addresses
+/// would let one client open the limit's worth of tunnels from each of them.
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        v4 => v4,
+    }
+}
+
 impl<'a> ClientSlot<'a> {
     fn take(shared: &'a Shared, ip: IpAddr) -> Option<Self> {
+        let ip = client_key(ip);
         let mut map = shared.per_client.lock().expect("per-client lock");
         let n = map.entry(ip).or_insert(0);
         if *n >= shared.cfg.limits.max_tunnels_per_client as u32 {
@@ -249,8 +260,9 @@ pub(crate) struct OwnedClientSlot {
 impl ClientSlot<'_> {
     pub(crate) fn take_owned(shared: &Arc<Shared>, ip: IpAddr) -> Option<OwnedClientSlot> {
         let slot = ClientSlot::take(shared, ip)?;
+        let key = slot.ip;
         std::mem::forget(slot); // the count is now held by the owned slot
-        Some(OwnedClientSlot { shared: shared.clone(), ip })
+        Some(OwnedClientSlot { shared: shared.clone(), ip: key })
     }
 }
 
@@ -597,4 +609,52 @@ pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
         let _ = tx.send(true);
     });
     server.run(rx).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::config::ProxyConfig;
+
+    fn shared(per_client: i32) -> Arc<Shared> {
+        let mut cfg: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "None", "limits": {},
+        }))
+        .unwrap();
+        cfg.limits.max_tunnels_per_client = per_client;
+        Arc::new(Shared {
+            allow: AllowList::new(vec![]),
+            tunnels: Arc::new(Semaphore::new(10)),
+            creds: RwLock::new(Credentials::default()),
+            metrics: ProxyMetrics::default(),
+            per_client: Mutex::new(HashMap::new()),
+            cfg,
+        })
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(key("192.0.2.7"), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        // A v4-mapped address counts with the IPv4 address it is, not with ::ffff:0:0/64.
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+    }
+
+    #[test]
+    fn the_per_client_limit_spans_a_64_and_every_slot_gives_its_place_back() {
+        let s = shared(2);
+        let (a, b, c) = ("2001:db8::1".parse().unwrap(), "2001:db8::2:3".parse().unwrap(), "2001:db8::ffff".parse().unwrap());
+        let first = ClientSlot::take(&s, a).expect("first tunnel");
+        let second = ClientSlot::take_owned(&s, b).expect("second tunnel, other address of the /64");
+        assert!(ClientSlot::take(&s, c).is_none(), "a third address of the same /64 is over the limit of 2");
+        assert!(ClientSlot::take(&s, "2001:db8:0:1::1".parse().unwrap()).is_some(), "another /64 has its own count");
+        drop(second);
+        let third = ClientSlot::take(&s, c).expect("the owned slot gave its place back to the /64");
+        drop((first, third));
+        assert!(s.per_client.lock().unwrap().is_empty(), "no count is left behind");
+    }
 }
