@@ -330,7 +330,10 @@ impl ProxyServer {
                 if let Some(u) = &h.upstream_tls {
                     super::websocket::upstream_config(u).map_err(|e| anyhow::anyhow!("TLS to hypervisors: {e:#}"))?;
                 }
-                Some(TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?)
+                let l = TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?;
+                // Browsers sit behind the same NATs and load balancers as SPICE clients.
+                super::sockopt::set_client_keepalive(&l)?;
+                Some(l)
             }
             None => None,
         };
@@ -418,7 +421,8 @@ impl ProxyServer {
 
 /// Binds `workers` listeners (default: one per CPU this process may use) to one address with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
-/// Accepted sockets inherit TCP_NODELAY from the listener (one setsockopt less per tunnel),
+/// Accepted sockets inherit TCP_NODELAY and the client keepalive from the listener (no
+/// setsockopt per tunnel),
 /// and TCP_DEFER_ACCEPT hands a connection over only once its request has arrived, so a
 /// tunnel starts with its head already readable: no wake-up just to find nothing to read.
 /// A client that sends nothing is handed over after about `defer_secs` all the same, and
@@ -436,6 +440,7 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> 
         socket.set_reuseport(true)?;
         socket.set_nodelay(true)?;
         super::sockopt::set_defer_accept(&socket, defer_secs)?;
+        super::sockopt::set_client_keepalive(&socket)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?.into_std()?;
         addr = listener.local_addr()?;
@@ -630,6 +635,23 @@ mod tests {
             per_client: Mutex::new(HashMap::new()),
             cfg,
         })
+    }
+
+    #[tokio::test]
+    async fn accepted_clients_inherit_nodelay_and_the_keepalive_from_the_listener() {
+        use crate::proxy::sockopt::{CLIENT_IDLE, CLIENT_PROBE_INTERVAL, CLIENT_PROBES};
+        use rustix::net::sockopt;
+        let listeners = bind_workers("127.0.0.1:0", Some(1), 5).await.unwrap();
+        let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        client.write_all(b"x").await.unwrap(); // TCP_DEFER_ACCEPT hands over only once data came
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        assert!(sockopt::socket_keepalive(&accepted).unwrap());
+        assert_eq!(sockopt::tcp_keepidle(&accepted).unwrap(), CLIENT_IDLE);
+        assert_eq!(sockopt::tcp_keepintvl(&accepted).unwrap(), CLIENT_PROBE_INTERVAL);
+        assert_eq!(sockopt::tcp_keepcnt(&accepted).unwrap(), CLIENT_PROBES);
+        assert_eq!(sockopt::tcp_user_timeout(&accepted).unwrap(), 120_000, "60 s idle + 4 probes 15 s apart");
     }
 
     #[test]
