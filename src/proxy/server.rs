@@ -451,9 +451,13 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> 
 
 /// One worker's accept loop: every tunnel it accepts runs on this worker's thread.
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tracker: Tracker, cancel: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
+    // One wait for the whole loop: a new one per accept would join and leave the channel's
+    // waiter list (a lock shared by every worker) for each connection.
+    let stopped = stop.wait_for(|s| *s);
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            _ = &mut stopped => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
