@@ -213,7 +213,7 @@ impl Shared {
 /// A place in the per-client count, given back on drop.
 pub(crate) struct ClientSlot<'a> {
     shared: &'a Shared,
-    ip: IpAddr,
+    key: IpAddr,
 }
 
 /// What the per-client limit counts by: an IPv4 address, or the /64 of an IPv6 one. A host is
@@ -226,26 +226,34 @@ pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The 503 body when a client is over the per-client limit.
+pub(crate) fn too_many_from(ip: IpAddr) -> &'static str {
+    match client_key(ip) {
+        IpAddr::V4(_) => "too many tunnels from your address",
+        IpAddr::V6(_) => "too many tunnels from your address's /64 (IPv6 clients are counted by /64)",
+    }
+}
+
 impl<'a> ClientSlot<'a> {
     fn take(shared: &'a Shared, ip: IpAddr) -> Option<Self> {
-        let ip = client_key(ip);
+        let key = client_key(ip);
         let mut map = shared.per_client.lock().expect("per-client lock");
-        let n = map.entry(ip).or_insert(0);
+        let n = map.entry(key).or_insert(0);
         if *n >= shared.cfg.limits.max_tunnels_per_client as u32 {
             return None;
         }
         *n += 1;
-        Some(ClientSlot { shared, ip })
+        Some(ClientSlot { shared, key })
     }
 }
 
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
         let mut map = self.shared.per_client.lock().expect("per-client lock");
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                map.remove(&self.key);
             }
         }
     }
@@ -254,21 +262,21 @@ impl Drop for ClientSlot<'_> {
 /// The same, owned, for a bridge task that outlives the request handler.
 pub(crate) struct OwnedClientSlot {
     shared: Arc<Shared>,
-    ip: IpAddr,
+    key: IpAddr,
 }
 
 impl ClientSlot<'_> {
     pub(crate) fn take_owned(shared: &Arc<Shared>, ip: IpAddr) -> Option<OwnedClientSlot> {
         let slot = ClientSlot::take(shared, ip)?;
-        let key = slot.ip;
+        let key = slot.key;
         std::mem::forget(slot); // the count is now held by the owned slot
-        Some(OwnedClientSlot { shared: shared.clone(), ip: key })
+        Some(OwnedClientSlot { shared: shared.clone(), key })
     }
 }
 
 impl Drop for OwnedClientSlot {
     fn drop(&mut self) {
-        drop(ClientSlot { shared: &self.shared, ip: self.ip });
+        drop(ClientSlot { shared: &self.shared, key: self.key });
     }
 }
 
@@ -540,7 +548,7 @@ async fn serve_one(
         return Err((v10, refuse(503, "proxy is at its tunnel limit, try again later")));
     };
     let Some(_slot) = ClientSlot::take(shared, peer_ip) else {
-        return Err((v10, refuse(503, "too many tunnels from your address")));
+        return Err((v10, refuse(503, too_many_from(peer_ip))));
     };
     // The handshake runs in its own boxed future, so its buffers are freed before the
     // tunnel starts: an idle tunnel keeps only the two sockets and a small state.
@@ -668,6 +676,8 @@ mod tests {
         assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
         // A v4-mapped address counts with the IPv4 address it is, not with ::ffff:0:0/64.
         assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(too_many_from("::ffff:192.0.2.7".parse().unwrap()), "too many tunnels from your address");
+        assert!(too_many_from("2001:db8::1".parse().unwrap()).contains("/64"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Socket options of the client side. Two of them (TCP_DEFER_ACCEPT, SO_RCVLOWAT) are set
-//! by hand because neither rustix nor socket2 wraps them.
+//! Socket options the proxy sets beyond what tokio offers. Two of them (TCP_DEFER_ACCEPT,
+//! SO_RCVLOWAT) are set by hand because neither rustix nor socket2 wraps them.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};

@@ -157,7 +157,7 @@ async fn handle(
         return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, "proxy is at its tunnel limit, try again later".into());
     };
     let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
-        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, "too many tunnels from your address".into());
+        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::too_many_from(peer_ip).into());
     };
     let addrs = match bridge.shared.allowed_addresses(&claims.host, port).await {
         Ok(a) => a,
