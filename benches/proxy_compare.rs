@@ -5,12 +5,11 @@
 //! (server → client), proxy CPU seconds per GiB, tunnel setup rate, CPU per tunnel (the peer's,
 //! and the load generator's with the targets, which is the same code for every peer: a
 //! CONNECT exchange shows up there) and p99 setup latency, 64-byte echo p99, and RSS per idle
-//! tunnel with 2,000 tunnels open. Medians of 3 runs
-//! (throughput and set-up), taken in rounds that visit every peer in turn, so a slow minute on
-//! a shared machine costs each peer one run rather than all of one peer's runs. Each peer
-//! reaches the target at an address of its own (127.0.0.1, .2, ...): set-up runs leave tens of
-//! thousands of TIME_WAIT entries, and the next peer's connects to the same address and port
-//! would pay for searching past them.
+//! tunnel with 2,000 tunnels open. Medians of 3 runs (throughput and set-up), taken in rounds
+//! that visit every peer in turn, so a slow minute on a shared machine costs each peer one run
+//! rather than all of one peer's runs. Each peer reaches the target at an address of its own
+//! (127.0.0.1, .2, ...): set-up runs leave tens of thousands of TIME_WAIT entries, and the next
+//! peer's connects to the same address and port would pay for searching past them.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -138,25 +137,22 @@ async fn open(peer: &Peer, cmd: u8, n: u64) -> TcpStream {
     s
 }
 
+/// User plus system CPU seconds from a `/proc/.../stat` file; `None` once the process is gone.
+fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    Some((fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?) / 100.0)
+}
+
 fn cpu_seconds(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
-    let mut total = 0.0;
-    for p in family(pid) {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-            let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-            total += ticks / 100.0;
-        }
-    }
-    total
+    family(pid).iter().filter_map(|p| stat_cpu_seconds(&format!("/proc/{p}/stat"))).sum()
 }
 
 /// CPU seconds of this process alone: the load generator and the targets, the same for every
 /// peer, so what a peer's protocol costs its clients shows as a difference here.
 fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+    stat_cpu_seconds("/proc/self/stat").expect("own /proc stat")
 }
 
 /// The process and its children (squid and tinyproxy work in child processes).

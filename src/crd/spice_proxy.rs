@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -281,18 +282,22 @@ fn d_drain() -> i32 {
 /// The limits as durations. The proxy also reads its config from a file that the CRD schema
 /// never validated, so each is clamped to the smallest value that still means something.
 impl ProxyLimits {
-    pub fn idle_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.idle_timeout_seconds.max(1) as u64)
+    pub fn idle_timeout(&self) -> Duration {
+        seconds_at_least(self.idle_timeout_seconds, 1)
     }
-    pub fn connect_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.connect_timeout_seconds.max(1) as u64)
+    pub fn connect_timeout(&self) -> Duration {
+        seconds_at_least(self.connect_timeout_seconds, 1)
     }
-    pub fn handshake_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.handshake_timeout_seconds.max(1) as u64)
+    pub fn handshake_timeout(&self) -> Duration {
+        seconds_at_least(self.handshake_timeout_seconds, 1)
     }
-    pub fn drain(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.drain_seconds.max(0) as u64)
+    pub fn drain(&self) -> Duration {
+        seconds_at_least(self.drain_seconds, 0)
     }
+}
+
+fn seconds_at_least(seconds: i32, min: i32) -> Duration {
+    Duration::from_secs(seconds.max(min) as u64)
 }
 
 impl Default for ProxyLimits {

@@ -228,7 +228,7 @@ pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
 
 /// The 503 body when a client is over the per-client limit.
 pub(crate) fn too_many_from(ip: IpAddr) -> &'static str {
-    match client_key(ip) {
+    match canonical(ip) {
         IpAddr::V4(_) => "too many tunnels from your address",
         IpAddr::V6(_) => "too many tunnels from your address's /64 (IPv6 clients are counted by /64)",
     }
