@@ -200,13 +200,43 @@ impl Shared {
         let timeout = self.cfg.limits.connect_timeout();
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
-            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => return Ok((s, *addr)),
-                Ok(Err(e)) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
-                Err(_) => last = refuse(504, format!("upstream {addr} did not answer within {timeout:?}")),
+            match connect_within(*addr, timeout).await {
+                Ok(Some(s)) => return Ok((s, *addr)),
+                Ok(None) => last = refuse(504, format!("upstream {addr} did not answer within {timeout:?}")),
+                Err(e) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
             }
         }
         Err(last)
+    }
+}
+
+/// Connects to `addr`; `None` when it did not answer within `timeout`.
+///
+/// A hypervisor on the proxy's own network (or loopback) usually completes the TCP handshake
+/// within connect(2) itself. A zero-timeout poll sees that, and the stream is ready without a
+/// turn of the event loop and without arming the timeout: tokio's own connect does both, and
+/// the first timer of a quiet loop also wakes it once more (an eventfd write) to re-plan.
+async fn connect_within(addr: SocketAddr, timeout: Duration) -> std::io::Result<Option<TcpStream>> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let socket = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
+    let connected = match rustix::net::connect(&socket, &addr) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::INPROGRESS) => {
+            let mut fds = [PollFd::new(&socket, PollFlags::OUT)];
+            poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? == 1
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if !connected && tokio::time::timeout(timeout, stream.writable()).await.is_err() {
+        return Ok(None);
+    }
+    // Writable means connected or failed; SO_ERROR says which.
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(Some(stream)),
     }
 }
 

@@ -8,7 +8,7 @@ use std::future::poll_fn;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -108,12 +108,13 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
     // (no extra read just to see EAGAIN), and they cost no allocation.
     let (client_in, client_out) = client.split();
     let (upstream_in, upstream_out) = upstream.split();
+    let one_ended = AtomicBool::new(false);
     // Both directions are built inside the join: a future first bound to a local keeps a
     // second slot in this state machine, and every idle tunnel would carry it (rust#62958).
     tokio::select! {
         (a, b) = futures::future::join(
-            one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity),
-            one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity),
+            one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity, &one_ended),
+            one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity, &one_ended),
         ) => match (a, b) {
             (Ok(()), Ok(())) => Close::Finished,
             (Err(e), _) | (_, Err(e)) => Close::Error(format!("io error: {e}")),
@@ -123,7 +124,8 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
     }
 }
 
-async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity) -> io::Result<()> {
+/// `one_ended` is set by whichever direction of the tunnel ends first.
+async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity, one_ended: &AtomicBool) -> io::Result<()> {
     let result = match mode {
         DataPath::Splice => match copy_loop(&mut src, dst, counter, activity, SPLICE_FROM).await {
             Ok(Copied::Eof) => Ok(()),
@@ -143,8 +145,10 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
         },
         DataPath::Copy => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
     };
-    if result.is_ok() {
-        // Half-close: the peer sees EOF only once everything before it was delivered.
+    // Half-close: the peer sees EOF only once everything before it was delivered. When the
+    // other direction has ended already, the tunnel closes both sockets right after this, and
+    // that close sends the same FIN (both receive queues were read to EOF, so it is no reset).
+    if result.is_ok() && !one_ended.swap(true, Ordering::Relaxed) {
         match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
             Ok(()) | Err(rustix::io::Errno::NOTCONN) => {}
             Err(e) => return Err(e.into()),
