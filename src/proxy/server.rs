@@ -221,19 +221,20 @@ async fn connect_within(addr: SocketAddr, timeout: Duration) -> std::io::Result<
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
     let socket = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
-    let connected = match rustix::net::connect(&socket, &addr) {
+    // Whether the handshake has finished, either way; SO_ERROR below says which way.
+    let settled = match rustix::net::connect(&socket, &addr) {
         Ok(()) => true,
         Err(rustix::io::Errno::INPROGRESS) => {
             let mut fds = [PollFd::new(&socket, PollFlags::OUT)];
-            poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? == 1
+            // A failed poll (EINTR) only means waiting for the event loop's answer instead.
+            poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|ready| ready == 1)
         }
         Err(e) => return Err(e.into()),
     };
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    if !connected && tokio::time::timeout(timeout, stream.writable()).await.is_err() {
+    if !settled && tokio::time::timeout(timeout, stream.writable()).await.is_err() {
         return Ok(None);
     }
-    // Writable means connected or failed; SO_ERROR says which.
     match stream.take_error()? {
         Some(e) => Err(e),
         None => Ok(Some(stream)),
@@ -542,6 +543,9 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
     } else {
         shared.metrics.tunnels.get_or_create(&Outcome { outcome: label }).inc();
     }
+    // Closed before the audit line is written: with a half-closed tunnel this close is what
+    // sends the client its FIN, and a slow log must not hold it back.
+    drop(client);
     audit.outcome = label;
     audit.close = close;
     audit.duration_ms = started.elapsed().as_millis() as u64;

@@ -124,7 +124,7 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
     }
 }
 
-/// `one_ended` is set by whichever direction of the tunnel ends first.
+/// `one_ended` is set by whichever direction of the tunnel reaches EOF first.
 async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity, one_ended: &AtomicBool) -> io::Result<()> {
     let result = match mode {
         DataPath::Splice => match copy_loop(&mut src, dst, counter, activity, SPLICE_FROM).await {
