@@ -257,6 +257,9 @@ pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The 503 body when the proxy is at its global tunnel limit.
+pub(crate) const AT_TUNNEL_LIMIT: &str = "proxy is at its tunnel limit, try again later";
+
 /// The 503 body when a client is over the per-client limit.
 pub(crate) fn too_many_from(ip: IpAddr) -> &'static str {
     match canonical(ip) {
@@ -461,9 +464,9 @@ impl ProxyServer {
 /// Binds `workers` listeners (default: one per CPU this process may use) to one address with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
 /// Accepted sockets inherit TCP_NODELAY and the client keepalive from the listener (no
-/// setsockopt per tunnel),
-/// and TCP_DEFER_ACCEPT hands a connection over only once its request has arrived, so a
-/// tunnel starts with its head already readable: no wake-up just to find nothing to read.
+/// setsockopt per tunnel), and TCP_DEFER_ACCEPT hands a connection over only once its
+/// request has arrived, so a tunnel starts with its head already readable: no wake-up just
+/// to find nothing to read.
 /// A client that sends nothing is handed over after about `defer_secs` all the same, and
 /// then meets the handshake timeout.
 async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> std::io::Result<Vec<std::net::TcpListener>> {
@@ -579,7 +582,7 @@ async fn serve_one(
 ) -> Result<Close, Refused> {
     let v10 = Version::Http10;
     let Ok(_permit) = shared.tunnels.clone().try_acquire_owned() else {
-        return Err((v10, refuse(503, "proxy is at its tunnel limit, try again later")));
+        return Err((v10, refuse(503, AT_TUNNEL_LIMIT)));
     };
     let Some(_slot) = ClientSlot::take(shared, peer_ip) else {
         return Err((v10, refuse(503, too_many_from(peer_ip))));

@@ -101,7 +101,9 @@ impl Close {
     }
 }
 
-/// Runs the tunnel until both directions end, it idles out, or `cancel` resolves.
+/// Runs the tunnel until both directions end, it idles out, or `cancel` resolves. The caller
+/// closes both sockets as soon as it returns: when both directions ended, that close is what
+/// sends the FIN of the direction that ended second.
 pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, idle: Duration, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained

@@ -154,7 +154,7 @@ async fn handle(
     audit.target = Some(format!("{}:{port}", claims.host));
     audit.subject = Some(claims.subject.clone());
     let Ok(permit) = bridge.shared.tunnels.clone().try_acquire_owned() else {
-        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, "proxy is at its tunnel limit, try again later".into());
+        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::AT_TUNNEL_LIMIT.into());
     };
     let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::too_many_from(peer_ip).into());
