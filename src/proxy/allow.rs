@@ -2,9 +2,11 @@
 //! checked on resolved addresses, and the proxy connects to exactly the address it checked
 //! (no DNS rebinding). Loopback, link-local (cloud metadata), unspecified, multicast and
 //! broadcast addresses are refused unless a rule lists them explicitly, i.e. a rule whose
-//! whole block lies inside such a range (`0.0.0.0/0` does not count).
+//! whole block lies inside such a range (`0.0.0.0/0` does not count). An IPv6 address that
+//! carries an IPv4 address for a translator or relay to reach (NAT64's well-known prefix, 6to4)
+//! is special when the IPv4 address it carries is.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
 
 use ipnet::IpNet;
@@ -38,13 +40,40 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn is_special(ip: IpAddr) -> bool {
-    SPECIAL.iter().any(|r| r.contains(&ip))
+/// IPv6 prefixes whose addresses carry an IPv4 address that a gateway reaches on the client's
+/// behalf, right after the prefix: a NAT64 gateway turns 64:ff9b::a9fe:a9fe
+/// into 169.254.169.254 (RFC 6052), a 6to4 relay sends 2002:7f00:1:: to 127.0.0.1 (RFC 3056).
+/// A catch-all IPv6 rule must not open through them what it may not open directly.
+const EMBEDDING: [(Ipv6Addr, u8); 2] = [(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16)];
+
+/// The IPv4 address an IPv6 address carries for a NAT64 gateway or a 6to4 relay.
+fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(ip);
+    EMBEDDING.iter().find_map(|&(prefix, len)| {
+        let mask = u128::MAX << (128 - len);
+        (bits & mask == u128::from(prefix)).then(|| Ipv4Addr::from((bits >> (96 - len)) as u32))
+    })
 }
 
-/// A rule lists special addresses explicitly when its whole block lies inside a special range.
+/// The IPv4 block a rule covers through a NAT64 or 6to4 prefix, when the rule lies inside one
+/// and is narrow enough to name IPv4 addresses (at least the prefix plus a first IPv4 bit).
+fn embedded_ipv4_block(rule: &IpNet) -> Option<IpNet> {
+    let IpNet::V6(net) = rule else { return None };
+    let &(_, len) = EMBEDDING.iter().find(|(prefix, len)| ipnet::Ipv6Net::new(*prefix, *len).expect("valid prefix").contains(net))?;
+    let v4_len = net.prefix_len().checked_sub(len).filter(|l| *l > 0)?.min(32);
+    ipnet::Ipv4Net::new(embedded_ipv4(net.network())?, v4_len).ok().map(|n| IpNet::V4(n.trunc()))
+}
+
+fn is_special(ip: IpAddr) -> bool {
+    let in_special = |ip: &IpAddr| SPECIAL.iter().any(|r| r.contains(ip));
+    in_special(&ip) || matches!(ip, IpAddr::V6(v6) if embedded_ipv4(v6).is_some_and(|v4| in_special(&IpAddr::V4(v4))))
+}
+
+/// A rule lists special addresses explicitly when its whole block lies inside a special range,
+/// directly or through the IPv4 block it covers behind a NAT64 or 6to4 prefix.
 fn explicitly_special(rule: &IpNet) -> bool {
-    SPECIAL.iter().any(|r| r.contains(rule))
+    let in_special = |net: &IpNet| SPECIAL.iter().any(|r| r.contains(net));
+    in_special(rule) || embedded_ipv4_block(rule).is_some_and(|v4| in_special(&v4))
 }
 
 impl AllowList {
@@ -96,5 +125,27 @@ mod tests {
         assert!(explicit.permits("::ffff:127.0.0.1".parse().unwrap(), 5900));
         assert!(explicit.permits("::1".parse().unwrap(), 5900));
         assert!(!explicit.permits("127.0.0.2".parse().unwrap(), 5900));
+    }
+
+    #[test]
+    fn special_addresses_behind_nat64_and_6to4_prefixes_need_an_explicit_rule_too() {
+        let open = list(&[("::/0", 1, 65535)]);
+        // 169.254.169.254, 127.0.0.1 and 100.100.100.200 behind the NAT64 well-known prefix, and 127.0.0.1 and 169.254.169.254 behind 6to4.
+        for ip in ["64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::6464:64c8", "2002:7f00:1::", "2002:a9fe:a9fe:1::5"] {
+            assert!(!open.permits(ip.parse().unwrap(), 5900), "{ip} allowed by a catch-all rule");
+        }
+        // Ordinary IPv4 hosts stay reachable through them.
+        assert!(open.permits("64:ff9b::c000:201".parse().unwrap(), 5900));
+        assert!(open.permits("2002:c000:201::1".parse().unwrap(), 5900));
+        // Neither prefix as a whole lists the special addresses behind it explicitly, nor does a
+        // /100 whose IPv4 block (160.0.0.0/4) spans special and ordinary addresses.
+        let wide = list(&[("64:ff9b::/96", 5900, 5900), ("2002::/16", 5900, 5900), ("64:ff9b::a000:0/100", 5900, 5900)]);
+        assert!(!wide.permits("64:ff9b::a9fe:a9fe".parse().unwrap(), 5900));
+        assert!(!wide.permits("2002:7f00:1::".parse().unwrap(), 5900));
+        // 169.254.0.0/16 behind NAT64 is a block inside a special range: explicit.
+        let explicit = list(&[("64:ff9b::a9fe:0/112", 5900, 5900), ("2002:7f00:1::/48", 5900, 5900)]);
+        assert!(explicit.permits("64:ff9b::a9fe:a9fe".parse().unwrap(), 5900));
+        assert!(explicit.permits("2002:7f00:1::9".parse().unwrap(), 5900));
+        assert!(embedded_ipv4("2001:db8::a9fe:a9fe".parse().unwrap()).is_none(), "only the two prefixes carry IPv4 addresses");
     }
 }
