@@ -210,7 +210,8 @@ impl Shared {
     }
 }
 
-/// Connects to `addr`; `None` when it did not answer within `timeout`.
+/// Connects to `addr`; `None` when it did not answer within `timeout`. The stream has
+/// TCP_NODELAY and the keepalive (see `sockopt::set_keepalive`).
 ///
 /// A hypervisor on the proxy's own network (or loopback) usually completes the TCP handshake
 /// within connect(2) itself. A zero-timeout poll sees that, and the stream is ready without a
@@ -221,6 +222,8 @@ async fn connect_within(addr: SocketAddr, timeout: Duration) -> std::io::Result<
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
     let socket = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
+    rustix::net::sockopt::set_tcp_nodelay(&socket, true)?;
+    super::sockopt::set_keepalive(&socket)?;
     // Whether the handshake has finished, either way; SO_ERROR below says which way.
     let settled = match rustix::net::connect(&socket, &addr) {
         Ok(()) => true,
@@ -374,7 +377,7 @@ impl ProxyServer {
                 }
                 let l = TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?;
                 // Browsers sit behind the same NATs and load balancers as SPICE clients.
-                super::sockopt::set_client_keepalive(&l)?;
+                super::sockopt::set_keepalive(&l)?;
                 Some(l)
             }
             None => None,
@@ -482,7 +485,7 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> 
         socket.set_reuseport(true)?;
         socket.set_nodelay(true)?;
         super::sockopt::set_defer_accept(&socket, defer_secs)?;
-        super::sockopt::set_client_keepalive(&socket)?;
+        super::sockopt::set_keepalive(&socket)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?.into_std()?;
         addr = listener.local_addr()?;
@@ -635,8 +638,6 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit) -
     let addrs = shared.allowed_addresses(&req.host, req.port).await.map_err(|r| (version, r))?;
     let (mut upstream, addr) = shared.connect(&addrs).await.map_err(|r| (version, r))?;
     audit.upstream = Some(addr);
-    // The client socket has TCP_NODELAY from the listener.
-    let _ = upstream.set_nodelay(true);
     // Success: the status line and a blank line, nothing more; then the client speaks first.
     let ok = format!("{} 200 Connection established\r\n\r\n", version.as_str());
     client.write_all(ok.as_bytes()).await.map_err(|e| (version, refuse(400, e.to_string())))?;
@@ -686,21 +687,33 @@ mod tests {
         })
     }
 
+    /// TCP_NODELAY, the keepalive and the user timeout of `sockopt::set_keepalive`.
+    fn assert_nodelay_and_keepalive(socket: &TcpStream, side: &str) {
+        use crate::proxy::sockopt::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES};
+        use rustix::net::sockopt;
+        assert!(socket.nodelay().unwrap(), "{side}: TCP_NODELAY");
+        assert!(sockopt::socket_keepalive(socket).unwrap(), "{side}: SO_KEEPALIVE");
+        assert_eq!(sockopt::tcp_keepidle(socket).unwrap(), KEEPALIVE_IDLE, "{side}");
+        assert_eq!(sockopt::tcp_keepintvl(socket).unwrap(), KEEPALIVE_INTERVAL, "{side}");
+        assert_eq!(sockopt::tcp_keepcnt(socket).unwrap(), KEEPALIVE_PROBES, "{side}");
+        assert_eq!(sockopt::tcp_user_timeout(socket).unwrap(), 120_000, "{side}: 60 s idle + 4 probes 15 s apart");
+    }
+
     #[tokio::test]
     async fn accepted_clients_inherit_nodelay_and_the_keepalive_from_the_listener() {
-        use crate::proxy::sockopt::{CLIENT_IDLE, CLIENT_PROBE_INTERVAL, CLIENT_PROBES};
-        use rustix::net::sockopt;
         let listeners = bind_workers("127.0.0.1:0", Some(1), 5).await.unwrap();
         let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         client.write_all(b"x").await.unwrap(); // TCP_DEFER_ACCEPT hands over only once data came
         let (accepted, _) = listener.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap());
-        assert!(sockopt::socket_keepalive(&accepted).unwrap());
-        assert_eq!(sockopt::tcp_keepidle(&accepted).unwrap(), CLIENT_IDLE);
-        assert_eq!(sockopt::tcp_keepintvl(&accepted).unwrap(), CLIENT_PROBE_INTERVAL);
-        assert_eq!(sockopt::tcp_keepcnt(&accepted).unwrap(), CLIENT_PROBES);
-        assert_eq!(sockopt::tcp_user_timeout(&accepted).unwrap(), 120_000, "60 s idle + 4 probes 15 s apart");
+        assert_nodelay_and_keepalive(&accepted, "client side");
+    }
+
+    #[tokio::test]
+    async fn upstream_connections_have_nodelay_and_the_keepalive() {
+        let hypervisor = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = connect_within(hypervisor.local_addr().unwrap(), Duration::from_secs(5)).await.unwrap().expect("connected");
+        assert_nodelay_and_keepalive(&upstream, "upstream side");
     }
 
     #[test]

@@ -28,16 +28,17 @@ pub fn set_recv_lowat(socket: &impl AsFd, bytes: usize) -> io::Result<()> {
     set_int(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes.clamp(1, i32::MAX as usize) as libc::c_int)
 }
 
-/// Silence on a client connection before the first keepalive probe, the gap between probes,
-/// and the unanswered probes that end it: a client gone without a FIN is found within
-/// `CLIENT_IDLE + CLIENT_PROBES * CLIENT_PROBE_INTERVAL` (2 minutes).
-pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
-pub const CLIENT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
-pub const CLIENT_PROBES: u32 = 4;
+/// Silence on a connection before the first keepalive probe, the gap between probes, and the
+/// unanswered probes that end it: a peer gone without a FIN is found within
+/// `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL` (2 minutes).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const KEEPALIVE_PROBES: u32 = 4;
 
-/// TCP keepalive and a user timeout for client connections, set on a listener: accepted
-/// sockets inherit them, so they cost nothing per tunnel.
+/// TCP keepalive and a user timeout, on both sides of a tunnel.
 ///
+/// Client side, set on a listener: accepted sockets inherit them, so they cost nothing per
+/// tunnel.
 /// SPICE pings its quiet channels only every 300 s, and load balancers in front of the proxy
 /// drop flows idle for less (Azure's after 4 minutes, AWS's NLB after 350 s): a probe every
 /// minute keeps those flows, and the NAT mappings of home routers, alive. A client that
@@ -45,12 +46,17 @@ pub const CLIENT_PROBES: u32 = 4;
 /// instead of holding its tunnels, and its places under the per-client limit, until the idle
 /// timeout. The user timeout gives data sent to such a client (a display update) the same
 /// 2 minutes to be acknowledged, instead of the kernel's 15 or so of retransmissions.
-pub fn set_client_keepalive(listener: &impl AsFd) -> io::Result<()> {
-    let gone_after = CLIENT_IDLE + CLIENT_PROBE_INTERVAL * CLIENT_PROBES;
-    sockopt::set_socket_keepalive(listener, true)?;
-    sockopt::set_tcp_keepidle(listener, CLIENT_IDLE)?;
-    sockopt::set_tcp_keepintvl(listener, CLIENT_PROBE_INTERVAL)?;
-    sockopt::set_tcp_keepcnt(listener, CLIENT_PROBES)?;
-    sockopt::set_tcp_user_timeout(listener, gone_after.as_millis() as u32)?;
+///
+/// Upstream side, set on each socket before it connects: a hypervisor that crashed or lost
+/// its network sends nothing more, and SPICE clients do not ping, so without probes its
+/// tunnels would hang on a frozen screen until the idle timeout (an hour by default). With
+/// them the client sees the session end within about 2 minutes.
+pub fn set_keepalive(socket: &impl AsFd) -> io::Result<()> {
+    let gone_after = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES;
+    sockopt::set_socket_keepalive(socket, true)?;
+    sockopt::set_tcp_keepidle(socket, KEEPALIVE_IDLE)?;
+    sockopt::set_tcp_keepintvl(socket, KEEPALIVE_INTERVAL)?;
+    sockopt::set_tcp_keepcnt(socket, KEEPALIVE_PROBES)?;
+    sockopt::set_tcp_user_timeout(socket, gone_after.as_millis() as u32)?;
     Ok(())
 }

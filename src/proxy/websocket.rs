@@ -168,7 +168,6 @@ async fn handle(
         Err(r) => return log_refusal(&bridge.shared, audit, started, StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY), r.body),
     };
     audit.upstream = Some(addr);
-    let _ = upstream.set_nodelay(true);
     let upstream = match &bridge.upstream_tls {
         None => Upstream::Plain(upstream),
         Some(connector) => {
