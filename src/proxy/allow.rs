@@ -130,7 +130,8 @@ mod tests {
     #[test]
     fn special_addresses_behind_nat64_and_6to4_prefixes_need_an_explicit_rule_too() {
         let open = list(&[("::/0", 1, 65535)]);
-        // 169.254.169.254, 127.0.0.1 and 100.100.100.200 behind the NAT64 well-known prefix, and 127.0.0.1 and 169.254.169.254 behind 6to4.
+        // Behind the NAT64 well-known prefix: 169.254.169.254, 127.0.0.1, 100.100.100.200;
+        // behind 6to4: 127.0.0.1, 169.254.169.254.
         for ip in ["64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::6464:64c8", "2002:7f00:1::", "2002:a9fe:a9fe:1::5"] {
             assert!(!open.permits(ip.parse().unwrap(), 5900), "{ip} allowed by a catch-all rule");
         }

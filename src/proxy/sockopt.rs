@@ -39,6 +39,7 @@ pub const KEEPALIVE_PROBES: u32 = 4;
 ///
 /// Client side, set on a listener: accepted sockets inherit them, so they cost nothing per
 /// tunnel.
+///
 /// SPICE pings its quiet channels only every 300 s, and load balancers in front of the proxy
 /// drop flows idle for less (Azure's after 4 minutes, AWS's NLB after 350 s): a probe every
 /// minute keeps those flows, and the NAT mappings of home routers, alive. A client that
