@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::config::AllowedTarget;
 
@@ -44,24 +44,21 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// behalf, right after the prefix: a NAT64 gateway turns 64:ff9b::a9fe:a9fe
 /// into 169.254.169.254 (RFC 6052), a 6to4 relay sends 2002:7f00:1:: to 127.0.0.1 (RFC 3056).
 /// A catch-all IPv6 rule must not open through them what it may not open directly.
-const EMBEDDING: [(Ipv6Addr, u8); 2] = [(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16)];
+const EMBEDDING: [Ipv6Net; 2] = [Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16)];
 
 /// The IPv4 address an IPv6 address carries for a NAT64 gateway or a 6to4 relay.
 fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
-    let bits = u128::from(ip);
-    EMBEDDING.iter().find_map(|&(prefix, len)| {
-        let mask = u128::MAX << (128 - len);
-        (bits & mask == u128::from(prefix)).then(|| Ipv4Addr::from((bits >> (96 - len)) as u32))
-    })
+    let prefix = EMBEDDING.iter().find(|p| p.contains(&ip))?;
+    Some(Ipv4Addr::from((u128::from(ip) >> (96 - prefix.prefix_len())) as u32))
 }
 
 /// The IPv4 block a rule covers through a NAT64 or 6to4 prefix, when the rule lies inside one
 /// and is narrow enough to name IPv4 addresses (at least the prefix plus a first IPv4 bit).
 fn embedded_ipv4_block(rule: &IpNet) -> Option<IpNet> {
     let IpNet::V6(net) = rule else { return None };
-    let &(_, len) = EMBEDDING.iter().find(|(prefix, len)| ipnet::Ipv6Net::new(*prefix, *len).expect("valid prefix").contains(net))?;
-    let v4_len = net.prefix_len().checked_sub(len).filter(|l| *l > 0)?.min(32);
-    ipnet::Ipv4Net::new(embedded_ipv4(net.network())?, v4_len).ok().map(|n| IpNet::V4(n.trunc()))
+    let prefix = EMBEDDING.iter().find(|p| p.contains(net))?;
+    let v4_len = net.prefix_len().checked_sub(prefix.prefix_len()).filter(|l| *l > 0)?.min(32);
+    Ipv4Net::new(embedded_ipv4(net.network())?, v4_len).ok().map(|n| IpNet::V4(n.trunc()))
 }
 
 fn is_special(ip: IpAddr) -> bool {
