@@ -202,6 +202,9 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if spec.limits.idle_timeout_seconds <= 300 {
         problems.push("limits.idleTimeoutSeconds must exceed 300: SPICE servers ping idle channels only every 300 s".into());
     }
+    if !(10..=3600).contains(&spec.limits.dead_peer_timeout_seconds) {
+        problems.push(format!("limits.deadPeerTimeoutSeconds {} is outside 10-3600", spec.limits.dead_peer_timeout_seconds));
+    }
     if let Some(h) = &spec.html5 {
         if spec.auth.mode != AuthMode::Ticket {
             problems.push("html5 needs auth mode Ticket: the token in the browser console URL names the VM".into());
@@ -710,6 +713,9 @@ mod tests {
         s.spec.allowed_targets[0].cidr = "10.0.0.0/33".into();
         s.spec.allowed_targets[0].ports[0] = PortRange { from: 6000, to: Some(5900) };
         assert_eq!(validate(&s.spec).unwrap_err().len(), 2);
+        let mut s = spx(BASIC);
+        s.spec.limits.dead_peer_timeout_seconds = 5;
+        assert_eq!(validate(&s.spec).unwrap_err(), ["limits.deadPeerTimeoutSeconds 5 is outside 10-3600"]);
     }
 
     #[test]

@@ -258,6 +258,13 @@ pub struct ProxyLimits {
     #[serde(default = "d_drain")]
     #[schemars(range(min = 0, max = 86400))]
     pub drain_seconds: i32,
+    /// Time after which a peer that went away without closing (a client's laptop asleep or off
+    /// the network, a crashed hypervisor) ends its tunnel: TCP keepalive probes it after
+    /// silence, and data it leaves unacknowledged this long closes the tunnel too. Probes come
+    /// at least every 60 s, which keeps load balancers' and NATs' idle flows open.
+    #[serde(default = "d_dead_peer")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub dead_peer_timeout_seconds: i32,
 }
 
 fn d_max_tunnels() -> i32 {
@@ -278,6 +285,9 @@ fn d_head() -> i32 {
 fn d_drain() -> i32 {
     60
 }
+fn d_dead_peer() -> i32 {
+    120
+}
 
 /// The limits as durations. The proxy also reads its config from a file that the CRD schema
 /// never validated, so each is clamped to the smallest value that still means something.
@@ -294,6 +304,11 @@ impl ProxyLimits {
     pub fn drain(&self) -> Duration {
         seconds_at_least(self.drain_seconds, 0)
     }
+    /// Clamped to the schema's range: below 10 s the probes would come every second or less,
+    /// above an hour they would outnumber what the kernel allows (127).
+    pub fn dead_peer_timeout(&self) -> Duration {
+        seconds_at_least(self.dead_peer_timeout_seconds.min(3600), 10)
+    }
 }
 
 fn seconds_at_least(seconds: i32, min: i32) -> Duration {
@@ -309,6 +324,7 @@ impl Default for ProxyLimits {
             connect_timeout_seconds: d_connect(),
             handshake_timeout_seconds: d_head(),
             drain_seconds: d_drain(),
+            dead_peer_timeout_seconds: d_dead_peer(),
         }
     }
 }
@@ -363,11 +379,13 @@ mod tests {
     fn limits_from_an_unvalidated_file_are_clamped_to_something_usable() {
         // A config file the schema never saw may hold 0 or negative values: a zero timeout
         // would refuse every client at once, a negative drain would wrap to centuries.
-        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, ..Default::default() };
+        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, dead_peer_timeout_seconds: 0, ..Default::default() };
         assert_eq!(l.idle_timeout(), Duration::from_secs(1));
         assert_eq!(l.connect_timeout(), Duration::from_secs(1));
         assert_eq!(l.handshake_timeout(), Duration::from_secs(1));
         assert_eq!(l.drain(), Duration::ZERO);
+        assert_eq!(l.dead_peer_timeout(), Duration::from_secs(10));
+        assert_eq!(ProxyLimits { dead_peer_timeout_seconds: i32::MAX, ..Default::default() }.dead_peer_timeout(), Duration::from_secs(3600));
         let d = ProxyLimits::default();
         assert_eq!(d.idle_timeout(), Duration::from_secs(d.idle_timeout_seconds as u64));
         assert!(d.idle_timeout() > Duration::from_secs(300), "SPICE pings inputs and cursor only every 300 s");

@@ -17,6 +17,7 @@ use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
 use super::metrics::{Outcome, ProxyMetrics};
+use super::sockopt::Keepalive;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::AuthMode;
@@ -198,9 +199,10 @@ impl Shared {
     pub(crate) async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
         let mut last = refuse(502, "no address to connect to");
         let timeout = self.cfg.limits.connect_timeout();
+        let keepalive = Keepalive::within(self.cfg.limits.dead_peer_timeout());
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
-            match connect_within(*addr, timeout).await {
+            match connect_within(*addr, timeout, keepalive).await {
                 Ok(Some(s)) => return Ok((s, *addr)),
                 Ok(None) => last = refuse(504, format!("upstream {addr} did not answer within {timeout:?}")),
                 Err(e) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
@@ -211,19 +213,19 @@ impl Shared {
 }
 
 /// Connects to `addr`; `None` when it did not answer within `timeout`. The stream has
-/// TCP_NODELAY and the keepalive (see `sockopt::set_keepalive`).
+/// TCP_NODELAY and `keepalive`.
 ///
 /// A hypervisor on the proxy's own network (or loopback) usually completes the TCP handshake
 /// within connect(2) itself. A zero-timeout poll sees that, and the stream is ready without a
 /// turn of the event loop and without arming the timeout: tokio's own connect does both, and
 /// the first timer of a quiet loop also wakes it once more (an eventfd write) to re-plan.
-async fn connect_within(addr: SocketAddr, timeout: Duration) -> std::io::Result<Option<TcpStream>> {
+async fn connect_within(addr: SocketAddr, timeout: Duration, keepalive: Keepalive) -> std::io::Result<Option<TcpStream>> {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
     let socket = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
     rustix::net::sockopt::set_tcp_nodelay(&socket, true)?;
-    super::sockopt::set_keepalive(&socket)?;
+    keepalive.apply(&socket)?;
     // Whether the handshake has finished, either way; SO_ERROR below says which way.
     let settled = match rustix::net::connect(&socket, &addr) {
         Ok(()) => true,
@@ -362,7 +364,8 @@ impl ProxyServer {
     pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
         let creds = read_credentials(&cfg)?;
         let defer = cfg.limits.handshake_timeout().as_secs() as u32;
-        let listeners = bind_workers(&cfg.listen, cfg.workers, defer).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
+        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
         let html5 = match &cfg.html5 {
             Some(h) => {
@@ -377,7 +380,7 @@ impl ProxyServer {
                 }
                 let l = TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?;
                 // Browsers sit behind the same NATs and load balancers as SPICE clients.
-                super::sockopt::set_keepalive(&l)?;
+                keepalive.apply(&l)?;
                 Some(l)
             }
             None => None,
@@ -472,7 +475,7 @@ impl ProxyServer {
 /// to find nothing to read.
 /// A client that sends nothing is handed over after about `defer_secs` all the same, and
 /// then meets the handshake timeout.
-async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> std::io::Result<Vec<std::net::TcpListener>> {
+async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = tokio::net::lookup_host(listen)
         .await?
         .next()
@@ -485,7 +488,7 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32) -> 
         socket.set_reuseport(true)?;
         socket.set_nodelay(true)?;
         super::sockopt::set_defer_accept(&socket, defer_secs)?;
-        super::sockopt::set_keepalive(&socket)?;
+        keepalive.apply(&socket)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?.into_std()?;
         addr = listener.local_addr()?;
@@ -669,11 +672,12 @@ pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::ProxyLimits;
     use crate::proxy::config::ProxyConfig;
 
-    fn shared(per_client: i32) -> Arc<Shared> {
+    fn shared(per_client: i32, limits: serde_json::Value) -> Arc<Shared> {
         let mut cfg: ProxyConfig = serde_json::from_value(serde_json::json!({
-            "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "None", "limits": {},
+            "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "None", "limits": limits,
         }))
         .unwrap();
         cfg.limits.max_tunnels_per_client = per_client;
@@ -687,33 +691,37 @@ mod tests {
         })
     }
 
-    /// TCP_NODELAY, the keepalive and the user timeout of `sockopt::set_keepalive`.
-    fn assert_nodelay_and_keepalive(socket: &TcpStream, side: &str) {
-        use crate::proxy::sockopt::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES};
+    /// TCP_NODELAY, and the keepalive and user timeout that find a dead peer within `dead_peer`.
+    fn assert_nodelay_and_keepalive(socket: &TcpStream, dead_peer: Duration, side: &str) {
         use rustix::net::sockopt;
+        let want = Keepalive::within(dead_peer);
         assert!(socket.nodelay().unwrap(), "{side}: TCP_NODELAY");
         assert!(sockopt::socket_keepalive(socket).unwrap(), "{side}: SO_KEEPALIVE");
-        assert_eq!(sockopt::tcp_keepidle(socket).unwrap(), KEEPALIVE_IDLE, "{side}");
-        assert_eq!(sockopt::tcp_keepintvl(socket).unwrap(), KEEPALIVE_INTERVAL, "{side}");
-        assert_eq!(sockopt::tcp_keepcnt(socket).unwrap(), KEEPALIVE_PROBES, "{side}");
-        assert_eq!(sockopt::tcp_user_timeout(socket).unwrap(), 120_000, "{side}: 60 s idle + 4 probes 15 s apart");
+        assert_eq!(sockopt::tcp_keepidle(socket).unwrap(), want.idle, "{side}");
+        assert_eq!(sockopt::tcp_keepintvl(socket).unwrap(), want.interval, "{side}");
+        assert_eq!(sockopt::tcp_keepcnt(socket).unwrap(), want.probes, "{side}");
+        assert_eq!(sockopt::tcp_user_timeout(socket).unwrap() as u128, dead_peer.as_millis(), "{side}");
     }
 
     #[tokio::test]
     async fn accepted_clients_inherit_nodelay_and_the_keepalive_from_the_listener() {
-        let listeners = bind_workers("127.0.0.1:0", Some(1), 5).await.unwrap();
+        let dead_peer = Duration::from_secs(ProxyLimits::default().dead_peer_timeout_seconds as u64);
+        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(dead_peer)).await.unwrap();
         let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         client.write_all(b"x").await.unwrap(); // TCP_DEFER_ACCEPT hands over only once data came
         let (accepted, _) = listener.accept().await.unwrap();
-        assert_nodelay_and_keepalive(&accepted, "client side");
+        assert_nodelay_and_keepalive(&accepted, dead_peer, "client side");
     }
 
     #[tokio::test]
-    async fn upstream_connections_have_nodelay_and_the_keepalive() {
+    async fn upstream_connections_have_nodelay_and_the_configured_keepalive() {
         let hypervisor = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = connect_within(hypervisor.local_addr().unwrap(), Duration::from_secs(5)).await.unwrap().expect("connected");
-        assert_nodelay_and_keepalive(&upstream, "upstream side");
+        // A configured timeout other than the default: 600 s probes after 60 s, then 9 times 60 s apart.
+        let s = shared(1, serde_json::json!({"deadPeerTimeoutSeconds": 600}));
+        let (upstream, _) = s.connect(&[hypervisor.local_addr().unwrap()]).await.expect("connected");
+        assert_eq!(rustix::net::sockopt::tcp_keepcnt(&upstream).unwrap(), 9);
+        assert_nodelay_and_keepalive(&upstream, Duration::from_secs(600), "upstream side");
     }
 
     #[test]
@@ -732,7 +740,7 @@ mod tests {
 
     #[test]
     fn the_per_client_limit_spans_a_64_and_every_slot_gives_its_place_back() {
-        let s = shared(2);
+        let s = shared(2, serde_json::json!({}));
         let (a, b, c) = ("2001:db8::1".parse().unwrap(), "2001:db8::2:3".parse().unwrap(), "2001:db8::ffff".parse().unwrap());
         let first = ClientSlot::take(&s, a).expect("first tunnel");
         let second = ClientSlot::take_owned(&s, b).expect("second tunnel, other address of the /64");
