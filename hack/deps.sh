@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the tests need: real SPICE peers (qemu's SPICE server, remote-viewer under
 # Xvfb, imagemagick for screenshots, spice-html5 in headless chromium via chromedriver,
-# websockify for the bridge benchmark) plus openssl/python3/curl for the control plane scripts.
+# websockify for the bridge benchmark, iproute2 for the dead-peer test's network namespace) plus
+# openssl/python3/curl for the control plane scripts.
 set -euo pipefail
 need=()
 for pair in qemu-system-x86_64:qemu-system-x86 remote-viewer:virt-viewer Xvfb:xvfb import:imagemagick \
             openssl:openssl python3:python3 curl:curl chromium:chromium chromedriver:chromium-driver \
-            websockify:websockify; do
+            websockify:websockify ip:iproute2; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 # The browser console's client pages (served by the proxy's html5 port).

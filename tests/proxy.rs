@@ -1,6 +1,7 @@
 //! The CONNECT proxy on loopback: every error answer, auth modes, tickets and key rotation,
 //! the allow-list (with DNS), limits, slowloris, half-close, 1 GiB each way with checksums,
-//! and a graceful drain. No cluster needed.
+//! a graceful drain, and peers that vanish without closing (in a network namespace of the test's
+//! own: that test needs root). No cluster needed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -530,4 +531,125 @@ async fn drain_ends_early_when_the_last_tunnel_closes() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(s);
     tokio::time::timeout(Duration::from_secs(5), p.done).await.expect("exits once idle, long before 60 s").unwrap().unwrap();
+}
+
+/// A network namespace joined to this one by a veth pair with a /30 of its own (from the
+/// benchmarking range 198.18.0.0/15, picked by process id), removed on drop. Needs root.
+struct Netns {
+    name: String,
+    /// This side's address, and the namespace's.
+    here: std::net::Ipv4Addr,
+    there: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("iproute2's ip (Debian iproute2)");
+    assert!(out.status.success(), "ip {}: {} (these tests need root for network namespaces)", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+}
+
+impl Netns {
+    fn new() -> Self {
+        let pid = std::process::id();
+        let block = pid % 16384;
+        let (third, fourth) = ((block / 64) as u8, (block % 64 * 4) as u8);
+        let n = Netns { name: format!("spxd{pid}"), here: [198, 18, third, fourth + 1].into(), there: [198, 18, third, fourth + 2].into() };
+        let (a, b) = (format!("{}a", n.name), format!("{}b", n.name));
+        ip(&["netns", "add", &n.name]);
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &n.name]);
+        ip(&["addr", "add", &format!("{}/30", n.here), "dev", &a]);
+        ip(&["link", "set", &a, "up"]);
+        ip(&["-n", &n.name, "addr", "add", &format!("{}/30", n.there), "dev", &b]);
+        ip(&["-n", &n.name, "link", "set", &b, "up"]);
+        n
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets it makes live there for good.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            rustix::thread::move_into_link_name_space(std::os::fd::AsFd::as_fd(&ns), Some(rustix::thread::LinkNameSpaceType::Network)).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// The namespace's side of the link goes down: what it sent before is all anyone gets,
+    /// and what reaches its link is dropped without an answer, as from a host that lost power.
+    fn blackhole(&self) {
+        ip(&["-n", &self.name, "link", "set", &format!("{}b", self.name), "down"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &format!("{}a", self.name)]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[tokio::test]
+async fn a_peer_gone_without_closing_ends_its_tunnel_after_the_dead_peer_timeout() {
+    let ns = Netns::new();
+    let there = ns.there;
+    let a_hypervisor = ns.run(move || std::net::TcpListener::bind((there, 5900)).unwrap());
+    a_hypervisor.set_nonblocking(true).unwrap();
+    let a_hypervisor = TcpListener::from_std(a_hypervisor).unwrap();
+    let b_hypervisor = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let here = ns.here;
+    let p = start(move |c, _| {
+        c.listen = format!("{here}:0");
+        c.auth_mode = AuthMode::None;
+        c.allowed_targets.push(AllowedTarget { cidr: "198.18.0.0/15".parse().unwrap(), ports: vec![(5900, 5900)] });
+        c.limits.dead_peer_timeout_seconds = 10;
+    })
+    .await;
+
+    // A link message one way and the server's reply the other, as SPICE starts a channel.
+    async fn link(client: &mut TcpStream, hypervisor: &mut TcpStream) {
+        client.write_all(b"REDQ link").await.unwrap();
+        let mut got = [0u8; 9];
+        hypervisor.read_exact(&mut got).await.unwrap();
+        hypervisor.write_all(b"REDQ reply").await.unwrap();
+        let mut got = [0u8; 10];
+        client.read_exact(&mut got).await.unwrap();
+    }
+    // A: a client here, its hypervisor in the namespace.
+    let (mut a, status, _) = request(p.addr, spice_gtk_head(&format!("{there}:5900"), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    let (mut a_upstream, _) = a_hypervisor.accept().await.unwrap();
+    link(&mut a, &mut a_upstream).await;
+    // B: a client in the namespace, its hypervisor here.
+    let proxy = p.addr;
+    let b = ns.run(move || std::net::TcpStream::connect(proxy).unwrap());
+    b.set_nonblocking(true).unwrap();
+    let mut b = TcpStream::from_std(b).unwrap();
+    b.write_all(spice_gtk_head(&b_hypervisor.local_addr().unwrap().to_string(), "").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut b).await.0, 200);
+    let (mut b_upstream, _) = b_hypervisor.accept().await.unwrap();
+    link(&mut b, &mut b_upstream).await;
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_active_tunnels"), 2);
+    // Delayed ACKs land, so nothing is in flight when the namespace goes dark.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Both peers in the namespace vanish at once, neither closing: A's hypervisor, B's client.
+    // A stays silent, so keepalive probes find its hypervisor gone. B's hypervisor sends a
+    // display update that B's client never acknowledges: the user timeout ends that one.
+    ns.blackhole();
+    let gone = Instant::now();
+    b_upstream.write_all(b"display update").await.unwrap();
+    let mut rest = Vec::new();
+    let a_end = tokio::time::timeout(Duration::from_secs(40), a.read_to_end(&mut rest)).await;
+    let a_ended = gone.elapsed();
+    assert!(a_end.is_ok(), "A's client still connected 40 s after its hypervisor vanished");
+    let b_end = tokio::time::timeout(Duration::from_secs(40), b_upstream.read_to_end(&mut rest)).await;
+    let b_ended = gone.elapsed();
+    assert!(b_end.is_ok(), "B's hypervisor still connected 40 s after its client vanished");
+    // The default idle timeout (an hour) would have kept both, and so would a tunnel that
+    // waited for its other, silent side after one side failed.
+    for (which, ended) in [("A (hypervisor gone)", a_ended), ("B (client gone)", b_ended)] {
+        assert!(ended >= Duration::from_secs(8) && ended <= Duration::from_secs(20), "{which} ended {ended:?} after the peer vanished, not after about 10 s");
+    }
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_active_tunnels"), 0);
 }

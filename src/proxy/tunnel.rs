@@ -101,9 +101,9 @@ impl Close {
     }
 }
 
-/// Runs the tunnel until both directions end, it idles out, or `cancel` resolves. The caller
-/// closes both sockets as soon as it returns: when both directions ended, that close is what
-/// sends the FIN of the direction that ended second.
+/// Runs the tunnel until both directions end, either fails, it idles out, or `cancel`
+/// resolves. The caller closes both sockets as soon as it returns: when both directions ended,
+/// that close is what sends the FIN of the direction that ended second.
 pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, idle: Duration, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained
@@ -113,13 +113,16 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
     let one_ended = AtomicBool::new(false);
     // Both directions are built inside the join: a future first bound to a local keeps a
     // second slot in this state machine, and every idle tunnel would carry it (rust#62958).
+    // EOF ends one direction and the other goes on (half-close), but an error ends both at
+    // once: a peer found dead by keepalive must not leave the tunnel waiting for the other
+    // side, which may say nothing for hours.
     tokio::select! {
-        (a, b) = futures::future::join(
+        both = futures::future::try_join(
             one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity, &one_ended),
             one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity, &one_ended),
-        ) => match (a, b) {
-            (Ok(()), Ok(())) => Close::Finished,
-            (Err(e), _) | (_, Err(e)) => Close::Error(format!("io error: {e}")),
+        ) => match both {
+            Ok(((), ())) => Close::Finished,
+            Err(e) => Close::Error(format!("io error: {e}")),
         },
         _ = activity.idle(idle) => Close::Idle,
         _ = cancel => Close::Drained,
