@@ -717,7 +717,7 @@ mod tests {
     #[tokio::test]
     async fn upstream_connections_have_nodelay_and_the_configured_keepalive() {
         let hypervisor = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        // A configured timeout other than the default: 600 s probes after 60 s, then 9 times 60 s apart.
+        // A timeout other than the default, 600 s: 9 probes, the first after 60 s of silence, then 60 s apart.
         let s = shared(1, serde_json::json!({"deadPeerTimeoutSeconds": 600}));
         let (upstream, _) = s.connect(&[hypervisor.local_addr().unwrap()]).await.expect("connected");
         assert_eq!(rustix::net::sockopt::tcp_keepcnt(&upstream).unwrap(), 9);
