@@ -554,6 +554,7 @@ impl Netns {
         let (third, fourth) = ((block / 64) as u8, (block % 64 * 4) as u8);
         let n = Netns { name: format!("spxd{pid}"), here: [198, 18, third, fourth + 1].into(), there: [198, 18, third, fourth + 2].into() };
         let (a, b) = (format!("{}a", n.name), format!("{}b", n.name));
+        n.remove(); // what a killed earlier run with this process id may have left
         ip(&["netns", "add", &n.name]);
         ip(&["link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &n.name]);
         ip(&["addr", "add", &format!("{}/30", n.here), "dev", &a]);
@@ -580,12 +581,25 @@ impl Netns {
     fn blackhole(&self) {
         ip(&["-n", &self.name, "link", "set", &format!("{}b", self.name), "down"]);
     }
+
+    /// What the kernel says of the sockets that reach into the namespace, for failure messages.
+    fn sockets(&self) -> String {
+        match std::process::Command::new("ss").args(["-tnoie", "dst", &self.there.to_string()]).output() {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Err(e) => format!("ss: {e}"),
+        }
+    }
+
+    fn remove(&self) {
+        let quiet = |args: &[&str]| std::process::Command::new("ip").args(args).stderr(std::process::Stdio::null()).status();
+        let _ = quiet(&["link", "del", &format!("{}a", self.name)]);
+        let _ = quiet(&["netns", "del", &self.name]);
+    }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "del", &format!("{}a", self.name)]).status();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        self.remove();
     }
 }
 
@@ -642,10 +656,10 @@ async fn a_peer_gone_without_closing_ends_its_tunnel_after_the_dead_peer_timeout
     let mut rest = Vec::new();
     let a_end = tokio::time::timeout(Duration::from_secs(40), a.read_to_end(&mut rest)).await;
     let a_ended = gone.elapsed();
-    assert!(a_end.is_ok(), "A's client still connected 40 s after its hypervisor vanished");
+    assert!(a_end.is_ok(), "A's client still connected 40 s after its hypervisor vanished; sockets:\n{}", ns.sockets());
     let b_end = tokio::time::timeout(Duration::from_secs(40), b_upstream.read_to_end(&mut rest)).await;
     let b_ended = gone.elapsed();
-    assert!(b_end.is_ok(), "B's hypervisor still connected 40 s after its client vanished");
+    assert!(b_end.is_ok(), "B's hypervisor still connected 40 s after its client vanished; sockets:\n{}", ns.sockets());
     // The default idle timeout (an hour) would have kept both, and so would a tunnel that
     // waited for its other, silent side after one side failed.
     for (which, ended) in [("A (hypervisor gone)", a_ended), ("B (client gone)", b_ended)] {
