@@ -439,6 +439,32 @@ async fn small_messages_are_copied_and_bulk_data_is_spliced() {
 }
 
 #[tokio::test]
+async fn bytes_spliced_by_a_tunnel_that_ends_mid_splice_are_counted() {
+    // Both directions are still splicing when the idle timeout ends the tunnel, so neither
+    // finishes on its own: what they spliced must be counted all the same.
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.limits.idle_timeout_seconds = 1; // a file may hold less than the CRD's 301
+    })
+    .await;
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    let bulk = vec![5u8; 4 << 20];
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; bulk.len()];
+    let (sent, got) = tokio::join!(w.write_all(&bulk), r.read_exact(&mut back));
+    sent.unwrap();
+    got.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed by the idle timeout").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = 2 * bulk.len() as u64;
+    let n = metric(&http_get(p.admin, "/metrics").await, "spice_proxy_spliced_bytes_total");
+    assert!(n > moved / 2 && n <= moved, "spliced bytes of a tunnel ended by the idle timeout: {n} of {moved} counted");
+}
+
+#[tokio::test]
 async fn a_paused_reader_then_a_small_late_message_arrive_in_full() {
     // While the client does not read, the proxy's output blocks and it stops listening to the
     // hypervisor side; afterwards a message of a few bytes on an open connection (a cursor

@@ -135,11 +135,10 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
         DataPath::Splice => match copy_loop(&mut src, dst, counter, activity, SPLICE_FROM).await {
             Ok(Copied::Eof) => Ok(()),
             Ok(Copied::Bulk) => {
-                // Only this direction adds to `counter`, so what it gained while splicing is
-                // what was spliced: one add per direction, none per splice call.
-                let before = counter.load(Ordering::Relaxed);
-                let spliced = splice_loop(src.as_ref(), dst, counter, activity).await;
-                activity.spliced.fetch_add(counter.load(Ordering::Relaxed) - before, Ordering::Relaxed);
+                let spliced = {
+                    let _count = SplicedSince { before: counter.load(Ordering::Relaxed), counter, spliced: &activity.spliced };
+                    splice_loop(src.as_ref(), dst, counter, activity).await
+                };
                 match spliced {
                     Err(SpliceError::Unsupported) => copy_loop(&mut src, dst, counter, activity, SCRATCH).await.map(|_| ()),
                     Err(SpliceError::Io(e)) => Err(e),
@@ -160,6 +159,21 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
         }
     }
     result
+}
+
+/// Only one direction adds to its `counter`, so what the counter gained while that direction
+/// spliced is what was spliced: one add per direction, none per splice call. Added on drop, so
+/// it is also counted when the tunnel ends mid-splice (the other side failed, idle, drain).
+struct SplicedSince<'a> {
+    before: u64,
+    counter: &'a AtomicU64,
+    spliced: &'a AtomicU64,
+}
+
+impl Drop for SplicedSince<'_> {
+    fn drop(&mut self) {
+        self.spliced.fetch_add(self.counter.load(Ordering::Relaxed) - self.before, Ordering::Relaxed);
+    }
 }
 
 enum SpliceError {
