@@ -579,7 +579,7 @@ impl Netns {
         let block = pid % 16384;
         let (third, fourth) = ((block / 64) as u8, (block % 64 * 4) as u8);
         let n = Netns { name: format!("spxd{pid}"), here: [198, 18, third, fourth + 1].into(), there: [198, 18, third, fourth + 2].into() };
-        let (a, b) = (format!("{}a", n.name), format!("{}b", n.name));
+        let (a, b) = (n.link_here(), n.link_there());
         n.remove(); // what a killed earlier run with this process id may have left
         ip(&["netns", "add", &n.name]);
         ip(&["link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &n.name]);
@@ -605,7 +605,15 @@ impl Netns {
     /// The namespace's side of the link goes down: what it sent before is all anyone gets,
     /// and what reaches its link is dropped without an answer, as from a host that lost power.
     fn blackhole(&self) {
-        ip(&["-n", &self.name, "link", "set", &format!("{}b", self.name), "down"]);
+        ip(&["-n", &self.name, "link", "set", &self.link_there(), "down"]);
+    }
+
+    /// The veth pair's ends: this side's, and the namespace's.
+    fn link_here(&self) -> String {
+        format!("{}a", self.name)
+    }
+    fn link_there(&self) -> String {
+        format!("{}b", self.name)
     }
 
     /// What the kernel says of the sockets that reach into the namespace, for failure messages.
@@ -618,7 +626,7 @@ impl Netns {
 
     fn remove(&self) {
         let quiet = |args: &[&str]| std::process::Command::new("ip").args(args).stderr(std::process::Stdio::null()).status();
-        let _ = quiet(&["link", "del", &format!("{}a", self.name)]);
+        let _ = quiet(&["link", "del", &self.link_here()]);
         let _ = quiet(&["netns", "del", &self.name]);
     }
 }

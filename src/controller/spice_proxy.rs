@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Context, Error, Result, retry_after};
 use crate::conditions;
-use crate::crd::{ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, AuthMode};
+use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus};
 use crate::labels;
 use crate::metrics::ControllerLabel;
 use crate::proxy::config::{self as pc, AllowedTarget, ProxyConfig};
@@ -202,8 +202,8 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if spec.limits.idle_timeout_seconds <= 300 {
         problems.push("limits.idleTimeoutSeconds must exceed 300: SPICE servers ping idle channels only every 300 s".into());
     }
-    if !(10..=3600).contains(&spec.limits.dead_peer_timeout_seconds) {
-        problems.push(format!("limits.deadPeerTimeoutSeconds {} is outside 10-3600", spec.limits.dead_peer_timeout_seconds));
+    if !(DEAD_PEER_MIN_SECONDS..=DEAD_PEER_MAX_SECONDS).contains(&spec.limits.dead_peer_timeout_seconds) {
+        problems.push(format!("limits.deadPeerTimeoutSeconds {} is outside {DEAD_PEER_MIN_SECONDS}-{DEAD_PEER_MAX_SECONDS}", spec.limits.dead_peer_timeout_seconds));
     }
     if let Some(h) = &spec.html5 {
         if spec.auth.mode != AuthMode::Ticket {

@@ -263,9 +263,15 @@ pub struct ProxyLimits {
     /// silence, and data it leaves unacknowledged this long closes the tunnel too. Probes come
     /// at least every 60 s, which keeps load balancers' and NATs' idle flows open.
     #[serde(default = "d_dead_peer")]
-    #[schemars(range(min = 10, max = 3600))]
+    #[schemars(range(min = DEAD_PEER_MIN_SECONDS, max = DEAD_PEER_MAX_SECONDS))]
     pub dead_peer_timeout_seconds: i32,
 }
+
+/// The range of `deadPeerTimeoutSeconds`, for the schema, the controller's validation and the
+/// proxy's clamp alike: below 10 s the probes would come every second or less, above an hour
+/// they would outnumber what the kernel allows (127).
+pub const DEAD_PEER_MIN_SECONDS: i32 = 10;
+pub const DEAD_PEER_MAX_SECONDS: i32 = 3600;
 
 fn d_max_tunnels() -> i32 {
     10_000
@@ -304,10 +310,9 @@ impl ProxyLimits {
     pub fn drain(&self) -> Duration {
         seconds_at_least(self.drain_seconds, 0)
     }
-    /// Clamped to the schema's range: below 10 s the probes would come every second or less,
-    /// above an hour they would outnumber what the kernel allows (127).
+    /// Clamped to the schema's range (`DEAD_PEER_MIN_SECONDS`..=`DEAD_PEER_MAX_SECONDS`).
     pub fn dead_peer_timeout(&self) -> Duration {
-        seconds_at_least(self.dead_peer_timeout_seconds.min(3600), 10)
+        seconds_at_least(self.dead_peer_timeout_seconds.min(DEAD_PEER_MAX_SECONDS), DEAD_PEER_MIN_SECONDS)
     }
 }
 

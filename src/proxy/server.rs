@@ -97,6 +97,8 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     pub(crate) tunnels: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, u32>>,
+    /// Derived once from `cfg.limits`: the listeners and every upstream socket get it.
+    keepalive: Keepalive,
 }
 
 /// One audit line per connection. A plain struct, not a JSON map, because it lives as long as
@@ -199,10 +201,9 @@ impl Shared {
     pub(crate) async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
         let mut last = refuse(502, "no address to connect to");
         let timeout = self.cfg.limits.connect_timeout();
-        let keepalive = Keepalive::within(self.cfg.limits.dead_peer_timeout());
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
-            match connect_within(*addr, timeout, keepalive).await {
+            match connect_within(*addr, timeout, self.keepalive).await {
                 Ok(Some(s)) => return Ok((s, *addr)),
                 Ok(None) => last = refuse(504, format!("upstream {addr} did not answer within {timeout:?}")),
                 Err(e) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
@@ -391,6 +392,7 @@ impl ProxyServer {
             creds: RwLock::new(creds),
             metrics: ProxyMetrics::default(),
             per_client: Mutex::new(HashMap::new()),
+            keepalive,
             cfg,
         });
         Ok(Self { shared, listeners, admin, html5 })
@@ -687,6 +689,7 @@ mod tests {
             creds: RwLock::new(Credentials::default()),
             metrics: ProxyMetrics::default(),
             per_client: Mutex::new(HashMap::new()),
+            keepalive: Keepalive::within(cfg.limits.dead_peer_timeout()),
             cfg,
         })
     }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use rustix::net::sockopt;
 
+use crate::crd::{DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS};
+
 fn set_int(socket: &impl AsFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: a descriptor borrowed for the call and a pointer to a c_int that outlives it,
     // passed with its exact size.
@@ -64,7 +66,7 @@ impl Keepalive {
     /// probes spread over the rest, none more than 60 s apart. 120 s gives a probe after 60 s
     /// and 4 more 15 s apart.
     pub fn within(dead_peer: Duration) -> Self {
-        let total = dead_peer.as_secs().clamp(10, 3600);
+        let total = dead_peer.as_secs().clamp(DEAD_PEER_MIN_SECONDS as u64, DEAD_PEER_MAX_SECONDS as u64);
         let idle = (total / 2).min(60);
         let rest = total - idle;
         // At most 3540 / 60 = 59 probes, below the kernel's cap of 127.
