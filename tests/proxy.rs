@@ -1,7 +1,7 @@
 //! The CONNECT proxy on loopback: every error answer, auth modes, tickets and key rotation,
-//! the allow-list (with DNS), limits, slowloris, half-close, 1 GiB each way with checksums,
-//! a graceful drain, and peers that vanish without closing (in a network namespace of the test's
-//! own: that test needs root). No cluster needed.
+//! the allow-list (with DNS), limits, slowloris, half-close and its timeout, 1 GiB each way
+//! with checksums, a graceful drain, and peers that vanish without closing (in a network
+//! namespace of the test's own: that test needs root). No cluster needed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -339,6 +339,64 @@ async fn half_close_propagates_both_ways() {
         tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.expect("EOF reaches us").unwrap();
         assert_eq!(answer, "got 100000 bytes");
     }
+}
+
+#[tokio::test]
+async fn a_half_closed_tunnel_ends_once_quiet_for_the_half_closed_timeout() {
+    // Two upstreams that never close. The first reads to the client's EOF, then sends a tick
+    // every 300 ms for 2.4 s and falls silent; the second says goodbye with its FIN at once and
+    // then waits for EOF from us.
+    const TICKS: usize = 8;
+    let ticking = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (ticking_addr, (eof_tx, eof_rx)) = (ticking.local_addr().unwrap(), tokio::sync::oneshot::channel());
+    tokio::spawn(async move {
+        let (mut s, _) = ticking.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        for _ in 0..TICKS {
+            s.write_all(b"tick").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await; // holds the socket open, says nothing
+    });
+    let leaving = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let leaving_addr = leaving.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = leaving.accept().await.unwrap();
+        s.shutdown().await.unwrap();
+        let fin_sent = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await; // EOF (or a reset) once the proxy closes
+        let _ = eof_tx.send(fin_sent.elapsed());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.limits.half_closed_timeout_seconds = 1;
+    })
+    .await;
+
+    // Client half-closes; data still moving the other way keeps the tunnel open past 1 s.
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&ticking_addr.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    s.write_all(b"last words").await.unwrap();
+    s.shutdown().await.unwrap();
+    let half_closed = Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.expect("the half-closed tunnel ends long before the idle timeout").unwrap();
+    let lasted = half_closed.elapsed();
+    assert_eq!(got, b"tick".repeat(TICKS), "every tick sent while half-closed arrives");
+    // The last tick comes about 2.1 s after the FIN; the tunnel ends 1 s after it.
+    assert!(lasted > Duration::from_millis(2900) && lasted < Duration::from_millis(4500), "ended {lasted:?} after the client's FIN");
+
+    // Upstream half-closes and the client stays quiet: the tunnel ends 1 s later.
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&leaving_addr.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    let mut b = [0u8; 1];
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("the upstream's FIN arrives").unwrap(), 0);
+    let waited = tokio::time::timeout(Duration::from_secs(10), eof_rx).await.expect("the proxy closes the half-closed tunnel").unwrap();
+    assert!(waited > Duration::from_millis(900) && waited < Duration::from_millis(2500), "ended {waited:?} after the upstream's FIN");
+    drop(s);
 }
 
 /// A deterministic stream: chunk i is filled from a seed and carries its index, so loss,

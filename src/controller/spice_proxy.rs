@@ -205,6 +205,9 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if !(DEAD_PEER_MIN_SECONDS..=DEAD_PEER_MAX_SECONDS).contains(&spec.limits.dead_peer_timeout_seconds) {
         problems.push(format!("limits.deadPeerTimeoutSeconds {} is outside {DEAD_PEER_MIN_SECONDS}-{DEAD_PEER_MAX_SECONDS}", spec.limits.dead_peer_timeout_seconds));
     }
+    if spec.limits.half_closed_timeout_seconds < 1 {
+        problems.push(format!("limits.halfClosedTimeoutSeconds {} must be at least 1", spec.limits.half_closed_timeout_seconds));
+    }
     if let Some(h) = &spec.html5 {
         if spec.auth.mode != AuthMode::Ticket {
             problems.push("html5 needs auth mode Ticket: the token in the browser console URL names the VM".into());
@@ -716,6 +719,9 @@ mod tests {
         let mut s = spx(BASIC);
         s.spec.limits.dead_peer_timeout_seconds = 5;
         assert_eq!(validate(&s.spec).unwrap_err(), ["limits.deadPeerTimeoutSeconds 5 is outside 10-3600"]);
+        let mut s = spx(BASIC);
+        s.spec.limits.half_closed_timeout_seconds = 0;
+        assert_eq!(validate(&s.spec).unwrap_err(), ["limits.halfClosedTimeoutSeconds 0 must be at least 1"]);
     }
 
     #[test]

@@ -265,6 +265,13 @@ pub struct ProxyLimits {
     #[serde(default = "d_dead_peer")]
     #[schemars(range(min = DEAD_PEER_MIN_SECONDS, max = DEAD_PEER_MAX_SECONDS))]
     pub dead_peer_timeout_seconds: i32,
+    /// Idle time after which a half-closed tunnel ends: one side sent its FIN (it will send
+    /// nothing more) and the other has not closed. Data still moving the other way keeps it
+    /// open; without this a peer that never closes would hold the tunnel, and the client's
+    /// place, for the whole idle timeout. SPICE peers close both ways at once.
+    #[serde(default = "d_half_closed")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub half_closed_timeout_seconds: i32,
 }
 
 /// The range of `deadPeerTimeoutSeconds`, for the schema, the controller's validation and the
@@ -294,6 +301,9 @@ fn d_drain() -> i32 {
 fn d_dead_peer() -> i32 {
     120
 }
+fn d_half_closed() -> i32 {
+    60
+}
 
 /// The limits as durations. The proxy also reads its config from a file that the CRD schema
 /// never validated, so each is clamped to the smallest value that still means something.
@@ -314,6 +324,10 @@ impl ProxyLimits {
     pub fn dead_peer_timeout(&self) -> Duration {
         seconds_at_least(self.dead_peer_timeout_seconds.min(DEAD_PEER_MAX_SECONDS), DEAD_PEER_MIN_SECONDS)
     }
+    /// Never longer than the idle timeout, which applies to every tunnel.
+    pub fn half_closed_timeout(&self) -> Duration {
+        seconds_at_least(self.half_closed_timeout_seconds, 1).min(self.idle_timeout())
+    }
 }
 
 fn seconds_at_least(seconds: i32, min: i32) -> Duration {
@@ -330,6 +344,7 @@ impl Default for ProxyLimits {
             handshake_timeout_seconds: d_head(),
             drain_seconds: d_drain(),
             dead_peer_timeout_seconds: d_dead_peer(),
+            half_closed_timeout_seconds: d_half_closed(),
         }
     }
 }
@@ -384,13 +399,18 @@ mod tests {
     fn limits_from_an_unvalidated_file_are_clamped_to_something_usable() {
         // A config file the schema never saw may hold 0 or negative values: a zero timeout
         // would refuse every client at once, a negative drain would wrap to centuries.
-        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, dead_peer_timeout_seconds: 0, ..Default::default() };
+        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, dead_peer_timeout_seconds: 0, half_closed_timeout_seconds: -3, ..Default::default() };
         assert_eq!(l.idle_timeout(), Duration::from_secs(1));
         assert_eq!(l.connect_timeout(), Duration::from_secs(1));
         assert_eq!(l.handshake_timeout(), Duration::from_secs(1));
         assert_eq!(l.drain(), Duration::ZERO);
         assert_eq!(l.dead_peer_timeout(), Duration::from_secs(10));
         assert_eq!(ProxyLimits { dead_peer_timeout_seconds: i32::MAX, ..Default::default() }.dead_peer_timeout(), Duration::from_secs(3600));
+        assert_eq!(l.half_closed_timeout(), Duration::from_secs(1));
+        // A half-closed tunnel is still a tunnel: the idle timeout caps it.
+        let long = ProxyLimits { half_closed_timeout_seconds: 7200, idle_timeout_seconds: 600, ..Default::default() };
+        assert_eq!(long.half_closed_timeout(), Duration::from_secs(600));
+        assert_eq!(ProxyLimits::default().half_closed_timeout(), Duration::from_secs(60));
         let d = ProxyLimits::default();
         assert_eq!(d.idle_timeout(), Duration::from_secs(d.idle_timeout_seconds as u64));
         assert!(d.idle_timeout() > Duration::from_secs(300), "SPICE pings inputs and cursor only every 300 s");

@@ -604,8 +604,9 @@ async fn serve_one(
     shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     shared.metrics.active.inc();
     let activity = Activity::default();
-    let idle = shared.cfg.limits.idle_timeout();
-    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, idle, &activity, async {
+    let limits = &shared.cfg.limits;
+    let timeouts = tunnel::Timeouts { idle: limits.idle_timeout(), half_closed: limits.half_closed_timeout() };
+    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, timeouts, &activity, async {
         let _ = cancel.wait_for(|c| *c).await;
     })
     .await;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
+use tokio::sync::Notify;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DataPath {
@@ -52,27 +53,60 @@ pub struct Activity {
     pub down: AtomicU64,
     /// Of those bytes, how many moved by splice(2) (never entering user space).
     pub spliced: AtomicU64,
+    /// Set by whichever direction reaches EOF first; from then on the tunnel is half-closed.
+    one_ended: AtomicBool,
+    /// Tells the watchdog to switch to the half-closed timeout.
+    half_closed: Notify,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0), spliced: AtomicU64::new(0) }
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
+            one_ended: AtomicBool::new(false),
+            half_closed: Notify::new(),
+        }
     }
+}
+
+/// How long a tunnel may stay quiet: `idle` while both directions are open, `half_closed`
+/// (at most `idle`) once one of them has ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub half_closed: Duration,
 }
 
 impl Activity {
     fn touch(&self) {
         self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    /// Resolves once nothing moved for `idle`.
-    async fn idle(&self, idle: Duration) {
+    /// Resolves once nothing moved for the timeout that applies: `Close::Idle` or
+    /// `Close::HalfClosedIdle`. The timer is re-planned only when it fires (not on every
+    /// touch) or when the tunnel becomes half-closed.
+    async fn idle(&self, t: Timeouts) -> Close {
         loop {
+            let half = self.one_ended.load(Ordering::Relaxed);
+            let limit = if half { t.half_closed.min(t.idle) } else { t.idle };
             let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet_until = self.epoch + last + idle;
+            let quiet_until = self.epoch + last + limit;
             if Instant::now() >= quiet_until {
-                return;
+                return if half { Close::HalfClosedIdle } else { Close::Idle };
             }
-            tokio::time::sleep_until(quiet_until.into()).await;
+            if half {
+                tokio::time::sleep_until(quiet_until.into()).await;
+            } else {
+                // A direction that ends between the load above and this wait leaves a permit,
+                // so the switch is never missed.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(quiet_until.into()) => {}
+                    _ = self.half_closed.notified() => {}
+                }
+            }
         }
     }
 }
@@ -82,6 +116,8 @@ pub enum Close {
     /// Both sides finished (EOF each way).
     Finished,
     Idle,
+    /// One direction had ended and the other stayed quiet for the half-closed timeout.
+    HalfClosedIdle,
     /// The drain deadline of a stopping proxy passed.
     Drained,
     Error(String),
@@ -94,6 +130,7 @@ impl Close {
         match self {
             Close::Finished => "finished",
             Close::Idle => "idle timeout",
+            Close::HalfClosedIdle => "half-closed timeout",
             Close::Drained => "drain deadline",
             Close::Error(e) => e,
             Close::NoRequest => "client closed before sending a request",
@@ -101,16 +138,15 @@ impl Close {
     }
 }
 
-/// Runs the tunnel until both directions end, either fails, it idles out, or `cancel`
-/// resolves. The caller closes both sockets as soon as it returns: when both directions ended,
+/// Runs the tunnel until both directions end, either fails, it idles out (with the shorter
+/// timeout once half-closed), or `cancel` resolves. The caller closes both sockets as soon as it returns: when both directions ended,
 /// that close is what sends the FIN of the direction that ended second.
-pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, idle: Duration, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
+pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, timeouts: Timeouts, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained
     // (no extra read just to see EAGAIN), and they cost no allocation.
     let (client_in, client_out) = client.split();
     let (upstream_in, upstream_out) = upstream.split();
-    let one_ended = AtomicBool::new(false);
     // Both directions are built inside the join: a future first bound to a local keeps a
     // second slot in this state machine, and every idle tunnel would carry it (rust#62958).
     // EOF ends one direction and the other goes on (half-close), but an error ends both at
@@ -118,19 +154,18 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
     // side, which may say nothing for hours.
     tokio::select! {
         both = futures::future::try_join(
-            one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity, &one_ended),
-            one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity, &one_ended),
+            one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity),
+            one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity),
         ) => match both {
             Ok(((), ())) => Close::Finished,
             Err(e) => Close::Error(format!("io error: {e}")),
         },
-        _ = activity.idle(idle) => Close::Idle,
+        quiet = activity.idle(timeouts) => quiet,
         _ = cancel => Close::Drained,
     }
 }
 
-/// `one_ended` is set by whichever direction of the tunnel reaches EOF first.
-async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity, one_ended: &AtomicBool) -> io::Result<()> {
+async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter: &AtomicU64, activity: &Activity) -> io::Result<()> {
     let result = match mode {
         DataPath::Splice => match copy_loop(&mut src, dst, counter, activity, SPLICE_FROM).await {
             Ok(Copied::Eof) => Ok(()),
@@ -152,7 +187,8 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
     // Half-close: the peer sees EOF only once everything before it was delivered. When the
     // other direction has ended already, the tunnel closes both sockets right after this, and
     // that close sends the same FIN (both receive queues were read to EOF, so it is no reset).
-    if result.is_ok() && !one_ended.swap(true, Ordering::Relaxed) {
+    if result.is_ok() && !activity.one_ended.swap(true, Ordering::Relaxed) {
+        activity.half_closed.notify_one();
         match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
             Ok(()) | Err(rustix::io::Errno::NOTCONN) => {}
             Err(e) => return Err(e.into()),
