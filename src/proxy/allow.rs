@@ -3,8 +3,8 @@
 //! (no DNS rebinding). Loopback, link-local (cloud metadata), unspecified, multicast and
 //! broadcast addresses are refused unless a rule lists them explicitly, i.e. a rule whose
 //! whole block lies inside such a range (`0.0.0.0/0` does not count). An IPv6 address that
-//! carries an IPv4 address for a translator or relay to reach (NAT64's well-known prefix, 6to4)
-//! is special when the IPv4 address it carries is.
+//! carries an IPv4 address for a translator or relay to reach (NAT64's well-known and
+//! local-use prefixes, 6to4) is special when the IPv4 address it carries is.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
@@ -41,23 +41,35 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// IPv6 prefixes whose addresses carry an IPv4 address that a gateway reaches on the client's
-/// behalf, right after the prefix: a NAT64 gateway turns 64:ff9b::a9fe:a9fe
-/// into 169.254.169.254 (RFC 6052), a 6to4 relay sends 2002:7f00:1:: to 127.0.0.1 (RFC 3056).
+/// behalf, and the bit at which it starts: a NAT64 gateway turns 64:ff9b::a9fe:a9fe into
+/// 169.254.169.254 (RFC 6052), a 6to4 relay sends 2002:7f00:1:: to 127.0.0.1 (RFC 3056). The
+/// local-use NAT64 block 64:ff9b:1::/48 (RFC 8215) may be translated to addresses the
+/// well-known prefix may not name; a network picks its own prefix inside it, nearly always a /96
+/// (the IPv4 address last, as behind the well-known prefix), and that is how it is read.
 /// A catch-all IPv6 rule must not open through them what it may not open directly.
-const EMBEDDING: [Ipv6Net; 2] = [Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16)];
+struct Embedding {
+    block: Ipv6Net,
+    ipv4_from_bit: u8,
+}
+
+const EMBEDDING: [Embedding; 3] = [
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), ipv4_from_bit: 96 },
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), ipv4_from_bit: 96 },
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), ipv4_from_bit: 16 },
+];
 
 /// The IPv4 address an IPv6 address carries for a NAT64 gateway or a 6to4 relay.
 fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
-    let prefix = EMBEDDING.iter().find(|p| p.contains(&ip))?;
-    Some(Ipv4Addr::from((u128::from(ip) >> (96 - prefix.prefix_len())) as u32))
+    let e = EMBEDDING.iter().find(|e| e.block.contains(&ip))?;
+    Some(Ipv4Addr::from((u128::from(ip) >> (96 - e.ipv4_from_bit)) as u32))
 }
 
 /// The IPv4 block a rule covers through a NAT64 or 6to4 prefix, when the rule lies inside one
-/// and is narrow enough to name IPv4 addresses (at least the prefix plus a first IPv4 bit).
+/// and is narrow enough to name IPv4 addresses (longer than where the IPv4 address starts).
 fn embedded_ipv4_block(rule: &IpNet) -> Option<IpNet> {
     let IpNet::V6(net) = rule else { return None };
-    let prefix = EMBEDDING.iter().find(|p| p.contains(net))?;
-    let v4_len = net.prefix_len().checked_sub(prefix.prefix_len()).filter(|l| *l > 0)?.min(32);
+    let e = EMBEDDING.iter().find(|e| e.block.contains(net))?;
+    let v4_len = net.prefix_len().checked_sub(e.ipv4_from_bit).filter(|l| *l > 0)?.min(32);
     Ipv4Net::new(embedded_ipv4(net.network())?, v4_len).ok().map(|n| IpNet::V4(n.trunc()))
 }
 
@@ -129,21 +141,26 @@ mod tests {
         let open = list(&[("::/0", 1, 65535)]);
         // Behind the NAT64 well-known prefix: 169.254.169.254, 127.0.0.1, 100.100.100.200;
         // behind 6to4: 127.0.0.1, 169.254.169.254.
-        for ip in ["64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::6464:64c8", "2002:7f00:1::", "2002:a9fe:a9fe:1::5"] {
+        // Behind a local-use NAT64 /96: 169.254.169.254 and 127.0.0.1.
+        for ip in ["64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::6464:64c8", "2002:7f00:1::", "2002:a9fe:a9fe:1::5", "64:ff9b:1::a9fe:a9fe", "64:ff9b:1:ab:cd::7f00:1"] {
             assert!(!open.permits(ip.parse().unwrap(), 5900), "{ip} allowed by a catch-all rule");
         }
         // Ordinary IPv4 hosts stay reachable through them.
         assert!(open.permits("64:ff9b::c000:201".parse().unwrap(), 5900));
         assert!(open.permits("2002:c000:201::1".parse().unwrap(), 5900));
+        assert!(open.permits("64:ff9b:1:ab:cd::c000:201".parse().unwrap(), 5900));
         // Neither prefix as a whole lists the special addresses behind it explicitly, nor does a
         // /100 whose IPv4 block (160.0.0.0/4) spans special and ordinary addresses.
         let wide = list(&[("64:ff9b::/96", 5900, 5900), ("2002::/16", 5900, 5900), ("64:ff9b::a000:0/100", 5900, 5900)]);
         assert!(!wide.permits("64:ff9b::a9fe:a9fe".parse().unwrap(), 5900));
         assert!(!wide.permits("2002:7f00:1::".parse().unwrap(), 5900));
         // 169.254.0.0/16 behind NAT64 is a block inside a special range: explicit.
-        let explicit = list(&[("64:ff9b::a9fe:0/112", 5900, 5900), ("2002:7f00:1::/48", 5900, 5900)]);
+        let explicit = list(&[("64:ff9b::a9fe:0/112", 5900, 5900), ("2002:7f00:1::/48", 5900, 5900), ("64:ff9b:1:ab:cd::7f00:0/104", 5900, 5900)]);
         assert!(explicit.permits("64:ff9b::a9fe:a9fe".parse().unwrap(), 5900));
+        assert!(explicit.permits("64:ff9b:1:ab:cd::7f00:1".parse().unwrap(), 5900));
+        assert!(!explicit.permits("64:ff9b:1:ab:ce::7f00:1".parse().unwrap(), 5900), "another /96 of the local-use block is not listed");
+        assert!(!list(&[("64:ff9b:1::/48", 5900, 5900)]).permits("64:ff9b:1::7f00:1".parse().unwrap(), 5900), "the whole local-use block is not explicit");
         assert!(explicit.permits("2002:7f00:1::9".parse().unwrap(), 5900));
-        assert!(embedded_ipv4("2001:db8::a9fe:a9fe".parse().unwrap()).is_none(), "only the two prefixes carry IPv4 addresses");
+        assert!(embedded_ipv4("2001:db8::a9fe:a9fe".parse().unwrap()).is_none(), "only those prefixes carry IPv4 addresses");
     }
 }
