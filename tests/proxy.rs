@@ -338,6 +338,8 @@ async fn half_close_propagates_both_ways() {
         let mut answer = String::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.expect("EOF reaches us").unwrap();
         assert_eq!(answer, "got 100000 bytes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_tunnel_ends_total{reason=\"finished\"}"), 1);
     }
 }
 
@@ -396,6 +398,10 @@ async fn a_half_closed_tunnel_ends_once_quiet_for_the_half_closed_timeout() {
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("the upstream's FIN arrives").unwrap(), 0);
     let waited = tokio::time::timeout(Duration::from_secs(10), eof_rx).await.expect("the proxy closes the half-closed tunnel").unwrap();
     assert!(waited > Duration::from_millis(900) && waited < Duration::from_millis(2500), "ended {waited:?} after the upstream's FIN");
+    tokio::time::sleep(Duration::from_millis(100)).await; // the proxy counts right after closing
+    let m = http_get(p.admin, "/metrics").await;
+    assert_eq!(metric(&m, "spice_proxy_tunnel_ends_total{reason=\"half_closed\"}"), 2);
+    assert_eq!(metric(&m, "spice_proxy_tunnel_ends_total{reason=\"idle\"}"), 0);
     drop(s);
 }
 
@@ -757,5 +763,7 @@ async fn a_peer_gone_without_closing_ends_its_tunnel_after_the_dead_peer_timeout
     for (which, ended) in [("A (hypervisor gone)", a_ended), ("B (client gone)", b_ended)] {
         assert!(ended >= Duration::from_secs(8) && ended <= Duration::from_secs(20), "{which} ended {ended:?} after the peer vanished, not after about 10 s");
     }
-    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_active_tunnels"), 0);
+    let m = http_get(p.admin, "/metrics").await;
+    assert_eq!(metric(&m, "spice_proxy_active_tunnels"), 0);
+    assert_eq!(metric(&m, "spice_proxy_tunnel_ends_total{reason=\"error\"}"), 2, "both ended by an error on one side");
 }

@@ -328,6 +328,10 @@ async fn upstream_close_reaches_the_browser_and_a_client_that_never_reads_is_dro
         assert!(started.elapsed() < Duration::from_secs(20), "a client that never reads was kept open");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The first bridge finished (the hypervisor closed), the second failed (a stalled client).
+    let m = metrics();
+    let ends = |reason: &str| m.lines().find(|l| l.starts_with(&format!("spice_proxy_tunnel_ends_total{{reason=\"{reason}\"}} "))).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!((ends("finished"), ends("error"), ends("idle")), (Some(1), Some(1), Some(0)), "{m}");
     drop(ws);
     let _ = b.stop.send(true);
 }

@@ -13,6 +13,15 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Ending {
+    pub reason: &'static str,
+}
+
+/// Why open tunnels ended: both sides closed, the idle or half-closed timeout, the drain
+/// deadline, or an error on either side (a reset, or a peer the keepalive found dead).
+pub const END_REASONS: [&str; 5] = ["finished", "idle", "half_closed", "drained", "error"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Direction {
     pub direction: &'static str,
 }
@@ -29,6 +38,8 @@ pub struct ProxyMetrics {
     pub bytes_down: Counter,
     /// Bytes (either way) that moved by splice(2), a subset of `bytes`.
     pub spliced: Counter,
+    /// One series per `END_REASONS` entry, in that order, created up front.
+    ends: [Counter; END_REASONS.len()],
 }
 
 impl Default for ProxyMetrics {
@@ -47,11 +58,19 @@ impl Default for ProxyMetrics {
         let tunnels_ok = tunnels.get_or_create(&Outcome { outcome: "ok" }).clone();
         let bytes_up = bytes.get_or_create(&Direction { direction: "up" }).clone();
         let bytes_down = bytes.get_or_create(&Direction { direction: "down" }).clone();
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced }
+        let ended = Family::<Ending, Counter>::default();
+        registry.register("tunnel_ends", "Tunnels that were open, by why they ended: finished, idle, half_closed, drained, error", ended.clone());
+        let ends = END_REASONS.map(|reason| ended.get_or_create(&Ending { reason }).clone());
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends }
     }
 }
 
 impl ProxyMetrics {
+    /// Counts an open tunnel's end; `reason` is one of `END_REASONS`.
+    pub fn ended(&self, reason: &str) {
+        let i = END_REASONS.iter().position(|r| *r == reason).unwrap_or_else(|| panic!("{reason:?} is not in END_REASONS"));
+        self.ends[i].inc();
+    }
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");

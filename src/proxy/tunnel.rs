@@ -136,6 +136,18 @@ impl Close {
             Close::NoRequest => "client closed before sending a request",
         }
     }
+    /// The `reason` label of `spice_proxy_tunnel_ends_total`; `None` for a connection that
+    /// never became a tunnel.
+    pub fn metric_reason(&self) -> Option<&'static str> {
+        match self {
+            Close::Finished => Some("finished"),
+            Close::Idle => Some("idle"),
+            Close::HalfClosedIdle => Some("half_closed"),
+            Close::Drained => Some("drained"),
+            Close::Error(_) => Some("error"),
+            Close::NoRequest => None,
+        }
+    }
 }
 
 /// Runs the tunnel until both directions end, either fails, it idles out (with the shorter

@@ -396,7 +396,13 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     shared.metrics.active.dec();
     shared.metrics.bytes_up.inc_by(bytes_up);
     shared.metrics.bytes_down.inc_by(bytes_down);
-    shared.metrics.tunnels.get_or_create(&super::metrics::Outcome { outcome: "ok" }).inc();
+    shared.metrics.tunnels_ok.inc();
+    shared.metrics.ended(match close {
+        "client closed" | "upstream closed" => "finished",
+        "idle timeout" => "idle",
+        "drain deadline" => "drained",
+        _ => "error", // the client vanished or stalled, a protocol error, a failed write
+    });
     audit.bytes_up = Some(bytes_up);
     audit.bytes_down = Some(bytes_down);
     audit.outcome = "ok";
