@@ -17,9 +17,29 @@ pub struct Ending {
     pub reason: &'static str,
 }
 
-/// Why open tunnels ended: both sides closed, the idle or half-closed timeout, the drain
+/// Why an open tunnel ended: both sides closed, the idle or half-closed timeout, the drain
 /// deadline, or an error on either side (a reset, or a peer the keepalive found dead).
-pub const END_REASONS: [&str; 5] = ["finished", "idle", "half_closed", "drained", "error"];
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Finished,
+    Idle,
+    HalfClosed,
+    Drained,
+    Error,
+}
+
+impl End {
+    const ALL: [End; 5] = [End::Finished, End::Idle, End::HalfClosed, End::Drained, End::Error];
+    fn label(self) -> &'static str {
+        match self {
+            End::Finished => "finished",
+            End::Idle => "idle",
+            End::HalfClosed => "half_closed",
+            End::Drained => "drained",
+            End::Error => "error",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Direction {
@@ -38,8 +58,8 @@ pub struct ProxyMetrics {
     pub bytes_down: Counter,
     /// Bytes (either way) that moved by splice(2), a subset of `bytes`.
     pub spliced: Counter,
-    /// One series per `END_REASONS` entry, in that order, created up front.
-    ends: [Counter; END_REASONS.len()],
+    /// One series per `End`, indexed by it, created up front.
+    ends: [Counter; End::ALL.len()],
 }
 
 impl Default for ProxyMetrics {
@@ -60,20 +80,37 @@ impl Default for ProxyMetrics {
         let bytes_down = bytes.get_or_create(&Direction { direction: "down" }).clone();
         let ended = Family::<Ending, Counter>::default();
         registry.register("tunnel_ends", "Tunnels that were open, by why they ended: finished, idle, half_closed, drained, error", ended.clone());
-        let ends = END_REASONS.map(|reason| ended.get_or_create(&Ending { reason }).clone());
+        let ends = End::ALL.map(|end| ended.get_or_create(&Ending { reason: end.label() }).clone());
         Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends }
     }
 }
 
 impl ProxyMetrics {
-    /// Counts an open tunnel's end; `reason` is one of `END_REASONS`.
-    pub fn ended(&self, reason: &str) {
-        let i = END_REASONS.iter().position(|r| *r == reason).unwrap_or_else(|| panic!("{reason:?} is not in END_REASONS"));
-        self.ends[i].inc();
+    /// Counts an open tunnel's end.
+    pub fn ended(&self, end: End) {
+        self.ends[end as usize].inc();
     }
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_end_is_counted_under_its_own_reason() {
+        let m = ProxyMetrics::default();
+        for (n, end) in End::ALL.into_iter().enumerate() {
+            (0..=n).for_each(|_| m.ended(end));
+        }
+        let text = m.encode();
+        for (n, end) in End::ALL.into_iter().enumerate() {
+            let series = format!("spice_proxy_tunnel_ends_total{{reason=\"{}\"}} {}", end.label(), n + 1);
+            assert!(text.lines().any(|l| l == series), "{series} missing from\n{text}");
+        }
     }
 }

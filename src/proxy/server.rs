@@ -549,8 +549,8 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, mu
             (status_label(r.status), format!("{} {}", r.status, r.body))
         }
     };
-    if let Ok(reason) = outcome.as_ref().map(Close::metric_reason) {
-        reason.into_iter().for_each(|r| shared.metrics.ended(r));
+    if let Ok(Some(end)) = outcome.as_ref().map(Close::end) {
+        shared.metrics.ended(end);
     }
     if label == "ok" {
         shared.metrics.tunnels_ok.inc();

@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 use tokio::sync::Notify;
 
+use super::metrics::End;
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DataPath {
     /// splice(2) through a kernel pipe, falling back to copying if the kernel refuses.
@@ -136,23 +138,24 @@ impl Close {
             Close::NoRequest => "client closed before sending a request",
         }
     }
-    /// The `reason` label of `spice_proxy_tunnel_ends_total`; `None` for a connection that
-    /// never became a tunnel.
-    pub fn metric_reason(&self) -> Option<&'static str> {
+    /// How `spice_proxy_tunnel_ends_total` counts it; `None` for a connection that never
+    /// became a tunnel.
+    pub fn end(&self) -> Option<End> {
         match self {
-            Close::Finished => Some("finished"),
-            Close::Idle => Some("idle"),
-            Close::HalfClosedIdle => Some("half_closed"),
-            Close::Drained => Some("drained"),
-            Close::Error(_) => Some("error"),
+            Close::Finished => Some(End::Finished),
+            Close::Idle => Some(End::Idle),
+            Close::HalfClosedIdle => Some(End::HalfClosed),
+            Close::Drained => Some(End::Drained),
+            Close::Error(_) => Some(End::Error),
             Close::NoRequest => None,
         }
     }
 }
 
 /// Runs the tunnel until both directions end, either fails, it idles out (with the shorter
-/// timeout once half-closed), or `cancel` resolves. The caller closes both sockets as soon as it returns: when both directions ended,
-/// that close is what sends the FIN of the direction that ended second.
+/// timeout once half-closed), or `cancel` resolves. The caller closes both sockets as soon as
+/// it returns: when both directions ended, that close is what sends the FIN of the direction
+/// that ended second.
 pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, timeouts: Timeouts, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained

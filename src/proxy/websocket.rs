@@ -23,6 +23,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::metrics::End;
 use super::server::{Audit, ClientSlot, Shared, Tracker};
 #[allow(unused_imports)]
 use std::sync::atomic::Ordering as _;
@@ -398,10 +399,10 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     shared.metrics.bytes_down.inc_by(bytes_down);
     shared.metrics.tunnels_ok.inc();
     shared.metrics.ended(match close {
-        "client closed" | "upstream closed" => "finished",
-        "idle timeout" => "idle",
-        "drain deadline" => "drained",
-        _ => "error", // the client vanished or stalled, a protocol error, a failed write
+        "client closed" | "upstream closed" => End::Finished,
+        "idle timeout" => End::Idle,
+        "drain deadline" => End::Drained,
+        _ => End::Error, // the client vanished or stalled, a protocol error, a failed write
     });
     audit.bytes_up = Some(bytes_up);
     audit.bytes_down = Some(bytes_down);
