@@ -338,8 +338,7 @@ async fn half_close_propagates_both_ways() {
         let mut answer = String::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.expect("EOF reaches us").unwrap();
         assert_eq!(answer, "got 100000 bytes");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_tunnel_ends_total{reason=\"finished\"}"), 1);
+        assert_metric_reaches(p.admin, "spice_proxy_tunnel_ends_total{reason=\"finished\"}", 1).await;
     }
 }
 
@@ -399,10 +398,8 @@ async fn a_half_closed_tunnel_ends_once_quiet_for_the_half_closed_timeout() {
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("the upstream's FIN arrives").unwrap(), 0);
     let waited = tokio::time::timeout(Duration::from_secs(10), eof_rx).await.expect("the proxy closes the half-closed tunnel").unwrap();
     assert!(waited > Duration::from_millis(900) && waited < Duration::from_millis(3000), "ended {waited:?} after the upstream's FIN");
-    tokio::time::sleep(Duration::from_millis(100)).await; // the proxy counts right after closing
-    let m = http_get(p.admin, "/metrics").await;
-    assert_eq!(metric(&m, "spice_proxy_tunnel_ends_total{reason=\"half_closed\"}"), 2);
-    assert_eq!(metric(&m, "spice_proxy_tunnel_ends_total{reason=\"idle\"}"), 0);
+    assert_metric_reaches(p.admin, "spice_proxy_tunnel_ends_total{reason=\"half_closed\"}", 2).await;
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_tunnel_ends_total{reason=\"idle\"}"), 0);
     drop(s);
 }
 
@@ -562,6 +559,20 @@ async fn a_paused_reader_then_a_small_late_message_arrive_in_full() {
 fn metric(text: &str, name: &str) -> u64 {
     let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// Waits (up to 2 s) for a series to reach `want`: a peer sees its socket close a moment
+/// before the proxy counts the tunnel's end.
+async fn assert_metric_reaches(admin: SocketAddr, name: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = metric(&http_get(admin, "/metrics").await, name);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {got}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -764,7 +775,7 @@ async fn a_peer_gone_without_closing_ends_its_tunnel_after_the_dead_peer_timeout
     for (which, ended) in [("A (hypervisor gone)", a_ended), ("B (client gone)", b_ended)] {
         assert!(ended >= Duration::from_secs(8) && ended <= Duration::from_secs(20), "{which} ended {ended:?} after the peer vanished, not after about 10 s");
     }
-    let m = http_get(p.admin, "/metrics").await;
-    assert_eq!(metric(&m, "spice_proxy_active_tunnels"), 0);
-    assert_eq!(metric(&m, "spice_proxy_tunnel_ends_total{reason=\"error\"}"), 2, "both ended by an error on one side");
+    // Both ended by an error on one side.
+    assert_metric_reaches(p.admin, "spice_proxy_tunnel_ends_total{reason=\"error\"}", 2).await;
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_active_tunnels"), 0);
 }

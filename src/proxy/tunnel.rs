@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
-use tokio::sync::Notify;
 
 use super::metrics::End;
 
@@ -57,21 +56,11 @@ pub struct Activity {
     pub spliced: AtomicU64,
     /// Set by whichever direction reaches EOF first; from then on the tunnel is half-closed.
     one_ended: AtomicBool,
-    /// Tells the watchdog to switch to the half-closed timeout.
-    half_closed: Notify,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Self {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-            spliced: AtomicU64::new(0),
-            one_ended: AtomicBool::new(false),
-            half_closed: Notify::new(),
-        }
+        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0), spliced: AtomicU64::new(0), one_ended: AtomicBool::new(false) }
     }
 }
 
@@ -87,29 +76,36 @@ impl Activity {
     fn touch(&self) {
         self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    /// Resolves once nothing moved for the timeout that applies: `Close::Idle` or
-    /// `Close::HalfClosedIdle`. The timer is re-planned only when it fires (not on every
-    /// touch) or when the tunnel becomes half-closed.
+    fn quiet_until(&self, limit: Duration) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit
+    }
+    /// Resolves once nothing moved for the timeout that applies: `Close::Idle`, or
+    /// `Close::HalfClosedIdle` once a direction has ended. The timer is re-planned only when
+    /// it fires (not on every touch) and when the tunnel becomes half-closed.
+    ///
+    /// It learns that a direction ended without a wake-up of its own (a notification would
+    /// cost every short tunnel an extra poll and a waiter list): `run` polls it right after
+    /// the two directions in the same task, so the poll in which one ends reaches it too.
     async fn idle(&self, t: Timeouts) -> Close {
-        loop {
-            let half = self.one_ended.load(Ordering::Relaxed);
-            let limit = if half { t.half_closed.min(t.idle) } else { t.idle };
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet_until = self.epoch + last + limit;
-            if Instant::now() >= quiet_until {
-                return if half { Close::HalfClosedIdle } else { Close::Idle };
-            }
-            if half {
-                tokio::time::sleep_until(quiet_until.into()).await;
-            } else {
-                // A direction that ends between the load above and this wait leaves a permit,
-                // so the switch is never missed.
-                tokio::select! {
-                    _ = tokio::time::sleep_until(quiet_until.into()) => {}
-                    _ = self.half_closed.notified() => {}
+        let half_limit = t.half_closed.min(t.idle);
+        let mut half = false;
+        let sleep = tokio::time::sleep_until(self.quiet_until(t.idle).into());
+        tokio::pin!(sleep);
+        poll_fn(|cx| {
+            loop {
+                if !half && self.one_ended.load(Ordering::Relaxed) {
+                    half = true;
+                    sleep.as_mut().reset(self.quiet_until(half_limit).into());
                 }
+                ready!(sleep.as_mut().poll(cx));
+                let until = self.quiet_until(if half { half_limit } else { t.idle });
+                if Instant::now() >= until {
+                    return Poll::Ready(if half { Close::HalfClosedIdle } else { Close::Idle });
+                }
+                sleep.as_mut().reset(until.into());
             }
-        }
+        })
+        .await
     }
 }
 
@@ -168,6 +164,8 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
     // once: a peer found dead by keepalive must not leave the tunnel waiting for the other
     // side, which may say nothing for hours.
     tokio::select! {
+        // In this order: the watchdog must be polled after the directions (see `idle`).
+        biased;
         both = futures::future::try_join(
             one_way(client_in, upstream_out.as_ref(), mode, &activity.up, activity),
             one_way(upstream_in, client_out.as_ref(), mode, &activity.down, activity),
@@ -203,7 +201,6 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
     // other direction has ended already, the tunnel closes both sockets right after this, and
     // that close sends the same FIN (both receive queues were read to EOF, so it is no reset).
     if result.is_ok() && !activity.one_ended.swap(true, Ordering::Relaxed) {
-        activity.half_closed.notify_one();
         match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
             Ok(()) | Err(rustix::io::Errno::NOTCONN) => {}
             Err(e) => return Err(e.into()),

@@ -394,16 +394,17 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     };
     // Lets the WebSocket layer send its answer to a client's Close before the socket drops.
     let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.close()).await;
-    shared.metrics.active.dec();
-    shared.metrics.bytes_up.inc_by(bytes_up);
-    shared.metrics.bytes_down.inc_by(bytes_down);
-    shared.metrics.tunnels_ok.inc();
+    // Counted before the active gauge drops, so a bridge no longer active has its end counted.
     shared.metrics.ended(match close {
         "client closed" | "upstream closed" => End::Finished,
         "idle timeout" => End::Idle,
         "drain deadline" => End::Drained,
         _ => End::Error, // the client vanished or stalled, a protocol error, a failed write
     });
+    shared.metrics.active.dec();
+    shared.metrics.bytes_up.inc_by(bytes_up);
+    shared.metrics.bytes_down.inc_by(bytes_down);
+    shared.metrics.tunnels_ok.inc();
     audit.bytes_up = Some(bytes_up);
     audit.bytes_down = Some(bytes_down);
     audit.outcome = "ok";
