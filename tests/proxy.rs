@@ -344,7 +344,7 @@ async fn half_close_propagates_both_ways() {
 
 #[tokio::test]
 async fn a_half_closed_tunnel_ends_once_quiet_for_the_half_closed_timeout() {
-    // Two upstreams that never close. The first reads to the client's EOF, then sends a tick
+    // Upstreams that never close. The first reads to the client's EOF, then sends a tick
     // every 250 ms for 2 s and falls silent; the second says goodbye with its FIN at once and
     // then waits for EOF from us.
     const TICKS: usize = 8;
@@ -391,6 +391,26 @@ async fn a_half_closed_tunnel_ends_once_quiet_for_the_half_closed_timeout() {
     // 250 ms apart leave a loaded machine 750 ms of slack before the timeout could cut in.)
     assert!(lasted > Duration::from_millis(2650) && lasted < Duration::from_millis(5000), "ended {lasted:?} after the client's FIN");
 
+    // A tunnel quiet for longer than the timeout, then half-closed: it gets the full timeout
+    // after the FIN, not an end at once for the quiet spell before it.
+    let quiet = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let quiet_addr = quiet.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = quiet.accept().await.unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let (mut s, status, _) = request(p.addr, spice_gtk_head(&quiet_addr.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.shutdown().await.unwrap();
+    let half_closed = Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.expect("the half-closed tunnel ends").unwrap();
+    let lasted = half_closed.elapsed();
+    assert!(lasted > Duration::from_millis(900) && lasted < Duration::from_millis(3000), "ended {lasted:?} after a FIN that followed 1.5 s of quiet");
+
     // Upstream half-closes and the client stays quiet: the tunnel ends 1 s later.
     let (mut s, status, _) = request(p.addr, spice_gtk_head(&leaving_addr.to_string(), "").as_bytes()).await;
     assert_eq!(status, 200);
@@ -398,7 +418,7 @@ async fn a_half_closed_tunnel_ends_once_quiet_for_the_half_closed_timeout() {
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("the upstream's FIN arrives").unwrap(), 0);
     let waited = tokio::time::timeout(Duration::from_secs(10), eof_rx).await.expect("the proxy closes the half-closed tunnel").unwrap();
     assert!(waited > Duration::from_millis(900) && waited < Duration::from_millis(3000), "ended {waited:?} after the upstream's FIN");
-    assert_metric_reaches(p.admin, "spice_proxy_tunnel_ends_total{reason=\"half_closed\"}", 2).await;
+    assert_metric_reaches(p.admin, "spice_proxy_tunnel_ends_total{reason=\"half_closed\"}", 3).await;
     assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_tunnel_ends_total{reason=\"idle\"}"), 0);
     drop(s);
 }

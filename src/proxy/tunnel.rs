@@ -201,6 +201,8 @@ async fn one_way(mut src: ReadHalf<'_>, dst: &TcpStream, mode: DataPath, counter
     // other direction has ended already, the tunnel closes both sockets right after this, and
     // that close sends the same FIN (both receive queues were read to EOF, so it is no reset).
     if result.is_ok() && !activity.one_ended.swap(true, Ordering::Relaxed) {
+        // The half-closed timeout counts from the FIN, not from data before a long quiet spell.
+        activity.touch();
         match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
             Ok(()) | Err(rustix::io::Errno::NOTCONN) => {}
             Err(e) => return Err(e.into()),
