@@ -13,7 +13,10 @@ cargo build --release --quiet
 OPERATOR_PID=
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  # A second Ctrl-C (or the TERM make passes on after the one the whole process group got)
+  # must not cut the clean-up short and leave an API server behind.
+  trap - EXIT
+  trap '' INT TERM
   echo; echo "== stopping"
   [[ -n "$OPERATOR_PID" ]] && kill "$OPERATOR_PID" 2>/dev/null && wait "$OPERATOR_PID" 2>/dev/null || true
   "$HACK_DIR/local-cluster.sh" stop "$STATE" || true
@@ -32,7 +35,7 @@ ADMIN_PORT=$(free_port)
 API_PORT=$(free_port)
 echo "== running the operator (log: $STATE/operator.log, metrics: http://127.0.0.1:$ADMIN_PORT/metrics, engine API: https://127.0.0.1:$API_PORT)"
 target/release/spice-operator controller --admin-addr "127.0.0.1:$ADMIN_PORT" --api-addr "127.0.0.1:$API_PORT" \
-  --proxy-image "spice-operator:0.1.0" > "$STATE/operator.log" 2>&1 &
+  --proxy-image "spice-operator:0.1.0" --shutdown-grace-seconds 5 > "$STATE/operator.log" 2>&1 &
 OPERATOR_PID=$!
 
 echo "== applying examples/"

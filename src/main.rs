@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use spice_operator::controller::{self, Settings};
@@ -35,6 +36,11 @@ enum Command {
         /// Log as JSON lines instead of human-readable text.
         #[arg(long, env = "SPICE_LOG_JSON")]
         log_json: bool,
+        /// Time a stopping controller gives reconciles in flight and the Lease release before it
+        /// exits without them (inside the chart's 30 s termination grace period). A second
+        /// SIGTERM or Ctrl-C exits at once.
+        #[arg(long, env = "SPICE_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+        shutdown_grace_seconds: u64,
         #[command(flatten)]
         lease: LeaseArgs,
         #[command(flatten)]
@@ -209,10 +215,11 @@ async fn async_main(cli: Cli) -> ExitCode {
             spice_operator::proxy::server::run_from_file(&config).await
         }
         Command::Ticket { target, ttl, key_file, subject } => mint_ticket(&target, ttl, &key_file, subject),
-        Command::Controller { proxy_image, admin_addr, log_json, lease, api } => {
+        Command::Controller { proxy_image, admin_addr, log_json, shutdown_grace_seconds, lease, api } => {
             init_tracing(log_json);
             let namespace = lease.lease_namespace.clone();
-            run_controller(Settings { proxy_image }, admin_addr, lease.settings(), api, namespace).await
+            let grace = Duration::from_secs(shutdown_grace_seconds);
+            run_controller(Settings { proxy_image }, admin_addr, lease.settings(), api, namespace, grace).await
         }
         Command::Resolve { place, vm } => cli_resolve(&place.policy, &place.cluster, place.pool.as_deref(), vm.as_deref()).await,
         Command::Console { place: Placement { policy, cluster, pool }, vm, host, port, tls_port, password_file, ca_file, host_subject, proxy_enabled, ttl, output } => {
@@ -278,7 +285,7 @@ fn crdgen(output: Option<PathBuf>, chart_template: Option<PathBuf>) -> anyhow::R
     }
 }
 
-async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>, api: ApiArgs, namespace: String) -> anyhow::Result<()> {
+async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>, api: ApiArgs, namespace: String, shutdown_grace: Duration) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let client = counting_client(metrics.clone()).await?;
     let engine_api = if api.api_addr == "off" {
@@ -302,10 +309,15 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         Arc::new(move || m.encode())
     };
     let admin = tokio::spawn(admin::serve(admin::bind(&admin_addr.to_string()).await?, encode, ready_rx, "caches not synced yet"));
+    let mut stopping = stop_rx.clone();
     tokio::spawn(async move {
         spice_operator::shutdown_signal().await;
-        tracing::info!("shutting down: finishing reconciles in flight");
+        tracing::info!(grace = ?shutdown_grace, "shutting down: finishing reconciles in flight");
         let _ = stop_tx.send(true);
+        // Whoever presses Ctrl-C twice wants out now, as with any Kubernetes controller.
+        spice_operator::shutdown_signal().await;
+        tracing::warn!("second stop signal: exiting at once");
+        std::process::exit(1);
     });
     tracing::info!(%admin_addr, image = %settings.proxy_image, leader_election = lease.is_some(), "controller starting");
     let reconcile = async move {
@@ -328,10 +340,21 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
             }
         }
     };
+    // Reconciles and the Lease release talk to the API server; when it has gone (a local
+    // control plane stopped together with the operator, a network cut) those calls wait for
+    // their own long timeouts, so the stop is bounded here.
+    let grace_over = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(shutdown_grace).await;
+    };
     tokio::select! {
         res = reconcile => res,
         res = admin => res?,
         res = engine_api => res?,
+        _ = grace_over => {
+            tracing::warn!(grace = ?shutdown_grace, "reconciles or the Lease release did not finish within the shutdown grace; exiting without them");
+            Ok(())
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Leader election with two real operator processes (the binary, as the chart runs it, with
 //! the chart's ServiceAccount and its Lease Role): only one reconciles; when it is killed the
 //! standby takes over within 15 s and finishes the change made meanwhile; the two never both
-//! report leadership; a graceful stop releases the Lease.
+//! report leadership; a graceful stop releases the Lease; a stop with the API server silent
+//! ends within the shutdown grace, or at once on a second signal.
 mod common;
 
 use std::sync::Arc;
@@ -96,4 +97,113 @@ async fn standby_takes_over_within_15_seconds_and_two_leaders_never_overlap() {
     sampler.join().unwrap();
     assert!(samples.load(Ordering::Relaxed) > 100, "too few samples to judge overlap");
     assert_eq!(overlaps.load(Ordering::Relaxed), 0, "two processes reported leadership at the same time");
+}
+
+/// A TCP relay in front of the API server that can go silent: it keeps every connection open
+/// but passes no more bytes, as an API server whose etcd has gone (or a cut network) does.
+struct FreezableRelay {
+    addr: std::net::SocketAddr,
+    frozen: Arc<AtomicBool>,
+}
+
+impl FreezableRelay {
+    async fn start(to: std::net::SocketAddr) -> FreezableRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, frozen) = (listener.local_addr().unwrap(), Arc::new(AtomicBool::new(false)));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else { continue };
+                let ((client_in, client_out), (server_in, server_out)) = (client.into_split(), server.into_split());
+                tokio::spawn(Self::pump(client_in, server_out, f.clone()));
+                tokio::spawn(Self::pump(server_in, client_out, f.clone()));
+            }
+        });
+        FreezableRelay { addr, frozen }
+    }
+
+    async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, frozen: Arc<AtomicBool>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            while frozen.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await; // holds the bytes
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The admin kubeconfig with its server moved to the relay (the certificate names 127.0.0.1,
+/// which the relay's address is too).
+fn kubeconfig_through(relay_port: u16, dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(std::env::var_os("KUBECONFIG").unwrap()).unwrap();
+    let out = text.lines().map(|l| match l.trim_start().strip_prefix("server: https://127.0.0.1:") {
+        Some(_) => format!("{}server: https://127.0.0.1:{relay_port}", &l[..l.len() - l.trim_start().len()]),
+        None => l.to_string(),
+    });
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, out.collect::<Vec<_>>().join("\n")).unwrap();
+    path
+}
+
+fn api_server_addr() -> std::net::SocketAddr {
+    let text = std::fs::read_to_string(std::env::var_os("KUBECONFIG").unwrap()).unwrap();
+    let port = text.lines().find_map(|l| l.trim_start().strip_prefix("server: https://127.0.0.1:")).expect("a loopback API server").trim();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Waits for the process to exit; its exit status, or None after `within`.
+async fn exit_within(p: &mut OperatorProcess, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_stopping_operator_whose_api_server_hangs_exits_within_its_grace_and_at_once_on_a_second_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    for (case, lease) in [("grace", "spice-operator-grace-test"), ("twice", "spice-operator-twice-test")] {
+        let relay = FreezableRelay::start(api_server_addr()).await;
+        let kubeconfig = kubeconfig_through(relay.addr.port(), dir.path());
+        // Admin credentials and Leases of its own: the chart's Role names only the real Lease,
+        // and the leader-election test in this binary uses that one.
+        let grace = if case == "grace" { "3" } else { "60" };
+        let mut p = OperatorProcess::spawn(&format!("shutdown-{case}"), &kubeconfig, &["--lease-name", lease, "--shutdown-grace-seconds", grace]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while p.is_leader() != Some(true) {
+            assert!(Instant::now() < deadline, "{case}: not the leader within 30 s\n{}", p.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The API server stops answering; the Lease release on the way out cannot complete.
+        relay.frozen.store(true, Ordering::Relaxed);
+        p.signal("TERM");
+        let signalled = Instant::now();
+        let status = if case == "grace" {
+            exit_within(&mut p, Duration::from_secs(15)).await
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(matches!(p.child.try_wait(), Ok(None)), "twice: exited before its grace without a second signal");
+            p.signal("TERM");
+            exit_within(&mut p, Duration::from_secs(3)).await
+        };
+        let took = signalled.elapsed();
+        let log = p.log_text();
+        let status = status.unwrap_or_else(|| panic!("{case}: still running {took:?} after SIGTERM with the API server silent\n{log}"));
+        if case == "grace" {
+            assert!(took >= Duration::from_secs(3) && status.success(), "{case}: exited after {took:?} with {status}\n{log}");
+            assert!(log.contains("did not finish within the shutdown grace"), "{case}: says why it left\n{log}");
+        } else {
+            assert_eq!(status.code(), Some(1), "{case}: a second signal exits with status 1\n{log}");
+            assert!(log.contains("second stop signal"), "{case}\n{log}");
+        }
+        relay.frozen.store(false, Ordering::Relaxed);
+    }
 }
