@@ -640,6 +640,53 @@ async fn drain_keeps_open_tunnels_working_then_closes_them_at_the_deadline() {
 }
 
 #[tokio::test]
+async fn the_proxy_binary_drains_on_sigterm_and_exits_at_once_on_a_second() {
+    let up = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(dir.path());
+    cfg.auth_mode = AuthMode::None;
+    cfg.limits.drain_seconds = 60;
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    cfg.listen = listen.to_string();
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = proxy.id().to_string();
+    let kill = |signal: &str| std::process::Command::new("kill").args(["-s", signal, &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        if let Ok(s) = TcpStream::connect(listen).await {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not listen within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    s.write_all(spice_gtk_head(&up.to_string(), "").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut s).await.0, 200);
+    kill("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    echo_roundtrip(&mut s, b"draining, still served").await;
+    assert!(proxy.try_wait().unwrap().is_none(), "exited on the first SIGTERM with a tunnel open and 60 s of drain left");
+    kill("TERM");
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = proxy.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(3), "still draining 3 s after a second SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(1), "a second signal exits with status 1");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await.expect("the tunnel is closed with the process");
+}
+
+#[tokio::test]
 async fn drain_ends_early_when_the_last_tunnel_closes() {
     let up = echo_server().await;
     let p = start(|c, _| {

@@ -671,6 +671,10 @@ pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
     tokio::spawn(async move {
         crate::shutdown_signal().await;
         let _ = tx.send(true);
+        // Open tunnels drain until the deadline; whoever signals again wants out now.
+        crate::shutdown_signal().await;
+        tracing::warn!("second stop signal: closing every tunnel and exiting at once");
+        std::process::exit(1);
     });
     server.run(rx).await
 }
