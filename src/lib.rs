@@ -11,6 +11,19 @@ pub mod metrics;
 pub mod proxy;
 pub mod resolve;
 
+/// On the first SIGTERM or Ctrl-C runs `begin_stop` (a graceful stop: drain, finish
+/// reconciles); a second one exits the process at once with status 1, as Kubernetes
+/// controllers do, for whoever does not want to wait.
+pub fn on_stop_signals(begin_stop: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        begin_stop();
+        shutdown_signal().await;
+        tracing::warn!("second stop signal: exiting at once");
+        std::process::exit(1);
+    });
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -310,14 +310,9 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
     };
     let admin = tokio::spawn(admin::serve(admin::bind(&admin_addr.to_string()).await?, encode, ready_rx, "caches not synced yet"));
     let mut stopping = stop_rx.clone();
-    tokio::spawn(async move {
-        spice_operator::shutdown_signal().await;
+    spice_operator::on_stop_signals(move || {
         tracing::info!(grace = ?shutdown_grace, "shutting down: finishing reconciles in flight");
         let _ = stop_tx.send(true);
-        // Whoever presses Ctrl-C twice wants out now, as with any Kubernetes controller.
-        spice_operator::shutdown_signal().await;
-        tracing::warn!("second stop signal: exiting at once");
-        std::process::exit(1);
     });
     tracing::info!(%admin_addr, image = %settings.proxy_image, leader_election = lease.is_some(), "controller starting");
     let reconcile = async move {

@@ -136,23 +136,22 @@ impl FreezableRelay {
     }
 }
 
+/// The admin kubeconfig's text and the port of its loopback API server.
+fn admin_kubeconfig() -> (String, u16) {
+    let text = std::fs::read_to_string(std::env::var_os("KUBECONFIG").unwrap()).unwrap();
+    let port = text.lines().find_map(|l| l.trim_start().strip_prefix(SERVER_PREFIX)).expect("a loopback API server").trim().parse().unwrap();
+    (text, port)
+}
+
+const SERVER_PREFIX: &str = "server: https://127.0.0.1:";
+
 /// The admin kubeconfig with its server moved to the relay (the certificate names 127.0.0.1,
 /// which the relay's address is too).
 fn kubeconfig_through(relay_port: u16, dir: &std::path::Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(std::env::var_os("KUBECONFIG").unwrap()).unwrap();
-    let out = text.lines().map(|l| match l.trim_start().strip_prefix("server: https://127.0.0.1:") {
-        Some(_) => format!("{}server: https://127.0.0.1:{relay_port}", &l[..l.len() - l.trim_start().len()]),
-        None => l.to_string(),
-    });
+    let (text, api_port) = admin_kubeconfig();
     let path = dir.join("kubeconfig");
-    std::fs::write(&path, out.collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(&path, text.replace(&format!("{SERVER_PREFIX}{api_port}"), &format!("{SERVER_PREFIX}{relay_port}"))).unwrap();
     path
-}
-
-fn api_server_addr() -> std::net::SocketAddr {
-    let text = std::fs::read_to_string(std::env::var_os("KUBECONFIG").unwrap()).unwrap();
-    let port = text.lines().find_map(|l| l.trim_start().strip_prefix("server: https://127.0.0.1:")).expect("a loopback API server").trim();
-    format!("127.0.0.1:{port}").parse().unwrap()
 }
 
 /// Waits for the process to exit; its exit status, or None after `within`.
@@ -171,7 +170,7 @@ async fn exit_within(p: &mut OperatorProcess, within: Duration) -> Option<std::p
 async fn a_stopping_operator_whose_api_server_hangs_exits_within_its_grace_and_at_once_on_a_second_signal() {
     let dir = tempfile::tempdir().unwrap();
     for (case, lease) in [("grace", "spice-operator-grace-test"), ("twice", "spice-operator-twice-test")] {
-        let relay = FreezableRelay::start(api_server_addr()).await;
+        let relay = FreezableRelay::start(std::net::SocketAddr::from(([127, 0, 0, 1], admin_kubeconfig().1))).await;
         let kubeconfig = kubeconfig_through(relay.addr.port(), dir.path());
         // Admin credentials and Leases of its own: the chart's Role names only the real Lease,
         // and the leader-election test in this binary uses that one.

@@ -668,13 +668,9 @@ pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
     let server = ProxyServer::bind(cfg).await?;
     tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "proxy serving");
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
+    // Open tunnels drain until the deadline, or until a second signal.
+    crate::on_stop_signals(move || {
         let _ = tx.send(true);
-        // Open tunnels drain until the deadline; whoever signals again wants out now.
-        crate::shutdown_signal().await;
-        tracing::warn!("second stop signal: closing every tunnel and exiting at once");
-        std::process::exit(1);
     });
     server.run(rx).await
 }

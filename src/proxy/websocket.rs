@@ -339,41 +339,41 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     };
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut cancel = bridge.cancel.clone();
-    let close = loop {
+    let (end, close) = loop {
         tokio::select! {
             msg = tokio::time::timeout(idle, ws_rx.next()) => match msg {
-                Err(_) => break "idle timeout",
-                Ok(None) => break "client gone",
+                Err(_) => break (End::Idle, "idle timeout"),
+                Ok(None) => break (End::Error, "client gone"),
                 Ok(Some(Err(e))) => {
                     // Say why before hanging up: 1009 for an oversized message, 1002 otherwise.
                     let too_big = e.into_inner().downcast::<tokio_tungstenite::tungstenite::Error>().is_ok_and(|e| matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
                     let (code, reason) = if too_big { (close_code::SIZE, "message too big") } else { (close_code::PROTOCOL, "protocol error") };
                     let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))).await;
-                    break reason;
+                    break (End::Error, reason);
                 }
                 Ok(Some(Ok(Message::Binary(data)))) => {
                     bytes_up += data.len() as u64;
                     if up_w.write_all(&data).await.is_err() {
-                        break "upstream write failed";
+                        break (End::Error, "upstream write failed");
                     }
                 }
                 Ok(Some(Ok(Message::Text(_)))) => {
                     let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::UNSUPPORTED, reason: "SPICE over WebSocket is binary".into() }))).await;
-                    break "text frame";
+                    break (End::Error, "text frame");
                 }
                 Ok(Some(Ok(Message::Close(_)))) => {
                     // The hypervisor sees EOF. RFC 6455: after a Close nothing more may be
                     // sent to the browser (the WebSocket layer answers the Close itself).
                     let _ = up_w.shutdown().await;
-                    break "client closed";
+                    break (End::Finished, "client closed");
                 }
                 Ok(Some(Ok(_))) => {} // ping/pong: answered by the WebSocket layer
             },
             read = tokio::time::timeout(idle, up_r.read_chunk()) => match read {
-                Err(_) => break "idle timeout",
+                Err(_) => break (End::Idle, "idle timeout"),
                 Ok(Err(_)) | Ok(Ok(None)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::NORMAL, reason: "upstream closed".into() })))).await;
-                    break "upstream closed";
+                    break (End::Finished, "upstream closed");
                 }
                 Ok(Ok(Some(chunk))) => {
                     bytes_down += chunk.len() as u64;
@@ -381,26 +381,21 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
                     // the hypervisor: nothing piles up here. Past the idle timeout it is gone.
                     match tokio::time::timeout(idle, ws_tx.send(Message::Binary(chunk))).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(_)) => break "client gone",
-                        Err(_) => break "client stopped reading",
+                        Ok(Err(_)) => break (End::Error, "client gone"),
+                        Err(_) => break (End::Error, "client stopped reading"),
                     }
                 }
             },
             _ = async { let _ = cancel.wait_for(|c| *c).await; } => {
                 let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "proxy shutting down".into() }))).await;
-                break "drain deadline";
+                break (End::Drained, "drain deadline");
             }
         }
     };
     // Lets the WebSocket layer send its answer to a client's Close before the socket drops.
     let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.close()).await;
     // Counted before the active gauge drops, so a bridge no longer active has its end counted.
-    shared.metrics.ended(match close {
-        "client closed" | "upstream closed" => End::Finished,
-        "idle timeout" => End::Idle,
-        "drain deadline" => End::Drained,
-        _ => End::Error, // the client vanished or stalled, a protocol error, a failed write
-    });
+    shared.metrics.ended(end);
     shared.metrics.active.dec();
     shared.metrics.bytes_up.inc_by(bytes_up);
     shared.metrics.bytes_down.inc_by(bytes_down);
