@@ -4,7 +4,7 @@
 //! broadcast addresses are refused unless a rule lists them explicitly, i.e. a rule whose
 //! whole block lies inside such a range (`0.0.0.0/0` does not count). An IPv6 address that
 //! carries an IPv4 address for a translator or relay to reach (NAT64's well-known and
-//! local-use prefixes, 6to4) is special when the IPv4 address it carries is.
+//! local-use prefixes, 6to4, Teredo) is special when the IPv4 address it carries is.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
@@ -46,26 +46,33 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// local-use NAT64 block 64:ff9b:1::/48 (RFC 8215) may be translated to addresses the
 /// well-known prefix may not name; a network picks its own prefix inside it, nearly always a /96
 /// (the IPv4 address last, as behind the well-known prefix), and that is how it is read.
+/// A Teredo address (RFC 4380) ends with its client's NAT address, every bit inverted: a
+/// host with a Teredo interface sends to it directly, over UDP.
 /// A catch-all IPv6 rule must not open through them what it may not open directly.
 struct Embedding {
     block: Ipv6Net,
     ipv4_from_bit: u8,
+    /// XORed with the 32 bits to get the IPv4 address (Teredo's obfuscation).
+    xor: u32,
 }
 
-const EMBEDDING: [Embedding; 3] = [
-    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), ipv4_from_bit: 96 },
-    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), ipv4_from_bit: 96 },
-    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), ipv4_from_bit: 16 },
+const EMBEDDING: [Embedding; 4] = [
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), ipv4_from_bit: 96, xor: 0 },
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), ipv4_from_bit: 96, xor: 0 },
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), ipv4_from_bit: 16, xor: 0 },
+    Embedding { block: Ipv6Net::new_assert(Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 32), ipv4_from_bit: 96, xor: u32::MAX },
 ];
 
-/// The IPv4 address an IPv6 address carries for a NAT64 gateway or a 6to4 relay.
+/// The IPv4 address an IPv6 address carries for a NAT64 gateway, a 6to4 relay or Teredo.
 fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let e = EMBEDDING.iter().find(|e| e.block.contains(&ip))?;
-    Some(Ipv4Addr::from((u128::from(ip) >> (96 - e.ipv4_from_bit)) as u32))
+    Some(Ipv4Addr::from((u128::from(ip) >> (96 - e.ipv4_from_bit)) as u32 ^ e.xor))
 }
 
-/// The IPv4 block a rule covers through a NAT64 or 6to4 prefix, when the rule lies inside one
+/// The IPv4 block a rule covers through one of those prefixes, when the rule lies inside one
 /// and is narrow enough to name IPv4 addresses (longer than where the IPv4 address starts).
+/// Inverting every bit maps a block onto a block of the same length, so Teredo's is found
+/// the same way.
 fn embedded_ipv4_block(rule: &IpNet) -> Option<IpNet> {
     let IpNet::V6(net) = rule else { return None };
     let e = EMBEDDING.iter().find(|e| e.block.contains(net))?;
@@ -79,7 +86,7 @@ fn is_special(ip: IpAddr) -> bool {
 }
 
 /// A rule lists special addresses explicitly when its whole block lies inside a special range,
-/// directly or through the IPv4 block it covers behind a NAT64 or 6to4 prefix.
+/// directly or through the IPv4 block it covers behind a NAT64, 6to4 or Teredo prefix.
 fn explicitly_special(rule: &IpNet) -> bool {
     let in_special = |net: &IpNet| SPECIAL.iter().any(|r| r.contains(net));
     in_special(rule) || embedded_ipv4_block(rule).is_some_and(|v4| in_special(&v4))
@@ -162,5 +169,29 @@ mod tests {
         assert!(!list(&[("64:ff9b:1::/48", 5900, 5900)]).permits("64:ff9b:1::7f00:1".parse().unwrap(), 5900), "the whole local-use block is not explicit");
         assert!(explicit.permits("2002:7f00:1::9".parse().unwrap(), 5900));
         assert!(embedded_ipv4("2001:db8::a9fe:a9fe".parse().unwrap()).is_none(), "only those prefixes carry IPv4 addresses");
+    }
+
+    #[test]
+    fn teredo_addresses_are_judged_by_the_client_address_they_carry_inverted() {
+        // Server 65.54.227.120, flags 0x8000, then the client's port and address, inverted.
+        let teredo = |client: &str| -> IpAddr {
+            let v4: Ipv4Addr = client.parse().unwrap();
+            let bits = (0x2001_0000_4136_e378_8000_63bf_u128 << 32) | u128::from(!u32::from(v4));
+            IpAddr::V6(Ipv6Addr::from(bits))
+        };
+        assert_eq!(teredo("127.0.0.1"), "2001:0:4136:e378:8000:63bf:80ff:fffe".parse::<IpAddr>().unwrap());
+        let open = list(&[("::/0", 1, 65535)]);
+        for client in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "100.100.100.200"] {
+            assert!(!open.permits(teredo(client), 5900), "Teredo to {client} allowed by a catch-all rule");
+        }
+        assert!(open.permits(teredo("192.0.2.1"), 5900));
+        // Neither the whole prefix nor one server's /64 lists them explicitly; a /104 that names
+        // 127.0.0.0/8 behind one server and port does, and only there.
+        assert!(!list(&[("2001::/32", 5900, 5900), ("2001:0:4136:e378::/64", 5900, 5900)]).permits(teredo("127.0.0.1"), 5900));
+        let explicit = list(&[("2001:0:4136:e378:8000:63bf:8000:0/104", 5900, 5900)]);
+        assert!(explicit.permits(teredo("127.0.0.1"), 5900));
+        assert!(explicit.permits(teredo("127.255.0.9"), 5900));
+        assert!(!explicit.permits("2001:0:4136:e378:8000:63be:80ff:fffe".parse().unwrap(), 5900), "another port is not listed");
+        assert_eq!(embedded_ipv4_block(&"2001:0:4136:e378:8000:63bf:8000:0/104".parse().unwrap()), Some("127.0.0.0/8".parse().unwrap()));
     }
 }
