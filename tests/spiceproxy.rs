@@ -47,6 +47,7 @@ async fn create_builds_owned_children_and_reports_ready_url() {
     let svc = wait_for(&Api::<Service>::namespaced(client.clone(), &ns.name), "edge", T, |s| Some(s.clone())).await;
     let svc_spec = svc.spec.unwrap();
     assert_eq!(svc_spec.type_.as_deref(), Some("NodePort"));
+    assert_eq!(svc_spec.external_traffic_policy.as_deref(), Some("Cluster"), "the URL names one node, which may run no replica");
     let port = &svc_spec.ports.as_ref().unwrap()[0];
     assert_eq!(port.port, 3128);
     let node_port = port.node_port.expect("node port allocated");
@@ -107,6 +108,30 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     })
     .await;
     assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
+}
+
+#[tokio::test]
+async fn a_load_balancer_keeps_client_addresses_unless_told_otherwise() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-lb").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let yaml = proxy_yaml("edge", &ns.name).replace("service: {type: NodePort}", "service: {type: LoadBalancer}\n  externalAddress: {host: console.example.com}");
+    api.create(&PostParams::default(), &spx(&yaml)).await.unwrap();
+    let svcs = Api::<Service>::namespaced(client.clone(), &ns.name);
+    // Local: the API server gives load balancers a health-check port that answers only on
+    // nodes running a replica.
+    let spec = wait_for(&svcs, "edge", T, |s| s.spec.clone()).await;
+    assert_eq!((spec.type_.as_deref(), spec.external_traffic_policy.as_deref()), (Some("LoadBalancer"), Some("Local")));
+    assert!(spec.health_check_node_port.is_some(), "{spec:?}");
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
+    assert_eq!(st.proxy_url.as_deref(), Some("http://console.example.com:3128"));
+
+    let patch = json!({"spec": {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}}});
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap().metadata.generation.unwrap();
+    let spec = wait_for(&svcs, "edge", T, |s| s.spec.clone().filter(|sp| sp.external_traffic_policy.as_deref() == Some("Cluster"))).await;
+    assert_eq!(spec.health_check_node_port, None, "released with the Local policy");
+    wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions))).await;
 }
 
 #[tokio::test]
@@ -175,6 +200,9 @@ async fn invalid_specs_are_rejected_at_admission_with_a_clear_message() {
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {deadPeerTimeoutSeconds: 5}", "greater than or equal to 10"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {halfClosedTimeoutSeconds: 0}", "greater than or equal to 1"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: ClusterIP, nodePort: 30000}", "nodePort needs service type"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {externalTrafficPolicy: Local}", "externalTrafficPolicy needs service type NodePort or LoadBalancer"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: NodePort, externalTrafficPolicy: Local}", "Local with type NodePort needs externalAddress"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: LoadBalancer, externalTrafficPolicy: Nearest}", "Unsupported value"),
     ];
     for (i, (spec, expected)) in cases.iter().enumerate() {
         let yaml = format!("apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: bad-{i}, namespace: {}}}\nspec:\n  {spec}\n", ns.name);

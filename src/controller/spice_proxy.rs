@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Context, Error, Result, retry_after};
 use crate::conditions;
-use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus};
+use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
 use crate::metrics::ControllerLabel;
 use crate::proxy::config::{self as pc, AllowedTarget, ProxyConfig};
@@ -221,6 +221,13 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
                 problems.push(format!("html5.allowedOrigins entry {o:?} is not an origin such as https://portal.example.com"));
             }
         }
+    }
+    match (spec.service.type_, spec.service.external_traffic_policy) {
+        (ServiceType::ClusterIP, Some(_)) => problems.push("service.externalTrafficPolicy needs service type NodePort or LoadBalancer".into()),
+        (ServiceType::NodePort, Some(TrafficPolicy::Local)) if spec.external_address.is_none() => {
+            problems.push("service.externalTrafficPolicy Local with type NodePort needs externalAddress: only nodes running a proxy replica answer".into())
+        }
+        _ => {}
     }
     if let Some(ext) = &spec.external_address
         && let Err(e) = validate_host(&ext.host)
@@ -432,6 +439,7 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         metadata: ObjectMeta { annotations: spec.service.annotations.clone(), ..meta(name.clone()) },
         spec: Some(K8sServiceSpec {
             type_: Some(service_type(spec.service.type_).into()),
+            external_traffic_policy: spec.service.effective_traffic_policy().map(|p| p.as_str().into()),
             selector: Some(selector),
             ports: Some(
                 [
@@ -722,6 +730,27 @@ mod tests {
         let mut s = spx(BASIC);
         s.spec.limits.half_closed_timeout_seconds = 0;
         assert_eq!(validate(&s.spec).unwrap_err(), ["limits.halfClosedTimeoutSeconds 0 must be at least 1"]);
+    }
+
+    #[test]
+    fn load_balancers_keep_client_addresses_by_default_and_node_ports_need_an_address_for_it() {
+        let policy = |service: &str| {
+            let s = spx(&format!("{BASIC}  service: {service}\n  externalAddress: {{host: console.example.com}}\n"));
+            assert!(validate(&s.spec).is_ok(), "{:?}", validate(&s.spec));
+            build(&s, "i").unwrap().service.spec.unwrap().external_traffic_policy
+        };
+        assert_eq!(policy("{type: LoadBalancer}").as_deref(), Some("Local"));
+        assert_eq!(policy("{type: LoadBalancer, externalTrafficPolicy: Cluster}").as_deref(), Some("Cluster"));
+        assert_eq!(policy("{type: NodePort}").as_deref(), Some("Cluster"));
+        assert_eq!(policy("{type: NodePort, externalTrafficPolicy: Local}").as_deref(), Some("Local"));
+        assert_eq!(policy("{type: ClusterIP}"), None, "the API server refuses the field on a ClusterIP Service");
+
+        let s = spx(&format!("{BASIC}  service: {{type: NodePort, externalTrafficPolicy: Local}}\n"));
+        let problems = validate(&s.spec).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("service.externalTrafficPolicy Local with type NodePort needs externalAddress"), "{problems:?}");
+        let s = spx(&format!("{BASIC}  service: {{externalTrafficPolicy: Local}}\n"));
+        assert_eq!(validate(&s.spec).unwrap_err(), ["service.externalTrafficPolicy needs service type NodePort or LoadBalancer"]);
     }
 
     #[test]

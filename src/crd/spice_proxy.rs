@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.service) || !has(self.service.externalTrafficPolicy) || self.service.externalTrafficPolicy != 'Local' || self.service.type != 'NodePort' || has(self.externalAddress)",
+     "message": "service.externalTrafficPolicy Local with type NodePort needs externalAddress: only nodes running a proxy replica answer, and the operator cannot know which those will be"}
+]))]
 pub struct SpiceProxySpec {
     /// Proxy pods to run. Every replica accepts the same tickets (shared key Secret).
     #[serde(default = "default_replicas")]
@@ -87,7 +91,9 @@ pub enum ServiceType {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.nodePort) || self.type == 'NodePort' || self.type == 'LoadBalancer'",
-     "message": "nodePort needs service type NodePort or LoadBalancer"}
+     "message": "nodePort needs service type NodePort or LoadBalancer"},
+    {"rule": "!has(self.externalTrafficPolicy) || self.type == 'NodePort' || self.type == 'LoadBalancer'",
+     "message": "externalTrafficPolicy needs service type NodePort or LoadBalancer"}
 ]))]
 pub struct ServiceSpec {
     #[serde(default, rename = "type")]
@@ -102,6 +108,42 @@ pub struct ServiceSpec {
     pub node_port: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
+    /// How traffic from outside reaches the proxy pods (NodePort, LoadBalancer). `Local` keeps
+    /// the client's address, which the per-client limit and the audit lines rely on: with
+    /// `Cluster`, a node forwarding to a pod elsewhere replaces it with its own, so every
+    /// client arriving there shares one per-client count. Default: `Local` for LoadBalancer
+    /// (load balancers send only to nodes running a replica), `Cluster` for NodePort (its URL
+    /// names one node, which may run none; `Local` with NodePort needs `externalAddress`).
+    // Absent, not null, means the default (a null in the enum is no value Kubernetes knows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "TrafficPolicy")]
+    pub external_traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+impl TrafficPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// The policy the Service gets: none for ClusterIP, else the one set or the type's default.
+    pub fn effective_traffic_policy(&self) -> Option<TrafficPolicy> {
+        match self.type_ {
+            ServiceType::ClusterIP => None,
+            ServiceType::NodePort => Some(self.external_traffic_policy.unwrap_or(TrafficPolicy::Cluster)),
+            ServiceType::LoadBalancer => Some(self.external_traffic_policy.unwrap_or(TrafficPolicy::Local)),
+        }
+    }
 }
 
 pub const DEFAULT_PROXY_PORT: i32 = 3128;
@@ -111,7 +153,7 @@ fn default_proxy_port() -> i32 {
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None }
+        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None, external_traffic_policy: None }
     }
 }
 
