@@ -40,6 +40,7 @@ fn base_config(dir: &std::path::Path) -> ProxyConfig {
         html5: None,
         // Two threads, whatever this machine has: tunnels spread over both listeners.
         workers: Some(2),
+        proxy_protocol: None,
     }
 }
 
@@ -297,17 +298,180 @@ async fn slowloris_gets_408_and_limits_give_503() {
     assert_eq!((s1, s2, s3), (200, 200, 503), "a third tunnel from one address is over the per-client limit");
     assert!(body(&mut c).await.contains("too many tunnels from your address"));
     // Another client address (127.0.0.2) may still open one: the global limit is 3.
-    let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    other.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    other.connect(&p.addr.into()).unwrap();
-    let std_stream: std::net::TcpStream = other.into();
-    std_stream.set_nonblocking(true).unwrap();
-    let mut third = TcpStream::from_std(std_stream).unwrap();
+    let mut third = connect_from("127.0.0.2", p.addr).unwrap();
     third.write_all(head.as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut third).await.0, 200);
     let (mut d, s4, _) = request(p.addr, head.as_bytes()).await;
     assert_eq!(s4, 503);
     assert!(body(&mut d).await.contains("tunnel limit"));
+}
+
+/// A connection from `source` (a loopback address other than 127.0.0.1, say).
+fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source.parse().unwrap(), 0).into())?;
+    socket.connect(&to.into())?;
+    let std_stream: std::net::TcpStream = socket.into();
+    std_stream.set_nonblocking(true)?;
+    TcpStream::from_std(std_stream)
+}
+
+/// A PROXY protocol v2 header for a TCP/IPv4 client (what HAProxy's send-proxy-v2 sends).
+fn proxy_v2(client: SocketAddr, local: bool) -> Vec<u8> {
+    let SocketAddr::V4(c) = client else { panic!("IPv4 only") };
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[if local { 0x20 } else { 0x21 }, 0x11, 0, 12]);
+    h.extend_from_slice(&c.ip().octets());
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&c.port().to_be_bytes());
+    h.extend_from_slice(&3128u16.to_be_bytes());
+    h
+}
+
+#[tokio::test]
+async fn behind_a_load_balancer_the_proxy_protocol_names_the_client_and_nobody_else_may_send_it() {
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.limits.max_tunnels_per_client = 1;
+        c.limits.handshake_timeout_seconds = 2;
+        c.proxy_protocol = Some(spice_operator::proxy::proxy_protocol::ProxyProtocolConfig { trusted: vec!["127.0.0.1/32".parse().unwrap()] });
+    })
+    .await;
+    let head = spice_gtk_head(&up.to_string(), "");
+    // v1, with the request in the same write (as a load balancer forwards it).
+    let v1 = format!("PROXY TCP4 198.51.100.7 127.0.0.1 40000 3128\r\n{head}");
+    let (mut first, status, _) = request(p.addr, v1.as_bytes()).await;
+    assert_eq!(status, 200);
+    echo_roundtrip(&mut first, b"through the balancer").await;
+    // The per-client limit (1) counts the client the header names, not the balancer: the same
+    // client again is over it, another one behind the same balancer is not.
+    let mut again = [proxy_v2("198.51.100.7:40001".parse().unwrap(), false), head.clone().into_bytes()].concat();
+    let (mut s, status, _) = request(p.addr, &again).await;
+    assert_eq!(status, 503);
+    assert!(body(&mut s).await.contains("too many tunnels from your address"));
+    again[16..20].copy_from_slice(&[198, 51, 100, 8]);
+    let (mut second, status, _) = request(p.addr, &again).await;
+    assert_eq!(status, 200, "another client behind the balancer");
+    echo_roundtrip(&mut second, b"v2").await;
+    // The header and the request in separate writes, the header itself split in two.
+    let mut split = TcpStream::connect(p.addr).await.unwrap();
+    let v2 = proxy_v2("198.51.100.9:40000".parse().unwrap(), false);
+    split.write_all(&v2[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    split.write_all(&v2[10..]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    split.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut split).await.0, 200);
+    echo_roundtrip(&mut split, b"split").await;
+    // LOCAL (a health check) counts as the balancer itself, which has no tunnel yet.
+    let local = [proxy_v2("0.0.0.0:0".parse().unwrap(), true), head.clone().into_bytes()].concat();
+    assert_eq!(request(p.addr, &local).await.1, 200);
+
+    // From the balancer without a header: a client that found a way around it, or a balancer
+    // not set up to send one.
+    let (mut s, status, _) = request(p.addr, head.as_bytes()).await;
+    assert_eq!(status, 400);
+    assert!(body(&mut s).await.contains("does not begin with a PROXY protocol header"));
+    let (mut s, status, _) = request(p.addr, b"PROXY TCP4 198.51.100.999 127.0.0.1 1 2\r\n").await;
+    assert_eq!(status, 400);
+    assert!(body(&mut s).await.contains("malformed PROXY protocol header"));
+    // From anywhere else, even with a header: 403.
+    let mut stranger = connect_from("127.0.0.2", p.addr).unwrap();
+    stranger.write_all(v1.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut stranger).await.0, 403);
+    assert!(body(&mut stranger).await.contains("127.0.0.2 is not a load balancer of this proxy"));
+    // A balancer that sends half a header and stops: 408 within the handshake timeout.
+    let mut stalled = TcpStream::connect(p.addr).await.unwrap();
+    stalled.write_all(b"PROXY TCP4 198.51").await.unwrap();
+    let started = Instant::now();
+    assert_eq!(read_response(&mut stalled).await.0, 408);
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
+
+/// HAProxy's path, from /usr/sbin when PATH lacks it (hack/deps.sh installs Debian's).
+fn haproxy_bin() -> &'static str {
+    if std::path::Path::new("/usr/sbin/haproxy").exists() { "/usr/sbin/haproxy" } else { "haproxy" }
+}
+
+#[tokio::test]
+async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clients() {
+    let up = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(dir.path());
+    cfg.auth_mode = AuthMode::None;
+    cfg.proxy_protocol = Some(spice_operator::proxy::proxy_protocol::ProxyProtocolConfig { trusted: vec!["127.0.0.1/32".parse().unwrap()] });
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (proxy_port, v1_port, v2_port) = (free(), free(), free());
+    cfg.listen = format!("127.0.0.1:{proxy_port}");
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut proxy = Killed(std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap());
+    let audit = std::io::BufReader::new(proxy.0.stdout.take().unwrap());
+    // Read on a thread of its own and awaited: a blocking wait here would stall this test's
+    // runtime, and with it the upstream whose close ends the tunnel and writes the line.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in audit.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // One frontend per version; HAProxy connects to the proxy from 127.0.0.1 (trusted).
+    let haproxy_cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&haproxy_cfg, format!(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend v1\n  bind 127.0.0.1:{v1_port}\n  default_backend v1\nbackend v1\n  server s 127.0.0.1:{proxy_port} send-proxy\n\
+         frontend v2\n  bind 127.0.0.1:{v2_port}\n  default_backend v2\nbackend v2\n  server s 127.0.0.1:{proxy_port} send-proxy-v2\n"
+    )).unwrap();
+    let _haproxy = Killed(std::process::Command::new(haproxy_bin()).args(["-db", "-f"]).arg(&haproxy_cfg).spawn().expect("haproxy (Debian's, from hack/deps.sh)"));
+    let head = spice_gtk_head(&up.to_string(), "");
+    for (port, client_ip) in [(v1_port, "127.0.0.4"), (v2_port, "127.0.0.5")] {
+        let lb: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Until both HAProxy and the proxy listen: HAProxy accepts, then closes when the
+        // proxy is not there yet.
+        let (mut s, client) = loop {
+            if let Ok(mut s) = connect_from(client_ip, lb) {
+                let client = s.local_addr().unwrap();
+                let mut first = [0u8; 1];
+                if s.write_all(head.as_bytes()).await.is_ok()
+                    && let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(2), s.peek(&mut first)).await
+                {
+                    break (s, client);
+                }
+            }
+            assert!(Instant::now() < deadline, "no answer through haproxy on {lb} within 10 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(read_response(&mut s).await.0, 200);
+        echo_roundtrip(&mut s, b"spice link message").await;
+        drop(s);
+        let line = loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), lines.recv()).await.expect("an audit line for the tunnel within 10 s").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["event"] == "tunnel" && v["outcome"] == "ok" {
+                break v;
+            }
+        };
+        assert_eq!(line["client"], client.to_string(), "the client HAProxy passed on, not HAProxy: {line}");
+        assert!(line["via"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
+    }
+}
+
+/// A child process killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test]

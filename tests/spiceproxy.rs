@@ -203,6 +203,8 @@ async fn invalid_specs_are_rejected_at_admission_with_a_clear_message() {
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {externalTrafficPolicy: Local}", "externalTrafficPolicy needs service type NodePort or LoadBalancer"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: NodePort, externalTrafficPolicy: Local}", "Local with type NodePort needs externalAddress"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: LoadBalancer, externalTrafficPolicy: Nearest}", "Unsupported value"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: LoadBalancer, proxyProtocol: {trustedCidrs: []}}", "should have at least 1 items"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: LoadBalancer, proxyProtocol: {trustedCidrs: [10.0.0.0/8, lb.example.com]}}", "every entry must be a CIDR"),
     ];
     for (i, (spec, expected)) in cases.iter().enumerate() {
         let yaml = format!("apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: bad-{i}, namespace: {}}}\nspec:\n  {spec}\n", ns.name);

@@ -35,6 +35,10 @@ async fn start(idle: i32, drain: i32) -> Bridge {
 }
 
 async fn start_with(idle: i32, drain: i32, tls: Option<(String, String)>) -> Bridge {
+    start_edited(idle, drain, tls, |_| {}).await
+}
+
+async fn start_edited(idle: i32, drain: i32, tls: Option<(String, String)>, edit: impl FnOnce(&mut ProxyConfig)) -> Bridge {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("keys")).unwrap();
     std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
@@ -59,7 +63,10 @@ async fn start_with(idle: i32, drain: i32, tls: Option<(String, String)>) -> Bri
         data_path: DataPath::Splice,
         html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()], tls, upstream_tls: None }),
         workers: None,
+        proxy_protocol: None,
     };
+    let mut cfg = cfg;
+    edit(&mut cfg);
     let server = ProxyServer::bind(cfg).await.unwrap();
     let (web, admin) = (server.html5_addr().unwrap(), server.admin_addr());
     let (stop, rx) = watch::channel(false);
@@ -142,6 +149,60 @@ async fn echo() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<&'static st
         }
     });
     (addr, rx)
+}
+
+/// A WebSocket opened through a "load balancer": `header` (PROXY protocol) first, from `source`.
+async fn open_behind(b: &Bridge, source: &str, header: &[u8], query: &str) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, WsError> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(source.parse().unwrap(), 0).into()).unwrap();
+    socket.connect(&b.web.into()).unwrap();
+    let std_stream: std::net::TcpStream = socket.into();
+    std_stream.set_nonblocking(true).unwrap();
+    let mut stream = TcpStream::from_std(std_stream).unwrap();
+    stream.write_all(header).await.unwrap();
+    let mut req = format!("ws://{}/websockify{query}", b.web).into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+    tokio_tungstenite::client_async(req, stream).await.map(|(ws, _)| ws)
+}
+
+#[tokio::test]
+async fn behind_a_load_balancer_the_proxy_protocol_names_the_browser() {
+    let (up, _seen) = echo().await;
+    let b = start_edited(3600, 0, None, |c| {
+        c.limits.max_tunnels_per_client = 1;
+        c.proxy_protocol = Some(spice_operator::proxy::proxy_protocol::ProxyProtocolConfig { trusted: vec!["127.0.0.1/32".parse().unwrap()] });
+    })
+    .await;
+    let q = format!("?token={}", token(up.port(), 60, KEY));
+    let header = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 6082\r\n").into_bytes();
+    let mut ws = open_behind(&b, "127.0.0.1", &header("198.51.100.7"), &q).await.expect("bridge through the balancer");
+    ws.send(Message::Binary(b"REDQ".to_vec().into())).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(back.into_data().as_ref(), b"REDQ");
+    // The per-client limit (1) counts the browser the header names, not the balancer.
+    let (code, body) = refused_with(open_behind(&b, "127.0.0.1", &header("198.51.100.7"), &q).await.map(|_| unreachable_ws()));
+    assert_eq!(code, 503, "{body}");
+    let _other = open_behind(&b, "127.0.0.1", &header("198.51.100.8"), &q).await.expect("another browser behind the same balancer");
+    // Pages too: the proxy reads exactly the header and leaves the request to the HTTP server.
+    let mut page = TcpStream::connect(b.web).await.unwrap();
+    page.write_all(&[header("198.51.100.9"), b"GET /spice_auto.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()].concat()).await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), page.read_to_string(&mut out)).await;
+    assert_eq!(status(&out), 200, "{out}");
+    assert!(out.contains("spice console"));
+    // Without a header, or from anywhere but the balancer: refused with a sentence.
+    let resp = raw(b.web, "GET /spice_auto.html HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert!(resp.contains("does not begin with a PROXY protocol header"), "{resp}");
+    match open_behind(&b, "127.0.0.2", &header("198.51.100.10"), &q).await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
+        other => panic!("expected 403 from an address that is not a balancer, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// `refused_with` takes the `connect_async` result type; a refusal never reaches this.
+fn unreachable_ws() -> Ws {
+    unreachable!("the WebSocket opened")
 }
 
 #[tokio::test]

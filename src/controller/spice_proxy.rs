@@ -30,6 +30,7 @@ use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, Service
 use crate::labels;
 use crate::metrics::ControllerLabel;
 use crate::proxy::config::{self as pc, AllowedTarget, ProxyConfig};
+use crate::proxy::proxy_protocol::ProxyProtocolConfig;
 use crate::resolve::{UrlError, validate_host};
 
 const LABEL: ControllerLabel = ControllerLabel { controller: "spiceproxy" };
@@ -222,6 +223,16 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
             }
         }
     }
+    if let Some(p) = &spec.service.proxy_protocol {
+        if p.trusted_cidrs.is_empty() {
+            problems.push("service.proxyProtocol.trustedCidrs is empty: name the load balancers that send the PROXY protocol".into());
+        }
+        for (i, c) in p.trusted_cidrs.iter().enumerate() {
+            if c.parse::<ipnet::IpNet>().is_err() {
+                problems.push(format!("service.proxyProtocol.trustedCidrs[{i}] {c:?} is not a CIDR such as 10.0.0.0/16"));
+            }
+        }
+    }
     match (spec.service.type_, spec.service.external_traffic_policy) {
         (ServiceType::ClusterIP, Some(_)) => problems.push("service.externalTrafficPolicy needs service type NodePort or LoadBalancer".into()),
         (ServiceType::NodePort, Some(TrafficPolicy::Local)) if spec.external_address.is_none() => {
@@ -287,6 +298,9 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         }),
         // One per CPU the pod may use (its CPU limit counts).
         workers: None,
+        proxy_protocol: spec.service.proxy_protocol.as_ref().map(|p| ProxyProtocolConfig {
+            trusted: p.trusted_cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+        }),
     }
 }
 
@@ -751,6 +765,19 @@ mod tests {
         assert!(problems[0].starts_with("service.externalTrafficPolicy Local with type NodePort needs externalAddress"), "{problems:?}");
         let s = spx(&format!("{BASIC}  service: {{externalTrafficPolicy: Local}}\n"));
         assert_eq!(validate(&s.spec).unwrap_err(), ["service.externalTrafficPolicy needs service type NodePort or LoadBalancer"]);
+    }
+
+    #[test]
+    fn the_proxy_protocol_reaches_the_proxy_config_and_bad_cidrs_are_reported() {
+        let s = spx(&format!("{BASIC}  service: {{type: LoadBalancer, proxyProtocol: {{trustedCidrs: [10.0.0.0/24, \"2001:db8::/64\"]}}}}\n"));
+        assert!(validate(&s.spec).is_ok(), "{:?}", validate(&s.spec));
+        let pp = proxy_config(&s.spec).proxy_protocol.expect("in the replica's config");
+        assert!(pp.trusts("10.0.0.7".parse().unwrap()) && pp.trusts("2001:db8::1".parse().unwrap()) && !pp.trusts("10.0.1.7".parse().unwrap()));
+        assert_eq!(proxy_config(&spx(BASIC).spec).proxy_protocol, None, "off unless asked for");
+        let s = spx(&format!("{BASIC}  service: {{type: LoadBalancer, proxyProtocol: {{trustedCidrs: [10.0.0.0/33]}}}}\n"));
+        assert_eq!(validate(&s.spec).unwrap_err(), ["service.proxyProtocol.trustedCidrs[0] \"10.0.0.0/33\" is not a CIDR such as 10.0.0.0/16"]);
+        let s = spx(&format!("{BASIC}  service: {{type: LoadBalancer, proxyProtocol: {{trustedCidrs: []}}}}\n"));
+        assert!(validate(&s.spec).unwrap_err()[0].starts_with("service.proxyProtocol.trustedCidrs is empty"));
     }
 
     #[test]

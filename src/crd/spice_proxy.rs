@@ -118,6 +118,24 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "TrafficPolicy")]
     pub external_traffic_policy: Option<TrafficPolicy>,
+    /// The load balancer in front of the Service sends the PROXY protocol (v1 or v2; e.g. the
+    /// `service.beta.kubernetes.io/aws-load-balancer-proxy-protocol: "*"` annotation), naming
+    /// each client, where `Local` cannot keep the client's address. The proxy then accepts
+    /// connections only from `trustedCidrs`, each beginning with a header; any other source
+    /// could name any address and so escape the per-client limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyProtocolSpec {
+    /// Addresses of the load balancers (their health checkers included).
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 64)))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.all(c, isCIDR(c))", "message": "every entry must be a CIDR such as 10.0.0.0/16"}
+    ]))]
+    pub trusted_cidrs: Vec<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -153,7 +171,7 @@ fn default_proxy_port() -> i32 {
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None, external_traffic_policy: None }
+        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None, external_traffic_policy: None, proxy_protocol: None }
     }
 }
 

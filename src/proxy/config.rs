@@ -35,6 +35,9 @@ pub struct ProxyConfig {
     /// (cgroup CPU limits included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// Accept the PROXY protocol from these load balancers (and only connections from them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<super::proxy_protocol::ProxyProtocolConfig>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -17,6 +17,7 @@ use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
 use super::metrics::{Outcome, ProxyMetrics};
+use super::proxy_protocol::{self, HeaderError, Origin};
 use super::sockopt::Keepalive;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
@@ -114,6 +115,10 @@ pub(crate) struct Audit {
     pub(crate) user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) subject: Option<String>,
+    /// The load balancer that passed the connection on (PROXY protocol); `client` is then
+    /// the address it named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) via: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) upstream: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -326,17 +331,12 @@ enum HeadRead {
     Closed,
 }
 
-/// Reads until the blank line; returns the head and any bytes the client sent after it.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<HeadRead> {
-    let mut buf = Vec::with_capacity(512);
+/// Reads until the blank line, starting with the bytes already read (`buf`, after a PROXY
+/// protocol header); returns the head and any bytes the client sent after it.
+async fn read_head(stream: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<HeadRead> {
     let mut chunk = [0u8; 1024];
+    let mut scan_from = 0;
     loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(HeadRead::Closed);
-        }
-        let scan_from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = head::head_len(&buf[scan_from..]).map(|e| e + scan_from) {
             if end > MAX_HEAD {
                 return Ok(HeadRead::TooLarge);
@@ -346,6 +346,31 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<HeadRead> {
         }
         if buf.len() > MAX_HEAD {
             return Ok(HeadRead::TooLarge);
+        }
+        scan_from = buf.len().saturating_sub(3);
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(HeadRead::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads a PROXY protocol header; returns whom it names and the bytes after it. `Ok(None)`
+/// when the load balancer closed without one.
+async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<Option<Result<(Origin, Vec<u8>), HeaderError>>> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match proxy_protocol::parse(&buf) {
+            Ok(None) => continue,
+            Ok(Some((origin, len))) => return Ok(Some(Ok((origin, buf.split_off(len))))),
+            Err(e) => return Ok(Some(Err(e))),
         }
     }
 }
@@ -595,12 +620,36 @@ async fn serve_one(
     let Ok(_permit) = shared.tunnels.clone().try_acquire_owned() else {
         return Err((v10, refuse(503, AT_TUNNEL_LIMIT)));
     };
-    let Some(_slot) = ClientSlot::take(shared, peer_ip) else {
-        return Err((v10, refuse(503, too_many_from(peer_ip))));
+    // One deadline for the whole request: a PROXY protocol header, then the head.
+    let deadline = tokio::time::Instant::from_std(started) + shared.cfg.limits.handshake_timeout();
+    let (client_ip, early) = match &shared.cfg.proxy_protocol {
+        None => (peer_ip, Vec::with_capacity(512)),
+        Some(pp) => {
+            if !pp.trusts(peer_ip) {
+                return Err((v10, refuse(403, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)"))));
+            }
+            match tokio::time::timeout_at(deadline, read_proxy_header(client)).await {
+                Err(_) => return Err((v10, refuse(408, format!("PROXY protocol header not received within {:?}", shared.cfg.limits.handshake_timeout())))),
+                Ok(Err(_) | Ok(None)) => return Ok(Close::NoRequest),
+                Ok(Ok(Some(Err(e)))) => return Err((v10, refuse(400, e.to_string()))),
+                Ok(Ok(Some(Ok((origin, rest))))) => match origin {
+                    Origin::Client(addr) => {
+                        let ip = canonical(addr.ip());
+                        // The audit line names the client; the balancer's own address moves to `via`.
+                        audit.via = audit.client.replace(SocketAddr::new(ip, addr.port()));
+                        (ip, rest)
+                    }
+                    Origin::Itself => (peer_ip, rest),
+                },
+            }
+        }
+    };
+    let Some(_slot) = ClientSlot::take(shared, client_ip) else {
+        return Err((v10, refuse(503, too_many_from(client_ip))));
     };
     // The handshake runs in its own boxed future, so its buffers are freed before the
     // tunnel starts: an idle tunnel keeps only the two sockets and a small state.
-    let mut upstream = match Box::pin(handshake(shared, client, audit)).await? {
+    let mut upstream = match Box::pin(handshake(shared, client, audit, early, deadline)).await? {
         Some(up) => up,
         None => return Ok(Close::NoRequest),
     };
@@ -625,10 +674,10 @@ async fn serve_one(
 
 /// Reads and checks the request, authorises it, connects upstream and answers 200.
 /// `None` when the client went away without a request.
-async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit) -> Result<Option<TcpStream>, Refused> {
+async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit, early: Vec<u8>, deadline: tokio::time::Instant) -> Result<Option<TcpStream>, Refused> {
     let v10 = Version::Http10;
     let head_timeout = shared.cfg.limits.handshake_timeout();
-    let (head, leftover) = match tokio::time::timeout(head_timeout, read_head(client)).await {
+    let (head, leftover) = match tokio::time::timeout_at(deadline, read_head(client, early)).await {
         Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
         Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(None),
         Ok(Ok(HeadRead::TooLarge)) => return Err((v10, refuse(400, format!("request head larger than {MAX_HEAD} bytes")))),

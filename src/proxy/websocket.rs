@@ -20,10 +20,11 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::End;
+use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
 use super::server::{Audit, ClientSlot, Shared, Tracker};
 #[allow(unused_imports)]
 use std::sync::atomic::Ordering as _;
@@ -68,30 +69,149 @@ pub async fn serve(
         None => None,
     };
     let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme, upstream_tls });
-    let app = axum::Router::new().fallback(handle).with_state(bridge).into_make_service_with_connect_info::<PeerAddr>();
-    match &html5.tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
-        Some(files) => {
-            let config = tls_config(files).map_err(std::io::Error::other)?;
-            let tls = crate::engine::tls::TlsListener::new(listener, config)?;
-            axum::serve(tls, app).with_graceful_shutdown(shutdown).await
+    let app = axum::Router::new().fallback(handle).with_state(bridge.clone()).into_make_service_with_connect_info::<PeerAddr>();
+    let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone();
+    match (&html5.tls, proxy_protocol) {
+        (None, None) => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        (None, Some(pp)) => {
+            let admitted = Admitted::spawn(listener, bridge.shared.clone(), Some(pp), true, |tcp| async move { Ok(tcp) })?;
+            axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
+        }
+        (Some(files), pp) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(files).map_err(std::io::Error::other)?);
+            let admitted = Admitted::spawn(listener, bridge.shared.clone(), pp, false, move |tcp| acceptor.clone().accept(tcp))?;
+            axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
         }
     }
 }
 
-/// The client's address, for plain and TLS listeners alike.
+/// Where a browser connection comes from: the client, and with the PROXY protocol the load
+/// balancer that passed it on (`client` is then the address the balancer named).
 #[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
+pub struct PeerAddr {
+    pub client: SocketAddr,
+    pub via: Option<SocketAddr>,
+}
 
 impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, TcpListener>> for PeerAddr {
     fn connect_info(stream: axum::serve::IncomingStream<'a, TcpListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+        PeerAddr { client: *stream.remote_addr(), via: None }
     }
 }
 
-impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, crate::engine::tls::TlsListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'a, crate::engine::tls::TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+impl<'a, Io> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, Admitted<Io>>> for PeerAddr
+where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'a, Admitted<Io>>) -> Self {
+        *stream.remote_addr()
+    }
+}
+
+/// A listener whose connections are admitted in tasks of their own (a PROXY protocol header,
+/// then a TLS handshake when configured) within the handshake timeout, so a slow client never
+/// holds up the accept loop.
+pub struct Admitted<Io> {
+    ready: tokio::sync::mpsc::Receiver<(Io, PeerAddr)>,
+    local: SocketAddr,
+}
+
+impl<Io: Send + 'static> Admitted<Io> {
+    /// `plain`: refusals are answered in HTTP (without TLS a browser can read them).
+    fn spawn<F, Fut>(tcp: TcpListener, shared: Arc<Shared>, proxy_protocol: Option<ProxyProtocolConfig>, plain: bool, admit: F) -> std::io::Result<Self>
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<Io>> + Send + 'static,
+    {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let (admit, proxy_protocol) = (Arc::new(admit), proxy_protocol.map(Arc::new));
+        let limit = shared.cfg.limits.handshake_timeout();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, peer)) = tcp.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let (tx, shared, pp, admit) = (tx.clone(), shared.clone(), proxy_protocol.clone(), admit.clone());
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let from = match &pp {
+                        None => Ok(PeerAddr { client: peer, via: None }),
+                        Some(pp) => match tokio::time::timeout(limit, proxy_header(&mut stream, pp, peer)).await {
+                            Ok(r) => r,
+                            Err(_) => Err((StatusCode::REQUEST_TIMEOUT, format!("PROXY protocol header not received within {limit:?}"))),
+                        },
+                    };
+                    let from = match from {
+                        Ok(from) => from,
+                        Err((status, body)) => {
+                            let audit = Audit { event: "websocket", client: Some(peer), ..Default::default() };
+                            drop(log_refusal(&shared, audit, started, status, body.clone()));
+                            if plain {
+                                let refusal = super::server::Refusal { status: status.as_u16(), body };
+                                let _ = stream.write_all(&super::server::response(super::head::Version::Http11, &refusal)).await;
+                            }
+                            return;
+                        }
+                    };
+                    let remaining = limit.saturating_sub(started.elapsed());
+                    if let Ok(Ok(io)) = tokio::time::timeout(remaining, admit(stream)).await {
+                        let _ = tx.send((io, from)).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> axum::serve::Listener for Admitted<Io> {
+    type Io = Io;
+    type Addr = PeerAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(PeerAddr { client: self.local, via: None })
+    }
+}
+
+/// Reads a PROXY protocol header from a trusted balancer without reading past it (it peeks
+/// first): what follows is the browser's own, HTTP or TLS.
+async fn proxy_header(stream: &mut TcpStream, pp: &ProxyProtocolConfig, peer: SocketAddr) -> Result<PeerAddr, (StatusCode, String)> {
+    let peer_ip = super::allow::canonical(peer.ip());
+    if !pp.trusts(peer_ip) {
+        return Err((StatusCode::FORBIDDEN, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)")));
+    }
+    let io = |e: std::io::Error| (StatusCode::BAD_REQUEST, format!("reading the PROXY protocol header: {e}"));
+    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            return Err((StatusCode::BAD_REQUEST, "closed before a PROXY protocol header".into()));
+        }
+        match proxy_protocol::parse(&buf[..n]) {
+            Ok(Some((origin, len))) => {
+                stream.read_exact(&mut buf[..len]).await.map_err(io)?;
+                return Ok(match origin {
+                    Origin::Client(a) => PeerAddr { client: SocketAddr::new(super::allow::canonical(a.ip()), a.port()), via: Some(SocketAddr::new(peer_ip, peer.port())) },
+                    Origin::Itself => PeerAddr { client: peer, via: None },
+                });
+            }
+            // Part of it so far: a peek returns at once while anything is queued, so wait a
+            // little for the rest (balancers send it whole; the caller's timeout bounds this).
+            Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => return Err((StatusCode::BAD_REQUEST, e.to_string())),
+        }
     }
 }
 
@@ -118,7 +238,7 @@ fn refuse(status: StatusCode, body: impl Into<String>) -> Response {
 
 async fn handle(
     State(bridge): State<Arc<Bridge>>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    ConnectInfo(PeerAddr { client: peer, via }): ConnectInfo<PeerAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -134,7 +254,7 @@ async fn handle(
     };
     let started = Instant::now();
     let peer_ip = super::allow::canonical(peer.ip());
-    let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), ..Default::default() };
+    let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), via, ..Default::default() };
     if let Err(why) = check_origin(&headers, bridge.scheme, &bridge.allowed_origins) {
         return log_refusal(&bridge.shared, audit, started, StatusCode::FORBIDDEN, why);
     }
