@@ -628,7 +628,8 @@ async fn serve_one(
             if !pp.trusts(peer_ip) {
                 return Err((v10, refuse(403, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)"))));
             }
-            match tokio::time::timeout_at(deadline, read_proxy_header(client)).await {
+            // Boxed like the handshake below: its buffer must not stay in every tunnel's task.
+            match tokio::time::timeout_at(deadline, Box::pin(read_proxy_header(client))).await {
                 Err(_) => return Err((v10, refuse(408, format!("PROXY protocol header not received within {:?}", shared.cfg.limits.handshake_timeout())))),
                 Ok(Err(_) | Ok(None)) => return Ok(Close::NoRequest),
                 Ok(Ok(Some(Err(e)))) => return Err((v10, refuse(400, e.to_string()))),

@@ -149,7 +149,8 @@ impl<Io: Send + 'static> Admitted<Io> {
                     let from = match from {
                         Ok(from) => from,
                         Err((status, body)) => {
-                            let audit = Audit { event: "websocket", client: Some(peer), ..Default::default() };
+                            let client = SocketAddr::new(super::allow::canonical(peer.ip()), peer.port());
+                            let audit = Audit { event: "websocket", client: Some(client), ..Default::default() };
                             drop(log_refusal(&shared, audit, started, status, body.clone()));
                             if plain {
                                 let refusal = super::server::Refusal { status: status.as_u16(), body };
