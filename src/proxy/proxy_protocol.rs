@@ -75,6 +75,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Origin, usize)>, HeaderError> {
         return Ok(None); // v1 is at most 107 bytes: the parser says when it is too long
     }
     match parsed {
+        // The parser also takes a line ended by a bare LF when a CR follows later, and counts
+        // the bytes up to that CR as header: they are the client's.
+        Ok(h) if !h.header.ends_with("\r\n") => Err(HeaderError::Malformed("a v1 header ends with CRLF".into())),
         Ok(h) => {
             let origin = match h.addresses {
                 v1::Addresses::Tcp4(a) => Origin::Client(SocketAddr::new(a.source_address.into(), a.source_port)),
@@ -148,6 +151,9 @@ mod tests {
         assert_eq!(parse(b"CONNECT 10.1.2.3:5900 HTTP/1.0\r\n\r\n"), Err(HeaderError::Missing));
         assert!(matches!(parse(b"PROXY TCP4 198.51.100.999 10.0.0.1 1 2\r\n"), Err(HeaderError::Malformed(_))));
         assert!(matches!(parse(b"PROXY TCP4 198.51.100.7 10.0.0.1 040000 3128\r\n"), Err(HeaderError::Malformed(_))));
+        // Found by fuzzing: a bare LF, then a CR that is the client's first byte.
+        assert!(matches!(parse(b"PROXY UNKNOWN \n\r"), Err(HeaderError::Malformed(_))));
+        assert!(matches!(parse(b"PROXY UNKNOWN \n"), Err(HeaderError::Malformed(_))));
         assert!(matches!(parse(&v2(7, 0x11, &[1; 12], &[])), Err(HeaderError::Malformed(_))), "unknown command");
         assert!(matches!(parse(&v2(1, 0x11, &[1; 4], &[])), Err(HeaderError::Malformed(_))), "addresses cut short");
         // A v1 line that never ends, and a v2 header announcing more than we read.
