@@ -298,7 +298,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let (cert, key) = tls::load(&client, &source).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
         let tcp = tokio::net::TcpListener::bind(&api.api_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (--api-addr): {e}", api.api_addr))?;
         tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
-        let listener = tls::TlsListener::new(tcp, tls::server_config(&cert, &key)?)?;
+        let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
         let router = spice_operator::engine::api::router(client.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
     };

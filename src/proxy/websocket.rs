@@ -19,11 +19,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::End;
+use crate::listener::Admitted;
 use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
 use super::server::{Audit, ClientSlot, Shared, Tracker};
 #[allow(unused_imports)]
@@ -70,16 +72,17 @@ pub async fn serve(
     };
     let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme, upstream_tls });
     let app = axum::Router::new().fallback(handle).with_state(bridge.clone()).into_make_service_with_connect_info::<PeerAddr>();
-    let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone();
+    let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
+    let local = PeerAddr { client: listener.local_addr()?, via: None };
     match (&html5.tls, proxy_protocol) {
         (None, None) => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
-        (None, Some(pp)) => {
-            let admitted = Admitted::spawn(listener, bridge.shared.clone(), Some(pp), true, |tcp| async move { Ok(tcp) })?;
+        (None, pp) => {
+            let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
             axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
         }
         (Some(files), pp) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(files).map_err(std::io::Error::other)?);
-            let admitted = Admitted::spawn(listener, bridge.shared.clone(), pp, false, move |tcp| acceptor.clone().accept(tcp))?;
+            let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, false, move |tcp| acceptor.accept(tcp)));
             axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
         }
     }
@@ -99,54 +102,42 @@ impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, 
     }
 }
 
-impl<'a, Io> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, Admitted<Io>>> for PeerAddr
+impl<'a, Io> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, Admitted<Io, PeerAddr>>> for PeerAddr
 where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    fn connect_info(stream: axum::serve::IncomingStream<'a, Admitted<Io>>) -> Self {
+    fn connect_info(stream: axum::serve::IncomingStream<'a, Admitted<Io, PeerAddr>>) -> Self {
         *stream.remote_addr()
     }
 }
 
-/// A listener whose connections are admitted in tasks of their own (a PROXY protocol header,
-/// then a TLS handshake when configured) within the handshake timeout, so a slow client never
-/// holds up the accept loop.
-pub struct Admitted<Io> {
-    ready: tokio::sync::mpsc::Receiver<(Io, PeerAddr)>,
-    local: SocketAddr,
-}
-
-impl<Io: Send + 'static> Admitted<Io> {
-    /// `plain`: refusals are answered in HTTP (without TLS a browser can read them).
-    fn spawn<F, Fut>(tcp: TcpListener, shared: Arc<Shared>, proxy_protocol: Option<ProxyProtocolConfig>, plain: bool, admit: F) -> std::io::Result<Self>
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = std::io::Result<Io>> + Send + 'static,
-    {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let (admit, proxy_protocol) = (Arc::new(admit), proxy_protocol.map(Arc::new));
-        let limit = shared.cfg.limits.handshake_timeout();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, peer)) = tcp.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let (tx, shared, pp, admit) = (tx.clone(), shared.clone(), proxy_protocol.clone(), admit.clone());
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let from = match &pp {
-                        None => Ok(PeerAddr { client: peer, via: None }),
-                        Some(pp) => match tokio::time::timeout(limit, proxy_header(&mut stream, pp, peer)).await {
-                            Ok(r) => r,
-                            Err(_) => Err((StatusCode::REQUEST_TIMEOUT, format!("PROXY protocol header not received within {limit:?}"))),
-                        },
-                    };
-                    let from = match from {
+/// How the browser port admits a connection, within the handshake timeout: the PROXY protocol
+/// header when configured, then `handshake` (TLS, or nothing). `plain`: refusals are answered
+/// in HTTP (without TLS a browser can read them).
+fn admit<Io, H, Fut>(
+    shared: Arc<Shared>,
+    proxy_protocol: Option<Arc<ProxyProtocolConfig>>,
+    plain: bool,
+    handshake: H,
+) -> impl Fn(TcpStream, SocketAddr) -> BoxFuture<'static, Option<(Io, PeerAddr)>> + Send + Sync + 'static
+where
+    Io: Send + 'static,
+    H: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::io::Result<Io>> + Send + 'static,
+{
+    let limit = shared.cfg.limits.handshake_timeout();
+    let handshake = Arc::new(handshake);
+    move |mut stream, peer| {
+        let (shared, pp, handshake) = (shared.clone(), proxy_protocol.clone(), handshake.clone());
+        Box::pin(async move {
+            let started = Instant::now();
+            let from = match pp.as_deref() {
+                None => PeerAddr { client: peer, via: None },
+                Some(pp) => {
+                    let read = tokio::time::timeout(limit, proxy_header(&mut stream, pp, peer))
+                        .await
+                        .unwrap_or_else(|_| Err((StatusCode::REQUEST_TIMEOUT, format!("PROXY protocol header not received within {limit:?}"))));
+                    match read {
                         Ok(from) => from,
                         Err((status, body)) => {
                             let client = SocketAddr::new(super::allow::canonical(peer.ip()), peer.port());
@@ -156,33 +147,14 @@ impl<Io: Send + 'static> Admitted<Io> {
                                 let refusal = super::server::Refusal { status: status.as_u16(), body };
                                 let _ = stream.write_all(&super::server::response(super::head::Version::Http11, &refusal)).await;
                             }
-                            return;
+                            return None;
                         }
-                    };
-                    let remaining = limit.saturating_sub(started.elapsed());
-                    if let Ok(Ok(io)) = tokio::time::timeout(remaining, admit(stream)).await {
-                        let _ = tx.send((io, from)).await;
                     }
-                });
-            }
-        });
-        Ok(Self { ready, local })
-    }
-}
-
-impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> axum::serve::Listener for Admitted<Io> {
-    type Io = Io;
-    type Addr = PeerAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(conn) => conn,
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(PeerAddr { client: self.local, via: None })
+                }
+            };
+            let io = tokio::time::timeout(limit.saturating_sub(started.elapsed()), handshake(stream)).await.ok()?.ok()?;
+            Some((io, from))
+        })
     }
 }
 
