@@ -130,7 +130,9 @@ pub struct ServiceSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyProtocolSpec {
-    /// Addresses of the load balancers (their health checkers included).
+    /// Addresses the load balancers (their health checkers included) connect from, as the
+    /// proxy sees them: with `externalTrafficPolicy: Cluster` a node may forward in their place,
+    /// so list the nodes' addresses too.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 64)))]
     #[schemars(extend("x-kubernetes-validations" = [
         {"rule": "self.all(c, isCIDR(c))", "message": "every entry must be a CIDR such as 10.0.0.0/16"}
