@@ -1,7 +1,8 @@
 //! The CONNECT proxy on loopback: every error answer, auth modes, tickets and key rotation,
 //! the allow-list (with DNS), limits, slowloris, half-close and its timeout, 1 GiB each way
-//! with checksums, a graceful drain, and peers that vanish without closing (in a network
-//! namespace of the test's own: that test needs root). No cluster needed.
+//! with checksums, a graceful drain, peers that vanish without closing (in a network
+//! namespace of the test's own: that test needs root), and the PROXY protocol from a load
+//! balancer (Debian's HAProxy in front). No cluster needed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

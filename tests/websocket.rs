@@ -1,7 +1,8 @@
 //! The browser path of the proxy on loopback: the page server (no traversal, no redirects),
 //! every handshake refusal with its status, the Origin check, and the bridge itself (binary
 //! both ways, ping/pong, close codes, oversized frames, half-close, a client that never reads,
-//! drain), with a real WebSocket client (tokio-tungstenite).
+//! drain), the PROXY protocol from a load balancer, with a real WebSocket client
+//! (tokio-tungstenite).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
