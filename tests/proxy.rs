@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+mod common;
+use common::spice::{Kill, proxy_process, wait_port};
+use common::{connect_from, free_port};
+
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 struct TestProxy {
@@ -307,16 +311,6 @@ async fn slowloris_gets_408_and_limits_give_503() {
     assert!(body(&mut d).await.contains("tunnel limit"));
 }
 
-/// A connection from `source` (a loopback address other than 127.0.0.1, say).
-fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(source.parse().unwrap(), 0).into())?;
-    socket.connect(&to.into())?;
-    let std_stream: std::net::TcpStream = socket.into();
-    std_stream.set_nonblocking(true)?;
-    TcpStream::from_std(std_stream)
-}
-
 /// A PROXY protocol v2 header for a TCP/IPv4 client (what HAProxy's send-proxy-v2 sends).
 fn proxy_v2(client: SocketAddr, local: bool) -> Vec<u8> {
     let SocketAddr::V4(c) = client else { panic!("IPv4 only") };
@@ -402,27 +396,15 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
     let mut cfg = base_config(dir.path());
     cfg.auth_mode = AuthMode::None;
     cfg.proxy_protocol = Some(spice_operator::proxy::proxy_protocol::ProxyProtocolConfig { trusted: vec!["127.0.0.1/32".parse().unwrap()] });
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (proxy_port, v1_port, v2_port) = (free(), free(), free());
+    let (proxy_port, v1_port, v2_port) = (free_port(), free_port(), free_port());
     cfg.listen = format!("127.0.0.1:{proxy_port}");
     let path = dir.path().join("proxy.json");
     std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let mut proxy = Killed(std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
-        .args(["proxy", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap());
-    let audit = std::io::BufReader::new(proxy.0.stdout.take().unwrap());
-    // Read on a thread of its own and awaited: a blocking wait here would stall this test's
-    // runtime, and with it the upstream whose close ends the tunnel and writes the line.
+    let (_proxy, audit) = proxy_process(&path, proxy_port);
+    // Awaited, not waited for: a blocking wait would stall this test's runtime, and with it the
+    // upstream whose close ends the tunnel and writes the line.
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in audit.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    std::thread::spawn(move || audit.iter().for_each(|line| drop(lines_tx.send(line))));
     // One frontend per version; HAProxy connects to the proxy from 127.0.0.1 (trusted).
     let haproxy_cfg = dir.path().join("haproxy.cfg");
     std::fs::write(&haproxy_cfg, format!(
@@ -430,26 +412,14 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
          frontend v1\n  bind 127.0.0.1:{v1_port}\n  default_backend v1\nbackend v1\n  server s 127.0.0.1:{proxy_port} send-proxy\n\
          frontend v2\n  bind 127.0.0.1:{v2_port}\n  default_backend v2\nbackend v2\n  server s 127.0.0.1:{proxy_port} send-proxy-v2\n"
     )).unwrap();
-    let _haproxy = Killed(std::process::Command::new(haproxy_bin()).args(["-db", "-f"]).arg(&haproxy_cfg).spawn().expect("haproxy (Debian's, from hack/deps.sh)"));
+    let _haproxy = Kill(std::process::Command::new(haproxy_bin()).args(["-db", "-f"]).arg(&haproxy_cfg).spawn().expect("haproxy (Debian's, from hack/deps.sh)"));
+    wait_port(v1_port, "haproxy");
+    wait_port(v2_port, "haproxy");
     let head = spice_gtk_head(&up.to_string(), "");
     for (port, client_ip) in [(v1_port, "127.0.0.4"), (v2_port, "127.0.0.5")] {
-        let lb: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Until both HAProxy and the proxy listen: HAProxy accepts, then closes when the
-        // proxy is not there yet.
-        let (mut s, client) = loop {
-            if let Ok(mut s) = connect_from(client_ip, lb) {
-                let client = s.local_addr().unwrap();
-                let mut first = [0u8; 1];
-                if s.write_all(head.as_bytes()).await.is_ok()
-                    && let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(2), s.peek(&mut first)).await
-                {
-                    break (s, client);
-                }
-            }
-            assert!(Instant::now() < deadline, "no answer through haproxy on {lb} within 10 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let mut s = connect_from(client_ip, format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+        let client = s.local_addr().unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
         assert_eq!(read_response(&mut s).await.0, 200);
         echo_roundtrip(&mut s, b"spice link message").await;
         drop(s);
@@ -462,16 +432,6 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
         };
         assert_eq!(line["client"], client.to_string(), "the client HAProxy passed on, not HAProxy: {line}");
         assert!(line["via"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
-    }
-}
-
-/// A child process killed when the test ends, passed or not.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

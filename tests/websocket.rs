@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+mod common;
+
 const KEY: &[u8] = b"websocket-test-key-0123456789abc";
 
 struct Bridge {
@@ -154,12 +156,7 @@ async fn echo() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<&'static st
 
 /// A WebSocket opened through a "load balancer": `header` (PROXY protocol) first, from `source`.
 async fn open_behind(b: &Bridge, source: &str, header: &[u8], query: &str) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, WsError> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(source.parse().unwrap(), 0).into()).unwrap();
-    socket.connect(&b.web.into()).unwrap();
-    let std_stream: std::net::TcpStream = socket.into();
-    std_stream.set_nonblocking(true).unwrap();
-    let mut stream = TcpStream::from_std(std_stream).unwrap();
+    let mut stream = common::connect_from(source, b.web).unwrap();
     stream.write_all(header).await.unwrap();
     let mut req = format!("ws://{}/websockify{query}", b.web).into_client_request().unwrap();
     req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));

@@ -240,6 +240,16 @@ impl Drop for OperatorProcess {
     }
 }
 
+/// A connection from `source` (a loopback address other than 127.0.0.1, say).
+pub fn connect_from(source: &str, to: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::new(source.parse().unwrap(), 0).into())?;
+    socket.connect(&to.into())?;
+    let std_stream: std::net::TcpStream = socket.into();
+    std_stream.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(std_stream)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
