@@ -1,5 +1,5 @@
-//! Socket options the proxy sets beyond what tokio offers. Two of them (TCP_DEFER_ACCEPT,
-//! SO_RCVLOWAT) are set by hand because neither rustix nor socket2 wraps them.
+//! Socket options the proxy sets beyond what tokio offers. TCP_DEFER_ACCEPT is set by hand
+//! because neither rustix nor socket2 wraps it.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -22,12 +22,6 @@ fn set_int(socket: &impl AsFd, level: libc::c_int, name: libc::c_int, value: lib
 /// about `secs`).
 pub fn set_defer_accept(listener: &impl AsFd, secs: u32) -> io::Result<()> {
     set_int(listener, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs.min(i32::MAX as u32) as libc::c_int)
-}
-
-/// SO_RCVLOWAT: the socket reports readable (and wakes its poller) only once this many bytes
-/// are queued, or its receive window is nearly closed, or the peer closed.
-pub fn set_recv_lowat(socket: &impl AsFd, bytes: usize) -> io::Result<()> {
-    set_int(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes.clamp(1, i32::MAX as usize) as libc::c_int)
 }
 
 /// TCP keepalive and a user timeout, on both sides of a tunnel: how a peer that went away
