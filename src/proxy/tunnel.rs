@@ -264,10 +264,11 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
                     counter.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 // The destination is full: wait for it. The source stays polled meanwhile and
-                // may wake this thread for nothing; raising its SO_RCVLOWAT for the wait
-                // stopped that, but closed its receive window more often, and the window update
-                // that reopened it made the sender's queued segments go out in this process's
-                // splice call: more CPU per GiB in profiles, not less.
+                // may wake this thread for nothing, which was measured to cost no CPU worth
+                // saving. Raising its SO_RCVLOWAT for the wait stopped those wake-ups, but made
+                // the kernel acknowledge every segment and close the window, and the update that
+                // reopened it sent the sender's queued segments inside this process's splice
+                // call: 6-7 % more CPU per GiB, not less (README, proxy benchmark).
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(SpliceError::Io(e)),
             }
