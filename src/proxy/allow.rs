@@ -57,8 +57,6 @@ struct Embedding {
     /// The bits an address must have to carry an IPv4 address this way, and their values.
     mask: u128,
     value: u128,
-    /// A rule fixes those bits for all its addresses when its prefix is at least this long.
-    pattern_len: u8,
     ipv4_from_bit: u8,
     /// XORed with the 32 bits to get the IPv4 address (Teredo's obfuscation).
     xor: u32,
@@ -67,7 +65,11 @@ struct Embedding {
 impl Embedding {
     const fn prefix(net: Ipv6Addr, len: u8, ipv4_from_bit: u8, xor: u32) -> Self {
         let mask = !(u128::MAX >> len);
-        Self { mask, value: net.to_bits() & mask, pattern_len: len, ipv4_from_bit, xor }
+        Self { mask, value: net.to_bits() & mask, ipv4_from_bit, xor }
+    }
+    /// A rule fixes the masked bits for all its addresses when its prefix reaches the last of them.
+    fn pattern_len(&self) -> u8 {
+        (128 - self.mask.trailing_zeros()) as u8
     }
     fn carries(&self, ip: Ipv6Addr) -> bool {
         ip.to_bits() & self.mask == self.value
@@ -83,7 +85,7 @@ const EMBEDDING: [Embedding; 5] = [
     Embedding::prefix(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16, 16, 0),
     Embedding::prefix(Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 32, 96, u32::MAX),
     // Bits 64..96 are 0000:5efe, but for the universal/local bit (0200:5efe).
-    Embedding { mask: 0xfdff_ffff << 32, value: 0x0000_5efe << 32, pattern_len: 96, ipv4_from_bit: 96, xor: 0 },
+    Embedding { mask: 0xfdff_ffff << 32, value: 0x0000_5efe << 32, ipv4_from_bit: 96, xor: 0 },
 ];
 
 /// The IPv4 addresses an IPv6 address carries for a NAT64 gateway, a 6to4 relay, Teredo or
@@ -102,7 +104,7 @@ fn embedded_ipv4_blocks(rule: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
         IpNet::V4(_) => None,
     };
     EMBEDDING.iter().filter_map(move |e| {
-        let net = net.filter(|n| n.prefix_len() >= e.pattern_len && e.carries(n.network()))?;
+        let net = net.filter(|n| n.prefix_len() >= e.pattern_len() && e.carries(n.network()))?;
         let v4_len = net.prefix_len().checked_sub(e.ipv4_from_bit).filter(|l| *l > 0)?.min(32);
         Ipv4Net::new(e.ipv4(net.network()), v4_len).ok().map(|n| IpNet::V4(n.trunc()))
     })
