@@ -1,6 +1,6 @@
 //! The CONNECT proxy on loopback: every error answer, auth modes, tickets and key rotation,
-//! the allow-list (with DNS), limits, slowloris, half-close and its timeout, 1 GiB each way
-//! with checksums, a graceful drain, peers that vanish without closing (in a network
+//! the lockout of clients that guess credentials, the allow-list (with DNS), limits,
+//! slowloris, half-close and its timeout, 1 GiB each way with checksums, a graceful drain, peers that vanish without closing (in a network
 //! namespace of the test's own: that test needs root), and the PROXY protocol from a load
 //! balancer (Debian's HAProxy in front). No cluster needed.
 
@@ -64,6 +64,15 @@ async fn start(edit: impl FnOnce(&mut ProxyConfig, &std::path::Path)) -> TestPro
 
 fn basic(user: &str, pass: &str) -> String {
     format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+}
+
+/// Auth mode Basic with the credentials spice:s3cret.
+fn basic_mode(c: &mut ProxyConfig, dir: &std::path::Path) {
+        std::fs::create_dir_all(dir.join("basic")).unwrap();
+        std::fs::write(dir.join("basic/username"), "spice").unwrap();
+        std::fs::write(dir.join("basic/password"), "s3cret").unwrap();
+        c.auth_mode = AuthMode::Basic;
+        c.basic_dir = Some(dir.join("basic").to_string_lossy().into());
 }
 
 fn ticket_for(host: &str, ports: &[u16], ttl: i64, key: &[u8]) -> String {
@@ -227,14 +236,7 @@ async fn a_dns_name_resolving_outside_the_allow_list_is_refused() {
 #[tokio::test]
 async fn basic_and_none_modes() {
     let up = echo_server().await;
-    let p = start(|c, dir| {
-        std::fs::create_dir_all(dir.join("basic")).unwrap();
-        std::fs::write(dir.join("basic/username"), "spice").unwrap();
-        std::fs::write(dir.join("basic/password"), "s3cret").unwrap();
-        c.auth_mode = AuthMode::Basic;
-        c.basic_dir = Some(dir.join("basic").to_string_lossy().into());
-    })
-    .await;
+    let p = start(basic_mode).await;
     let (mut s, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("spice", "s3cret")).as_bytes()).await;
     assert_eq!(status, 200);
     echo_roundtrip(&mut s, b"basic").await;
@@ -249,6 +251,79 @@ async fn basic_and_none_modes() {
     // None still enforces the allow-list.
     let (_, status, _) = request(p.addr, spice_gtk_head("127.0.0.1:80", "").as_bytes()).await;
     assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn a_client_guessing_credentials_is_locked_out_and_no_one_else() {
+    let up = echo_server().await;
+    let p = start(|c, dir| {
+        basic_mode(c, dir);
+        c.limits.max_auth_failures_per_client = 3;
+        c.limits.auth_failure_window_seconds = 2;
+    })
+    .await;
+    let right = spice_gtk_head(&up.to_string(), &basic("spice", "s3cret"));
+    // Asking without credentials first is no guess: it never counts.
+    for _ in 0..5 {
+        let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+        assert_eq!(status, 407);
+    }
+    for guess in ["123456", "password", "spice"] {
+        let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("spice", guess)).as_bytes()).await;
+        assert_eq!(status, 407, "guess {guess:?} is refused as wrong credentials");
+    }
+    // The third failure locked the address: even the right password is refused now, with
+    // when to come back.
+    let (mut s, status, resp) = request(p.addr, right.as_bytes()).await;
+    let b = body(&mut s).await;
+    assert_eq!(status, 429, "{resp}{b}");
+    assert!(resp.starts_with("HTTP/1.0 429 Too Many Requests\r\n"), "{resp}");
+    let retry: u64 = resp.lines().find_map(|l| l.strip_prefix("Retry-After: ")).expect("Retry-After header").parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert!(b.contains("too many failed authentications from your address") && b.lines().count() == 1, "{b:?}");
+    assert!(!resp.contains("Proxy-Authenticate"), "no new credentials are asked for while locked: {resp}");
+    // Another client address is not affected.
+    let mut other = connect_from("127.0.0.2", p.addr).unwrap();
+    other.write_all(right.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut other).await.0, 200, "another client works during the lock");
+    echo_roundtrip(&mut other, b"unaffected").await;
+    let text = http_get(p.admin, "/metrics").await;
+    assert_eq!(metric(&text, "spice_proxy_auth_lockouts_total"), 1, "{text}");
+    assert_eq!(metric(&text, "spice_proxy_tunnels_total{outcome=\"429\"}"), 1);
+    assert_eq!(metric(&text, "spice_proxy_tunnels_total{outcome=\"407\"}"), 8);
+    // Once the lock has passed, the right password works again.
+    tokio::time::sleep(Duration::from_secs(retry) + Duration::from_millis(100)).await;
+    let (mut s, status, _) = request(p.addr, right.as_bytes()).await;
+    assert_eq!(status, 200, "the lock ends after the window");
+    echo_roundtrip(&mut s, b"back").await;
+}
+
+#[tokio::test]
+async fn forged_tickets_count_as_guesses_and_expired_ones_do_not() {
+    let up = echo_server().await;
+    let p = start(|c, _| c.limits.max_auth_failures_per_client = 2).await;
+    let target = up.to_string();
+    let with = |t: &str| spice_gtk_head(&target, &basic("u", t));
+    let good = ticket_for("127.0.0.1", &[up.port()], 60, KEY);
+    // A stale console file: signed by us, expired. However many, never a lock.
+    let stale = ticket_for("127.0.0.1", &[up.port()], -5, KEY);
+    for _ in 0..5 {
+        let (mut s, status, _) = request(p.addr, with(&stale).as_bytes()).await;
+        assert_eq!((status, body(&mut s).await.trim().to_string()), (407, "ticket expired".to_string()));
+    }
+    // A ticket for another target is refused (403) but is no guess either.
+    for _ in 0..3 {
+        let (_, status, _) = request(p.addr, spice_gtk_head("127.0.0.1:6000", &basic("u", &good)).as_bytes()).await;
+        assert_eq!(status, 403);
+    }
+    assert_eq!(request(p.addr, with(&good).as_bytes()).await.1, 200);
+    // Forged: another key's signature, then garbage.
+    let forged = ticket_for("127.0.0.1", &[up.port()], 60, b"a key the attacker made up");
+    assert_eq!(request(p.addr, with(&forged).as_bytes()).await.1, 407);
+    assert_eq!(request(p.addr, with("v1.garbage").as_bytes()).await.1, 407);
+    let (mut s, status, resp) = request(p.addr, with(&good).as_bytes()).await;
+    assert_eq!(status, 429, "{resp}{}", body(&mut s).await);
+    assert!(resp.contains("Retry-After: 300\r\n"), "the default window, 300 s: {resp}");
 }
 
 #[tokio::test]

@@ -267,6 +267,31 @@ async fn handshake_refusals_say_why() {
 }
 
 #[tokio::test]
+async fn a_browser_forging_tokens_is_locked_out_with_retry_after() {
+    let b = start_edited(600, 1, None, |c| c.limits.max_auth_failures_per_client = 2).await;
+    let (up, _) = echo().await;
+    let good = token(up.port(), 60, KEY);
+    // Expired tokens (an old console tab) never count.
+    for _ in 0..4 {
+        assert_eq!(refused_with(open(&b, &format!("?token={}", token(up.port(), -5, KEY)), None).await).0, 401);
+    }
+    assert!(open(&b, &format!("?token={good}"), None).await.is_ok());
+    for forged in ["v1.forged.sig", "v1.e30.AAAA"] {
+        assert_eq!(refused_with(open(&b, &format!("?token={forged}"), None).await).0, 401);
+    }
+    match open(&b, &format!("?token={good}"), None).await {
+        Err(WsError::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429);
+            assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("300"), "the default window");
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or(&[])).into_owned();
+            assert!(body.contains("too many failed authentications"), "{body}");
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| "an open WebSocket")),
+    }
+    let _ = b.stop.send(true);
+}
+
+#[tokio::test]
 async fn bridge_moves_binary_both_ways_and_propagates_close() {
     let b = start(600, 1).await;
     let (up, mut seen) = echo().await;

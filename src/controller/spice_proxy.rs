@@ -209,6 +209,12 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if spec.limits.half_closed_timeout_seconds < 1 {
         problems.push(format!("limits.halfClosedTimeoutSeconds {} must be at least 1", spec.limits.half_closed_timeout_seconds));
     }
+    if spec.limits.max_auth_failures_per_client < 0 {
+        problems.push(format!("limits.maxAuthFailuresPerClient {} must be 0 (off) or more", spec.limits.max_auth_failures_per_client));
+    }
+    if !(1..=86_400).contains(&spec.limits.auth_failure_window_seconds) {
+        problems.push(format!("limits.authFailureWindowSeconds {} is outside 1-86400", spec.limits.auth_failure_window_seconds));
+    }
     if let Some(h) = &spec.html5 {
         if spec.auth.mode != AuthMode::Ticket {
             problems.push("html5 needs auth mode Ticket: the token in the browser console URL names the VM".into());
@@ -744,6 +750,13 @@ mod tests {
         let mut s = spx(BASIC);
         s.spec.limits.half_closed_timeout_seconds = 0;
         assert_eq!(validate(&s.spec).unwrap_err(), ["limits.halfClosedTimeoutSeconds 0 must be at least 1"]);
+        let mut s = spx(BASIC);
+        s.spec.limits.max_auth_failures_per_client = -1;
+        s.spec.limits.auth_failure_window_seconds = 0;
+        assert_eq!(validate(&s.spec).unwrap_err(), ["limits.maxAuthFailuresPerClient -1 must be 0 (off) or more", "limits.authFailureWindowSeconds 0 is outside 1-86400"]);
+        s.spec.limits.max_auth_failures_per_client = 0;
+        s.spec.limits.auth_failure_window_seconds = 86_400;
+        assert!(validate(&s.spec).is_ok(), "0 is off, a day is the longest window");
     }
 
     #[test]

@@ -334,6 +334,20 @@ pub struct ProxyLimits {
     #[serde(default = "d_half_closed")]
     #[schemars(range(min = 1, max = 604800))]
     pub half_closed_timeout_seconds: i32,
+    /// Failed authentications (a wrong Basic password, a forged or mangled ticket) a client may
+    /// make within `authFailureWindowSeconds` of its first; the last of them locks it out for
+    /// that long: 429 whatever it presents, so credentials cannot be guessed at speed. A
+    /// client is an IPv4 address or an IPv6 /64. Expired tickets and missing credentials do
+    /// not count. 0 turns it off: only for when every client arrives from one address (a
+    /// balancer without the PROXY protocol), where one guesser would lock everyone out.
+    #[serde(default = "d_auth_failures")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_auth_failures_per_client: i32,
+    /// The time failed authentications are counted over, from a client's first, and how long
+    /// the lockout lasts.
+    #[serde(default = "d_auth_window")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub auth_failure_window_seconds: i32,
 }
 
 /// The range of `deadPeerTimeoutSeconds`, for the schema, the controller's validation and the
@@ -366,6 +380,12 @@ fn d_dead_peer() -> i32 {
 fn d_half_closed() -> i32 {
     60
 }
+fn d_auth_failures() -> i32 {
+    10
+}
+fn d_auth_window() -> i32 {
+    300
+}
 
 /// The limits as durations. The proxy also reads its config from a file that the CRD schema
 /// never validated, so each is clamped to the smallest value that still means something.
@@ -385,6 +405,14 @@ impl ProxyLimits {
     /// Clamped to the schema's range (`DEAD_PEER_MIN_SECONDS`..=`DEAD_PEER_MAX_SECONDS`).
     pub fn dead_peer_timeout(&self) -> Duration {
         seconds_at_least(self.dead_peer_timeout_seconds.min(DEAD_PEER_MAX_SECONDS), DEAD_PEER_MIN_SECONDS)
+    }
+    /// Clamped like the schema: at most 86,400 s, at least 1 s.
+    pub fn auth_failure_window(&self) -> Duration {
+        seconds_at_least(self.auth_failure_window_seconds.min(86_400), 1)
+    }
+    /// Negative values (only a hand-written file could hold one) mean off, as 0 does.
+    pub fn max_auth_failures(&self) -> u32 {
+        self.max_auth_failures_per_client.max(0) as u32
     }
     /// Never longer than the idle timeout, which applies to every tunnel.
     pub fn half_closed_timeout(&self) -> Duration {
@@ -407,6 +435,8 @@ impl Default for ProxyLimits {
             drain_seconds: d_drain(),
             dead_peer_timeout_seconds: d_dead_peer(),
             half_closed_timeout_seconds: d_half_closed(),
+            max_auth_failures_per_client: d_auth_failures(),
+            auth_failure_window_seconds: d_auth_window(),
         }
     }
 }

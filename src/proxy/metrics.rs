@@ -60,6 +60,8 @@ pub struct ProxyMetrics {
     pub spliced: Counter,
     /// One series per `End`, indexed by it, created up front.
     ends: [Counter; End::ALL.len()],
+    /// Clients locked out after too many failed authentications (someone guessing).
+    pub auth_lockouts: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -81,7 +83,9 @@ impl Default for ProxyMetrics {
         let ended = Family::<Ending, Counter>::default();
         registry.register("tunnel_ends", "Tunnels that were open, by why they ended: finished, idle, half_closed, drained, error", ended.clone());
         let ends = End::ALL.map(|end| ended.get_or_create(&Ending { reason: end.label() }).clone());
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends }
+        let auth_lockouts = Counter::default();
+        registry.register("auth_lockouts", "Clients locked out (429) after too many failed authentications", auth_lockouts.clone());
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod server;
 mod sockopt;
+pub mod throttle;
 pub mod ticket;
 pub mod tunnel;
 pub mod upstream_tls;

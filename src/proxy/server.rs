@@ -19,6 +19,7 @@ use super::head::{self, HeadError, MAX_HEAD, Version};
 use super::metrics::{Outcome, ProxyMetrics};
 use super::proxy_protocol::{self, HeaderError, Origin};
 use super::sockopt::Keepalive;
+use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::AuthMode;
@@ -28,10 +29,12 @@ use crate::crd::AuthMode;
 pub struct Refusal {
     pub status: u16,
     pub body: String,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
 }
 
 fn refuse(status: u16, body: impl Into<String>) -> Refusal {
-    Refusal { status, body: body.into() }
+    Refusal { status, body: body.into(), retry_after: None }
 }
 
 fn reason(status: u16) -> &'static str {
@@ -42,6 +45,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         407 => "Proxy Authentication Required",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
@@ -54,6 +58,9 @@ pub fn response(version: Version, r: &Refusal) -> Vec<u8> {
     let mut out = format!("{} {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n", version.as_str(), r.status, reason(r.status), body.len());
     if r.status == 407 {
         out.push_str("Proxy-Authenticate: Basic realm=\"spice\"\r\n");
+    }
+    if let Some(secs) = r.retry_after {
+        out.push_str(&format!("Retry-After: {secs}\r\n"));
     }
     out.push_str("\r\n");
     out.push_str(&body);
@@ -98,6 +105,8 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     pub(crate) tunnels: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, u32>>,
+    /// Failed authentications per client (the same keys as `per_client`).
+    auth_failures: AuthThrottle,
     /// Derived once from `cfg.limits`: the listeners and every upstream socket get it.
     keepalive: Keepalive,
 }
@@ -151,9 +160,33 @@ struct Identity {
 }
 
 impl Shared {
-    fn authorise(&self, req: &head::Request) -> Result<Identity, Refusal> {
+    /// 429 while `client` is locked out after too many failed authentications.
+    pub(crate) fn auth_lockout(&self, client: IpAddr) -> Option<Refusal> {
+        let left = self.auth_failures.locked(client_key(client), Instant::now())?;
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let from = match canonical(client) {
+            IpAddr::V4(_) => "your address",
+            IpAddr::V6(_) => "your address's /64",
+        };
+        Some(Refusal { status: 429, body: format!("too many failed authentications from {from}: try again in {secs} s"), retry_after: Some(secs) })
+    }
+
+    /// Counts a failed authentication that guessing produces (see `throttle`).
+    pub(crate) fn auth_failed(&self, client: IpAddr) {
+        let key = client_key(client);
+        if self.auth_failures.failed(key, Instant::now()) {
+            self.metrics.auth_lockouts.inc();
+            let window = self.cfg.limits.auth_failure_window();
+            tracing::warn!(client = %key, ?window, "locked out after {} failed authentications", self.cfg.limits.max_auth_failures());
+        }
+    }
+
+    fn authorise(&self, req: &head::Request, client: IpAddr) -> Result<Identity, Refusal> {
         if self.cfg.auth_mode == AuthMode::None {
             return Ok(Identity { user: None, subject: None });
+        }
+        if let Some(r) = self.auth_lockout(client) {
+            return Err(r);
         }
         let Some((user, pass)) = req.proxy_authorization.as_deref().and_then(head::basic_credentials) else {
             return Err(refuse(407, "proxy credentials required (Basic user:ticket in the proxy URL)"));
@@ -164,13 +197,22 @@ impl Shared {
                 let (u, p) = creds.basic.as_ref().expect("checked at start");
                 // Both compared in constant time; `&` so neither short-circuits.
                 let ok = u.as_slice().ct_eq(user.as_bytes()) & p.as_slice().ct_eq(pass.as_bytes());
-                if bool::from(ok) { Ok(Identity { user: Some(user), subject: None }) } else { Err(refuse(407, "wrong proxy credentials")) }
+                if bool::from(ok) {
+                    return Ok(Identity { user: Some(user), subject: None });
+                }
+                self.auth_failed(client);
+                Err(refuse(407, "wrong proxy credentials"))
             }
             AuthMode::Ticket => match ticket::verify(&creds.keys, &pass, ticket::now()) {
                 Ok(claims) if claims.allows(&req.host, req.port) => Ok(Identity { user: Some(user), subject: Some(claims.subject) }),
                 Ok(claims) => Err(refuse(403, format!("ticket is for another target ({} ports {:?})", claims.host, claims.ports))),
+                // Signed by us, only stale: no guess.
                 Err(TicketError::Expired) => Err(refuse(407, "ticket expired")),
-                Err(e) => Err(refuse(407, e.to_string())),
+                Err(e @ (TicketError::Malformed | TicketError::BadSignature)) => {
+                    self.auth_failed(client);
+                    Err(refuse(407, e.to_string()))
+                }
+                Err(e @ TicketError::NoKey) => Err(refuse(407, e.to_string())),
             },
             AuthMode::None => unreachable!("handled above"),
         }
@@ -417,6 +459,7 @@ impl ProxyServer {
             creds: RwLock::new(creds),
             metrics: ProxyMetrics::default(),
             per_client: Mutex::new(HashMap::new()),
+            auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive,
             cfg,
         });
@@ -599,6 +642,7 @@ pub(crate) fn status_label(status: u16) -> &'static str {
         405 => "405",
         407 => "407",
         408 => "408",
+        429 => "429",
         502 => "502",
         503 => "503",
         504 => "504",
@@ -650,7 +694,7 @@ async fn serve_one(
     };
     // The handshake runs in its own boxed future, so its buffers are freed before the
     // tunnel starts: an idle tunnel keeps only the two sockets and a small state.
-    let mut upstream = match Box::pin(handshake(shared, client, audit, early, deadline)).await? {
+    let mut upstream = match Box::pin(handshake(shared, client, client_ip, audit, early, deadline)).await? {
         Some(up) => up,
         None => return Ok(Close::NoRequest),
     };
@@ -675,7 +719,7 @@ async fn serve_one(
 
 /// Reads and checks the request, authorises it, connects upstream and answers 200.
 /// `None` when the client went away without a request.
-async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit, early: Vec<u8>, deadline: tokio::time::Instant) -> Result<Option<TcpStream>, Refused> {
+async fn handshake(shared: &Shared, client: &mut TcpStream, client_ip: IpAddr, audit: &mut Audit, early: Vec<u8>, deadline: tokio::time::Instant) -> Result<Option<TcpStream>, Refused> {
     let v10 = Version::Http10;
     let head_timeout = shared.cfg.limits.handshake_timeout();
     let (head, leftover) = match tokio::time::timeout_at(deadline, read_head(client, early)).await {
@@ -691,7 +735,7 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, audit: &mut Audit, e
     };
     let version = req.version;
     audit.target = Some(format!("{}:{}", req.host, req.port));
-    let who = shared.authorise(&req).map_err(|r| (version, r))?;
+    let who = shared.authorise(&req, client_ip).map_err(|r| (version, r))?;
     audit.user = who.user;
     audit.subject = who.subject;
     let addrs = shared.allowed_addresses(&req.host, req.port).await.map_err(|r| (version, r))?;
@@ -743,6 +787,7 @@ mod tests {
             creds: RwLock::new(Credentials::default()),
             metrics: ProxyMetrics::default(),
             per_client: Mutex::new(HashMap::new()),
+            auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive: Keepalive::within(cfg.limits.dead_peer_timeout()),
             cfg,
         })

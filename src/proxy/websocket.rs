@@ -6,7 +6,8 @@
 //!
 //! Refusals happen before the upgrade, as HTTP answers with a one-line body: 400 not a
 //! WebSocket handshake, 401 missing/forged/expired token, 403 foreign Origin (cross-site
-//! WebSocket hijacking, CVE-2015-0259) or a target off the allow-list, 502/504 upstream, 503 full.
+//! WebSocket hijacking, CVE-2015-0259) or a target off the allow-list, 429 (`Retry-After`) a
+//! client locked out after too many forged tokens (`throttle`), 502/504 upstream, 503 full.
 //! The page server never redirects (websockify's `//host` open redirect, CVE-2021-3654).
 
 use std::net::SocketAddr;
@@ -144,7 +145,7 @@ where
                             let audit = Audit { event: "websocket", client: Some(client), ..Default::default() };
                             drop(log_refusal(&shared, audit, started, status, body.clone()));
                             if plain {
-                                let refusal = super::server::Refusal { status: status.as_u16(), body };
+                                let refusal = super::server::Refusal { status: status.as_u16(), body, retry_after: None };
                                 let _ = stream.write_all(&super::server::response(super::head::Version::Http11, &refusal)).await;
                             }
                             return None;
@@ -234,11 +235,23 @@ async fn handle(
     let Some(token) = token(&uri, &headers) else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "no token: open the console URL with ?token=<ticket>".into());
     };
+    if let Some(r) = bridge.shared.auth_lockout(peer_ip) {
+        let mut response = log_refusal(&bridge.shared, audit, started, StatusCode::TOO_MANY_REQUESTS, r.body);
+        if let Some(secs) = r.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        return response;
+    }
     let keys = bridge.shared.ticket_keys();
     let claims = match ticket::verify(&keys, &token, ticket::now()) {
         Ok(c) => c,
         Err(ticket::TicketError::Expired) => return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "token expired: ask for a new console".into()),
-        Err(e) => return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, format!("invalid token: {e}")),
+        Err(e) => {
+            if e != ticket::TicketError::NoKey {
+                bridge.shared.auth_failed(peer_ip); // a forged or mangled token: a guess
+            }
+            return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, format!("invalid token: {e}"));
+        }
     };
     // Engines mint [port, tls-port]: the plain port first, the TLS port last.
     let port = if bridge.upstream_tls.is_some() { claims.ports.last() } else { claims.ports.first() };
