@@ -1,8 +1,9 @@
 //! The CONNECT proxy on loopback: every error answer, auth modes, tickets and key rotation,
 //! the lockout of clients that guess credentials, the allow-list (with DNS), limits,
-//! slowloris, half-close and its timeout, 1 GiB each way with checksums, a graceful drain, peers that vanish without closing (in a network
-//! namespace of the test's own: that test needs root), and the PROXY protocol from a load
-//! balancer (Debian's HAProxy in front). No cluster needed.
+//! slowloris, half-close and its timeout, 1 GiB each way with checksums, a graceful drain,
+//! peers that vanish without closing (in a network namespace of the test's own: that test
+//! needs root), and the PROXY protocol from a load balancer (Debian's HAProxy in front). No
+//! cluster needed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
