@@ -13,8 +13,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Clients tracked at most: a bound on memory (about 64 bytes each) however many addresses an
-/// attacker holds. When full, entries whose window passed go first, then the oldest unlocked.
+/// attacker holds. When full, entries whose window passed go first, then unlocked ones.
 pub const MAX_TRACKED: usize = 65_536;
+/// What a full table is cut down to, so the pass over it (about a millisecond, under the lock
+/// every authentication takes) comes once per `MAX_TRACKED / 4` new clients, not for each.
+const AFTER_EVICTION: usize = MAX_TRACKED * 3 / 4;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -88,17 +91,23 @@ impl AuthThrottle {
     }
 }
 
-/// Drops the entries whose window passed; if none did, the unlocked entry with the oldest
-/// window (a client that stopped guessing long ago loses least by starting afresh).
+/// Drops the entries whose window passed; if that is not enough, unlocked entries until a
+/// quarter of the table is free. Which unlocked ones does not matter much (a client forgotten
+/// starts counting afresh, whichever it is); the map's order is random per process, so an
+/// attacker cannot choose which are kept. Locked clients stay locked.
 fn make_room(clients: &mut HashMap<IpAddr, Entry>, now: Instant, window: Duration) {
     clients.retain(|_, e| e.live(now, window));
-    if clients.len() < MAX_TRACKED {
+    let mut excess = clients.len().saturating_sub(AFTER_EVICTION - 1);
+    if clients.len() < MAX_TRACKED || excess == 0 {
         return;
     }
-    let oldest = clients.iter().filter(|(_, e)| e.locked_until.is_none()).min_by_key(|(_, e)| e.since).map(|(k, _)| *k);
-    if let Some(k) = oldest {
-        clients.remove(&k);
-    }
+    clients.retain(|_, e| {
+        if excess > 0 && e.locked_until.is_none() {
+            excess -= 1;
+            return false;
+        }
+        true
+    });
 }
 
 #[cfg(test)]
@@ -168,9 +177,14 @@ mod tests {
             t.failed(IpAddr::V6((0x2001_0db8_u128 << 96 | i).into()), t0 + Duration::from_millis(1));
         }
         assert_eq!(t.tracked(), MAX_TRACKED);
-        // One more: the oldest unlocked entry makes room, the locked one stays.
+        // One more: unlocked entries make room down to three quarters, the locked one stays.
         let newcomer = ip("203.0.113.9");
         t.failed(newcomer, t0 + Duration::from_secs(1));
+        assert_eq!(t.tracked(), AFTER_EVICTION);
+        // The next quarter of newcomers is counted without another pass.
+        for i in 0..(MAX_TRACKED - AFTER_EVICTION) as u32 {
+            t.failed(IpAddr::V4((0x0a00_0000 | i).into()), t0 + Duration::from_secs(1));
+        }
         assert_eq!(t.tracked(), MAX_TRACKED);
         assert!(t.locked(locked, t0 + Duration::from_secs(1)).is_some(), "the locked client was kept");
         assert!(t.failed(newcomer, t0 + Duration::from_secs(2)), "the newcomer is counted: its second failure locks it");
