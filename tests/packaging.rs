@@ -73,6 +73,8 @@ fn bad_values_fail_with_the_path_and_the_reason() {
         ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
         ("resources.limits.memory=lots", "/resources/limits/memory"),
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
+        ("proxyPodMonitor.interval=often", "/proxyPodMonitor/interval"),
+        ("proxyPodMonitor.enable=true", "additional properties 'enable' not allowed"),
     ] {
         let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", set]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -168,15 +170,8 @@ fn security_violations(doc: &Value) -> Vec<String> {
     v
 }
 
-#[test]
-fn rendered_chart_and_proxy_pods_pass_the_security_check() {
-    for set in [&[][..], &["serviceMonitor.enabled=true", "replicaCount=3", "podLabels.team=vdi"][..]] {
-        let all = render(set);
-        assert!(all.iter().any(|d| kind(d) == "Deployment"));
-        let violations: Vec<String> = all.iter().flat_map(security_violations).collect();
-        assert!(violations.is_empty(), "chart with {set:?}: {violations:#?}");
-    }
-    // The proxy Deployment the operator builds for the example SpiceProxy.
+/// The proxy Deployment the operator builds for the example SpiceProxy.
+fn example_proxy_deployment() -> Value {
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/spiceproxy.yaml")).unwrap();
     let spx: SpiceProxy = docs(&example)
         .into_iter()
@@ -184,10 +179,40 @@ fn rendered_chart_and_proxy_pods_pass_the_security_check() {
         .map(|d| serde_yaml::from_value(d).unwrap())
         .unwrap();
     let children = spice_proxy::build(&spx, "spice-operator:test").unwrap();
-    let deployment = serde_yaml::to_value(&children.deployment).unwrap();
-    let mut as_doc = deployment.clone();
-    as_doc["kind"] = Value::from("Deployment");
-    let violations = security_violations(&as_doc);
+    let mut deployment = serde_yaml::to_value(&children.deployment).unwrap();
+    deployment["kind"] = Value::from("Deployment");
+    deployment
+}
+
+#[test]
+fn the_proxy_pod_monitor_selects_the_pods_the_operator_builds_and_their_admin_port() {
+    assert!(render(&[]).iter().all(|d| kind(d) != "PodMonitor"), "off by default: it needs the Prometheus Operator's CRDs");
+    let all = render(&["proxyPodMonitor.enabled=true", "proxyPodMonitor.labels.release=prometheus"]);
+    let monitor = all.iter().find(|d| kind(d) == "PodMonitor").expect("a PodMonitor");
+    assert_eq!(monitor["metadata"]["labels"]["release"], Value::from("prometheus"), "its own labels, for Prometheus's podMonitorSelector");
+    assert_eq!(monitor["spec"]["namespaceSelector"]["any"], Value::from(true), "SpiceProxies live in any namespace");
+    let pod = &example_proxy_deployment()["spec"]["template"];
+    let selector = monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(&pod["metadata"]["labels"][k], v, "proxy pods carry {k:?}");
+    }
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    let ports = pod["spec"]["containers"][0]["ports"].as_sequence().unwrap();
+    let admin = ports.iter().find(|p| p["name"] == endpoint["port"]).unwrap_or_else(|| panic!("no container port named {:?} in {ports:?}", endpoint["port"]));
+    assert_eq!(admin["containerPort"], Value::from(spice_operator::proxy::config::ADMIN_PORT), "the port that serves /metrics");
+    assert_eq!(endpoint["path"], Value::from("/metrics"));
+}
+
+#[test]
+fn rendered_chart_and_proxy_pods_pass_the_security_check() {
+    for set in [&[][..], &["serviceMonitor.enabled=true", "proxyPodMonitor.enabled=true", "replicaCount=3", "podLabels.team=vdi"][..]] {
+        let all = render(set);
+        assert!(all.iter().any(|d| kind(d) == "Deployment"));
+        let violations: Vec<String> = all.iter().flat_map(security_violations).collect();
+        assert!(violations.is_empty(), "chart with {set:?}: {violations:#?}");
+    }
+    let violations = security_violations(&example_proxy_deployment());
     assert!(violations.is_empty(), "proxy Deployment: {violations:#?}");
 
     // The check itself catches what it must: a deliberately bad pod fails on every count.
