@@ -164,11 +164,7 @@ impl Shared {
     pub(crate) fn auth_lockout(&self, client: IpAddr) -> Option<Refusal> {
         let left = self.auth_failures.locked(client_key(client), Instant::now())?;
         let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-        let from = match canonical(client) {
-            IpAddr::V4(_) => "your address",
-            IpAddr::V6(_) => "your address's /64",
-        };
-        Some(Refusal { status: 429, body: format!("too many failed authentications from {from}: try again in {secs} s"), retry_after: Some(secs) })
+        Some(Refusal { status: 429, body: format!("too many failed authentications from {}: try again in {secs} s", counted_as(client)), retry_after: Some(secs) })
     }
 
     /// Counts a failed authentication that guessing produces (see `throttle`).
@@ -313,12 +309,17 @@ pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
 /// The 503 body when the proxy is at its global tunnel limit.
 pub(crate) const AT_TUNNEL_LIMIT: &str = "proxy is at its tunnel limit, try again later";
 
-/// The 503 body when a client is over the per-client limit.
-pub(crate) fn too_many_from(ip: IpAddr) -> &'static str {
+/// What the per-client limits count `ip` by, as a refusal tells the client.
+fn counted_as(ip: IpAddr) -> &'static str {
     match canonical(ip) {
-        IpAddr::V4(_) => "too many tunnels from your address",
-        IpAddr::V6(_) => "too many tunnels from your address's /64 (IPv6 clients are counted by /64)",
+        IpAddr::V4(_) => "your address",
+        IpAddr::V6(_) => "your address's /64 (IPv6 clients are counted by /64)",
     }
+}
+
+/// The 503 body when a client is over the per-client limit.
+pub(crate) fn too_many_from(ip: IpAddr) -> String {
+    format!("too many tunnels from {}", counted_as(ip))
 }
 
 impl<'a> ClientSlot<'a> {

@@ -264,7 +264,7 @@ async fn handle(
         return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::AT_TUNNEL_LIMIT.into());
     };
     let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
-        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::too_many_from(peer_ip).into());
+        return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::too_many_from(peer_ip));
     };
     let addrs = match bridge.shared.allowed_addresses(&claims.host, port).await {
         Ok(a) => a,
