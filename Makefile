@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: demo test unit build crds tools bench bench-proxy bench-bridge e2e-kind image
+.PHONY: demo test unit build crds tools bench bench-proxy bench-bridge fuzz e2e-kind image
 
 demo:            ## Local control plane + operator + examples; Ctrl-C stops everything
 	hack/demo.sh
@@ -27,6 +27,9 @@ bench-proxy:     ## CONNECT proxy vs HAProxy (splice), squid, tinyproxy on loopb
 
 bench-bridge:    ## WebSocket bridge vs websockify on loopback
 	hack/bench-bridge.sh
+
+fuzz:            ## Every cargo-fuzz target for FUZZ_SECONDS (default 300) each; needs nightly
+	hack/fuzz.sh
 
 e2e-kind:        ## tests/e2e against a kind cluster running the image (needs Docker + kind)
 	hack/e2e-kind.sh

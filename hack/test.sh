@@ -11,6 +11,9 @@ export PATH
 echo "== unit tests, packaging (chart, Dockerfile), proxy tests on loopback, real SPICE peers"
 cargo test --lib --test crd_drift --test packaging --test proxy --test websocket --test spice_e2e --test browser
 
+echo "== the fuzz targets still build against the library (\`make fuzz\` runs them)"
+cargo check --quiet --manifest-path fuzz/Cargo.toml
+
 CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-test-cluster.XXXXXX")
 cleanup() {
   local rc=$?
