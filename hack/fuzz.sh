@@ -17,7 +17,7 @@ for target in $targets; do
   echo "== $target for ${seconds} s (corpus: $corpus_root/$target)"
   if ! cargo +nightly fuzz run -O "$target" "$corpus_root/$target" -- -max_total_time="$seconds" >"$log" 2>&1; then
     tail -40 "$log"
-    echo "fuzz target $target failed: see the input under fuzz/artifacts/$target" >&2
+    echo "fuzz target $target failed: its input is under fuzz/artifacts/$target, its whole log in $log" >&2
     exit 1
   fi
   grep -E '^Done [0-9]+ runs' "$log" || tail -3 "$log"

@@ -1,7 +1,7 @@
 //! Fuzzes ticket verification, the token every client sends as its Basic password (and the
 //! browser port takes from the URL): no input may panic. Most inputs are signed with the
 //! fuzzer's key first, so the decoding behind the signature check is reached too, and a
-//! ticket it accepts must name a target and survive minting again unchanged.
+//! ticket it accepts must not have expired and must survive minting again unchanged.
 #![no_main]
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
