@@ -6,7 +6,7 @@
 //! One test, cases in sequence: each case runs its own cluster-wide operator.
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -24,6 +24,9 @@ struct Case {
     resource: &'static str,
     service: &'static str,
     external_address: bool,
+    /// Also create a proxy 15 s after the operator started and expect it handled at once:
+    /// the operator watches this resource, and a watch it may not make must delay nothing else.
+    late: bool,
 }
 
 #[tokio::test]
@@ -34,32 +37,41 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         .await
         .expect("the chart's ClusterRole (make test installs the chart)");
     let cases = [
-        Case { resource: "secrets", service: "ClusterIP", external_address: true },
-        Case { resource: "configmaps", service: "ClusterIP", external_address: true },
-        Case { resource: "deployments", service: "ClusterIP", external_address: true },
-        Case { resource: "poddisruptionbudgets", service: "ClusterIP", external_address: true },
+        Case { resource: "secrets", service: "ClusterIP", external_address: true, late: false },
+        Case { resource: "configmaps", service: "ClusterIP", external_address: true, late: true },
+        Case { resource: "deployments", service: "ClusterIP", external_address: true, late: false },
+        Case { resource: "poddisruptionbudgets", service: "ClusterIP", external_address: true, late: false },
         // Only a NodePort proxy without externalAddress reads nodes, to publish a node's address.
-        Case { resource: "nodes", service: "NodePort", external_address: false },
+        Case { resource: "nodes", service: "NodePort", external_address: false, late: false },
     ];
     for case in cases {
         let ns = TestNamespace::new(&client, &format!("rbac-no-{}", case.resource)).await;
         let kubeconfig = account_without(&client, &chart_role, case.resource, &ns.name).await;
         let op = Operator::start_with(Some(kubeconfig));
+        let started = Instant::now();
         let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
         let external = if case.external_address { "  externalAddress: {host: edge.example.com}\n" } else { "" };
-        let proxy = spx(&format!(
-            "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  service: {{type: {}}}\n{external}  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n",
-            ns.name, case.service
-        ));
-        spx_api.create(&PostParams::default(), &proxy).await.unwrap();
-        let ready = wait_for(&spx_api, "edge", Duration::from_secs(30), |s| {
-            s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready" && c.reason == "Forbidden").cloned()
-        })
-        .await;
+        let create = |name: &str| {
+            spx(&format!(
+                "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: {name}, namespace: {}}}\nspec:\n  service: {{type: {}}}\n{external}  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n",
+                ns.name, case.service
+            ))
+        };
+        let forbidden = |s: &SpiceProxy| s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready" && c.reason == "Forbidden").cloned();
+        spx_api.create(&PostParams::default(), &create("edge")).await.unwrap();
+        let ready = wait_for(&spx_api, "edge", Duration::from_secs(30), forbidden).await;
         assert_eq!(ready.status, "False");
         assert!(ready.message.contains(case.resource) && ready.message.contains("forbidden"), "{}: {}", case.resource, ready.message);
         let st = spx_api.get("edge").await.unwrap().status.unwrap();
         assert_eq!(st.proxy_url, None, "no URL is published while the proxy cannot be set up");
+        if case.late {
+            // kube-runtime backs off all of a controller's triggers together when any one fails,
+            // growing to 30 s: a SpiceProxy created 15 s in waited about 10 s to be seen.
+            tokio::time::sleep(Duration::from_secs(15).saturating_sub(started.elapsed())).await;
+            spx_api.create(&PostParams::default(), &create("late")).await.unwrap();
+            let late = wait_for(&spx_api, "late", Duration::from_secs(4), forbidden).await;
+            assert!(late.message.contains(case.resource), "late: {}", late.message);
+        }
         op.stop();
         cleanup(&client, &ns.name).await;
     }
