@@ -15,6 +15,11 @@ pub struct ControllerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
     pub verb: String,
 }
@@ -28,6 +33,8 @@ pub struct Metrics {
     pub api_requests: Family<RequestLabel, Counter<u64, AtomicU64>>,
     /// 1 while this process holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
+    /// Watches that failed and are being retried, by kind: a missing RBAC rule shows here.
+    pub watch_failures: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -45,7 +52,9 @@ impl Default for Metrics {
         registry.register("kube_api_requests", "Requests sent to the Kubernetes API", api_requests.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this process is the leader that reconciles", leader.clone());
-        Self { registry, reconciles, failures, duration, api_requests, leader }
+        let watch_failures = Family::<KindLabel, Counter>::default();
+        registry.register("watch_failures", "Watches that failed and are retried with backoff, by kind", watch_failures.clone());
+        Self { registry, reconciles, failures, duration, api_requests, leader, watch_failures }
     }
 }
 

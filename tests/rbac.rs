@@ -1,5 +1,6 @@
 //! The chart's ClusterRole is needed rule by rule: an operator whose ServiceAccount lacks one
-//! rule fails the matching scenario with a Forbidden condition that names the resource.
+//! rule fails the matching scenario with a Forbidden condition that names the resource, or, for a
+//! watch, counts the failing watch by kind on /metrics.
 //! (That it is sufficient is shown by every other integration test, which runs the operator
 //! with a token of the chart's own ServiceAccount.)
 //!
@@ -27,6 +28,8 @@ struct Case {
     /// Also create a proxy 15 s after the operator started and expect it handled at once:
     /// the operator watches this resource, and a watch it may not make must delay nothing else.
     late: bool,
+    /// The kind the operator watches with this rule, whose failing watch the metrics count.
+    watched: Option<&'static str>,
 }
 
 #[tokio::test]
@@ -37,12 +40,12 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         .await
         .expect("the chart's ClusterRole (make test installs the chart)");
     let cases = [
-        Case { resource: "secrets", service: "ClusterIP", external_address: true, late: false },
-        Case { resource: "configmaps", service: "ClusterIP", external_address: true, late: true },
-        Case { resource: "deployments", service: "ClusterIP", external_address: true, late: false },
-        Case { resource: "poddisruptionbudgets", service: "ClusterIP", external_address: true, late: false },
+        Case { resource: "secrets", service: "ClusterIP", external_address: true, late: false, watched: None },
+        Case { resource: "configmaps", service: "ClusterIP", external_address: true, late: true, watched: Some("ConfigMap") },
+        Case { resource: "deployments", service: "ClusterIP", external_address: true, late: false, watched: Some("Deployment") },
+        Case { resource: "poddisruptionbudgets", service: "ClusterIP", external_address: true, late: false, watched: Some("PodDisruptionBudget") },
         // Only a NodePort proxy without externalAddress reads nodes, to publish a node's address.
-        Case { resource: "nodes", service: "NodePort", external_address: false, late: false },
+        Case { resource: "nodes", service: "NodePort", external_address: false, late: false, watched: None },
     ];
     for case in cases {
         let ns = TestNamespace::new(&client, &format!("rbac-no-{}", case.resource)).await;
@@ -64,6 +67,10 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         assert!(ready.message.contains(case.resource) && ready.message.contains("forbidden"), "{}: {}", case.resource, ready.message);
         let st = spx_api.get("edge").await.unwrap().status.unwrap();
         assert_eq!(st.proxy_url, None, "no URL is published while the proxy cannot be set up");
+        if let Some(kind) = case.watched {
+            let failures = watch_failures(&op, kind);
+            assert!(failures.is_some_and(|n| n > 0), "watch failures of {kind} on /metrics: {failures:?}");
+        }
         if case.late {
             // kube-runtime backs off all of a controller's triggers together when any one fails,
             // growing to 30 s: a SpiceProxy created 15 s in waited about 10 s to be seen.
@@ -75,6 +82,24 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         op.stop();
         cleanup(&client, &ns.name).await;
     }
+
+    // Without the policies' watch no policy resolves, and /metrics says which watch fails.
+    let ns = TestNamespace::new(&client, "rbac-no-clusterconsolepolicies").await;
+    let kubeconfig = account_without(&client, &chart_role, "clusterconsolepolicies", &ns.name).await;
+    let op = Operator::start_with(Some(kubeconfig));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watch_failures(&op, "ClusterConsolePolicy").unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "no ClusterConsolePolicy watch failure on /metrics within 10 s:\n{}", op.metrics.encode());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    op.stop();
+    cleanup(&client, &ns.name).await;
+}
+
+/// `spice_operator_watch_failures_total{kind=...}` as /metrics shows it; None while absent.
+fn watch_failures(op: &Operator, kind: &str) -> Option<u64> {
+    let series = format!("spice_operator_watch_failures_total{{kind=\"{kind}\"}} ");
+    op.metrics.encode().lines().find_map(|l| l.strip_prefix(&series)?.parse().ok())
 }
 
 /// A ServiceAccount bound to the chart's ClusterRole minus the rule covering `resource`;

@@ -7,7 +7,7 @@ pub mod spice_proxy;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -15,7 +15,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::crd::SpiceProxy;
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabel, Metrics};
 
 #[derive(thiserror::Error, Debug)]
 pub enum Error {
@@ -63,26 +63,16 @@ pub async fn run(
     // One reflected stream of SpiceProxies feeds the lookup table and, through the policy
     // controller's mapping, re-resolves every policy that refers to a changed or deleted proxy.
     // The store is written before an event is passed on, so a triggered reconcile sees it.
-    let proxy_events = reflector(
-        writer,
-        watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .filter_map(|r| {
-        if let Err(error) = &r {
-            tracing::warn!(%error, "SpiceProxy watch failed; retrying with backoff");
-        }
-        futures::future::ready(r.ok())
-    });
+    let proxy_events = without_failures(
+        reflector(writer, watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default())).touched_objects(),
+        "SpiceProxy".into(),
+        metrics.clone(),
+    );
 
     let (proxies_ready_tx, proxies_ready) = watch::channel(false);
     let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready });
-    let stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let spx = spice_proxy::controller(ctx.clone(), stop(shutdown.clone()));
-    let ccp = policy::controller(ctx.clone(), proxy_events, stop(shutdown.clone()));
+    let spx = spice_proxy::controller(ctx.clone(), shutdown.clone());
+    let ccp = policy::controller(ctx.clone(), proxy_events, shutdown.clone());
     // The only waiter on the store's own readiness signal; everyone else watches `proxies_ready`.
     let readiness = async move {
         match proxies.wait_until_ready().await {
@@ -98,11 +88,94 @@ pub async fn run(
     }
 }
 
+/// Resolves once `shutdown` flips to true.
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// A watch as a controller's trigger. It retries with its own backoff, and a failure is logged
+/// and counted by kind on /metrics instead of passed on: kube-runtime backs off all of a
+/// controller's triggers together whenever one yields an error, so a watch forbidden by a
+/// missing RBAC rule held up every SpiceProxy's reconcile by as much as 30 s.
+pub(crate) fn without_failures<T: Send + 'static>(
+    watch: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    kind: String,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = T> + Send + 'static {
+    watch.default_backoff().filter_map(move |change| {
+        let change = change.map_err(|error| {
+            tracing::warn!(%kind, %error, "watch failed; retrying with backoff");
+            metrics.watch_failures.get_or_create(&KindLabel { kind: kind.clone() }).inc();
+        });
+        futures::future::ready(change.ok())
+    })
+}
+
+/// Ends `stream` when `shutdown` flips, and drops it then. A controller whose triggers all end
+/// finishes the reconciles in flight and returns. Dropping the reflector's writer matters: a
+/// controller whose watch never succeeded waits for its store to fill even after its triggers
+/// ended, and only a dropped writer ends that wait. (`Controller::graceful_shutdown_on` stops
+/// polling the triggers without dropping them, and so never returned in that case.)
+pub(crate) fn dropped_on<S: Stream + Send + 'static>(stream: S, shutdown: watch::Receiver<bool>) -> impl Stream<Item = S::Item> + Send + 'static {
+    let mut stream = Some(Box::pin(stream));
+    let mut stop = Box::pin(stopped(shutdown));
+    futures::stream::poll_fn(move |cx| {
+        if stream.is_some() && stop.as_mut().poll(cx).is_ready() {
+            stream = None;
+        }
+        match stream.as_mut() {
+            Some(s) => s.as_mut().poll_next(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    })
+}
+
 /// Requeue after an error with a short delay; the controller runtime adds its own backoff on
 /// repeated trigger failures.
 pub(crate) fn retry_after(error: &Error) -> Duration {
     match error {
         Error::Kube(kube::Error::Api(s)) if s.code == 409 => Duration::from_secs(1),
         _ => Duration::from_secs(5),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Notes its drop, as a reflector's writer would be dropped with its stream.
+    struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trigger_that_never_yields_ends_and_is_dropped_at_shutdown() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DropFlag(dropped.clone());
+        // A watch that never lists successfully: pending for ever, holding its writer.
+        let never = futures::stream::pending::<u32>().map(move |x| {
+            let _ = &flag;
+            x
+        });
+        let (tx, rx) = watch::channel(false);
+        let mut trigger = Box::pin(dropped_on(never, rx));
+        assert!(futures::poll!(trigger.next()).is_pending());
+        assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
+        tx.send(true).unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(1), trigger.next()).await.expect("the trigger ends at shutdown");
+        assert_eq!(end, None);
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the stream (and its writer) is dropped, not just no longer polled");
+    }
+
+    #[tokio::test]
+    async fn watch_failures_are_counted_by_kind_and_not_passed_on() {
+        let metrics = Arc::new(Metrics::default());
+        let items = vec![Ok(1), Err(watcher::Error::NoResourceVersion), Ok(2)];
+        let passed: Vec<u32> = without_failures(futures::stream::iter(items), "ConfigMap".into(), metrics.clone()).collect().await;
+        assert_eq!(passed, [1, 2]);
+        assert!(metrics.encode().contains("spice_operator_watch_failures_total{kind=\"ConfigMap\"} 1\n"), "{}", metrics.encode());
     }
 }

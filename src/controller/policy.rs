@@ -5,16 +5,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::{Future, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::{Context, Error, Result, retry_after};
+use super::{Context, Error, Result, dropped_on, retry_after, without_failures};
 use crate::conditions;
 use crate::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy, SpiceProxyRef};
 use crate::metrics::ControllerLabel;
@@ -25,11 +26,12 @@ const LABEL: ControllerLabel = ControllerLabel { controller: "clusterconsolepoli
 pub async fn controller(
     ctx: Arc<Context>,
     proxy_events: impl Stream<Item = DeserializeGuard<SpiceProxy>> + Send + 'static,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let (policies, writer) = reflector::store();
     let api = Api::<DeserializeGuard<ClusterConsolePolicy>>::all(ctx.client.clone());
-    let controller = Controller::new(api, watcher::Config::default());
-    let policies = controller.store();
+    let changes = without_failures(reflector(writer, watcher(api, watcher::Config::default())).applied_objects(), "ClusterConsolePolicy".into(), ctx.metrics.clone());
+    let controller = Controller::for_stream(dropped_on(changes, shutdown.clone()).map(Ok), policies.clone());
     let mapper = move |proxy: DeserializeGuard<SpiceProxy>| {
         let key = SpiceProxyRef {
             name: proxy.0.as_ref().map(|p| p.name_any()).unwrap_or_else(|e| e.metadata.name.clone().unwrap_or_default()),
@@ -42,9 +44,10 @@ pub async fn controller(
             .map(|p| ObjectRef::from_obj(&*p))
             .collect::<Vec<_>>()
     };
+    // Every trigger ends at shutdown (see dropped_on); then the controller finishes the
+    // reconciles in flight and returns.
     controller
-        .watches_stream(proxy_events.map(Ok::<_, watcher::Error>), mapper)
-        .graceful_shutdown_on(shutdown)
+        .watches_stream(dropped_on(proxy_events, shutdown).map(Ok::<_, watcher::Error>), mapper)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {

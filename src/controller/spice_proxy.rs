@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::{Future, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Node, PodSecurityContext,
@@ -20,13 +20,15 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{Context, Error, Result, retry_after};
+use super::{Context, Error, Result, dropped_on, retry_after, without_failures};
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
@@ -37,15 +39,18 @@ use crate::resolve::{UrlError, validate_host};
 
 const LABEL: ControllerLabel = ControllerLabel { controller: "spiceproxy" };
 
-pub async fn controller(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn controller(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
     let client = ctx.client.clone();
-    let owned = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::FIELD_MANAGER));
-    Controller::new(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default())
-        .owns_stream(owned_changes::<Deployment>(&client, owned.clone()))
-        .owns_stream(owned_changes::<Service>(&client, owned.clone()))
-        .owns_stream(owned_changes::<ConfigMap>(&client, owned.clone()))
-        .owns_stream(owned_changes::<PodDisruptionBudget>(&client, owned.clone()))
-        .graceful_shutdown_on(shutdown)
+    let (store, writer) = reflector::store();
+    let proxies = reflector(writer, watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default()));
+    let proxies = without_failures(proxies.applied_objects(), "SpiceProxy".into(), ctx.metrics.clone());
+    // Every trigger ends at shutdown (see dropped_on); then the controller finishes the
+    // reconciles in flight and returns.
+    Controller::for_stream(dropped_on(proxies, shutdown.clone()).map(Ok), store)
+        .owns_stream(owned_changes::<Deployment>(&ctx, &shutdown))
+        .owns_stream(owned_changes::<Service>(&ctx, &shutdown))
+        .owns_stream(owned_changes::<ConfigMap>(&ctx, &shutdown))
+        .owns_stream(owned_changes::<PodDisruptionBudget>(&ctx, &shutdown))
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -55,23 +60,14 @@ pub async fn controller(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + 
         .await;
 }
 
-/// Changes to one kind of child. A watch that fails (a missing RBAC rule, say) retries with its
-/// own backoff and is logged here instead of reaching the controller: kube-runtime backs off all
-/// of a controller's triggers together whenever one yields an error, which held up every
-/// SpiceProxy's reconcile by as much as 30 s.
-fn owned_changes<K>(client: &kube::Client, config: watcher::Config) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+/// Changes to one kind of child (their metadata is all a trigger needs), until shutdown.
+fn owned_changes<K>(ctx: &Context, shutdown: &watch::Receiver<bool>) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config).default_backoff().touched_objects().filter_map(|change| async move {
-        match change {
-            Ok(child) => Some(Ok(child)),
-            Err(error) => {
-                tracing::warn!(kind = %K::kind(&()), %error, "watch of owned objects failed; retrying with backoff");
-                None
-            }
-        }
-    })
+    let owned = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::FIELD_MANAGER));
+    let changes = watcher(Api::<PartialObjectMeta<K>>::all(ctx.client.clone()), owned).touched_objects();
+    dropped_on(without_failures(changes, K::kind(&()).into_owned(), ctx.metrics.clone()), shutdown.clone()).map(Ok)
 }
 
 fn error_policy(obj: Arc<DeserializeGuard<SpiceProxy>>, error: &Error, ctx: Arc<Context>) -> Action {
