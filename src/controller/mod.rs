@@ -130,8 +130,8 @@ pub(crate) fn dropped_on<S: Stream + Send + 'static>(stream: S, shutdown: watch:
     })
 }
 
-/// Requeue after an error with a short delay; the controller runtime adds its own backoff on
-/// repeated trigger failures.
+/// Requeue after a failed reconcile with a short delay (a failing watch backs off on its own, in
+/// `without_failures`).
 pub(crate) fn retry_after(error: &Error) -> Duration {
     match error {
         Error::Kube(kube::Error::Api(s)) if s.code == 409 => Duration::from_secs(1),

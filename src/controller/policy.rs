@@ -11,9 +11,9 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::watch;
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use tokio::sync::watch;
 
 use super::{Context, Error, Result, dropped_on, retry_after, without_failures};
 use crate::conditions;
