@@ -130,6 +130,18 @@ pub(crate) fn dropped_on<S: Stream + Send + 'static>(stream: S, shutdown: watch:
     })
 }
 
+/// A watch as one of a controller's triggers, in the form kube-runtime takes: failures kept
+/// out (`without_failures`), and ended and dropped at shutdown (`dropped_on`), after which the
+/// controller finishes the reconciles in flight and returns.
+pub(crate) fn trigger<T: Send + 'static>(
+    watch: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    kind: String,
+    metrics: Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
+    dropped_on(without_failures(watch, kind, metrics), shutdown.clone()).map(Ok)
+}
+
 /// Requeue after a failed reconcile with a short delay (a failing watch backs off on its own, in
 /// `without_failures`).
 pub(crate) fn retry_after(error: &Error) -> Duration {

@@ -15,7 +15,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, dropped_on, retry_after, without_failures};
+use super::{Context, Error, Result, dropped_on, retry_after, trigger};
 use crate::conditions;
 use crate::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy, SpiceProxyRef};
 use crate::metrics::ControllerLabel;
@@ -30,8 +30,8 @@ pub async fn controller(
 ) {
     let (policies, writer) = reflector::store();
     let api = Api::<DeserializeGuard<ClusterConsolePolicy>>::all(ctx.client.clone());
-    let changes = without_failures(reflector(writer, watcher(api, watcher::Config::default())).applied_objects(), "ClusterConsolePolicy".into(), ctx.metrics.clone());
-    let controller = Controller::for_stream(dropped_on(changes, shutdown.clone()).map(Ok), policies.clone());
+    let changes = reflector(writer, watcher(api, watcher::Config::default())).applied_objects();
+    let controller = Controller::for_stream(trigger(changes, "ClusterConsolePolicy".into(), ctx.metrics.clone(), &shutdown), policies.clone());
     let mapper = move |proxy: DeserializeGuard<SpiceProxy>| {
         let key = SpiceProxyRef {
             name: proxy.0.as_ref().map(|p| p.name_any()).unwrap_or_else(|e| e.metadata.name.clone().unwrap_or_default()),
@@ -44,8 +44,7 @@ pub async fn controller(
             .map(|p| ObjectRef::from_obj(&*p))
             .collect::<Vec<_>>()
     };
-    // Every trigger ends at shutdown (see dropped_on); then the controller finishes the
-    // reconciles in flight and returns.
+    // proxy_events has its failures kept out where it is made (it also fills the lookup table).
     controller
         .watches_stream(dropped_on(proxy_events, shutdown).map(Ok::<_, watcher::Error>), mapper)
         .run(reconcile, error_policy, ctx)

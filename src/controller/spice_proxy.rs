@@ -28,7 +28,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, dropped_on, retry_after, without_failures};
+use super::{Context, Error, Result, retry_after, trigger};
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
@@ -43,10 +43,7 @@ pub async fn controller(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let (store, writer) = reflector::store();
     let proxies = reflector(writer, watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default()));
-    let proxies = without_failures(proxies.applied_objects(), "SpiceProxy".into(), ctx.metrics.clone());
-    // Every trigger ends at shutdown (see dropped_on); then the controller finishes the
-    // reconciles in flight and returns.
-    Controller::for_stream(dropped_on(proxies, shutdown.clone()).map(Ok), store)
+    Controller::for_stream(trigger(proxies.applied_objects(), "SpiceProxy".into(), ctx.metrics.clone(), &shutdown), store)
         .owns_stream(owned_changes::<Deployment>(&ctx, &shutdown))
         .owns_stream(owned_changes::<Service>(&ctx, &shutdown))
         .owns_stream(owned_changes::<ConfigMap>(&ctx, &shutdown))
@@ -67,7 +64,7 @@ where
 {
     let owned = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::FIELD_MANAGER));
     let changes = watcher(Api::<PartialObjectMeta<K>>::all(ctx.client.clone()), owned).touched_objects();
-    dropped_on(without_failures(changes, K::kind(&()).into_owned(), ctx.metrics.clone()), shutdown.clone()).map(Ok)
+    trigger(changes, K::kind(&()).into_owned(), ctx.metrics.clone(), shutdown)
 }
 
 fn error_policy(obj: Arc<DeserializeGuard<SpiceProxy>>, error: &Error, ctx: Arc<Context>) -> Action {
