@@ -5,6 +5,7 @@
 //! reaches the server; a page on a foreign origin that opens the WebSocket is refused.
 //! Needs chromium, chromium-driver and spice-html5 (hack/deps.sh installs them).
 mod common;
+use common::{EXPIRED, VALID};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -173,7 +174,7 @@ fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
     let browser = Browser::start();
 
     // A valid ticket: the canvas fills with the VM's BIOS screen.
-    let good = token("127.0.0.1", spice, 120, KEY);
+    let good = token("127.0.0.1", spice, VALID, KEY);
     browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
     let shot = browser.screenshot("browser-console.png");
@@ -195,9 +196,9 @@ fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
 
     // Expired, forged and other-target tokens: the page reports the error, the server gets nothing.
     for (label, bad, status) in [
-        ("expired", token("127.0.0.1", spice, -10, KEY), "401"),
-        ("forged", token("127.0.0.1", spice, 120, b"not-the-proxy-key-0123456789abcd"), "401"),
-        ("other target", token("127.0.0.1", spice + 1, 120, KEY), "403"),
+        ("expired", token("127.0.0.1", spice, EXPIRED, KEY), "401"),
+        ("forged", token("127.0.0.1", spice, VALID, b"not-the-proxy-key-0123456789abcd"), "401"),
+        ("other target", token("127.0.0.1", spice + 1, VALID, KEY), "403"),
     ] {
         browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={bad}", p.html5));
         let msg = browser.wait(MESSAGES, Duration::from_secs(20), |v| v.as_str().is_some_and(|m| m.contains("WebSocket error")));
@@ -240,7 +241,7 @@ fn browser_console_over_https_and_wss() {
     let (_qemu, spice) = qemu();
     let p = proxy(spice, true);
     let browser = Browser::start();
-    let good = token("127.0.0.1", spice, 120, KEY);
+    let good = token("127.0.0.1", spice, VALID, KEY);
     // spice_auto.html on https:// opens wss:// to the same origin.
     browser.open(&format!("https://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
@@ -285,7 +286,7 @@ fn browser_console_reaches_a_tls_only_spice_server_through_the_bridge() {
     // The bridge checks the hypervisor against the CA and the host-subject.
     let p = proxy_with(tls_port, false, Some((ca.clone(), Some("O=example, CN=host1".into()))));
     let browser = Browser::start();
-    let good = token("127.0.0.1", tls_port, 120, KEY);
+    let good = token("127.0.0.1", tls_port, VALID, KEY);
     browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
     let shot = browser.screenshot("browser-console-upstream-tls.png");

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 mod common;
+use common::{EXPIRED, VALID};
 use common::spice::{Kill, proxy_process, wait_port};
 use common::{connect_from, free_port};
 
@@ -140,7 +141,7 @@ async fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
 async fn ticket_tunnel_replies_with_the_client_version_and_nothing_more() {
     let up = echo_server().await;
     let p = start(|_, _| {}).await;
-    let t = ticket_for("127.0.0.1", &[up.port(), 5901], 60, KEY);
+    let t = ticket_for("127.0.0.1", &[up.port(), 5901], VALID, KEY);
     let (mut s, status, text) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("alice", &t)).as_bytes()).await;
     assert_eq!(status, 200);
     assert_eq!(text, "HTTP/1.0 200 Connection established\r\n\r\n", "exactly a status line and a blank line");
@@ -156,7 +157,7 @@ async fn ticket_tunnel_replies_with_the_client_version_and_nothing_more() {
 async fn every_error_answer_is_specific() {
     let up = echo_server().await;
     let p = start(|c, _| c.limits.connect_timeout_seconds = 1).await;
-    let good = ticket_for("127.0.0.1", &[up.port()], 60, KEY);
+    let good = ticket_for("127.0.0.1", &[up.port()], VALID, KEY);
 
     let cases: Vec<(String, u16, &str)> = vec![
         ("NONSENSE\r\n\r\n".into(), 400, "malformed request"),
@@ -164,12 +165,12 @@ async fn every_error_answer_is_specific() {
         ("GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n".into(), 405, "only tunnels CONNECT"),
         (spice_gtk_head(&up.to_string(), ""), 407, "credentials required"),
         (spice_gtk_head(&up.to_string(), &basic("u", "v1.forged.sig")), 407, "ticket"),
-        (spice_gtk_head(&up.to_string(), &basic("u", &ticket_for("127.0.0.1", &[up.port()], -5, KEY))), 407, "ticket expired"),
-        (spice_gtk_head(&up.to_string(), &basic("u", &ticket_for("127.0.0.1", &[up.port()], 60, b"another key"))), 407, "signature"),
+        (spice_gtk_head(&up.to_string(), &basic("u", &ticket_for("127.0.0.1", &[up.port()], EXPIRED, KEY))), 407, "ticket expired"),
+        (spice_gtk_head(&up.to_string(), &basic("u", &ticket_for("127.0.0.1", &[up.port()], VALID, b"another key"))), 407, "signature"),
         (spice_gtk_head("127.0.0.1:6000", &basic("u", &good)), 403, "another target"),
-        (spice_gtk_head("10.0.0.9:5900", &basic("u", &ticket_for("10.0.0.9", &[5900], 60, KEY))), 403, "not on the allow-list"),
-        (spice_gtk_head("127.0.0.2:5900", &basic("u", &ticket_for("127.0.0.2", &[5900], 60, KEY))), 403, "not on the allow-list"),
-        (spice_gtk_head("127.0.0.1:80", &basic("u", &ticket_for("127.0.0.1", &[80], 60, KEY))), 403, "not on the allow-list"),
+        (spice_gtk_head("10.0.0.9:5900", &basic("u", &ticket_for("10.0.0.9", &[5900], VALID, KEY))), 403, "not on the allow-list"),
+        (spice_gtk_head("127.0.0.2:5900", &basic("u", &ticket_for("127.0.0.2", &[5900], VALID, KEY))), 403, "not on the allow-list"),
+        (spice_gtk_head("127.0.0.1:80", &basic("u", &ticket_for("127.0.0.1", &[80], VALID, KEY))), 403, "not on the allow-list"),
     ];
     for (head, want, text) in cases {
         let (mut s, status, resp) = request(p.addr, head.as_bytes()).await;
@@ -185,7 +186,7 @@ async fn every_error_answer_is_specific() {
 
     // 502: allowed, but nothing listens there.
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let head = spice_gtk_head(&closed.to_string(), &basic("u", &ticket_for("127.0.0.1", &[closed.port()], 60, KEY)));
+    let head = spice_gtk_head(&closed.to_string(), &basic("u", &ticket_for("127.0.0.1", &[closed.port()], VALID, KEY)));
     let (mut s, status, _) = request(p.addr, head.as_bytes()).await;
     assert_eq!(status, 502, "{}", body(&mut s).await);
 
@@ -200,7 +201,7 @@ async fn every_error_answer_is_specific() {
             fillers.push(c);
         }
     }
-    let head = spice_gtk_head(&full_addr.to_string(), &basic("u", &ticket_for("127.0.0.1", &[full_addr.port()], 60, KEY)));
+    let head = spice_gtk_head(&full_addr.to_string(), &basic("u", &ticket_for("127.0.0.1", &[full_addr.port()], VALID, KEY)));
     let started = Instant::now();
     let (mut s, status, _) = request(p.addr, head.as_bytes()).await;
     assert_eq!(status, 504, "{}", body(&mut s).await);
@@ -306,9 +307,9 @@ async fn forged_tickets_count_as_guesses_and_expired_ones_do_not() {
     let p = start(|c, _| c.limits.max_auth_failures_per_client = 2).await;
     let target = up.to_string();
     let with = |t: &str| spice_gtk_head(&target, &basic("u", t));
-    let good = ticket_for("127.0.0.1", &[up.port()], 60, KEY);
+    let good = ticket_for("127.0.0.1", &[up.port()], VALID, KEY);
     // A stale console file: signed by us, expired. However many, never a lock.
-    let stale = ticket_for("127.0.0.1", &[up.port()], -5, KEY);
+    let stale = ticket_for("127.0.0.1", &[up.port()], EXPIRED, KEY);
     for _ in 0..5 {
         let (mut s, status, _) = request(p.addr, with(&stale).as_bytes()).await;
         assert_eq!((status, body(&mut s).await.trim().to_string()), (407, "ticket expired".to_string()));
@@ -320,7 +321,7 @@ async fn forged_tickets_count_as_guesses_and_expired_ones_do_not() {
     }
     assert_eq!(request(p.addr, with(&good).as_bytes()).await.1, 200);
     // Forged: another key's signature, then garbage.
-    let forged = ticket_for("127.0.0.1", &[up.port()], 60, b"a key the attacker made up");
+    let forged = ticket_for("127.0.0.1", &[up.port()], VALID, b"a key the attacker made up");
     assert_eq!(request(p.addr, with(&forged).as_bytes()).await.1, 407);
     assert_eq!(request(p.addr, with("v1.garbage").as_bytes()).await.1, 407);
     let (mut s, status, resp) = request(p.addr, with(&good).as_bytes()).await;
@@ -341,7 +342,7 @@ async fn key_rotation_accepts_current_and_previous_only() {
         let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("u", &t)).as_bytes()).await;
         assert_eq!(status, 200);
     }
-    let t = ticket_for("127.0.0.1", &[up.port()], 60, b"retired-key");
+    let t = ticket_for("127.0.0.1", &[up.port()], VALID, b"retired-key");
     let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("u", &t)).as_bytes()).await;
     assert_eq!(status, 407);
 }

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 mod common;
+use common::{EXPIRED, VALID};
 
 const KEY: &[u8] = b"websocket-test-key-0123456789abc";
 
@@ -171,7 +172,7 @@ async fn behind_a_load_balancer_the_proxy_protocol_names_the_browser() {
         c.proxy_protocol = Some(spice_operator::proxy::proxy_protocol::ProxyProtocolConfig { trusted: vec!["127.0.0.1/32".parse().unwrap()] });
     })
     .await;
-    let q = format!("?token={}", token(up.port(), 60, KEY));
+    let q = format!("?token={}", token(up.port(), VALID, KEY));
     let header = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 6082\r\n").into_bytes();
     let mut ws = open_behind(&b, "127.0.0.1", &header("198.51.100.7"), &q).await.expect("bridge through the balancer");
     ws.send(Message::Binary(b"REDQ".to_vec().into())).await.unwrap();
@@ -226,7 +227,7 @@ async fn pages_are_served_without_traversal_or_redirects() {
 async fn handshake_refusals_say_why() {
     let b = start(600, 1).await;
     let (up, _) = echo().await;
-    let good = token(up.port(), 60, KEY);
+    let good = token(up.port(), VALID, KEY);
     // Not a WebSocket handshake.
     let r = raw(b.web, &format!("GET /websockify?token={good} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
     assert_eq!(status(&r), 400, "{r}");
@@ -240,13 +241,13 @@ async fn handshake_refusals_say_why() {
     assert!(body.contains("no token"), "{body}");
     let (code, body) = refused_with(open(&b, "?token=v1.forged.sig", None).await);
     assert_eq!(code, 401, "{body}");
-    let (code, body) = refused_with(open(&b, &format!("?token={}", token(up.port(), -5, KEY)), None).await);
+    let (code, body) = refused_with(open(&b, &format!("?token={}", token(up.port(), EXPIRED, KEY)), None).await);
     assert_eq!(code, 401);
     assert!(body.contains("expired"), "{body}");
-    let (code, _) = refused_with(open(&b, &format!("?token={}", token(up.port(), 60, b"some other key 0123456789abcdefg")), None).await);
+    let (code, _) = refused_with(open(&b, &format!("?token={}", token(up.port(), VALID, b"some other key 0123456789abcdefg")), None).await);
     assert_eq!(code, 401);
     // A valid token for a target this proxy does not allow.
-    let (code, body) = refused_with(open(&b, &format!("?token={}", token_for("10.0.0.9", 5900, 60, KEY)), None).await);
+    let (code, body) = refused_with(open(&b, &format!("?token={}", token_for("10.0.0.9", 5900, VALID, KEY)), None).await);
     assert_eq!(code, 403);
     assert!(body.contains("not on the allow-list"), "{body}");
     // Cross-site WebSocket hijacking: a foreign page, or the right host with the wrong scheme.
@@ -257,8 +258,12 @@ async fn handshake_refusals_say_why() {
     let (code, _) = refused_with(open(&b, &format!("?token={good}"), Some(&host.replace("http://", "https://"))).await);
     assert_eq!(code, 403);
     // Same origin, a listed origin, and the cookie spice_auto.html sets all work.
-    assert!(open(&b, &format!("?token={good}"), Some(&host)).await.is_ok());
-    assert!(open(&b, &format!("?token={good}"), Some("https://portal.example.com")).await.is_ok());
+    if let Err(e) = open(&b, &format!("?token={good}"), Some(&host)).await {
+        panic!("same origin refused: {:?}", refused_with(Err(e)));
+    }
+    if let Err(e) = open(&b, &format!("?token={good}"), Some("https://portal.example.com")).await {
+        panic!("listed origin refused: {:?}", refused_with(Err(e)));
+    }
     let mut req = format!("ws://{}/websockify", b.web).into_client_request().unwrap();
     req.headers_mut().insert("Cookie", HeaderValue::from_str(&format!("lang=en; token={good}")).unwrap());
     req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
@@ -270,10 +275,10 @@ async fn handshake_refusals_say_why() {
 async fn a_browser_forging_tokens_is_locked_out_with_retry_after() {
     let b = start_edited(600, 1, None, |c| c.limits.max_auth_failures_per_client = 2).await;
     let (up, _) = echo().await;
-    let good = token(up.port(), 60, KEY);
+    let good = token(up.port(), VALID, KEY);
     // Expired tokens (an old console tab) never count.
     for _ in 0..4 {
-        assert_eq!(refused_with(open(&b, &format!("?token={}", token(up.port(), -5, KEY)), None).await).0, 401);
+        assert_eq!(refused_with(open(&b, &format!("?token={}", token(up.port(), EXPIRED, KEY)), None).await).0, 401);
     }
     assert!(open(&b, &format!("?token={good}"), None).await.is_ok());
     for forged in ["v1.forged.sig", "v1.e30.AAAA"] {
@@ -295,7 +300,7 @@ async fn a_browser_forging_tokens_is_locked_out_with_retry_after() {
 async fn bridge_moves_binary_both_ways_and_propagates_close() {
     let b = start(600, 1).await;
     let (up, mut seen) = echo().await;
-    let t = token(up.port(), 60, KEY);
+    let t = token(up.port(), VALID, KEY);
     let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
     assert_eq!(seen.recv().await, Some("connected"));
     // Binary both ways, in order, large and small.
@@ -384,7 +389,7 @@ async fn upstream_close_reaches_the_browser_and_a_client_that_never_reads_is_dro
         }
         assert!(sent < 64 << 20, "the bridge buffered {sent} bytes for a client that never reads");
     });
-    let t = token(port, 60, KEY);
+    let t = token(port, VALID, KEY);
     let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
     let mut got = Vec::new();
     let mut code = None;
@@ -424,7 +429,7 @@ async fn upstream_close_reaches_the_browser_and_a_client_that_never_reads_is_dro
 async fn drain_keeps_open_bridges_until_the_deadline_then_closes_them_with_1001() {
     let b = start(600, 2).await;
     let (up, _) = echo().await;
-    let t = token(up.port(), 60, KEY);
+    let t = token(up.port(), VALID, KEY);
     let mut ws = open(&b, &format!("?token={t}"), None).await.unwrap();
     let _ = b.stop.send(true);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -453,7 +458,7 @@ async fn wss_with_a_certificate_and_the_https_origin() {
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
     let b = start_with(600, 1, Some((cert.pem(), key.serialize_pem()))).await;
     let (up, _) = echo().await;
-    let t = token(up.port(), 60, KEY);
+    let t = token(up.port(), VALID, KEY);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
     let config = std::sync::Arc::new(

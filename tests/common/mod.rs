@@ -40,6 +40,11 @@ pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Client {
     }
 }
 
+/// Lifetimes of the tickets the tests mint. Tickets carry wall-clock expiry (replicas share no
+/// state), so these stay far from zero: a clock step during a test must not change the outcome.
+pub const VALID: i64 = 3600;
+pub const EXPIRED: i64 = -3600;
+
 pub async fn client() -> Client {
     if std::env::var_os("KUBECONFIG").is_none() {
         panic!("integration tests need the local control plane: run `make test` (or hack/local-cluster.sh start DIR and export KUBECONFIG=DIR/kubeconfig)");
