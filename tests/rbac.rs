@@ -1,6 +1,7 @@
 //! The chart's ClusterRole is needed rule by rule: an operator whose ServiceAccount lacks one
 //! rule fails the matching scenario with a Forbidden condition that names the resource, or, for a
-//! watch, counts the failing watch by kind on /metrics.
+//! watch, counts the failing watch by kind on /metrics. Pods are only read to say why replicas
+//! are not ready: without that rule the Ready condition says the pods could not be listed.
 //! (That it is sufficient is shown by every other integration test, which runs the operator
 //! with a token of the chart's own ServiceAccount.)
 //!
@@ -92,6 +93,24 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         assert!(Instant::now() < deadline, "no ClusterConsolePolicy watch failure on /metrics within 10 s:\n{}", op.metrics.encode());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    op.stop();
+    cleanup(&client, &ns.name).await;
+
+    // Without the pods rule a proxy whose pods cannot be scheduled is still handled, and its
+    // Ready condition says why it cannot tell more.
+    let ns = TestNamespace::new(&client, "rbac-no-pods").await;
+    let kubeconfig = account_without(&client, &chart_role, "pods", &ns.name).await;
+    let op = Operator::start_with(Some(kubeconfig));
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: edge.example.com}}\n  nodeSelector: {{spice-operator-test/pool: nowhere}}\n  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n",
+        ns.name
+    );
+    spx_api.create(&PostParams::default(), &spx(&yaml)).await.unwrap();
+    let unreadable = |s: &SpiceProxy| s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready" && c.message.contains("cannot list its pods")).cloned();
+    let ready = wait_for(&spx_api, "edge", Duration::from_secs(30), unreadable).await;
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasNotReady"));
+    assert!(ready.message.contains("pods") && ready.message.contains("forbidden"), "{}", ready.message);
     op.stop();
     cleanup(&client, &ns.name).await;
 }

@@ -71,6 +71,39 @@ async fn create_builds_owned_children_and_reports_ready_url() {
     }
 }
 
+/// Pods that cannot run change nothing on the Deployment a watch would see: the status names the
+/// pod and the scheduler's reason, and clears once they run.
+#[tokio::test]
+async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-pods").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: edge.example.com}}\n  nodeSelector: {{spice-operator-test/pool: nowhere}}\n  imagePullSecrets: [{{name: regcred}}]\n  allowedTargets: [{{cidr: 10.20.0.0/16, ports: [{{from: 5900}}]}}]\n",
+        ns.name
+    );
+    api.create(&PostParams::default(), &spx(&yaml)).await.unwrap();
+    let condition = |t: &'static str| move |s: &SpiceProxy| s.status.as_ref()?.conditions.iter().find(|c| c.type_ == t).cloned();
+
+    let degraded = wait_for(&api, "edge", T, |s| condition("Degraded")(s).filter(|c| c.reason == "Unschedulable")).await;
+    assert_eq!(degraded.status, "True");
+    assert!(degraded.message.starts_with("pod edge-") && degraded.message.contains("didn't match Pod's node affinity/selector"), "{}", degraded.message);
+    let ready = condition("Ready")(&api.get("edge").await.unwrap()).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasNotReady"));
+    assert!(ready.message.starts_with("0/1 replicas ready; pod edge-") && ready.message.contains("Unschedulable"), "{}", ready.message);
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("edge").await.unwrap();
+    let pull: Vec<String> = d.spec.template.spec.unwrap().image_pull_secrets.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(pull, ["regcred"]);
+
+    // Once the pods may run anywhere, kwok runs them and the problem is gone from status.
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"nodeSelector": null}}))).await.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
+    let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", "AsExpected"), "{degraded:?}");
+    assert_eq!(st.proxy_url.as_deref(), Some("http://edge.example.com:3128"));
+}
+
 #[tokio::test]
 async fn spec_change_updates_children_and_advances_observed_generation() {
     shared_operator();

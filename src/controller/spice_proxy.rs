@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Node, PodSecurityContext,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Node, Pod, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
     Service, ServicePort, ServiceSpec as K8sServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
@@ -134,9 +134,109 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e),
     };
 
+    // Pods that cannot start change nothing the watches see (the Deployment's counts stay
+    // where they are), so while the rollout is incomplete their state is read and re-read.
+    let rolled_out = rolled_out(spx, &deploy);
+    let pods = if rolled_out { PodDiagnosis::NothingWrong } else { diagnose(&ctx.client, &ns, &name).await };
+
     // update_status, from what the apply returned
-    let status = build_status(spx, &deploy, &svc, node_address.as_deref());
-    update_status(&api, spx, status).await
+    let status = build_status(spx, &deploy, &svc, node_address.as_deref(), &pods);
+    update_status(&api, spx, status).await?;
+    Ok(if rolled_out { Action::await_change() } else { Action::requeue(POD_RECHECK) })
+}
+
+/// How often an incomplete rollout's pods are looked at again.
+const POD_RECHECK: Duration = Duration::from_secs(10);
+/// Pods read per diagnosis: a proxy has at most 100 replicas plus one surge.
+const PODS_READ: u32 = 128;
+
+/// Reads the proxy's pods (list only: no watch, no cache) and says what holds them up.
+async fn diagnose(client: &kube::Client, ns: &str, name: &str) -> PodDiagnosis {
+    let selector = labels::proxy_selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    match Api::<Pod>::namespaced(client.clone(), ns).list(&ListParams::default().labels(&selector).limit(PODS_READ)).await {
+        Ok(pods) => diagnose_pods(&pods.items),
+        Err(kube::Error::Api(e)) => PodDiagnosis::Unreadable(format!("{} {}: {}", e.code, e.reason, e.message)),
+        Err(e) => PodDiagnosis::Unreadable(e.to_string()),
+    }
+}
+
+/// Why replicas are not ready, as the scheduler or the kubelet put it on their pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodDiagnosis {
+    /// Nothing wrong with the pods (starting, or ready).
+    NothingWrong,
+    /// The first pod (by name) with a problem, and how many others have one.
+    Problem { pod: String, reason: String, message: String, others: usize },
+    /// The pods could not be listed, e.g. without the rule to list pods.
+    Unreadable(String),
+}
+
+/// Longest scheduler or kubelet message repeated in a condition.
+const POD_MESSAGE_MAX: usize = 400;
+
+pub fn diagnose_pods(pods: &[Pod]) -> PodDiagnosis {
+    let mut found: Vec<(String, String, String)> =
+        pods.iter().filter_map(|p| pod_problem(p).map(|(reason, message)| (p.name_any(), reason, message))).collect();
+    found.sort();
+    let others = found.len().saturating_sub(1);
+    match found.into_iter().next() {
+        Some((pod, reason, message)) => PodDiagnosis::Problem { pod, reason, message, others },
+        None => PodDiagnosis::NothingWrong,
+    }
+}
+
+/// A pod's problem: unschedulable, or a container the kubelet cannot start (image pull,
+/// crash loop, missing config). States every pod passes through while starting are none.
+fn pod_problem(pod: &Pod) -> Option<(String, String)> {
+    const STARTING: [&str; 2] = ["ContainerCreating", "PodInitializing"];
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status.conditions.iter().flatten().find(|c| c.type_ == "PodScheduled" && c.status == "False") {
+        return Some((condition_reason(c.reason.as_deref(), "Unschedulable"), clip(c.message.as_deref().unwrap_or("not scheduled"))));
+    }
+    let containers = status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+    containers.into_iter().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.clone().filter(|r| !STARTING.contains(&r.as_str()))?;
+        let last_exit = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| format!(" (last exit code {})", t.exit_code)).unwrap_or_default();
+        let message = format!("container {}: {}{last_exit}", c.name, waiting.message.as_deref().unwrap_or(&reason));
+        Some((condition_reason(Some(&reason), "ContainerNotStarting"), clip(&message)))
+    })
+}
+
+/// A reason as a condition's schema accepts it (a letter, then letters, digits and '_').
+fn condition_reason(reason: Option<&str>, fallback: &str) -> String {
+    match reason {
+        Some(r) if r.starts_with(|c: char| c.is_ascii_alphabetic()) && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => r.to_string(),
+        _ => fallback.to_string(),
+    }
+}
+
+fn clip(message: &str) -> String {
+    match message.char_indices().nth(POD_MESSAGE_MAX) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message.to_string(),
+    }
+}
+
+impl PodDiagnosis {
+    /// What the conditions say about the pods, after "n/m replicas ready".
+    fn detail(&self) -> String {
+        match self {
+            PodDiagnosis::NothingWrong => String::new(),
+            PodDiagnosis::Problem { pod, reason, message, others } => {
+                let more = match others {
+                    0 => String::new(),
+                    1 => " (1 more pod has a problem)".into(),
+                    n => format!(" ({n} more pods have a problem)"),
+                };
+                format!("; pod {pod}: {reason}: {message}{more}")
+            }
+            PodDiagnosis::Unreadable(why) => format!(" (cannot list its pods to say why: {why})"),
+        }
+    }
 }
 
 /// Server-side applies every child (one field manager); returns what the API server stored.
@@ -187,8 +287,17 @@ async fn update_status(api: &Api<SpiceProxy>, spx: &SpiceProxy, mut status: Spic
         let patch = json!({"status": status});
         api.patch_status(&spx.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
     }
-    // Nothing to poll: changes to the SpiceProxy or anything it owns trigger a reconcile.
+    // Changes to the SpiceProxy or anything it owns trigger a reconcile.
     Ok(Action::await_change())
+}
+
+/// A DNS-1123 subdomain, what Kubernetes accepts as the name of a Secret.
+fn is_object_name(name: &str) -> bool {
+    let edge_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    name.len() <= 253
+        && edge_ok(name.bytes().next())
+        && edge_ok(name.bytes().last())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// Checks what the CRD schema cannot (or what a CRD installed without CEL would let through).
@@ -264,6 +373,11 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
         && let Err(e) = validate_host(&ext.host)
     {
         problems.push(format!("externalAddress.host: {e}"));
+    }
+    for (i, secret) in spec.image_pull_secrets.iter().flatten().enumerate() {
+        if !is_object_name(&secret.name) {
+            problems.push(format!("imagePullSecrets[{i}].name {:?} is not a Secret name (lower-case letters, digits, '-' and '.')", secret.name));
+        }
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
 }
@@ -452,6 +566,7 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..Default::default()
                     }),
+                    image_pull_secrets: spec.image_pull_secrets.clone(),
                     node_selector: spec.node_selector.clone(),
                     tolerations: spec.tolerations.clone(),
                     affinity: spec.affinity.clone(),
@@ -605,29 +720,38 @@ pub fn derive_html5_url(spx: &SpiceProxy, svc: &Service, proxy_url: &str) -> Opt
     Some(format!("{scheme}://{host}:{port}/spice_auto.html"))
 }
 
-pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_address: Option<&str>) -> SpiceProxyStatus {
+/// Every replica runs the current pod template and is ready, and no old one is left.
+pub fn rolled_out(spx: &SpiceProxy, deploy: &Deployment) -> bool {
+    let desired = spx.spec.replicas;
+    let ds = deploy.status.clone().unwrap_or_default();
+    ds.observed_generation >= deploy.metadata.generation
+        && ds.updated_replicas.unwrap_or(0) >= desired
+        && ds.replicas.unwrap_or(0) <= desired
+        && ds.ready_replicas.unwrap_or(0) >= desired
+}
+
+pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_address: Option<&str>, pods: &PodDiagnosis) -> SpiceProxyStatus {
     let generation = spx.metadata.generation;
     let desired = spx.spec.replicas;
     let ds = deploy.status.clone().unwrap_or_default();
     let ready = ds.ready_replicas.unwrap_or(0);
     let updated = ds.updated_replicas.unwrap_or(0);
-    let rolled_out = ds.observed_generation >= deploy.metadata.generation
-        && updated >= desired
-        && ds.replicas.unwrap_or(0) <= desired
-        && ready >= desired;
+    let rolled_out = rolled_out(spx, deploy);
     let url = derive_url(spx, svc, node_address);
     let replica_failure = ds.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True"));
 
     let (ready_ok, ready_reason, ready_msg) = match (&url, rolled_out) {
         (Err((true, why)), _) => (false, "UnusableAddress", why.clone()),
         _ if desired == 0 => (false, "ScaledToZero", "replicas is 0".to_string()),
-        (_, false) => (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready")),
+        (_, false) => (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready{}", pods.detail())),
         (Err((false, why)), true) => (false, "AddressPending", why.clone()),
         (Ok(u), true) => (true, "ProxyReady", format!("{ready}/{desired} replicas ready at {u}")),
     };
-    let (degraded, degraded_reason, degraded_msg) = match (&url, replica_failure) {
-        (Err((true, why)), _) => (true, "UnusableAddress", why.clone()),
-        (_, Some(c)) => (true, "ReplicaFailure", c.message.clone().unwrap_or_default()),
+    let (degraded, degraded_reason, degraded_msg) = match (&url, replica_failure, pods) {
+        (Err((true, why)), _, _) => (true, "UnusableAddress", why.clone()),
+        (_, Some(c), _) => (true, "ReplicaFailure", c.message.clone().unwrap_or_default()),
+        // The scheduler's or kubelet's own reason (Unschedulable, ImagePullBackOff, CrashLoopBackOff...).
+        (_, None, PodDiagnosis::Problem { reason, .. }) => (true, reason.as_str(), pods.detail().trim_start_matches("; ").to_string()),
         _ => (false, "AsExpected", "no problems found".to_string()),
     };
     let (progressing, prog_reason, prog_msg) = match (&url, rolled_out) {
@@ -819,7 +943,7 @@ mod tests {
         let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
         let h = cfg.html5.unwrap();
         assert_eq!((h.listen.as_str(), h.allowed_origins.len()), ("0.0.0.0:6082", 1));
-        let st = build_status(&s, &deploy_with(1, 1), &c.service, None);
+        let st = build_status(&s, &deploy_with(1, 1), &c.service, None, &PodDiagnosis::NothingWrong);
         assert_eq!(st.html5_url.as_deref(), Some("http://console.example.com:6082/spice_auto.html"));
         let enc = st.conditions.iter().find(|c| c.type_ == "Html5Encrypted").unwrap();
         assert_eq!((enc.status.as_str(), enc.reason.as_str()), ("False", "PlainWebSocket"));
@@ -831,7 +955,7 @@ mod tests {
         assert!(pod.volumes.unwrap().iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("console-cert")));
         let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
         assert_eq!(cfg.html5.unwrap().tls.unwrap().cert_file, "/etc/spice-proxy/html5-tls/tls.crt");
-        let st = build_status(&tls, &deploy_with(1, 1), &c.service, None);
+        let st = build_status(&tls, &deploy_with(1, 1), &c.service, None, &PodDiagnosis::NothingWrong);
         assert_eq!(st.html5_url.as_deref(), Some("https://console.example.com:6082/spice_auto.html"));
         assert!(conditions::is_true(&st.conditions, "Html5Encrypted"));
         // TLS to the hypervisors: the CA Secret is mounted and the bridge told where.
@@ -844,7 +968,7 @@ mod tests {
         assert!(vols.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("hv-ca")));
         // Without html5: no port, no URL, no condition.
         let plain = spx(BASIC);
-        let st = build_status(&plain, &deploy_with(1, 1), &build(&plain, "i").unwrap().service, None);
+        let st = build_status(&plain, &deploy_with(1, 1), &build(&plain, "i").unwrap().service, None, &PodDiagnosis::NothingWrong);
         assert!(st.html5_url.is_none() && st.conditions.iter().all(|c| c.type_ != "Html5Encrypted"));
         // The browser path needs tickets, a port of its own and real origins.
         s.spec.auth.mode = AuthMode::None;
@@ -874,14 +998,83 @@ mod tests {
         assert_eq!(derive_url(&s, &lb("2001:db8::7"), None).unwrap(), "http://console.example.com:8080");
     }
 
+    fn pod(name: &str, status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn pods_say_why_replicas_are_not_ready() {
+        let unschedulable = pod("edge-b", json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."}]}));
+        let pulling = pod("edge-a", json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "proxy", "image": "r.example/x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"r.example/x\""}}}]}));
+        let crashing = pod("edge-c", json!({"phase": "Running", "containerStatuses": [{"name": "proxy", "image": "x", "imageID": "", "ready": false, "restartCount": 4,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 1m20s restarting failed container=proxy"}},
+            "lastState": {"terminated": {"exitCode": 2, "reason": "Error"}}}]}));
+        let starting = pod("edge-0", json!({"phase": "Pending", "containerStatuses": [{"name": "proxy", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ContainerCreating"}}}]}));
+        let mut leaving = unschedulable.clone();
+        leaving.metadata.name = Some("edge-0-old".into());
+        leaving.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
+
+        assert_eq!(diagnose_pods(&[starting.clone(), leaving.clone()]), PodDiagnosis::NothingWrong, "starting and terminating pods are no problem");
+        let d = diagnose_pods(&[unschedulable.clone(), starting.clone(), pulling.clone(), crashing.clone()]);
+        assert_eq!(d, PodDiagnosis::Problem {
+            pod: "edge-a".into(), reason: "ImagePullBackOff".into(), message: "container proxy: Back-off pulling image \"r.example/x\"".into(), others: 2,
+        });
+        let PodDiagnosis::Problem { reason, message, .. } = diagnose_pods(&[crashing]) else { panic!() };
+        assert_eq!((reason.as_str(), message.as_str()), ("CrashLoopBackOff", "container proxy: back-off 1m20s restarting failed container=proxy (last exit code 2)"));
+
+        // Ready says how many are ready and why not; Degraded carries the kubelet's or scheduler's reason.
+        let s = spx(BASIC);
+        let st = build_status(&s, &deploy_with(0, 1), &Service::default(), None, &diagnose_pods(&[unschedulable, starting]));
+        let cond = |t: &str| st.conditions.iter().find(|c| c.type_ == t).unwrap().clone();
+        assert_eq!((cond("Ready").status.as_str(), cond("Ready").reason.as_str()), ("False", "ReplicasNotReady"));
+        assert_eq!(cond("Ready").message, "0/1 replicas ready; pod edge-b: Unschedulable: 0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.");
+        assert_eq!((cond("Degraded").status.as_str(), cond("Degraded").reason.as_str()), ("True", "Unschedulable"));
+        assert_eq!(cond("Degraded").message, "pod edge-b: Unschedulable: 0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.");
+
+        // Without the right to list pods the status says so and stays otherwise intact.
+        let st = build_status(&s, &deploy_with(0, 1), &Service::default(), None, &PodDiagnosis::Unreadable("403 Forbidden: pods is forbidden".into()));
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.message, "0/1 replicas ready (cannot list its pods to say why: 403 Forbidden: pods is forbidden)");
+        assert!(!conditions::is_true(&st.conditions, "Degraded"));
+    }
+
+    #[test]
+    fn pod_reasons_fit_a_condition_and_long_messages_are_clipped() {
+        let weird = pod("p", json!({"containerStatuses": [{"name": "proxy", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "not a reason!", "message": "m".repeat(1000)}}}]}));
+        let PodDiagnosis::Problem { reason, message, .. } = diagnose_pods(&[weird]) else { panic!() };
+        assert_eq!(reason, "ContainerNotStarting");
+        assert_eq!(message.chars().count(), POD_MESSAGE_MAX + 1, "clipped, with an ellipsis");
+        assert!(message.ends_with('…'));
+    }
+
+    #[test]
+    fn image_pull_secrets_reach_the_pods_and_bad_names_are_reported() {
+        let s = spx(&format!("{BASIC}  imagePullSecrets: [{{name: regcred}}, {{name: mirror.example}}]\n"));
+        assert!(validate(&s.spec).is_ok(), "{:?}", validate(&s.spec));
+        let pod_spec = build(&s, "i").unwrap().deployment.spec.template.spec.unwrap();
+        let names: Vec<String> = pod_spec.image_pull_secrets.unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["regcred", "mirror.example"]);
+        assert_eq!(build(&spx(BASIC), "i").unwrap().deployment.spec.template.spec.unwrap().image_pull_secrets, None);
+        let s = spx(&format!("{BASIC}  imagePullSecrets: [{{name: RegCred}}, {{name: \"\"}}, {{name: ok}}]\n"));
+        assert_eq!(validate(&s.spec).unwrap_err(), [
+            "imagePullSecrets[0].name \"RegCred\" is not a Secret name (lower-case letters, digits, '-' and '.')",
+            "imagePullSecrets[1].name \"\" is not a Secret name (lower-case letters, digits, '-' and '.')",
+        ]);
+    }
+
     #[test]
     fn status_ready_only_when_rolled_out_with_a_url() {
         let s = spx(BASIC);
-        let st = build_status(&s, &deploy_with(0, 1), &Service::default(), None);
+        let st = build_status(&s, &deploy_with(0, 1), &Service::default(), None, &PodDiagnosis::NothingWrong);
         assert!(!conditions::is_true(&st.conditions, "Ready"));
         assert!(conditions::is_true(&st.conditions, "Progressing"));
         assert_eq!(st.proxy_url.as_deref(), Some("http://edge.spice.svc:3128"));
-        let st = build_status(&s, &deploy_with(1, 1), &Service::default(), None);
+        let st = build_status(&s, &deploy_with(1, 1), &Service::default(), None, &PodDiagnosis::NothingWrong);
         assert!(conditions::is_true(&st.conditions, "Ready"));
         assert!(!conditions::is_true(&st.conditions, "Progressing"));
         assert!(!conditions::is_true(&st.conditions, "Degraded"));
@@ -895,7 +1088,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let st = build_status(&v6, &deploy_with(1, 1), &svc, None);
+        let st = build_status(&v6, &deploy_with(1, 1), &svc, None, &PodDiagnosis::NothingWrong);
         assert_eq!(st.proxy_url, None);
         assert!(conditions::is_true(&st.conditions, "Degraded"));
         assert_eq!(st.conditions[0].reason, "UnusableAddress");
