@@ -31,6 +31,40 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
+/// An event a status change is worth (`kubectl describe` shows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+/// The events a status change is worth, so `kubectl describe` tells what happened and when: a
+/// warning when Degraded turns true (or its reason changes), a normal event when Ready turns
+/// true, and a warning when Ready turns false from true with nothing degraded (a replica lost,
+/// say). Any other change, and any re-check that changes neither status nor reason, is worth none.
+pub fn transitions(previous: &[Condition], next: &[Condition]) -> Vec<Transition> {
+    let find = |conditions: &[Condition], type_: &str| conditions.iter().find(|c| c.type_ == type_).cloned();
+    let changed = |type_: &str| {
+        let new = find(next, type_)?;
+        find(previous, type_).is_none_or(|old| old.status != new.status || old.reason != new.reason).then_some(new)
+    };
+    let event = |warning, c: Condition| Transition { warning, reason: c.reason, note: c.message };
+    let mut events = Vec::new();
+    if let Some(degraded) = changed("Degraded").filter(|c| c.status == "True") {
+        events.push(event(true, degraded));
+    }
+    if let Some(ready) = changed("Ready") {
+        let was_ready = find(previous, "Ready").is_some_and(|c| c.status == "True");
+        if ready.status == "True" {
+            events.push(event(false, ready));
+        } else if was_ready && !is_true(next, "Degraded") {
+            events.push(event(true, ready));
+        }
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +81,32 @@ mod tests {
         let fresh = merge(&[], vec![new("Degraded", false, "C", "m", None)]);
         assert!(!is_true(&fresh, "Degraded"));
         assert!(is_true(&kept, "Ready"));
+    }
+
+    #[test]
+    fn events_only_for_transitions_worth_telling() {
+        let ready = |ok, reason| new("Ready", ok, reason, format!("ready says {reason}"), None);
+        let degraded = |bad, reason| new("Degraded", bad, reason, format!("degraded says {reason}"), None);
+        let tell = |warning, reason: &str| Transition { warning, reason: reason.into(), note: if warning && reason != "ReplicasNotReady" { format!("degraded says {reason}") } else { format!("ready says {reason}") } };
+
+        // Created and still starting: nothing to tell yet.
+        let starting = vec![ready(false, "ReplicasNotReady"), degraded(false, "AsExpected")];
+        assert_eq!(transitions(&[], &starting), []);
+        // Ready: one normal event; the same status again (a resync, a re-check): none.
+        let up = vec![ready(true, "ProxyReady"), degraded(false, "AsExpected")];
+        assert_eq!(transitions(&starting, &up), [tell(false, "ProxyReady")]);
+        assert_eq!(transitions(&up, &up), []);
+        // A replica lost with nothing degraded: a warning from Ready.
+        assert_eq!(transitions(&up, &starting), [tell(true, "ReplicasNotReady")]);
+        // Degraded: one warning with its own reason, not a second one from Ready.
+        let stuck = vec![ready(false, "ReplicasNotReady"), degraded(true, "Unschedulable")];
+        assert_eq!(transitions(&up, &stuck), [tell(true, "Unschedulable")]);
+        assert_eq!(transitions(&starting, &stuck), [tell(true, "Unschedulable")]);
+        assert_eq!(transitions(&stuck, &stuck), []);
+        // A new reason while degraded is a new warning; recovering is told by Ready.
+        let pulling = vec![ready(false, "ReplicasNotReady"), degraded(true, "ImagePullBackOff")];
+        assert_eq!(transitions(&stuck, &pulling), [tell(true, "ImagePullBackOff")]);
+        assert_eq!(transitions(&pulling, &up), [tell(false, "ProxyReady")]);
+        assert_eq!(transitions(&pulling, &starting), []);
     }
 }

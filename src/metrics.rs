@@ -35,6 +35,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Watches that failed and are being retried, by kind: a missing RBAC rule shows here.
     pub watch_failures: Family<KindLabel, Counter>,
+    /// Kubernetes Events the API server refused (the status still says everything).
+    pub event_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -54,7 +56,9 @@ impl Default for Metrics {
         registry.register("leader", "1 while this process is the leader that reconciles", leader.clone());
         let watch_failures = Family::<KindLabel, Counter>::default();
         registry.register("watch_failures", "Watches that failed and are retried with backoff, by kind", watch_failures.clone());
-        Self { registry, reconciles, failures, duration, api_requests, leader, watch_failures }
+        let event_failures = Counter::default();
+        registry.register("event_failures", "Kubernetes Events that could not be published", event_failures.clone());
+        Self { registry, reconciles, failures, duration, api_requests, leader, watch_failures, event_failures }
     }
 }
 

@@ -110,12 +110,18 @@ async fn unknown_reference_is_reported_per_entry_and_others_still_resolve() {
     assert_eq!((ghost.proxy_url.as_deref(), ghost.source, ghost.proxy_configured), (None, Source::Pool, false));
     let fine = st.pools.iter().find(|p| p.name == "fine").unwrap();
     assert_eq!(fine.proxy_url.as_deref(), Some("http://global.example:3128"));
+    // A warning event names the problem (events about cluster-scoped objects live in default).
+    let warning = wait_for_event(&client, "default", "ClusterConsolePolicy", &name, "UnresolvedEntries", T).await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(warning.note.as_deref().unwrap_or_default().contains(&format!("SpiceProxy {}/nope does not exist", ns.name)), "{warning:?}");
 
     // Creating the missing SpiceProxy resolves the entry without touching the policy.
     let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
     spx_api.create(&PostParams::default(), &proxy(&ns.name, "nope", "found.example.com")).await.unwrap();
     let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| is_ready(&s.conditions))).await;
     assert_eq!(st.pools.iter().find(|p| p.name == "ghost").unwrap().proxy_url.as_deref(), Some("http://found.example.com:3128"));
+    let resolved = wait_for_event(&client, "default", "ClusterConsolePolicy", &name, "Resolved", T).await;
+    assert_eq!((resolved.type_.as_deref(), resolved.note.as_deref()), (Some("Normal"), Some("3 entries resolved")), "one cluster and two pools");
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 //! The chart's ClusterRole is needed rule by rule: an operator whose ServiceAccount lacks one
 //! rule fails the matching scenario with a Forbidden condition that names the resource, or, for a
 //! watch, counts the failing watch by kind on /metrics. Pods are only read to say why replicas
-//! are not ready: without that rule the Ready condition says the pods could not be listed.
+//! are not ready: without that rule the Ready condition says the pods could not be listed. Events
+//! are told, never needed: without that rule the proxy still becomes ready and /metrics counts
+//! the refused events.
 //! (That it is sufficient is shown by every other integration test, which runs the operator
 //! with a token of the chart's own ServiceAccount.)
 //!
@@ -49,11 +51,8 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         Case { resource: "nodes", service: "NodePort", external_address: false, late: false, watched: None },
     ];
     for case in cases {
-        let ns = TestNamespace::new(&client, &format!("rbac-no-{}", case.resource)).await;
-        let kubeconfig = account_without(&client, &chart_role, case.resource, &ns.name).await;
-        let op = Operator::start_with(Some(kubeconfig));
+        let (ns, op, spx_api) = operator_without(&client, &chart_role, case.resource).await;
         let started = Instant::now();
-        let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
         let external = if case.external_address { "  externalAddress: {host: edge.example.com}\n" } else { "" };
         let create = |name: &str| {
             spx(&format!(
@@ -69,7 +68,7 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         let st = spx_api.get("edge").await.unwrap().status.unwrap();
         assert_eq!(st.proxy_url, None, "no URL is published while the proxy cannot be set up");
         if let Some(kind) = case.watched {
-            let failures = watch_failures(&op, kind);
+            let failures = counter(&op, &watch_failures_series(kind));
             assert!(failures.is_some_and(|n| n > 0), "watch failures of {kind} on /metrics: {failures:?}");
         }
         if case.late {
@@ -85,40 +84,63 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
     }
 
     // Without the policies' watch no policy resolves, and /metrics says which watch fails.
-    let ns = TestNamespace::new(&client, "rbac-no-clusterconsolepolicies").await;
-    let kubeconfig = account_without(&client, &chart_role, "clusterconsolepolicies", &ns.name).await;
-    let op = Operator::start_with(Some(kubeconfig));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while watch_failures(&op, "ClusterConsolePolicy").unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "no ClusterConsolePolicy watch failure on /metrics within 10 s:\n{}", op.metrics.encode());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (ns, op, _) = operator_without(&client, &chart_role, "clusterconsolepolicies").await;
+    wait_counted(&op, &watch_failures_series("ClusterConsolePolicy")).await;
     op.stop();
     cleanup(&client, &ns.name).await;
 
     // Without the pods rule a proxy whose pods cannot be scheduled is still handled, and its
     // Ready condition says why it cannot tell more.
-    let ns = TestNamespace::new(&client, "rbac-no-pods").await;
-    let kubeconfig = account_without(&client, &chart_role, "pods", &ns.name).await;
-    let op = Operator::start_with(Some(kubeconfig));
-    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
-    let yaml = format!(
-        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: edge.example.com}}\n  nodeSelector: {{spice-operator-test/pool: nowhere}}\n  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n",
-        ns.name
-    );
-    spx_api.create(&PostParams::default(), &spx(&yaml)).await.unwrap();
+    let (ns, op, spx_api) = operator_without(&client, &chart_role, "pods").await;
+    spx_api.create(&PostParams::default(), &proxy(&ns.name, "  nodeSelector: {spice-operator-test/pool: nowhere}\n")).await.unwrap();
     let unreadable = |s: &SpiceProxy| s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready" && c.message.contains("cannot list its pods")).cloned();
     let ready = wait_for(&spx_api, "edge", Duration::from_secs(30), unreadable).await;
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasNotReady"));
     assert!(ready.message.contains("pods") && ready.message.contains("forbidden"), "{}", ready.message);
     op.stop();
     cleanup(&client, &ns.name).await;
+
+    // Without the events rule the proxy still becomes ready; /metrics counts the refused events.
+    let (ns, op, spx_api) = operator_without(&client, &chart_role, "events").await;
+    spx_api.create(&PostParams::default(), &proxy(&ns.name, "")).await.unwrap();
+    wait_for(&spx_api, "edge", Duration::from_secs(30), |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    wait_counted(&op, "spice_operator_event_failures_total").await;
+    op.stop();
+    cleanup(&client, &ns.name).await;
 }
 
-/// `spice_operator_watch_failures_total{kind=...}` as /metrics shows it; None while absent.
-fn watch_failures(op: &Operator, kind: &str) -> Option<u64> {
-    let series = format!("spice_operator_watch_failures_total{{kind=\"{kind}\"}} ");
-    op.metrics.encode().lines().find_map(|l| l.strip_prefix(&series)?.parse().ok())
+/// A namespace, an operator whose account lacks the rule for `resource`, and the SpiceProxy API there.
+async fn operator_without(client: &Client, chart_role: &ClusterRole, resource: &str) -> (TestNamespace, Operator, Api<SpiceProxy>) {
+    let ns = TestNamespace::new(client, &format!("rbac-no-{resource}")).await;
+    let kubeconfig = account_without(client, chart_role, resource, &ns.name).await;
+    let op = Operator::start_with(Some(kubeconfig));
+    let api = Api::namespaced(client.clone(), &ns.name);
+    (ns, op, api)
+}
+
+/// SpiceProxy `edge` with an external address, plus `extra` lines of spec.
+fn proxy(ns: &str, extra: &str) -> SpiceProxy {
+    spx(&format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {ns}}}\nspec:\n  externalAddress: {{host: edge.example.com}}\n{extra}  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n"
+    ))
+}
+
+/// A counter's series as /metrics shows it, labels included; None while absent.
+fn counter(op: &Operator, series: &str) -> Option<u64> {
+    op.metrics.encode().lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn watch_failures_series(kind: &str) -> String {
+    format!("spice_operator_watch_failures_total{{kind=\"{kind}\"}}")
+}
+
+/// Waits up to 10 s for the series to count something.
+async fn wait_counted(op: &Operator, series: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(op, series).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "nothing counted in {series} on /metrics within 10 s:\n{}", op.metrics.encode());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A ServiceAccount bound to the chart's ClusterRole minus the rule covering `resource`;

@@ -92,6 +92,10 @@ async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
     let ready = condition("Ready")(&api.get("edge").await.unwrap()).unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasNotReady"));
     assert!(ready.message.starts_with("0/1 replicas ready; pod edge-") && ready.message.contains("Unschedulable"), "{}", ready.message);
+    // kubectl describe tells it too: one warning with the scheduler's reason.
+    let warning = wait_for_event(&client, &ns.name, "SpiceProxy", "edge", "Unschedulable", T).await;
+    assert_eq!((warning.type_.as_deref(), warning.reporting_controller.as_deref()), (Some("Warning"), Some("spice-operator")));
+    assert!(warning.note.as_deref().unwrap_or_default().starts_with("pod edge-"), "{warning:?}");
     let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("edge").await.unwrap();
     let pull: Vec<String> = d.spec.template.spec.unwrap().image_pull_secrets.unwrap().into_iter().map(|r| r.name).collect();
     assert_eq!(pull, ["regcred"]);
@@ -102,6 +106,9 @@ async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
     let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", "AsExpected"), "{degraded:?}");
     assert_eq!(st.proxy_url.as_deref(), Some("http://edge.example.com:3128"));
+    let ready = wait_for_event(&client, &ns.name, "SpiceProxy", "edge", "ProxyReady", T).await;
+    assert_eq!(ready.type_.as_deref(), Some("Normal"));
+    assert_eq!(ready.note.as_deref(), Some("1/1 replicas ready at http://edge.example.com:3128"));
 }
 
 #[tokio::test]

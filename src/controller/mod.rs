@@ -8,13 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::core::DeserializeGuard;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use crate::conditions;
 use crate::crd::SpiceProxy;
+use crate::labels;
 use crate::metrics::{KindLabel, Metrics};
 
 #[derive(thiserror::Error, Debug)]
@@ -49,6 +54,38 @@ pub struct Context {
     /// on `Store::wait_until_ready`, whose one-shot channel keeps only the last waiter's waker:
     /// with two waiters the first one is never woken (a policy once stayed unresolved forever).
     pub proxies_ready: watch::Receiver<bool>,
+    /// Publishes Kubernetes Events (and counts repeats of one into a series).
+    pub recorder: Recorder,
+}
+
+/// Longest event note the Events API accepts, in bytes.
+const EVENT_NOTE_MAX: usize = 1024;
+
+/// Publishes the events a status change is worth (`conditions::transitions`). A refused event is
+/// logged and counted, and never fails the reconcile: the status already says everything.
+pub(crate) async fn publish_transitions(ctx: &Context, regarding: &ObjectReference, previous: &[Condition], next: &[Condition]) {
+    for t in conditions::transitions(previous, next) {
+        let mut note = t.note;
+        if note.len() > EVENT_NOTE_MAX {
+            let mut end = EVENT_NOTE_MAX - '…'.len_utf8();
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push('…');
+        }
+        let event = Event {
+            type_: if t.warning { EventType::Warning } else { EventType::Normal },
+            reason: t.reason,
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, regarding).await {
+            ctx.metrics.event_failures.inc();
+            tracing::warn!(%error, reason = %event.reason, object = ?regarding.name, "could not publish an event");
+        }
+    }
 }
 
 /// Runs both controllers until `shutdown` flips to true. `ready` is set once the caches are synced.
@@ -70,7 +107,10 @@ pub async fn run(
     );
 
     let (proxies_ready_tx, proxies_ready) = watch::channel(false);
-    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready });
+    // The pod name tells replicas' events apart (the chart sets POD_NAME from the downward API).
+    let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready, recorder });
     let spx = spice_proxy::controller(ctx.clone(), shutdown.clone());
     let ccp = policy::controller(ctx.clone(), proxy_events, shutdown.clone());
     // The only waiter on the store's own readiness signal; everyone else watches `proxies_ready`.

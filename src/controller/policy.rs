@@ -11,11 +11,11 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, dropped_on, retry_after, trigger};
+use super::{Context, Error, Result, dropped_on, publish_transitions, retry_after, trigger};
 use crate::conditions;
 use crate::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy, SpiceProxyRef};
 use crate::metrics::ControllerLabel;
@@ -80,6 +80,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
             if changed {
                 let patch = Patch::Merge(json!({"status": status}));
                 api.patch_status(&policy.name_any(), &PatchParams::default(), &patch).await?;
+                publish_transitions(&ctx, &policy.object_ref(&()), &previous.conditions, &status.conditions).await;
             }
             Ok(Action::await_change())
         }
@@ -133,21 +134,25 @@ pub fn build_status(previous: &ClusterConsolePolicyStatus, resolved: Resolved, g
         .collect();
     let unresolved = errors.len() as i32;
     let total = resolved.entries().count();
+    // Name the first few problems; every entry carries its own error too.
+    let mut first_problems = errors.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+    if errors.len() > 5 {
+        first_problems.push_str("; ...");
+    }
     let ready = if errors.is_empty() {
         conditions::new("Ready", true, "Resolved", format!("{total} entries resolved"), generation)
     } else {
-        // Name the first few problems; every entry carries its own error too.
-        let mut msg = format!("{unresolved} of {total} entries unresolved: {}", errors.iter().take(5).cloned().collect::<Vec<_>>().join("; "));
-        if errors.len() > 5 {
-            msg.push_str("; ...");
-        }
-        conditions::new("Ready", false, "UnresolvedEntries", msg, generation)
+        conditions::new("Ready", false, "UnresolvedEntries", format!("{unresolved} of {total} entries unresolved: {first_problems}"), generation)
     };
     let degraded = conditions::new(
         "Degraded",
         !errors.is_empty(),
         if errors.is_empty() { "AsExpected" } else { "UnresolvedEntries" },
-        if errors.is_empty() { "every entry resolved".to_string() } else { format!("{unresolved} entries have no usable proxy; the others are resolved") },
+        if errors.is_empty() {
+            "every entry resolved".to_string()
+        } else {
+            format!("{unresolved} entries have no usable proxy, the others are resolved: {first_problems}")
+        },
         generation,
     );
     ClusterConsolePolicyStatus {

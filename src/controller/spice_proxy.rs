@@ -28,7 +28,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, retry_after, trigger};
+use super::{Context, Error, Result, publish_transitions, retry_after, trigger};
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
@@ -106,7 +106,7 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
     // validate: nothing is applied for an invalid spec, so nothing running is half-changed.
     if let Err(problems) = validate(&spx.spec) {
         let status = invalid_status(spx, &problems.join("; "));
-        return update_status(&api, spx, status).await;
+        return update_status(&api, spx, status, ctx).await;
     }
 
     // build (pure) → apply
@@ -128,7 +128,7 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
         // object the API server rejects, then retry with backoff.
         Err(Error::Kube(kube::Error::Api(e))) if e.code != 409 => {
             let status = apply_failed_status(spx, &e);
-            let _ = update_status(&api, spx, status).await;
+            let _ = update_status(&api, spx, status, ctx).await;
             return Err(Error::Kube(kube::Error::Api(e)));
         }
         Err(e) => return Err(e),
@@ -141,7 +141,7 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
 
     // update_status, from what the apply returned
     let status = build_status(spx, &deploy, &svc, node_address.as_deref(), &pods);
-    update_status(&api, spx, status).await?;
+    update_status(&api, spx, status, ctx).await?;
     Ok(if rolled_out { Action::await_change() } else { Action::requeue(POD_RECHECK) })
 }
 
@@ -280,12 +280,13 @@ pub fn apply_failed_status(spx: &SpiceProxy, e: &kube::core::Status) -> SpicePro
     }
 }
 
-async fn update_status(api: &Api<SpiceProxy>, spx: &SpiceProxy, mut status: SpiceProxyStatus) -> Result<Action> {
+async fn update_status(api: &Api<SpiceProxy>, spx: &SpiceProxy, mut status: SpiceProxyStatus, ctx: &Context) -> Result<Action> {
     let previous = spx.status.clone().unwrap_or_default();
     status.conditions = conditions::merge(&previous.conditions, status.conditions);
     if status != previous {
         let patch = json!({"status": status});
         api.patch_status(&spx.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        publish_transitions(ctx, &spx.object_ref(&()), &previous.conditions, &status.conditions).await;
     }
     // Changes to the SpiceProxy or anything it owns trigger a reconcile.
     Ok(Action::await_change())

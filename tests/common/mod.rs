@@ -167,6 +167,32 @@ where
     }
 }
 
+/// Polls until the operator published an event with `reason` about the object `kind/name`
+/// (events about cluster-scoped objects live in `default`), or panics after `timeout` with the
+/// events it did find about that object.
+pub async fn wait_for_event(client: &Client, ns: &str, kind: &str, name: &str, reason: &str, timeout: Duration) -> k8s_openapi::api::events::v1::Event {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let about: Vec<_> = api
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name)))
+            .collect();
+        if let Some(e) = about.iter().find(|e| e.reason.as_deref() == Some(reason)) {
+            return e.clone();
+        }
+        if Instant::now() > deadline {
+            let seen: Vec<_> = about.iter().map(|e| (e.type_.clone(), e.reason.clone(), e.note.clone())).collect();
+            panic!("no {reason} event about {kind} {ns}/{name} within {timeout:?}; events about it: {seen:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls until the object is gone.
 pub async fn wait_gone<K>(api: &Api<K>, name: &str, timeout: Duration)
 where
