@@ -740,6 +740,9 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
     let rolled_out = rolled_out(spx, deploy);
     let url = derive_url(spx, svc, node_address);
     let replica_failure = ds.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True"));
+    // The Deployment gave up waiting (progressDeadlineSeconds, 600 s) for pods whose problem
+    // the pods do not name, such as a readiness probe that never passes.
+    let stalled = ds.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
 
     let (ready_ok, ready_reason, ready_msg) = match (&url, rolled_out) {
         (Err((true, why)), _) => (false, "UnusableAddress", why.clone()),
@@ -753,6 +756,9 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
         (_, Some(c), _) => (true, "ReplicaFailure", c.message.clone().unwrap_or_default()),
         // The scheduler's or kubelet's own reason (Unschedulable, ImagePullBackOff, CrashLoopBackOff...).
         (_, None, PodDiagnosis::Problem { reason, .. }) => (true, reason.as_str(), pods.detail().trim_start_matches("; ").to_string()),
+        _ if stalled.is_some() && !rolled_out => {
+            (true, "ProgressDeadlineExceeded", format!("{ready}/{desired} replicas ready: {}", stalled.and_then(|c| c.message.clone()).unwrap_or_default()))
+        }
         _ => (false, "AsExpected", "no problems found".to_string()),
     };
     let (progressing, prog_reason, prog_msg) = match (&url, rolled_out) {
@@ -1041,6 +1047,28 @@ mod tests {
         let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.message, "0/1 replicas ready (cannot list its pods to say why: 403 Forbidden: pods is forbidden)");
         assert!(!conditions::is_true(&st.conditions, "Degraded"));
+    }
+
+    #[test]
+    fn a_stalled_rollout_is_degraded_unless_the_pods_say_more() {
+        let s = spx(BASIC);
+        let mut stalled = deploy_with(1, 2);
+        stalled.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::apps::v1::DeploymentCondition {
+            type_: Some("Progressing".into()),
+            status: Some("False".into()),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            message: Some("ReplicaSet \"edge-5d8\" has timed out progressing.".into()),
+            ..Default::default()
+        }]);
+        let mut two = s.clone();
+        two.spec.replicas = 2;
+        let st = build_status(&two, &stalled, &Service::default(), None, &PodDiagnosis::NothingWrong);
+        let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ProgressDeadlineExceeded"));
+        assert_eq!(degraded.message, "1/2 replicas ready: ReplicaSet \"edge-5d8\" has timed out progressing.");
+        let crashing = PodDiagnosis::Problem { pod: "edge-5d8-x".into(), reason: "CrashLoopBackOff".into(), message: "container proxy: back-off".into(), others: 0 };
+        let st = build_status(&two, &stalled, &Service::default(), None, &crashing);
+        assert_eq!(st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap().reason, "CrashLoopBackOff", "the pod's own reason says more");
     }
 
     #[test]
