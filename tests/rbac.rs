@@ -47,6 +47,7 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
         Case { resource: "configmaps", service: "ClusterIP", external_address: true, late: true, watched: Some("ConfigMap") },
         Case { resource: "deployments", service: "ClusterIP", external_address: true, late: false, watched: Some("Deployment") },
         Case { resource: "poddisruptionbudgets", service: "ClusterIP", external_address: true, late: false, watched: Some("PodDisruptionBudget") },
+        Case { resource: "networkpolicies", service: "ClusterIP", external_address: true, late: false, watched: Some("NetworkPolicy") },
         // Only a NodePort proxy without externalAddress reads nodes, to publish a node's address.
         Case { resource: "nodes", service: "NodePort", external_address: false, late: false, watched: None },
     ];

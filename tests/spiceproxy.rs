@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -58,6 +59,14 @@ async fn create_builds_owned_children_and_reports_ready_url() {
     assert_eq!(cfg.allowed_targets[0].ports, vec![(5900, 5999)]);
     let key = wait_for(&Api::<Secret>::namespaced(client.clone(), &ns.name), "edge-keys", T, |k| Some(k.clone())).await;
     assert_eq!(key.data.unwrap()["current"].0.len(), 32);
+
+    // Egress only to the allowed targets (and DNS), where the network plugin enforces it.
+    let np = wait_for(&Api::<NetworkPolicy>::namespaced(client.clone(), &ns.name), "edge-egress", T, |p| Some(p.clone())).await;
+    assert_eq!(np.owner_references()[0].uid, created.uid().unwrap());
+    let egress = np.spec.unwrap().egress.unwrap();
+    assert_eq!(egress[0].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap().cidr, "10.20.0.0/16");
+    let ports = egress[0].ports.as_ref().unwrap();
+    assert_eq!((ports[0].port.clone(), ports[0].end_port), (Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(5900)), Some(5999)));
 
     // kwok runs the pods; the URL is a node address plus the node port.
     let status = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
@@ -148,6 +157,12 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     })
     .await;
     assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(&policies, "edge-egress", T, |p| (p.spec.as_ref()?.egress.as_ref()?.len() == 3).then_some(())).await;
+
+    // Turning the NetworkPolicy off deletes it.
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"networkPolicy": {"enabled": false}}}))).await.unwrap();
+    wait_gone(&policies, "edge-egress", T).await;
 }
 
 #[tokio::test]
@@ -193,6 +208,7 @@ async fn deleting_the_spice_proxy_garbage_collects_its_objects() {
     wait_gone(&svcs, "edge", T).await;
     wait_gone(&cms, "edge-config", T).await;
     wait_gone(&secrets, "edge-keys", T).await;
+    wait_gone(&Api::<NetworkPolicy>::namespaced(client.clone(), &ns.name), "edge-egress", T).await;
 }
 
 #[tokio::test]

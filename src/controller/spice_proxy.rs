@@ -1,5 +1,6 @@
 //! SpiceProxy reconciler: runs the built-in proxy as ConfigMap + key Secret + Deployment +
-//! Service owned by the SpiceProxy, and publishes the URL clients use once it is Ready.
+//! Service + PodDisruptionBudget + egress NetworkPolicy owned by the SpiceProxy, and publishes
+//! the URL clients use once it is Ready.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -14,6 +15,9 @@ use k8s_openapi::api::core::v1::{
     Service, ServicePort, ServiceSpec as K8sServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec as K8sNetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -48,6 +52,7 @@ pub async fn controller(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
         .owns_stream(owned_changes::<Service>(&ctx, &shutdown))
         .owns_stream(owned_changes::<ConfigMap>(&ctx, &shutdown))
         .owns_stream(owned_changes::<PodDisruptionBudget>(&ctx, &shutdown))
+        .owns_stream(owned_changes::<NetworkPolicy>(&ctx, &shutdown))
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -247,7 +252,7 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
         meta.owner_references = Some(vec![owner.clone()]);
         meta
     };
-    let Children { mut config_map, mut deployment, mut service, mut disruption_budget } = children;
+    let Children { mut config_map, mut deployment, mut service, mut disruption_budget, network_policy } = children;
     config_map.metadata = with_owner(config_map.metadata);
     deployment.metadata = with_owner(deployment.metadata);
     service.metadata = with_owner(service.metadata);
@@ -259,6 +264,20 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
     Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
         .patch(&disruption_budget.name_any(), &pp, &Patch::Apply(&disruption_budget))
         .await?;
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
+    match network_policy {
+        Some(mut policy) => {
+            policy.metadata = with_owner(policy.metadata);
+            policies.patch(&policy.name_any(), &pp, &Patch::Apply(&policy)).await?;
+        }
+        // Turned off: delete the one made before, and only if it is ours.
+        None => {
+            let ours = policies.get_opt(&network_policy_name(name)).await?.filter(|p| p.owner_references().iter().any(|o| o.uid == owner.uid));
+            if let Some(policy) = ours {
+                policies.delete(&policy.name_any(), &Default::default()).await?;
+            }
+        }
+    }
     Ok((deployment, service))
 }
 
@@ -390,6 +409,12 @@ pub struct Children {
     pub service: Service,
     /// Lets node drains evict one replica at a time, never all at once.
     pub disruption_budget: PodDisruptionBudget,
+    /// Egress only to the allowed targets and DNS; None when the SpiceProxy turns it off.
+    pub network_policy: Option<NetworkPolicy>,
+}
+
+pub fn network_policy_name(spx: &str) -> String {
+    format!("{spx}-egress")
 }
 
 pub fn config_map_name(spx: &str) -> String {
@@ -627,7 +652,36 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         }),
         ..Default::default()
     };
-    Ok(Children { config_map, deployment, service, disruption_budget })
+    let network_policy = spec.network_policy.enabled.then(|| NetworkPolicy {
+        metadata: meta(network_policy_name(&name)),
+        spec: Some(K8sNetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: Some(labels::proxy_selector(&name)), ..Default::default() }),
+            policy_types: Some(vec!["Egress".into()]),
+            egress: Some(egress_rules(spec)),
+            ..Default::default()
+        }),
+    });
+    Ok(Children { config_map, deployment, service, disruption_budget, network_policy })
+}
+
+/// TCP to each allowed block on its ports, and DNS anywhere: a target may be a name the proxy
+/// resolves, and where the cluster's DNS answers from differs between clusters.
+fn egress_rules(spec: &SpiceProxySpec) -> Vec<NetworkPolicyEgressRule> {
+    let port = |protocol: &str, from: i32, to: Option<i32>| NetworkPolicyPort {
+        protocol: Some(protocol.into()),
+        port: Some(IntOrString::Int(from)),
+        end_port: to.filter(|&to| to > from),
+    };
+    let targets = spec.allowed_targets.iter().map(|rule| NetworkPolicyEgressRule {
+        to: Some(vec![NetworkPolicyPeer {
+            // The API server wants the network address (no host bits); validate checked it parses.
+            ip_block: Some(IPBlock { cidr: rule.cidr.parse::<ipnet::IpNet>().map_or_else(|_| rule.cidr.clone(), |n| n.trunc().to_string()), except: None }),
+            ..Default::default()
+        }]),
+        ports: Some(rule.ports.iter().map(|p| port("TCP", p.from, p.to)).collect()),
+    });
+    let dns = NetworkPolicyEgressRule { to: None, ports: Some(vec![port("UDP", 53, None), port("TCP", 53, None)]) };
+    targets.chain([dns]).collect()
 }
 
 fn service_type(t: ServiceType) -> &'static str {
@@ -1047,6 +1101,39 @@ mod tests {
         let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.message, "0/1 replicas ready (cannot list its pods to say why: 403 Forbidden: pods is forbidden)");
         assert!(!conditions::is_true(&st.conditions, "Degraded"));
+    }
+
+    #[test]
+    fn the_network_policy_lets_pods_reach_only_the_allowed_targets_and_dns() {
+        let mut s = spx(BASIC);
+        s.spec.allowed_targets.push(serde_yaml::from_str("{cidr: 192.0.2.77/24, ports: [{from: 5900}, {from: 6000, to: 6010}]}").unwrap());
+        let policy = build(&s, "i").unwrap().network_policy.expect("on by default");
+        assert_eq!(policy.metadata.name.as_deref(), Some("edge-egress"));
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.pod_selector.unwrap().match_labels, Some(labels::proxy_selector("edge")));
+        assert_eq!(spec.policy_types, Some(vec!["Egress".to_string()]), "ingress stays open to clients");
+        type Ports = Vec<(String, i32, Option<i32>)>;
+        let rules: Vec<(Option<String>, Ports)> = spec
+            .egress
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let to = r.to.map(|peers| peers[0].ip_block.clone().unwrap().cidr);
+                let ports = r.ports.unwrap().into_iter().map(|p| {
+                    let IntOrString::Int(n) = p.port.unwrap() else { panic!() };
+                    (p.protocol.unwrap(), n, p.end_port)
+                });
+                (to, ports.collect())
+            })
+            .collect();
+        let tcp = |from, to| ("TCP".to_string(), from, to);
+        assert_eq!(rules, vec![
+            (Some("10.0.0.0/16".into()), vec![tcp(5900, Some(5999))]),
+            (Some("192.0.2.0/24".into()), vec![tcp(5900, None), tcp(6000, Some(6010))]),
+            (None, vec![("UDP".into(), 53, None), tcp(53, None)]),
+        ]);
+        let off = spx(&format!("{BASIC}  networkPolicy: {{enabled: false}}\n"));
+        assert_eq!(build(&off, "i").unwrap().network_policy, None);
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct SpiceProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html5: Option<Html5Spec>,
 
+    /// A NetworkPolicy that lets the proxy pods connect only to `allowedTargets` (and DNS).
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+
     /// Container image of the proxy; defaults to the operator's own image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
@@ -242,6 +246,27 @@ pub struct ExternalAddress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+}
+
+/// Defence in depth beside the proxy's own allow-list: even a compromised replica reaches
+/// nothing but the hypervisors. Takes effect where the network plugin enforces NetworkPolicies;
+/// only egress is restricted (clients and load balancers reach the pods as before).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy (default true). False deletes one made before.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+fn enabled() -> bool {
+    true
 }
 
 /// Targets a tunnel may reach: an address block and the ports allowed in it.
