@@ -18,6 +18,11 @@ pub fn proxy_selector(instance: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(NAME.into(), "spice-proxy".into()), (INSTANCE.into(), instance.into())])
 }
 
+/// `proxy_selector` as a label selector string (`k=v,k=v`), for list calls and the scale subresource.
+pub fn proxy_selector_string(instance: &str) -> String {
+    proxy_selector(instance).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
 /// Labels on every object made for one SpiceProxy.
 pub fn proxy_labels(instance: &str) -> BTreeMap<String, String> {
     let mut labels = proxy_selector(instance);

@@ -165,6 +165,45 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     wait_gone(&policies, "edge-egress", T).await;
 }
 
+/// The scale subresource: `kubectl scale` and a HorizontalPodAutoscaler (kube-controller-manager's
+/// own) drive the replicas as on a Deployment, within the schema's limits.
+#[tokio::test]
+async fn kubectl_scale_and_an_autoscaler_set_the_replicas() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-scale").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+
+    // kubectl scale spx edge --replicas=3
+    api.patch_scale("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    wait_for(&deploys, "edge", T, |d| (d.spec.replicas == Some(3)).then_some(())).await;
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| st.ready_replicas == 3 && is_ready(&st.conditions)).map(|_| ())).await;
+    let scale = api.get_scale("edge").await.unwrap();
+    let status = scale.status.unwrap();
+    assert_eq!(status.replicas, 3);
+    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/instance=edge,app.kubernetes.io/name=spice-proxy"));
+    let err = api.patch_scale("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 101}}))).await.unwrap_err();
+    assert!(matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains("spec.replicas")), "{err}");
+
+    // An autoscaler's minimum applies even before it has metrics (there is no metrics server here).
+    let hpa: k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": "edge", "namespace": ns.name},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "console.spice-operator.io/v1alpha1", "kind": "SpiceProxy", "name": "edge"},
+            "minReplicas": 4, "maxReplicas": 6,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+        }
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), &ns.name).create(&PostParams::default(), &hpa).await.unwrap();
+    let scaled = wait_for(&api, "edge", Duration::from_secs(60), |s| (s.spec.replicas == 4).then(|| s.clone())).await;
+    assert!(scaled.metadata.generation.unwrap() > 1);
+    wait_for(&deploys, "edge", T, |d| (d.spec.replicas == Some(4)).then_some(())).await;
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| st.ready_replicas == 4 && is_ready(&st.conditions)).map(|_| ())).await;
+}
+
 #[tokio::test]
 async fn a_load_balancer_keeps_client_addresses_unless_told_otherwise() {
     shared_operator();

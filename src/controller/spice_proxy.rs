@@ -157,7 +157,7 @@ const PODS_READ: u32 = 128;
 
 /// Reads the proxy's pods (list only: no watch, no cache) and says what holds them up.
 async fn diagnose(client: &kube::Client, ns: &str, name: &str) -> PodDiagnosis {
-    let selector = labels::proxy_selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let selector = labels::proxy_selector_string(name);
     match Api::<Pod>::namespaced(client.clone(), ns).list(&ListParams::default().labels(&selector).limit(PODS_READ)).await {
         Ok(pods) => diagnose_pods(&pods.items),
         Err(kube::Error::Api(e)) => PodDiagnosis::Unreadable(format!("{} {}: {}", e.code, e.reason, e.message)),
@@ -838,7 +838,15 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
             ),
         });
     }
-    SpiceProxyStatus { proxy_url: url.ok(), html5_url, ready_replicas: ready, replicas: ds.replicas.unwrap_or(0), observed_generation: generation, conditions }
+    SpiceProxyStatus {
+        proxy_url: url.ok(),
+        html5_url,
+        ready_replicas: ready,
+        replicas: ds.replicas.unwrap_or(0),
+        selector: Some(labels::proxy_selector_string(&spx.name_any())),
+        observed_generation: generation,
+        conditions,
+    }
 }
 
 fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
@@ -849,6 +857,8 @@ fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
         html5_url: None,
         ready_replicas: previous.ready_replicas,
         replicas: previous.replicas,
+        // Pods of the last valid spec may still run, and an autoscaler still needs to find them.
+        selector: Some(labels::proxy_selector_string(&spx.name_any())),
         observed_generation: generation,
         conditions: vec![
             conditions::new("Ready", false, "InvalidSpec", why, generation),

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
     category = "spice",
     namespaced,
     status = "SpiceProxyStatus",
+    // kubectl scale and HorizontalPodAutoscalers work on a SpiceProxy as on a Deployment.
+    scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas", label_selector_path = ".status.selector"),
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.proxyUrl"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
@@ -487,6 +489,9 @@ pub struct SpiceProxyStatus {
     pub ready_replicas: i32,
     #[serde(default)]
     pub replicas: i32,
+    /// Label selector of the proxy pods, for the scale subresource (HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
