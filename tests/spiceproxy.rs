@@ -134,6 +134,8 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
 
     let patch = json!({"spec": {
         "replicas": 3,
+        "podLabels": {"team": "vdi"},
+        "podAnnotations": {"example.com/owner": "console-team"},
         "service": {"type": "NodePort", "port": 4000},
         "allowedTargets": [
             {"cidr": "10.20.0.0/16", "ports": [{"from": 5900, "to": 5999}]},
@@ -157,6 +159,12 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     })
     .await;
     assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
+    // The rolled pods carry the extra label and annotation.
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns.name);
+    let labelled = pods.list(&kube::api::ListParams::default().labels("team=vdi,app.kubernetes.io/instance=edge")).await.unwrap().items;
+    let running: Vec<_> = labelled.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    assert_eq!(running.len(), 3, "{:?}", labelled.iter().map(|p| p.metadata.name.clone()).collect::<Vec<_>>());
+    assert!(running.iter().all(|p| p.annotations().get("example.com/owner").map(String::as_str) == Some("console-team")));
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
     wait_for(&policies, "edge-egress", T, |p| (p.spec.as_ref()?.egress.as_ref()?.len() == 3).then_some(())).await;
 

@@ -394,6 +394,13 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     {
         problems.push(format!("externalAddress.host: {e}"));
     }
+    let own_labels = labels::proxy_labels("");
+    for key in spec.pod_labels.iter().flatten().map(|(k, _)| k).filter(|k| own_labels.contains_key(*k)) {
+        problems.push(format!("podLabels: {key} is set by the operator on every proxy pod"));
+    }
+    if spec.pod_annotations.as_ref().is_some_and(|a| a.contains_key(labels::CONFIG_HASH)) {
+        problems.push(format!("podAnnotations: {} is set by the operator (it rolls the pods when the configuration changes)", labels::CONFIG_HASH));
+    }
     for (i, secret) in spec.image_pull_secrets.iter().flatten().enumerate() {
         if !is_object_name(&secret.name) {
             problems.push(format!("imagePullSecrets[{i}].name {:?} is not a Secret name (lower-case letters, digits, '-' and '.')", secret.name));
@@ -574,8 +581,11 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels.clone()),
-                    annotations: Some(BTreeMap::from([(labels::CONFIG_HASH.to_string(), config_hash)])),
+                    // The user's extras first, so the operator's own keys win (validate refuses clashes).
+                    labels: Some(spec.pod_labels.clone().unwrap_or_default().into_iter().chain(labels.clone()).collect()),
+                    annotations: Some(
+                        spec.pod_annotations.clone().unwrap_or_default().into_iter().chain([(labels::CONFIG_HASH.to_string(), config_hash)]).collect(),
+                    ),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -593,6 +603,7 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
                         ..Default::default()
                     }),
                     image_pull_secrets: spec.image_pull_secrets.clone(),
+                    priority_class_name: spec.priority_class_name.clone(),
                     node_selector: spec.node_selector.clone(),
                     tolerations: spec.tolerations.clone(),
                     affinity: spec.affinity.clone(),
@@ -1144,6 +1155,32 @@ mod tests {
         ]);
         let off = spx(&format!("{BASIC}  networkPolicy: {{enabled: false}}\n"));
         assert_eq!(build(&off, "i").unwrap().network_policy, None);
+    }
+
+    #[test]
+    fn pod_labels_annotations_and_priority_reach_the_pods_without_taking_the_operators_keys() {
+        let s = spx(&format!(
+            "{BASIC}  podLabels: {{team: vdi}}\n  podAnnotations: {{sidecar.istio.io/inject: \"false\"}}\n  priorityClassName: consoles\n"
+        ));
+        assert!(validate(&s.spec).is_ok(), "{:?}", validate(&s.spec));
+        let template = build(&s, "i").unwrap().deployment.spec.template;
+        let meta = template.metadata.unwrap();
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["team"], "vdi");
+        assert_eq!(labels[labels::INSTANCE], "edge");
+        let annotations = meta.annotations.unwrap();
+        assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+        assert!(annotations.contains_key(labels::CONFIG_HASH));
+        assert_eq!(template.spec.unwrap().priority_class_name.as_deref(), Some("consoles"));
+
+        let s = spx(&format!(
+            "{BASIC}  podLabels: {{app.kubernetes.io/instance: other, app.kubernetes.io/name: x}}\n  podAnnotations: {{console.spice-operator.io/config-hash: x}}\n"
+        ));
+        assert_eq!(validate(&s.spec).unwrap_err(), [
+            "podLabels: app.kubernetes.io/instance is set by the operator on every proxy pod",
+            "podLabels: app.kubernetes.io/name is set by the operator on every proxy pod",
+            "podAnnotations: console.spice-operator.io/config-hash is set by the operator (it rolls the pods when the configuration changes)",
+        ]);
     }
 
     #[test]
