@@ -11,6 +11,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod resolve;
+pub mod rotation;
 
 /// On the first SIGTERM or Ctrl-C runs `begin_stop` (a graceful stop: drain, finish
 /// reconciles); a second one exits the process at once with status 1, as Kubernetes

@@ -108,6 +108,21 @@ enum Command {
         #[arg(long, default_value = "")]
         subject: String,
     },
+    /// Rotate a SpiceProxy's ticket key in two runs, so no replica refuses a ticket: the first
+    /// stages a new key (accepted, not signing); the second, once replicas have loaded it, signs
+    /// with it and keeps the old one as previous. Uses your kubeconfig (get and patch on the
+    /// SpiceProxy's key Secret).
+    RotateKey {
+        #[arg(long, short)]
+        namespace: String,
+        /// The SpiceProxy whose key Secret (<name>-keys) to rotate.
+        #[arg(long)]
+        spiceproxy: String,
+        /// How long a staged key waits before it signs: kubelet refreshes mounted Secrets within
+        /// about a minute.
+        #[arg(long, default_value_t = 120)]
+        min_stage_seconds: u64,
+    },
     /// Print the CustomResourceDefinitions (YAML), or write them to a file.
     Crdgen {
         #[arg(long, short)]
@@ -221,6 +236,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             let grace = Duration::from_secs(shutdown_grace_seconds);
             run_controller(Settings { proxy_image }, admin_addr, lease.settings(), api, namespace, grace).await
         }
+        Command::RotateKey { namespace, spiceproxy, min_stage_seconds } => rotate_key(&namespace, &spiceproxy, min_stage_seconds).await,
         Command::Resolve { place, vm } => cli_resolve(&place.policy, &place.cluster, place.pool.as_deref(), vm.as_deref()).await,
         Command::Console { place: Placement { policy, cluster, pool }, vm, host, port, tls_port, password_file, ca_file, host_subject, proxy_enabled, ttl, output } => {
             let read = |p: Option<PathBuf>| -> anyhow::Result<Option<String>> {
@@ -351,6 +367,13 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
             Ok(())
         }
     }
+}
+
+async fn rotate_key(namespace: &str, spiceproxy: &str, min_stage_seconds: u64) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("no Kubernetes configuration found (set KUBECONFIG): {e}"))?;
+    let done = spice_operator::rotation::rotate(client, namespace, spiceproxy, Duration::from_secs(min_stage_seconds)).await?;
+    println!("{done}");
+    Ok(())
 }
 
 async fn cli_resolve(policy: &str, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> anyhow::Result<()> {

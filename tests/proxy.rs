@@ -330,14 +330,15 @@ async fn forged_tickets_count_as_guesses_and_expired_ones_do_not() {
 }
 
 #[tokio::test]
-async fn key_rotation_accepts_current_and_previous_only() {
+async fn key_rotation_accepts_current_previous_and_next_only() {
     let up = echo_server().await;
     let p = start(|_, dir| {
         std::fs::write(dir.join("keys/current"), b"new-key-new-key-new-key-new-key!").unwrap();
         std::fs::write(dir.join("keys/previous"), KEY).unwrap();
+        std::fs::write(dir.join("keys/next"), b"staged-key-staged-key-staged-key").unwrap();
     })
     .await;
-    for key in [&b"new-key-new-key-new-key-new-key!"[..], KEY] {
+    for key in [&b"new-key-new-key-new-key-new-key!"[..], KEY, b"staged-key-staged-key-staged-key"] {
         let t = ticket_for("127.0.0.1", &[up.port()], 60, key);
         let (_, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), &basic("u", &t)).as_bytes()).await;
         assert_eq!(status, 200);

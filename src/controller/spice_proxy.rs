@@ -720,7 +720,7 @@ async fn ensure_key_secret(client: &kube::Client, ns: &str, spx: &str, owner: &O
             owner_references: Some(vec![owner.clone()]),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([("current".into(), k8s_openapi::ByteString(key.to_vec()))])),
+        data: Some(BTreeMap::from([(crate::proxy::ticket::CURRENT_KEY.into(), k8s_openapi::ByteString(key.to_vec()))])),
         ..Default::default()
     };
     match api.create(&PostParams::default(), &secret).await {

@@ -160,7 +160,7 @@ impl Engine {
                 let secret = Api::<Secret>::namespaced(self.client.clone(), &reference.namespace).get_opt(&key_secret_name(&reference.name)).await?;
                 let key = secret
                     .and_then(|s| s.data)
-                    .and_then(|d| d.get("current").map(|k| k.0.clone()))
+                    .and_then(|d| d.get(ticket::CURRENT_KEY).map(|k| k.0.clone()))
                     .ok_or_else(|| EngineError::Unavailable(format!("SpiceProxy {}/{} has no ticket key yet", reference.namespace, reference.name)))?;
                 prepared.ticket_for = Some((reference, key));
             }

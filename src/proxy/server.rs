@@ -70,7 +70,7 @@ pub fn response(version: Version, r: &Refusal) -> Vec<u8> {
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
 #[derive(Default)]
 struct Credentials {
-    /// Ticket keys: current first, then previous (rotation).
+    /// Ticket keys: current first, then previous and next (rotation).
     keys: Vec<Vec<u8>>,
     basic: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -78,7 +78,7 @@ struct Credentials {
 fn read_credentials(cfg: &ProxyConfig) -> anyhow::Result<Credentials> {
     let mut c = Credentials::default();
     if let Some(dir) = &cfg.keys_dir {
-        for name in ["current", "previous"] {
+        for name in [ticket::CURRENT_KEY, ticket::PREVIOUS_KEY, ticket::NEXT_KEY] {
             match std::fs::read(format!("{dir}/{name}")) {
                 Ok(k) if !k.is_empty() => c.keys.push(k),
                 Ok(_) => {}

@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 const PREFIX: &str = "v1";
+
+/// Keys of a SpiceProxy's key Secret (files in the replicas' key directory): `current` signs;
+/// `previous` (the one before the last rotation) and `next` (staged by a rotation, signing
+/// nothing yet) are accepted too. See `rotation`.
+pub const CURRENT_KEY: &str = "current";
+pub const PREVIOUS_KEY: &str = "previous";
+pub const NEXT_KEY: &str = "next";
 const DOMAIN: &[u8] = b"spice-operator ticket v1\n";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -302,10 +302,13 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 pub async fn generated_proxy(client: &Client, ns: &str, name: &str, listen: u16) -> (spice::Kill, u16, std::sync::mpsc::Receiver<String>, tempfile::TempDir) {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{name}-config")).await.unwrap();
-    let key = Api::<Secret>::namespaced(client.clone(), ns).get(&format!("{name}-keys")).await.unwrap().data.unwrap()["current"].0.clone();
+    let keys = Api::<Secret>::namespaced(client.clone(), ns).get(&format!("{name}-keys")).await.unwrap().data.unwrap();
     let mut config: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["config.json"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("current"), key).unwrap();
+    // Every key of the Secret, as its mount in a pod would show them (current, previous, next).
+    for (slot, key) in keys {
+        std::fs::write(dir.path().join(slot), key.0).unwrap();
+    }
     let admin = free_port();
     config["listen"] = format!("127.0.0.1:{listen}").into();
     config["adminListen"] = format!("127.0.0.1:{admin}").into();

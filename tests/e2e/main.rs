@@ -181,6 +181,74 @@ async fn proxy_serves_ticketed_tunnels_and_policy_hands_out_its_url() {
     let _ = ccp_api.delete(&policy_name, &DeleteParams::default()).await;
 }
 
+/// `spice-operator rotate-key`: the first run stages a key that replicas accept before anything
+/// signs with it; the second signs with it and keeps the old one, so tickets issued before keep
+/// working; a rotation that would retire a key whose tickets may still live is refused.
+#[tokio::test]
+async fn the_ticket_key_rotates_in_two_steps_without_refusing_a_ticket() {
+    let client = client().await;
+    let _operator = scenario_operator();
+    let ns = TestNamespace::new(&client, "e2e-rotate").await;
+    let p = spx(&format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: console.example.com}}\n  allowedTargets: [{{cidr: 127.0.0.0/8, ports: [{{from: 1024, to: 65535}}]}}]\n",
+        ns.name
+    ));
+    Api::<SpiceProxy>::namespaced(client.clone(), &ns.name).create(&PostParams::default(), &p).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let original = wait_for(&secrets, "edge-keys", T, |s| Some(s.data.clone()?.get("current")?.0.clone())).await;
+    let rotate = |extra: &[&str]| Command::new(BIN).args(["rotate-key", "-n", &ns.name, "--spiceproxy", "edge"]).args(extra).output().unwrap();
+    let slots = |s: &Secret| s.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect::<std::collections::BTreeMap<_, _>>();
+    // Tickets signed with `key` through a replica run from the Secret as it is now: the statuses.
+    let statuses = |keys: Vec<Vec<u8>>| {
+        let (client, ns) = (client.clone(), ns.name.clone());
+        async move {
+            let (proxy, target, _keep) = through_generated_config(&client, &ns, std::path::Path::new("")).await;
+            let mut out = Vec::new();
+            for key in keys {
+                let key_file = tempfile::NamedTempFile::new().unwrap();
+                std::fs::write(key_file.path(), &key).unwrap();
+                let ticket = run(Command::new(BIN).args(["ticket", "--target", &target.to_string(), "--ttl", "600"]).arg("--key-file").arg(key_file.path()));
+                let auth = base64::engine::general_purpose::STANDARD.encode(format!("u:{}", ticket.trim()));
+                out.push(connect_and_get(proxy, target, Some(&auth)).split(' ').nth(1).unwrap_or_default().to_string());
+            }
+            out
+        }
+    };
+
+    // 1. Stage: nothing signs with the new key yet, but replicas already accept it.
+    let out = rotate(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("staged a new ticket key"), "{}", String::from_utf8_lossy(&out.stdout));
+    let keys = slots(&secrets.get("edge-keys").await.unwrap());
+    let staged = keys["next"].clone();
+    assert_eq!((keys["current"].clone(), staged.len()), (original.clone(), 32));
+    assert_ne!(staged, original);
+    assert_eq!(statuses(vec![original.clone(), staged.clone(), b"some-other-key".to_vec()]).await, ["200", "200", "407"]);
+
+    // 2. Too early to sign with it: a sentence and a failing exit code, nothing changed.
+    let out = rotate(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was staged") && String::from_utf8_lossy(&out.stderr).contains("run again in"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(slots(&secrets.get("edge-keys").await.unwrap()), keys);
+
+    // 3. Promote: the staged key signs; the old one stays accepted for tickets issued before.
+    let out = rotate(&["--min-stage-seconds", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rotated = secrets.get("edge-keys").await.unwrap();
+    let keys = slots(&rotated);
+    assert_eq!((keys.get("current"), keys.get("previous"), keys.get("next")), (Some(&staged), Some(&original), None));
+    let annotations = rotated.metadata.annotations.unwrap_or_default();
+    assert!(annotations.contains_key("console.spice-operator.io/key-rotated-at") && !annotations.contains_key("console.spice-operator.io/key-staged-at"), "{annotations:?}");
+    assert_eq!(statuses(vec![staged.clone(), original.clone()]).await, ["200", "200"]);
+
+    // 4. Another promotion now would retire the original key while its tickets may still live.
+    assert!(rotate(&[]).status.success(), "staging again retires nothing");
+    let out = rotate(&["--min-stage-seconds", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tickets live up to 600 s"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(slots(&secrets.get("edge-keys").await.unwrap()).get("previous"), Some(&original));
+}
+
 /// CONNECT through the proxy; with a 200, send `GET /healthz` in the tunnel. Returns all bytes read.
 fn connect_and_get(proxy: SocketAddr, target: SocketAddr, auth: Option<&str>) -> String {
     let mut s = TcpStream::connect(proxy).expect("proxy reachable");
