@@ -1,6 +1,10 @@
 //! Prometheus metrics of the operator, served on `/metrics`.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
+
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::Store;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -8,6 +12,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::conditions;
+use crate::crd::{ClusterConsolePolicy, SpiceProxy};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabel {
@@ -17,6 +24,17 @@ pub struct ControllerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabel {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +55,17 @@ pub struct Metrics {
     pub watch_failures: Family<KindLabel, Counter>,
     /// Kubernetes Events the API server refused (the status still says everything).
     pub event_failures: Counter,
+    /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
+    /// need without a kube-state-metrics configuration for our CRDs.
+    spiceproxy_ready: Family<ProxyLabel, Gauge>,
+    spiceproxy_degraded: Family<ProxyLabel, Gauge>,
+    policy_ready: Family<PolicyLabel, Gauge>,
+    policy_unresolved: Family<PolicyLabel, Gauge>,
+    /// The caches those come from, once the controllers run (a standby has none).
+    proxies: OnceLock<Store<DeserializeGuard<SpiceProxy>>>,
+    policies: OnceLock<Store<DeserializeGuard<ClusterConsolePolicy>>>,
+    /// One scrape at a time: each refills the per-object gauges before encoding them.
+    scraping: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -58,12 +87,73 @@ impl Default for Metrics {
         registry.register("watch_failures", "Watches that failed and are retried with backoff, by kind", watch_failures.clone());
         let event_failures = Counter::default();
         registry.register("event_failures", "Kubernetes Events that could not be published", event_failures.clone());
-        Self { registry, reconciles, failures, duration, api_requests, leader, watch_failures, event_failures }
+        let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
+        registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
+        let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
+        registry.register("spiceproxy_degraded", "1 while the SpiceProxy's Degraded condition is True (or it cannot be decoded)", spiceproxy_degraded.clone());
+        let policy_ready = Family::<PolicyLabel, Gauge>::default();
+        registry.register("policy_ready", "1 while every entry of the ClusterConsolePolicy resolves", policy_ready.clone());
+        let policy_unresolved = Family::<PolicyLabel, Gauge>::default();
+        registry.register("policy_unresolved_entries", "Clusters, pools and VMs of the ClusterConsolePolicy without a usable proxy", policy_unresolved.clone());
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            api_requests,
+            leader,
+            watch_failures,
+            event_failures,
+            spiceproxy_ready,
+            spiceproxy_degraded,
+            policy_ready,
+            policy_unresolved,
+            proxies: OnceLock::new(),
+            policies: OnceLock::new(),
+            scraping: Mutex::new(()),
+        }
     }
 }
 
 impl Metrics {
+    /// The SpiceProxy cache the per-proxy gauges are read from (the first one given counts).
+    pub fn report_proxies(&self, store: Store<DeserializeGuard<SpiceProxy>>) {
+        let _ = self.proxies.set(store);
+    }
+
+    pub fn report_policies(&self, store: Store<DeserializeGuard<ClusterConsolePolicy>>) {
+        let _ = self.policies.set(store);
+    }
+
+    /// Refills the per-object gauges from the caches: a deleted object has no series.
+    fn refresh_objects(&self) {
+        self.spiceproxy_ready.clear();
+        self.spiceproxy_degraded.clear();
+        for guard in self.proxies.get().map(Store::state).unwrap_or_default() {
+            let (meta, conditions) = match &guard.0 {
+                Ok(spx) => (&spx.metadata, spx.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default()),
+                Err(invalid) => (&invalid.metadata, &[][..]),
+            };
+            let label = ProxyLabel { namespace: meta.namespace.clone().unwrap_or_default(), name: meta.name.clone().unwrap_or_default() };
+            self.spiceproxy_ready.get_or_create(&label).set(i64::from(conditions::is_true(conditions, "Ready")));
+            self.spiceproxy_degraded.get_or_create(&label).set(i64::from(guard.0.is_err() || conditions::is_true(conditions, "Degraded")));
+        }
+        self.policy_ready.clear();
+        self.policy_unresolved.clear();
+        for guard in self.policies.get().map(Store::state).unwrap_or_default() {
+            let (meta, status) = match &guard.0 {
+                Ok(p) => (&p.metadata, p.status.clone().unwrap_or_default()),
+                Err(invalid) => (&invalid.metadata, Default::default()),
+            };
+            let label = PolicyLabel { policy: meta.name.clone().unwrap_or_default() };
+            self.policy_ready.get_or_create(&label).set(i64::from(conditions::is_true(&status.conditions, "Ready")));
+            self.policy_unresolved.get_or_create(&label).set(i64::from(status.unresolved));
+        }
+    }
+
     pub fn encode(&self) -> String {
+        let _one_at_a_time = self.scraping.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.refresh_objects();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -74,5 +164,52 @@ impl Metrics {
             .iter()
             .map(|v| self.api_requests.get_or_create(&RequestLabel { verb: v.to_string() }).get())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    fn proxy(name: &str, ready: bool, degraded: bool) -> DeserializeGuard<SpiceProxy> {
+        let yaml = format!("apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: {name}, namespace: vdi}}\nspec:\n  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n");
+        let mut spx: SpiceProxy = serde_yaml::from_str(&yaml).unwrap();
+        spx.status = Some(crate::crd::SpiceProxyStatus {
+            conditions: vec![conditions::new("Ready", ready, "R", "", None), conditions::new("Degraded", degraded, "D", "", None)],
+            ..Default::default()
+        });
+        DeserializeGuard(Ok(spx))
+    }
+
+    #[test]
+    fn per_object_gauges_follow_the_caches_and_drop_deleted_objects() {
+        let metrics = Metrics::default();
+        assert!(!metrics.encode().contains("spiceproxy_ready{"), "no series before the controllers run");
+        let (proxies, mut writer) = reflector::store::<DeserializeGuard<SpiceProxy>>();
+        metrics.report_proxies(proxies);
+        writer.apply_watcher_event(&watcher::Event::Apply(proxy("edge", true, false)));
+        writer.apply_watcher_event(&watcher::Event::Apply(proxy("stuck", false, true)));
+        let (policies, mut policy_writer) = reflector::store::<DeserializeGuard<ClusterConsolePolicy>>();
+        metrics.report_policies(policies);
+        let mut policy: ClusterConsolePolicy = serde_yaml::from_str("apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {name: default}\nspec: {}\n").unwrap();
+        policy.status = Some(crate::crd::ClusterConsolePolicyStatus { unresolved: 2, conditions: vec![conditions::new("Ready", false, "UnresolvedEntries", "", None)], ..Default::default() });
+        policy_writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(policy))));
+
+        let text = metrics.encode();
+        for line in [
+            "spice_operator_spiceproxy_ready{namespace=\"vdi\",name=\"edge\"} 1",
+            "spice_operator_spiceproxy_degraded{namespace=\"vdi\",name=\"edge\"} 0",
+            "spice_operator_spiceproxy_ready{namespace=\"vdi\",name=\"stuck\"} 0",
+            "spice_operator_spiceproxy_degraded{namespace=\"vdi\",name=\"stuck\"} 1",
+            "spice_operator_policy_ready{policy=\"default\"} 0",
+            "spice_operator_policy_unresolved_entries{policy=\"default\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        writer.apply_watcher_event(&watcher::Event::Delete(proxy("stuck", false, true)));
+        let text = metrics.encode();
+        assert!(!text.contains("name=\"stuck\""), "a deleted SpiceProxy keeps no series:\n{text}");
+        assert!(text.contains("spice_operator_spiceproxy_ready{namespace=\"vdi\",name=\"edge\"} 1"));
     }
 }

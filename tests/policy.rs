@@ -91,7 +91,7 @@ async fn policy_resolves_every_level_and_follows_spice_proxy_changes_within_two_
 
 #[tokio::test]
 async fn unknown_reference_is_reported_per_entry_and_others_still_resolve() {
-    shared_operator();
+    let operator = shared_operator();
     let client = client().await;
     let ns = TestNamespace::new(&client, "ccp-missing").await;
     let name = format!("{}-policy", ns.name);
@@ -110,6 +110,7 @@ async fn unknown_reference_is_reported_per_entry_and_others_still_resolve() {
     assert_eq!((ghost.proxy_url.as_deref(), ghost.source, ghost.proxy_configured), (None, Source::Pool, false));
     let fine = st.pools.iter().find(|p| p.name == "fine").unwrap();
     assert_eq!(fine.proxy_url.as_deref(), Some("http://global.example:3128"));
+    operator.wait_for_metric(&format!("spice_operator_policy_unresolved_entries{{policy=\"{name}\"}} 1")).await;
     // A warning event names the problem (events about cluster-scoped objects live in default).
     let warning = wait_for_event(&client, "default", "ClusterConsolePolicy", &name, "UnresolvedEntries", T).await;
     assert_eq!(warning.type_.as_deref(), Some("Warning"));
@@ -120,6 +121,8 @@ async fn unknown_reference_is_reported_per_entry_and_others_still_resolve() {
     spx_api.create(&PostParams::default(), &proxy(&ns.name, "nope", "found.example.com")).await.unwrap();
     let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| is_ready(&s.conditions))).await;
     assert_eq!(st.pools.iter().find(|p| p.name == "ghost").unwrap().proxy_url.as_deref(), Some("http://found.example.com:3128"));
+    operator.wait_for_metric(&format!("spice_operator_policy_ready{{policy=\"{name}\"}} 1")).await;
+    operator.wait_for_metric(&format!("spice_operator_policy_unresolved_entries{{policy=\"{name}\"}} 0")).await;
     let resolved = wait_for_event(&client, "default", "ClusterConsolePolicy", &name, "Resolved", T).await;
     assert_eq!((resolved.type_.as_deref(), resolved.note.as_deref()), (Some("Normal"), Some("3 entries resolved")), "one cluster and two pools");
 }

@@ -84,7 +84,7 @@ async fn create_builds_owned_children_and_reports_ready_url() {
 /// pod and the scheduler's reason, and clears once they run.
 #[tokio::test]
 async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
-    shared_operator();
+    let operator = shared_operator();
     let client = client().await;
     let ns = TestNamespace::new(&client, "spx-pods").await;
     let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
@@ -101,6 +101,10 @@ async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
     let ready = condition("Ready")(&api.get("edge").await.unwrap()).unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasNotReady"));
     assert!(ready.message.starts_with("0/1 replicas ready; pod edge-") && ready.message.contains("Unschedulable"), "{}", ready.message);
+    // /metrics says so for alerts (per SpiceProxy, from the operator's cache).
+    let series = |metric: &str, value: u8| format!("spice_operator_spiceproxy_{metric}{{namespace=\"{}\",name=\"edge\"}} {value}", ns.name);
+    operator.wait_for_metric(&series("degraded", 1)).await;
+    operator.wait_for_metric(&series("ready", 0)).await;
     // kubectl describe tells it too: one warning with the scheduler's reason.
     let warning = wait_for_event(&client, &ns.name, "SpiceProxy", "edge", "Unschedulable", T).await;
     assert_eq!((warning.type_.as_deref(), warning.reporting_controller.as_deref()), (Some("Warning"), Some("spice-operator")));
@@ -115,6 +119,8 @@ async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
     let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", "AsExpected"), "{degraded:?}");
     assert_eq!(st.proxy_url.as_deref(), Some("http://edge.example.com:3128"));
+    operator.wait_for_metric(&series("ready", 1)).await;
+    operator.wait_for_metric(&series("degraded", 0)).await;
     let ready = wait_for_event(&client, &ns.name, "SpiceProxy", "edge", "ProxyReady", T).await;
     assert_eq!(ready.type_.as_deref(), Some("Normal"));
     assert_eq!(ready.note.as_deref(), Some("1/1 replicas ready at http://edge.example.com:3128"));

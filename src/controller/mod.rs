@@ -110,6 +110,7 @@ pub async fn run(
     // The pod name tells replicas' events apart (the chart sets POD_NAME from the downward API).
     let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let recorder = Recorder::new(client.clone(), reporter);
+    metrics.report_proxies(proxies.clone());
     let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready, recorder });
     let spx = spice_proxy::controller(ctx.clone(), shutdown.clone());
     let ccp = policy::controller(ctx.clone(), proxy_events, shutdown.clone());

@@ -29,6 +29,7 @@ pub async fn controller(
     shutdown: watch::Receiver<bool>,
 ) {
     let (policies, writer) = reflector::store();
+    ctx.metrics.report_policies(policies.clone());
     let api = Api::<DeserializeGuard<ClusterConsolePolicy>>::all(ctx.client.clone());
     let changes = reflector(writer, watcher(api, watcher::Config::default())).applied_objects();
     let controller = Controller::for_stream(trigger(changes, "ClusterConsolePolicy".into(), ctx.metrics.clone(), &shutdown), policies.clone());

@@ -101,9 +101,20 @@ impl Operator {
 }
 
 /// One operator for the whole test binary.
-pub fn shared_operator() {
+pub fn shared_operator() -> &'static Operator {
     static OP: OnceLock<Operator> = OnceLock::new();
-    OP.get_or_init(Operator::start);
+    OP.get_or_init(Operator::start)
+}
+
+impl Operator {
+    /// Waits up to 10 s for /metrics to show `line` exactly (the caches follow the API server).
+    pub async fn wait_for_metric(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.metrics.encode().lines().any(|l| l == line) {
+            assert!(Instant::now() < deadline, "/metrics never showed {line}:\n{}", self.metrics.encode());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A throwaway labelled namespace; deleted afterwards, its objects dumped if the test failed.
