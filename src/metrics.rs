@@ -59,6 +59,7 @@ pub struct Metrics {
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
     spiceproxy_degraded: Family<ProxyLabel, Gauge>,
+    spiceproxy_desired: Family<ProxyLabel, Gauge>,
     policy_ready: Family<PolicyLabel, Gauge>,
     policy_unresolved: Family<PolicyLabel, Gauge>,
     /// The caches those come from, once the controllers run (a standby has none).
@@ -91,6 +92,8 @@ impl Default for Metrics {
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_degraded", "1 while the SpiceProxy's Degraded condition is True (or it cannot be decoded)", spiceproxy_degraded.clone());
+        let spiceproxy_desired = Family::<ProxyLabel, Gauge>::default();
+        registry.register("spiceproxy_desired_replicas", "spec.replicas of the SpiceProxy (0: scaled to zero on purpose, not ready by design)", spiceproxy_desired.clone());
         let policy_ready = Family::<PolicyLabel, Gauge>::default();
         registry.register("policy_ready", "1 while every entry of the ClusterConsolePolicy resolves", policy_ready.clone());
         let policy_unresolved = Family::<PolicyLabel, Gauge>::default();
@@ -106,6 +109,7 @@ impl Default for Metrics {
             event_failures,
             spiceproxy_ready,
             spiceproxy_degraded,
+            spiceproxy_desired,
             policy_ready,
             policy_unresolved,
             proxies: OnceLock::new(),
@@ -129,14 +133,16 @@ impl Metrics {
     fn refresh_objects(&self) {
         self.spiceproxy_ready.clear();
         self.spiceproxy_degraded.clear();
+        self.spiceproxy_desired.clear();
         for guard in self.proxies.get().map(Store::state).unwrap_or_default() {
-            let (meta, conditions) = match &guard.0 {
-                Ok(spx) => (&spx.metadata, spx.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default()),
-                Err(invalid) => (&invalid.metadata, &[][..]),
+            let (meta, conditions, desired) = match &guard.0 {
+                Ok(spx) => (&spx.metadata, spx.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default(), spx.spec.replicas),
+                Err(invalid) => (&invalid.metadata, &[][..], 0),
             };
             let label = ProxyLabel { namespace: meta.namespace.clone().unwrap_or_default(), name: meta.name.clone().unwrap_or_default() };
             self.spiceproxy_ready.get_or_create(&label).set(i64::from(conditions::is_true(conditions, "Ready")));
             self.spiceproxy_degraded.get_or_create(&label).set(i64::from(guard.0.is_err() || conditions::is_true(conditions, "Degraded")));
+            self.spiceproxy_desired.get_or_create(&label).set(i64::from(desired));
         }
         self.policy_ready.clear();
         self.policy_unresolved.clear();
@@ -200,6 +206,7 @@ mod tests {
         for line in [
             "spice_operator_spiceproxy_ready{namespace=\"vdi\",name=\"edge\"} 1",
             "spice_operator_spiceproxy_degraded{namespace=\"vdi\",name=\"edge\"} 0",
+            "spice_operator_spiceproxy_desired_replicas{namespace=\"vdi\",name=\"edge\"} 1",
             "spice_operator_spiceproxy_ready{namespace=\"vdi\",name=\"stuck\"} 0",
             "spice_operator_spiceproxy_degraded{namespace=\"vdi\",name=\"stuck\"} 1",
             "spice_operator_policy_ready{policy=\"default\"} 0",

@@ -171,13 +171,14 @@ fn security_violations(doc: &Value) -> Vec<String> {
 }
 
 /// The proxy Deployment the operator builds for the example SpiceProxy.
-fn example_proxy_deployment() -> Value {
+/// The SpiceProxy of examples/spiceproxy.yaml.
+fn example_proxy() -> SpiceProxy {
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/spiceproxy.yaml")).unwrap();
-    let spx: SpiceProxy = docs(&example)
-        .into_iter()
-        .find(|d| kind(d) == "SpiceProxy")
-        .map(|d| serde_yaml::from_value(d).unwrap())
-        .unwrap();
+    docs(&example).into_iter().find(|d| kind(d) == "SpiceProxy").map(|d| serde_yaml::from_value(d).unwrap()).unwrap()
+}
+
+fn example_proxy_deployment() -> Value {
+    let spx = example_proxy();
     let children = spice_proxy::build(&spx, "spice-operator:test").unwrap();
     let mut deployment = serde_yaml::to_value(&children.deployment).unwrap();
     deployment["kind"] = Value::from("Deployment");
@@ -236,4 +237,47 @@ fn dockerfile_passes_hadolint() {
     // The image holds one binary for both modes and ships the browser client pages.
     let df = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
     assert!(df.contains("USER 65532:65532") && df.contains("/usr/share/spice-html5") && df.contains("ENTRYPOINT [\"/usr/local/bin/spice-operator\"]"));
+}
+
+/// Every alert of the optional PrometheusRule is about a metric the operator or the proxy
+/// actually exports: a renamed metric must not leave an alert that can never fire.
+#[test]
+fn the_prometheus_rule_alerts_on_exported_metrics() {
+    assert!(render(&[]).iter().all(|d| kind(d) != "PrometheusRule"), "off by default: it needs the Prometheus Operator's CRDs");
+    let all = render(&["prometheusRule.enabled=true", "prometheusRule.labels.release=prometheus"]);
+    let rule = all.iter().find(|d| kind(d) == "PrometheusRule").expect("a PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], Value::from("prometheus"));
+    let exported = format!("{}{}", operator_metrics_with_one_of_each(), spice_operator::proxy::metrics::ProxyMetrics::default().encode());
+    let rules = rule["spec"]["groups"][0]["rules"].as_sequence().unwrap();
+    assert!(rules.len() >= 5, "{rules:?}");
+    for r in rules {
+        let expr = r["expr"].as_str().unwrap();
+        let names: Vec<&str> = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("spice_")).collect();
+        assert!(!names.is_empty(), "{expr}");
+        for name in names {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert!(exported.contains(&format!("# TYPE {family} ")), "alert {:?} uses {name}, which nothing exports", r["alert"]);
+        }
+        assert!(r["annotations"]["summary"].as_str().is_some_and(|s| !s.contains("{{`")), "{r:?}");
+    }
+    assert_eq!(render(&["prometheusRule.enabled=true", "prometheusRule.lockoutsPer15m=20"]).iter().find(|d| kind(d) == "PrometheusRule").unwrap()["spec"]["groups"][0]["rules"]
+        .as_sequence().unwrap().iter().find(|r| r["alert"] == "SpiceProxyAuthLockouts").unwrap()["expr"], Value::from("increase(spice_proxy_auth_lockouts_total[15m]) > 20"));
+}
+
+/// The operator's /metrics with one SpiceProxy and one policy in its caches (per-object series
+/// only appear for objects that exist) and one watch failure.
+fn operator_metrics_with_one_of_each() -> String {
+    use kube::core::DeserializeGuard;
+    use kube::runtime::{reflector, watcher};
+    let metrics = spice_operator::metrics::Metrics::default();
+    let (proxies, mut writer) = reflector::store::<DeserializeGuard<SpiceProxy>>();
+    writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(example_proxy()))));
+    metrics.report_proxies(proxies);
+    let (policies, mut writer) = reflector::store::<DeserializeGuard<spice_operator::crd::ClusterConsolePolicy>>();
+    let policy = "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {name: default}\nspec: {}\n";
+    writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(serde_yaml::from_str(policy).unwrap()))));
+    metrics.report_policies(policies);
+    // Likewise a labelled counter shows once one of its series exists.
+    let _ = metrics.watch_failures.get_or_create(&spice_operator::metrics::KindLabel { kind: "SpiceProxy".into() });
+    metrics.encode()
 }
