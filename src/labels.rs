@@ -12,10 +12,18 @@ pub const VERSION: &str = "app.kubernetes.io/version";
 /// Pod template annotation: a hash of the proxy configuration, so a change rolls the pods.
 pub const CONFIG_HASH: &str = "console.spice-operator.io/config-hash";
 
+/// `app.kubernetes.io/name` of every proxy pod.
+const PROXY_APP: &str = "spice-proxy";
+
+/// A label selector matching the pods of every SpiceProxy (for one watch over all of them).
+pub fn all_proxy_pods_selector() -> String {
+    format!("{NAME}={PROXY_APP},{MANAGED_BY}={FIELD_MANAGER}")
+}
+
 /// Labels that select the pods of one SpiceProxy. Never change these: a Deployment's
 /// selector is immutable.
 pub fn proxy_selector(instance: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(NAME.into(), "spice-proxy".into()), (INSTANCE.into(), instance.into())])
+    BTreeMap::from([(NAME.into(), PROXY_APP.into()), (INSTANCE.into(), instance.into())])
 }
 
 /// `proxy_selector` as a label selector string (`k=v,k=v`), for list calls and the scale subresource.

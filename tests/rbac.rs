@@ -98,6 +98,7 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
     let ready = wait_for(&spx_api, "edge", Duration::from_secs(30), unreadable).await;
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasNotReady"));
     assert!(ready.message.contains("pods") && ready.message.contains("forbidden"), "{}", ready.message);
+    wait_counted(&op, &watch_failures_series("Pod")).await;
     op.stop();
     cleanup(&client, &ns.name).await;
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, reflector};
+use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -53,6 +53,10 @@ pub async fn controller(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
         .owns_stream(owned_changes::<ConfigMap>(&ctx, &shutdown))
         .owns_stream(owned_changes::<PodDisruptionBudget>(&ctx, &shutdown))
         .owns_stream(owned_changes::<NetworkPolicy>(&ctx, &shutdown))
+        .watches_stream(pod_changes(&ctx, &shutdown), |pod| {
+            // Pods belong to ReplicaSets, not to the SpiceProxy: its name is in their labels.
+            Some(ObjectRef::new(pod.labels().get(labels::INSTANCE)?).within(&pod.namespace()?))
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -70,6 +74,15 @@ where
     let owned = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::FIELD_MANAGER));
     let changes = watcher(Api::<PartialObjectMeta<K>>::all(ctx.client.clone()), owned).touched_objects();
     trigger(changes, K::kind(&()).into_owned(), ctx.metrics.clone(), shutdown)
+}
+
+/// Changes to proxy pods (their metadata is enough to trigger), until shutdown: a pod that
+/// cannot be scheduled or started changes nothing on the Deployment, so without this its
+/// SpiceProxy would not learn why it stays unready.
+fn pod_changes(ctx: &Context, shutdown: &watch::Receiver<bool>) -> impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send + 'static {
+    let all_proxy_pods = watcher::Config::default().labels(&labels::all_proxy_pods_selector());
+    let changes = watcher(Api::<PartialObjectMeta<Pod>>::all(ctx.client.clone()), all_proxy_pods).touched_objects();
+    trigger(changes, "Pod".into(), ctx.metrics.clone(), shutdown)
 }
 
 fn error_policy(obj: Arc<DeserializeGuard<SpiceProxy>>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -139,19 +152,14 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e),
     };
 
-    // Pods that cannot start change nothing the watches see (the Deployment's counts stay
-    // where they are), so while the rollout is incomplete their state is read and re-read.
-    let rolled_out = rolled_out(spx, &deploy);
-    let pods = if rolled_out { PodDiagnosis::NothingWrong } else { diagnose(&ctx.client, &ns, &name).await };
+    // While the rollout is incomplete, its pods say why (their changes trigger a reconcile).
+    let pods = if rolled_out(spx, &deploy) { PodDiagnosis::NothingWrong } else { diagnose(&ctx.client, &ns, &name).await };
 
     // update_status, from what the apply returned
     let status = build_status(spx, &deploy, &svc, node_address.as_deref(), &pods);
-    update_status(&api, spx, status, ctx).await?;
-    Ok(if rolled_out { Action::await_change() } else { Action::requeue(POD_RECHECK) })
+    update_status(&api, spx, status, ctx).await
 }
 
-/// How often an incomplete rollout's pods are looked at again.
-const POD_RECHECK: Duration = Duration::from_secs(10);
 /// Pods read per diagnosis: a proxy has at most 100 replicas plus one surge.
 const PODS_READ: u32 = 128;
 
