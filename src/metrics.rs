@@ -147,13 +147,15 @@ impl Metrics {
         self.policy_ready.clear();
         self.policy_unresolved.clear();
         for guard in self.policies.get().map(Store::state).unwrap_or_default() {
+            // Borrowed, not cloned: a policy's status lists every pool.
             let (meta, status) = match &guard.0 {
-                Ok(p) => (&p.metadata, p.status.clone().unwrap_or_default()),
-                Err(invalid) => (&invalid.metadata, Default::default()),
+                Ok(p) => (&p.metadata, p.status.as_ref()),
+                Err(invalid) => (&invalid.metadata, None),
             };
             let label = PolicyLabel { policy: meta.name.clone().unwrap_or_default() };
-            self.policy_ready.get_or_create(&label).set(i64::from(conditions::is_true(&status.conditions, "Ready")));
-            self.policy_unresolved.get_or_create(&label).set(i64::from(status.unresolved));
+            let ready = status.is_some_and(|s| conditions::is_true(&s.conditions, "Ready"));
+            self.policy_ready.get_or_create(&label).set(i64::from(ready));
+            self.policy_unresolved.get_or_create(&label).set(i64::from(status.map_or(0, |s| s.unresolved)));
         }
     }
 
