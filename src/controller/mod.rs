@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::PatchParams;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store, reflector};
@@ -181,6 +182,12 @@ pub(crate) fn trigger<T: Send + 'static>(
     shutdown: &watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
     dropped_on(without_failures(watch, kind, metrics), shutdown.clone()).map(Ok)
+}
+
+/// Parameters of the operator's status merge patches: its one field manager, so
+/// `managedFields` say who wrote a status.
+pub(crate) fn status_patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(labels::FIELD_MANAGER.into()), ..Default::default() }
 }
 
 /// Requeue after a failed reconcile with a short delay (a failing watch backs off on its own, in

@@ -32,7 +32,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, publish_transitions, retry_after, trigger};
+use super::{Context, Error, Result, publish_transitions, retry_after, status_patch_params, trigger};
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
@@ -112,7 +112,7 @@ async fn report_undecodable(invalid: &kube::core::error_boundary::InvalidObject,
     let cond = conditions::new("Ready", false, "InvalidSpec", format!("cannot decode the object: {}", invalid.error), invalid.metadata.generation);
     let api: Api<DeserializeGuard<SpiceProxy>> = Api::namespaced(ctx.client.clone(), ns);
     let patch = json!({"status": {"conditions": [cond], "observedGeneration": invalid.metadata.generation}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    api.patch_status(name, &status_patch_params(), &Patch::Merge(patch)).await?;
     Ok(Action::await_change())
 }
 
@@ -312,7 +312,7 @@ async fn update_status(api: &Api<SpiceProxy>, spx: &SpiceProxy, mut status: Spic
     status.conditions = conditions::merge(&previous.conditions, status.conditions);
     if status != previous {
         let patch = json!({"status": status});
-        api.patch_status(&spx.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        api.patch_status(&spx.name_any(), &status_patch_params(), &Patch::Merge(patch)).await?;
         publish_transitions(ctx, &spx.object_ref(&()), &previous.conditions, &status.conditions).await;
     }
     // Changes to the SpiceProxy or anything it owns trigger a reconcile.
