@@ -179,3 +179,42 @@ async fn urls_only_the_operator_can_judge_become_entry_errors() {
     assert_eq!(st.pools.iter().find(|p| p.name == "ok").unwrap().proxy_url.as_deref(), Some("http://p.example:3128"));
     assert_eq!(st.unresolved, 3);
 }
+
+#[tokio::test]
+async fn a_burst_of_changes_ends_with_the_status_of_the_last_one() {
+    let operator = shared_operator();
+    let label = spice_operator::metrics::ControllerLabel { controller: "clusterconsolepolicy" };
+    let failures = || operator.metrics.failures.get_or_create(&label).get();
+    let client = client().await;
+    let name = format!("ccp-burst-{:06x}", rand::random::<u32>() & 0xffffff);
+    let pools: Vec<String> = (0..200).map(|i| format!("{{name: p{i}}}")).collect();
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {name}}}\nspec:\n  defaultProxy: {{url: g0.example}}\n  clusters:\n  - name: c\n    pools: [{}]\n",
+        pools.join(", ")
+    );
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let _cleanup = Cleanup(name.clone());
+    api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
+    wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(1))).await;
+
+    // Changes faster than the operator writes: it resolves versions that are already outdated,
+    // their status writes are refused (409) and must neither land nor count as failures.
+    let failed_before = failures();
+    let mut generation = 1;
+    for i in 1..=15 {
+        let change = json!({"spec": {"defaultProxy": {"url": format!("g{i}.example")}}});
+        generation = api.patch(&name, &PatchParams::default(), &Patch::Merge(&change)).await.unwrap().metadata.generation.unwrap();
+    }
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(generation))).await;
+    assert_eq!(st.default_proxy_url.as_deref(), Some("http://g15.example:3128"));
+    assert!(st.pools.iter().all(|p| p.proxy_url.as_deref() == Some("http://g15.example:3128")), "{:?}", st.pools.first());
+    // It stays there: no late write of an older resolution follows.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = api.get(&name).await.unwrap();
+    assert_eq!(later.status.unwrap().observed_generation, Some(generation));
+    assert_eq!(failures(), failed_before, "a refused outdated write is no failed reconcile");
+
+    // The operator's status writes are under its one field manager.
+    let managers: Vec<_> = later.metadata.managed_fields.unwrap_or_default().into_iter().filter(|m| m.subresource.as_deref() == Some("status")).map(|m| m.manager.unwrap_or_default()).collect();
+    assert_eq!(managers, ["spice-operator"]);
+}
