@@ -130,17 +130,27 @@ async fn main() {
     let (req2, ccp_rec2, _) = scrape(&admin);
     println!("apply -> all {} pools resolved: {:.3} s (target < 2 s)", CLUSTERS * POOLS, apply_to_resolved.as_secs_f64());
 
-    // 2. one global change → every inheriting pool
+    // 2. one global change → every inheriting pool, three times (one run's spread shows the noise)
     let inheriting = CLUSTERS * (POOLS - 2);
-    let started = Instant::now();
-    let patch = json!({"spec": {"defaultProxy": {"url": "http://global-2.example:3128"}}});
-    ccp_api.patch(POLICY, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let global_change = until(&ccp_api, started, Duration::from_secs(60), |s| {
-        s.pools.iter().filter(|p| p.proxy_url.as_deref() == Some("http://global-2.example:3128")).count() == inheriting
-    })
-    .await;
+    let mut changes = Vec::new();
+    for round in 2..=4 {
+        let url = format!("http://global-{round}.example:3128");
+        let started = Instant::now();
+        let patch = json!({"spec": {"defaultProxy": {"url": url}}});
+        ccp_api.patch(POLICY, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        // The change's own write: the API server's cost for the object, before the operator sees it.
+        let written = started.elapsed();
+        let took = until(&ccp_api, started, Duration::from_secs(60), |s| {
+            s.pools.iter().filter(|p| p.proxy_url.as_deref() == Some(url.as_str())).count() == inheriting
+        })
+        .await;
+        println!("  change {}: {:.3} s ({:.3} s of it the change's own PATCH)", round - 1, took.as_secs_f64(), written.as_secs_f64());
+        changes.push(took);
+    }
     let (req3, ccp_rec3, _) = scrape(&admin);
-    println!("global change -> all {inheriting} inheriting pools (the other 100 use SpiceProxies): {:.3} s (target < 1 s)", global_change.as_secs_f64());
+    changes.sort();
+    let global_change = changes[1];
+    println!("global change -> all {inheriting} inheriting pools (the other 100 use SpiceProxies): {:.3} s median of 3 (target < 1 s)", global_change.as_secs_f64());
 
     // 3. a SpiceProxy moves → its pool follows
     let started = Instant::now();
