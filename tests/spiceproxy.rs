@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -78,6 +78,30 @@ async fn create_builds_owned_children_and_reports_ready_url() {
         let c = status.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"));
         assert!(!c.reason.is_empty() && !c.message.is_empty() && c.observed_generation == Some(1), "{c:?}");
     }
+}
+
+/// Spread constraints reach the scheduler: one it cannot meet names itself in status, and
+/// without any the replicas go to different nodes.
+#[tokio::test]
+async fn replicas_spread_as_the_constraints_say() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-spread").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    // The test nodes carry no zone label, so a strict zone spread can place no pod.
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  replicas: 2\n  externalAddress: {{host: edge.example.com}}\n  topologySpreadConstraints: [{{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule}}]\n  allowedTargets: [{{cidr: 10.20.0.0/16, ports: [{{from: 5900}}]}}]\n",
+        ns.name
+    );
+    api.create(&PostParams::default(), &spx(&yaml)).await.unwrap();
+    let degraded = wait_for(&api, "edge", T, |s| s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Degraded" && c.reason == "Unschedulable").cloned()).await;
+    assert!(degraded.message.contains("topology spread constraints"), "{}", degraded.message);
+
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"topologySpreadConstraints": null}}))).await.unwrap();
+    wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions) && st.ready_replicas == 2)).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name).list(&Default::default()).await.unwrap();
+    let nodes: std::collections::BTreeSet<_> = pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    assert_eq!(nodes.len(), 2, "both replicas on one node: {nodes:?}");
 }
 
 /// Pods that cannot run change nothing on the Deployment a watch would see: the status names the

@@ -329,6 +329,22 @@ fn is_object_name(name: &str) -> bool {
 }
 
 /// Checks what the CRD schema cannot (or what a CRD installed without CEL would let through).
+/// The user's spread constraints, each counting this proxy's pods unless it names others; by
+/// default one replica per node where possible, so a node's loss leaves consoles served.
+fn spread_constraints(spec: &SpiceProxySpec, selector: &BTreeMap<String, String>) -> Vec<TopologySpreadConstraint> {
+    let own_pods = || LabelSelector { match_labels: Some(selector.clone()), ..Default::default() };
+    match &spec.topology_spread_constraints {
+        Some(constraints) => constraints.iter().cloned().map(|c| TopologySpreadConstraint { label_selector: c.label_selector.clone().or_else(|| Some(own_pods())), ..c }).collect(),
+        None => vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(own_pods()),
+            ..Default::default()
+        }],
+    }
+}
+
 pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
     if spec.allowed_targets.is_empty() {
@@ -615,13 +631,7 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
                     node_selector: spec.node_selector.clone(),
                     tolerations: spec.tolerations.clone(),
                     affinity: spec.affinity.clone(),
-                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
-                        max_skew: 1,
-                        topology_key: "kubernetes.io/hostname".into(),
-                        when_unsatisfiable: "ScheduleAnyway".into(),
-                        label_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..Default::default() }),
-                        ..Default::default()
-                    }]),
+                    topology_spread_constraints: Some(spread_constraints(spec, &selector)),
                     ..Default::default()
                 }),
             },
@@ -1189,6 +1199,27 @@ mod tests {
             "podLabels: app.kubernetes.io/name is set by the operator on every proxy pod",
             "podAnnotations: console.spice-operator.io/config-hash is set by the operator (it rolls the pods when the configuration changes)",
         ]);
+    }
+
+    #[test]
+    fn replicas_spread_over_nodes_by_default_and_as_told_otherwise() {
+        let spread = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.spec.unwrap().topology_spread_constraints.unwrap();
+        let own = Some(LabelSelector { match_labels: Some(labels::proxy_selector("edge")), ..Default::default() });
+        let default = spread(&spx(BASIC));
+        assert_eq!(default.len(), 1);
+        assert_eq!((default[0].topology_key.as_str(), default[0].max_skew, default[0].when_unsatisfiable.as_str()), ("kubernetes.io/hostname", 1, "ScheduleAnyway"));
+        assert_eq!(default[0].label_selector, own);
+
+        // Zones, strictly: the user's constraint replaces the default and counts this proxy's pods;
+        // one naming its own selector keeps it.
+        let s = spx(&format!(
+            "{BASIC}  topologySpreadConstraints:\n  - {{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule}}\n  - {{maxSkew: 2, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: ScheduleAnyway, labelSelector: {{matchLabels: {{team: vdi}}}}}}\n"
+        ));
+        let told = spread(&s);
+        assert_eq!((told[0].topology_key.as_str(), told[0].when_unsatisfiable.as_str()), ("topology.kubernetes.io/zone", "DoNotSchedule"));
+        assert_eq!(told[0].label_selector, own);
+        assert_eq!(told[1].label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["team"], "vdi");
+        assert_eq!(told.len(), 2);
     }
 
     #[test]
