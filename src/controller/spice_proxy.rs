@@ -328,7 +328,6 @@ fn is_object_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-/// Checks what the CRD schema cannot (or what a CRD installed without CEL would let through).
 /// The user's spread constraints, each counting this proxy's pods unless it names others; by
 /// default one replica per node where possible, so a node's loss leaves consoles served.
 fn spread_constraints(spec: &SpiceProxySpec, selector: &BTreeMap<String, String>) -> Vec<TopologySpreadConstraint> {
@@ -345,6 +344,7 @@ fn spread_constraints(spec: &SpiceProxySpec, selector: &BTreeMap<String, String>
     }
 }
 
+/// Checks what the CRD schema cannot (or what a CRD installed without CEL would let through).
 pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
     if spec.allowed_targets.is_empty() {
