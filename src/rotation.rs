@@ -21,6 +21,8 @@ use crate::proxy::ticket::{CURRENT_KEY, NEXT_KEY, PREVIOUS_KEY};
 /// Annotations on the key Secret: when a key was staged, and when the last one was promoted.
 pub const STAGED_AT: &str = "console.spice-operator.io/key-staged-at";
 pub const ROTATED_AT: &str = "console.spice-operator.io/key-rotated-at";
+/// Field manager of `rotate-key`'s writes to the key Secret.
+pub const ROTATION_MANAGER: &str = "spice-operator-rotate-key";
 
 /// The longest a ticket the engine issues lives (the key a promotion retires must have signed
 /// nothing for that long).
@@ -97,7 +99,9 @@ pub async fn rotate(client: Client, ns: &str, name: &str, min_stage: Duration) -
             format!("rotated Secret {ns}/{secret_name}: tickets are now signed with the new key; the old one stays accepted as {PREVIOUS_KEY} until the next rotation"),
         ),
     };
-    match api.patch(&secret_name, &PatchParams::default(), &Patch::Merge(patch)).await {
+    // Its own field manager, so the Secret's managedFields say a rotation wrote the keys.
+    let pp = PatchParams { field_manager: Some(ROTATION_MANAGER.into()), ..Default::default() };
+    match api.patch(&secret_name, &pp, &Patch::Merge(patch)).await {
         Ok(_) => Ok(done),
         Err(kube::Error::Api(e)) if e.code == 409 => anyhow::bail!("Secret {ns}/{secret_name} changed while rotating (another rotation at the same time?): run again"),
         Err(e) => Err(e.into()),

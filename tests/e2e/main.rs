@@ -239,6 +239,9 @@ async fn the_ticket_key_rotates_in_two_steps_without_refusing_a_ticket() {
     assert_eq!((keys.get("current"), keys.get("previous"), keys.get("next")), (Some(&staged), Some(&original), None));
     let annotations = rotated.metadata.annotations.unwrap_or_default();
     assert!(annotations.contains_key("console.spice-operator.io/key-rotated-at") && !annotations.contains_key("console.spice-operator.io/key-staged-at"), "{annotations:?}");
+    // managedFields tell a rotation's writes from anyone else's.
+    let managers: Vec<_> = rotated.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
+    assert!(managers.iter().any(|m| m == "spice-operator-rotate-key"), "{managers:?}");
     assert_eq!(statuses(vec![staged.clone(), original.clone()]).await, ["200", "200"]);
 
     // 4. Another promotion now would retire the original key while its tickets may still live.
