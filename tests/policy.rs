@@ -218,3 +218,38 @@ async fn a_burst_of_changes_ends_with_the_status_of_the_last_one() {
     let managers: Vec<_> = later.metadata.managed_fields.unwrap_or_default().into_iter().filter(|m| m.subresource.as_deref() == Some("status")).map(|m| m.manager.unwrap_or_default()).collect();
     assert_eq!(managers, ["spice-operator"]);
 }
+
+#[tokio::test]
+async fn a_policy_whose_status_cannot_be_stored_says_so_until_it_fits() {
+    shared_operator();
+    let client = client().await;
+    let name = format!("ccp-huge-{:06x}", rand::random::<u32>() & 0xffffff);
+    // 12,000 pools: within the schema's limits, but their resolved status (about 1.6 MB) is over
+    // etcd's default 1.5 MiB per object.
+    let clusters = |n: usize| -> Vec<serde_json::Value> {
+        (0..n).map(|c| json!({"name": format!("cluster-{c:03}"), "pools": (0..60).map(|p| json!({"name": format!("pool-{p:03}")})).collect::<Vec<_>>()})).collect()
+    };
+    let huge: ClusterConsolePolicy = serde_json::from_value(json!({
+        "apiVersion": "console.spice-operator.io/v1alpha1", "kind": "ClusterConsolePolicy", "metadata": {"name": name},
+        "spec": {"defaultProxy": {"url": "http://global-proxy.example.com:3128"}, "clusters": clusters(200)}
+    }))
+    .unwrap();
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let _cleanup = Cleanup(name.clone());
+    api.create(&PostParams::default(), &huge).await.unwrap();
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(1))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "StatusTooLarge"));
+    assert!(ready.message.starts_with("the resolved status of 200 clusters, 12000 pools and 0 VMs is"), "{}", ready.message);
+    assert!(ready.message.contains("split the policy"), "{}", ready.message);
+    // Counts stay; no entry is listed that could be read as current.
+    assert_eq!((st.resolved_pools, st.unresolved, st.pools.len(), st.clusters.len()), (12000, 0, 0, 0));
+    assert_eq!(st.default_proxy_url.as_deref(), Some("http://global-proxy.example.com:3128"));
+    let warning = wait_for_event(&client, "default", "ClusterConsolePolicy", &name, "StatusTooLarge", T).await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+
+    // Split down to what fits: every entry is listed again.
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"clusters": clusters(2)}}))).await.unwrap();
+    let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(2) && is_ready(&s.conditions))).await;
+    assert_eq!((st.pools.len(), st.clusters.len(), st.resolved_pools), (120, 2, 120));
+}

@@ -93,6 +93,18 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
                         tracing::debug!(policy = %policy.name_any(), "policy changed while resolving; its newer version follows");
                         Ok(Action::requeue(std::time::Duration::from_secs(1)))
                     }
+                    // Every entry does not fit in one object: say so in a status that does,
+                    // rather than fail (and leave the old entries standing) for ever.
+                    Err(kube::Error::Api(e)) if is_too_large(&e) => {
+                        let bytes = serde_json::to_vec(&status).map(|v| v.len()).unwrap_or_default();
+                        let short = too_large_status(&previous, &status, bytes, &e.message);
+                        tracing::warn!(policy = %policy.name_any(), bytes, error = %e.message, "resolved status does not fit in the object");
+                        if short != previous {
+                            write_status(&api, policy, &short).await?;
+                            publish_transitions(&ctx, &policy.object_ref(&()), &previous.conditions, &short.conditions).await;
+                        }
+                        Ok(Action::await_change())
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
@@ -125,6 +137,38 @@ async fn write_status(api: &Api<DeserializeGuard<ClusterConsolePolicy>>, policy:
     });
     let pp = PostParams { field_manager: Some(labels::FIELD_MANAGER.into()), ..Default::default() };
     api.replace_subresource("status", &policy.name_any(), &pp, &body).await.map(drop)
+}
+
+/// The API server's answers to an object over its size limit: etcd's request limit (1.5 MiB by
+/// default, answered 500) or the API server's own limit on a request body (413).
+fn is_too_large(e: &kube::core::Status) -> bool {
+    e.code == 413 || (e.code == 500 && e.message.contains("request is too large"))
+}
+
+/// The status to write when the resolved one does not fit in the object; pure. It keeps the
+/// counts and names the problem, and lists no entry: entries of an older resolution left in
+/// place would be read as current.
+pub fn too_large_status(previous: &ClusterConsolePolicyStatus, full: &ClusterConsolePolicyStatus, bytes: usize, answer: &str) -> ClusterConsolePolicyStatus {
+    let (clusters, pools, vms) = (full.clusters.len(), full.pools.len(), full.vms.len());
+    let message = format!(
+        "the resolved status of {clusters} clusters, {pools} pools and {vms} VMs is {} KiB as JSON and does not fit in the object (the API server answered: {answer}); \
+         split the policy into several; the engine API still resolves every VM of this one from its spec",
+        bytes.div_ceil(1024)
+    );
+    let generation = full.observed_generation;
+    ClusterConsolePolicyStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&previous.conditions, vec![
+            conditions::new("Ready", false, "StatusTooLarge", &message, generation),
+            conditions::new("Degraded", true, "StatusTooLarge", &message, generation),
+        ]),
+        default_proxy_url: full.default_proxy_url.clone(),
+        clusters: Vec::new(),
+        pools: Vec::new(),
+        vms: Vec::new(),
+        resolved_pools: full.resolved_pools,
+        unresolved: full.unresolved,
+    }
 }
 
 /// The SpiceProxy cache as the resolver's directory.
@@ -217,5 +261,29 @@ mod tests {
         // Same input again: identical status, so no write and no watch loop.
         let again = build_status(&st, resolve::resolve(&spec, &none), Some(4));
         assert_eq!(again, st);
+    }
+
+    #[test]
+    fn a_status_too_large_to_store_keeps_counts_names_the_problem_and_lists_nothing() {
+        let spec: ClusterConsolePolicySpec = serde_yaml::from_str("defaultProxy: {url: g.example}\nclusters:\n- name: c\n  pools: [{name: a}, {name: b}]\n").unwrap();
+        let none = |_: &SpiceProxyRef| -> Result<String, String> { Err("does not exist".into()) };
+        let full = build_status(&Default::default(), resolve::resolve(&spec, &none), Some(7));
+        let short = too_large_status(&full, &full, 1_600_000, "etcdserver: request is too large");
+        assert!(short.pools.is_empty() && short.clusters.is_empty() && short.vms.is_empty());
+        assert_eq!((short.resolved_pools, short.unresolved, short.observed_generation), (2, 0, Some(7)));
+        assert_eq!(short.default_proxy_url.as_deref(), Some("http://g.example:3128"));
+        let ready = short.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "StatusTooLarge"));
+        assert!(ready.message.starts_with("the resolved status of 1 clusters, 2 pools and 0 VMs is 1563 KiB as JSON"), "{}", ready.message);
+        assert!(ready.message.contains("(the API server answered: etcdserver: request is too large)"), "{}", ready.message);
+        assert!(conditions::is_true(&short.conditions, "Degraded"));
+        // The same again is the same status: no write, no loop.
+        assert_eq!(too_large_status(&short, &full, 1_600_000, "etcdserver: request is too large"), short);
+
+        let e = |code: u16, message: &str| kube::core::Status::failure(message, "").with_code(code);
+        assert!(is_too_large(&e(500, "etcdserver: request is too large")));
+        assert!(is_too_large(&e(413, "Request entity too large: limit is 3145728")));
+        assert!(!is_too_large(&e(500, "etcdserver: leader changed")));
+        assert!(!is_too_large(&e(422, "invalid")));
     }
 }
