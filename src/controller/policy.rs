@@ -86,24 +86,22 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
                         publish_transitions(&ctx, &policy.object_ref(&()), &previous.conditions, &status.conditions).await;
                         Ok(Action::await_change())
                     }
-                    // The policy changed since this resolution, so this status would be stale.
-                    // Its newer version comes through the watch with its own reconcile; the
-                    // requeue covers a watch that is down for a moment.
-                    Err(kube::Error::Api(e)) if e.code == 409 => {
-                        tracing::debug!(policy = %policy.name_any(), "policy changed while resolving; its newer version follows");
-                        Ok(Action::requeue(std::time::Duration::from_secs(1)))
-                    }
+                    Err(e) if is_conflict(&e) => Ok(stale_resolution(policy)),
                     // Every entry does not fit in one object: say so in a status that does,
                     // rather than fail (and leave the old entries standing) for ever.
                     Err(kube::Error::Api(e)) if is_too_large(&e) => {
                         let bytes = serde_json::to_vec(&status).map(|v| v.len()).unwrap_or_default();
                         let short = too_large_status(&previous, &status, bytes, &e.message);
                         tracing::warn!(policy = %policy.name_any(), bytes, error = %e.message, "resolved status does not fit in the object");
-                        if short != previous {
-                            write_status(&api, policy, &short).await?;
-                            publish_transitions(&ctx, &policy.object_ref(&()), &previous.conditions, &short.conditions).await;
+                        let written = if short == previous { Ok(()) } else { write_status(&api, policy, &short).await };
+                        match written {
+                            Ok(()) => {
+                                publish_transitions(&ctx, &policy.object_ref(&()), &previous.conditions, &short.conditions).await;
+                                Ok(Action::await_change())
+                            }
+                            Err(e) if is_conflict(&e) => Ok(stale_resolution(policy)),
+                            Err(e) => Err(e.into()),
                         }
-                        Ok(Action::await_change())
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -137,6 +135,18 @@ async fn write_status(api: &Api<DeserializeGuard<ClusterConsolePolicy>>, policy:
     });
     let pp = PostParams { field_manager: Some(labels::FIELD_MANAGER.into()), ..Default::default() };
     api.replace_subresource("status", &policy.name_any(), &pp, &body).await.map(drop)
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 409)
+}
+
+/// The policy changed since this resolution, so its status would be stale: not a failure. The
+/// newer version comes through the watch with its own reconcile; the requeue covers a watch
+/// that is down for a moment.
+fn stale_resolution(policy: &ClusterConsolePolicy) -> Action {
+    tracing::debug!(policy = %policy.name_any(), "policy changed while resolving; its newer version follows");
+    Action::requeue(std::time::Duration::from_secs(1))
 }
 
 /// The API server's answers to an object over its size limit: etcd's request limit (1.5 MiB by
