@@ -8,8 +8,15 @@ cd "$ROOT_DIR"
 STATE=${SPICE_DEMO_DIR:-$ROOT_DIR/.local/demo}
 mkdir -p "$STATE"
 
-echo "== building the operator"
-cargo build --release --quiet
+# SPICE_DEMO_PROFILE=debug runs the debug build (`make test` reuses the one its tests built).
+PROFILE=${SPICE_DEMO_PROFILE:-release}
+case "$PROFILE" in
+  release) build=(cargo build --release --quiet) ;;
+  debug) build=(cargo build --quiet) ;;
+  *) echo "SPICE_DEMO_PROFILE must be release or debug, not '$PROFILE'" >&2; exit 2 ;;
+esac
+echo "== building the operator ($PROFILE)"
+"${build[@]}"
 OPERATOR_PID=
 cleanup() {
   local rc=$?
@@ -34,7 +41,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 ADMIN_PORT=$(free_port)
 API_PORT=$(free_port)
 echo "== running the operator (log: $STATE/operator.log, metrics: http://127.0.0.1:$ADMIN_PORT/metrics, engine API: https://127.0.0.1:$API_PORT)"
-target/release/spice-operator controller --admin-addr "127.0.0.1:$ADMIN_PORT" --api-addr "127.0.0.1:$API_PORT" \
+"target/$PROFILE/spice-operator" controller --admin-addr "127.0.0.1:$ADMIN_PORT" --api-addr "127.0.0.1:$API_PORT" \
   --proxy-image "spice-operator:0.1.0" --shutdown-grace-seconds 5 > "$STATE/operator.log" 2>&1 &
 OPERATOR_PID=$!
 

@@ -41,3 +41,8 @@ echo "== integration tests"
 # Test binaries run one after another; tests inside one binary run in parallel, each in its own
 # namespace. rbac and leader run operators of their own, so they are separate binaries.
 cargo test --test spiceproxy --test policy --test restart --test e2e --test engine --test rbac --test leader
+
+echo "== make demo, once: the README's main command still starts the operator and resolves examples/"
+DEMO_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-demo.XXXXXX")
+SPICE_DEMO_ONESHOT=1 SPICE_DEMO_PROFILE=debug SPICE_DEMO_DIR="$DEMO_DIR" "$HACK_DIR/demo.sh"
+rm -rf "$DEMO_DIR"
