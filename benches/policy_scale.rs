@@ -2,7 +2,8 @@
 //! plane and the release operator and passes OPERATOR_PID / OPERATOR_ADMIN).
 //! A policy of 50 clusters × 40 pools (2,000 pools) plus 100 SpiceProxies: time from apply to
 //! fully resolved status, time for one global change to reach every inheriting pool, time for
-//! a SpiceProxy move to reach its pools, operator peak RSS, and API requests per reconcile.
+//! a SpiceProxy move to reach its pools, operator peak RSS, and API requests per reconcile;
+//! then the engine API's console requests against that policy (latency, rate, API requests each).
 
 use std::time::{Duration, Instant};
 
@@ -168,9 +169,88 @@ async fn main() {
         req2 - req1,
         ccp_rec2 - ccp_rec1
     );
+    let before_engine = rss_kib(&pid, "VmHWM:");
+    engine_api(&admin).await;
+
     let hwm = rss_kib(&pid, "VmHWM:");
     let rss = rss_kib(&pid, "VmRSS:");
-    println!("operator peak RSS: {:.1} MiB (now {:.1} MiB; target < 64 MiB)", hwm as f64 / 1024.0, rss as f64 / 1024.0);
+    println!(
+        "operator peak RSS: {:.1} MiB (before the engine API requests {:.1} MiB, now {:.1} MiB; target < 64 MiB)",
+        hwm as f64 / 1024.0,
+        before_engine as f64 / 1024.0,
+        rss as f64 / 1024.0
+    );
     let ok = apply_to_resolved < Duration::from_secs(2) && global_change < Duration::from_secs(1) && hwm < 64 * 1024;
     println!("targets {}", if ok { "met" } else { "NOT met" });
+}
+
+const CONSOLES: usize = 300;
+const PARALLEL: usize = 8;
+
+/// `POST /v1/console` for VMs in SpiceProxy pools of the 2,000-pool policy (each resolved, checked
+/// against the allow-list and given a fresh ticket), by curl over kept-alive HTTPS connections:
+/// once one at a time (latency), once 8 at a time (rate).
+async fn engine_api(admin: &str) {
+    let api = std::env::var("OPERATOR_API").expect("OPERATOR_API");
+    let ca = std::env::var("OPERATOR_API_CA").expect("OPERATOR_API_CA");
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new("kubectl").args(args).output().expect("kubectl");
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    kubectl(&["-n", NS, "create", "serviceaccount", "engine"]);
+    kubectl(&["create", "clusterrolebinding", "bench-engine", "--clusterrole", "cluster-admin", "--serviceaccount", &format!("{NS}:engine")]);
+    let token = kubectl(&["-n", NS, "create", "token", "engine"]).trim().to_string();
+    let config = std::env::temp_dir().join(format!("spice-bench-consoles-{}.curl", std::process::id()));
+    // Transfers are separated by `next` (a trailing one would be a transfer without a URL).
+    let mut entries = Vec::new();
+    for i in 0..CONSOLES {
+        let c = i % CLUSTERS;
+        let body = json!({"policy": POLICY, "cluster": format!("cluster-{c}"), "pool": format!("pool-{}", POOLS - 1), "vm": format!("vm-{i}"),
+                          "host": format!("10.1.{}.{}", i / 250, i % 250 + 1), "port": 5900, "tlsPort": 5901, "password": "pw"});
+        entries.push(format!(
+            "url = \"https://{api}/v1/console\"\ncacert = \"{ca}\"\nheader = \"Authorization: Bearer {token}\"\nheader = \"Content-Type: application/json\"\ndata = {}\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}} %{{time_total}} %{{errormsg}}\\n\"\nsilent\nshow-error\n",
+            serde_json::to_string(&body.to_string()).unwrap()
+        ));
+    }
+    std::fs::write(&config, entries.join("next\n")).unwrap();
+    let run = |parallel: bool| -> (Vec<f64>, Duration) {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.arg("-sS");
+        if parallel {
+            cmd.args(["--parallel", "--parallel-max", &PARALLEL.to_string()]);
+        }
+        let started = Instant::now();
+        let out = cmd.arg("-K").arg(&config).output().expect("curl");
+        let took = started.elapsed();
+        let lines = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut times = Vec::new();
+        let mut failed = Vec::new();
+        for line in lines.lines() {
+            let mut fields = line.splitn(3, ' ');
+            let (code, t) = (fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
+            match code {
+                "200" => times.push(t.parse::<f64>().expect("curl write-out")),
+                _ => failed.push(line.to_string()),
+            }
+        }
+        assert!(failed.is_empty(), "{} of {CONSOLES} console requests failed ({}): {}", failed.len(), failed[..failed.len().min(5)].join(", "), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && times.len() == CONSOLES, "curl: {}", String::from_utf8_lossy(&out.stderr));
+        times.sort_by(f64::total_cmp);
+        (times, took)
+    };
+    run(false); // warm-up: connections, token and caches
+    let (req0, _, _) = scrape(admin);
+    let (times, _) = run(false);
+    let (req1, _, _) = scrape(admin);
+    let (_, took) = run(true);
+    let _ = std::fs::remove_file(&config);
+    let pct = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize] * 1000.0;
+    println!(
+        "engine API, POST /v1/console on this policy ({CONSOLES} VMs in SpiceProxy pools, ticket each): one at a time median {:.1} ms, p99 {:.1} ms; {PARALLEL} at a time {:.0} consoles/s; {:.1} operator API requests per console",
+        pct(0.5),
+        pct(0.99),
+        CONSOLES as f64 / took.as_secs_f64(),
+        (req1 - req0) / CONSOLES as f64
+    );
 }
