@@ -378,7 +378,7 @@ async fn rotate_key(namespace: &str, spiceproxy: &str, min_stage_seconds: u64) -
 
 async fn cli_resolve(policy: &str, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("no Kubernetes configuration found (set KUBECONFIG): {e}"))?;
-    let r = Engine { client }.resolve(policy, cluster, pool, vm).await?;
+    let r = Engine { client, caches: None }.resolve(policy, cluster, pool, vm).await?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
@@ -394,7 +394,7 @@ async fn cli_console(request: ConsoleRequest, output: Option<PathBuf>) -> anyhow
         .ok()
         .and_then(|r| r.status?.user_info?.username)
         .unwrap_or_else(|| "cli".into());
-    let prepared = Engine { client }.prepare(request).await?;
+    let prepared = Engine { client, caches: None }.prepare(request).await?;
     let console = Engine::issue(prepared, &me);
     match output {
         Some(path) => std::fs::write(&path, &console.vv).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,

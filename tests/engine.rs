@@ -14,7 +14,7 @@ use common::spice::{Display, active_tunnels, artifact, qemu, unique_colours};
 use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use spice_operator::crd::{ClusterConsolePolicy, SpiceProxy};
@@ -255,6 +255,66 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
     assert_eq!((mine[0]["vm"].clone(), mine[0]["target"].clone()), (json!("vm1"), json!("127.0.0.1:5930")));
     assert!(mine[0]["expires"].as_u64().unwrap() > 0);
     assert!(!log.contains(&ticket), "the ticket must never be logged");
+    teardown(&client, &s).await;
+}
+
+/// GET requests this operator process has sent to the Kubernetes API.
+fn gets_sent(api: &EngineApi) -> f64 {
+    let metrics = http_get(api._operator.admin_port, "/metrics").expect("operator metrics");
+    metrics.lines().find_map(|l| l.strip_prefix("spice_operator_kube_api_requests_total{verb=\"GET\"} ")).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+/// Polls `answer` (an engine API call) until `done`; how long it took.
+fn until_answer(what: &str, limit: Duration, mut answer: impl FnMut() -> Reply, done: impl Fn(&Reply) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let r = answer();
+        if done(&r) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what} not seen within {limit:?}; last answer {} {}", r.status, r.body);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn console_requests_read_watch_caches_that_follow_every_change() {
+    let client = client().await;
+    let api = EngineApi::start(&client).await;
+    let s = setup(&client, "engine-cache", 5932).await;
+    let token = service_account_token(&client, &s.ns.name, "engine", true).await;
+    let resolve = |vm: &str| api.call("GET", &format!("/v1/resolve?policy={}&cluster=prod&pool=desktops&vm={vm}", s.policy), Some(&token), None).unwrap();
+    assert_eq!(resolve("vm1").status, 200, "a policy created a moment ago is found");
+
+    // Neither the policy nor its SpiceProxy is fetched per request: of the API requests a
+    // console costs, only the key Secret is a GET (reading both objects would be 3 per console).
+    let body = console_body(&s, "desktops", "vm1", "127.0.0.1");
+    assert_eq!(api.console(&token, &body).status, 200);
+    const N: usize = 20;
+    let before = gets_sent(&api);
+    for _ in 0..N {
+        let r = api.console(&token, &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let gets = gets_sent(&api) - before;
+    assert!(gets <= (N + N / 2) as f64, "{gets} GET requests for {N} consoles");
+
+    // A change reaches the next requests: a VM opted out, the SpiceProxy moved.
+    let ccp_api = Api::<ClusterConsolePolicy>::all(client.clone());
+    let patch = json!({"spec": {"vmOptOuts": [{"name": "private-vm", "cluster": "prod"}, {"name": "vm-late", "cluster": "prod"}]}});
+    ccp_api.patch(&s.policy, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let took = until_answer("the opt-out", Duration::from_secs(5), || resolve("vm-late"), |r| serde_json::from_str::<Value>(&r.body).unwrap()["source"] == "VM");
+    eprintln!("opt-out seen by the engine API after {took:?}");
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &s.ns.name);
+    let moved = json!({"spec": {"externalAddress": {"host": "127.0.0.2"}}});
+    spx_api.patch("edge", &PatchParams::default(), &Patch::Merge(&moved)).await.unwrap();
+    until_answer("the SpiceProxy's new address", Duration::from_secs(30), || resolve("vm1"), |r| {
+        serde_json::from_str::<Value>(&r.body).unwrap()["proxyUrl"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.2:"))
+    });
+
+    // A deleted policy is gone for the engine API too.
+    ccp_api.delete(&s.policy, &DeleteParams::default()).await.unwrap();
+    until_answer("the deletion", Duration::from_secs(5), || resolve("vm1"), |r| r.status == 404 && r.body.contains("does not exist"));
     teardown(&client, &s).await;
 }
 

@@ -20,7 +20,7 @@ use kube::{Api, Client};
 use serde::Deserialize;
 
 use super::ConsoleRequest;
-use super::service::{Engine, EngineError};
+use super::service::{Caches, Engine, EngineError};
 use crate::crd::SpiceProxyRef;
 
 pub const GROUP: &str = "console.spice-operator.io";
@@ -31,7 +31,9 @@ struct AppState {
 }
 
 pub fn router(client: Client) -> axum::Router {
-    let state = Arc::new(AppState { engine: Engine { client: client.clone() }, client });
+    // Requests read policies and SpiceProxies from watch caches (started here, on every replica).
+    let engine = Engine { client: client.clone(), caches: Some(Caches::start(client.clone())) };
+    let state = Arc::new(AppState { engine, client });
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/resolve", get(resolve))

@@ -4,11 +4,17 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client, ResourceExt};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
+use tokio::sync::watch;
 
 use super::{ConsoleRequest, DEFAULT_TICKET_TTL, LookupError, VmResolution, proxy_with_ticket, resolve_vm, use_proxy, validate_request, vv_file};
 use crate::controller::spice_proxy::{key_secret_name, proxy_config};
@@ -70,50 +76,158 @@ pub struct Console {
     pub ticket_expires: Option<u64>,
 }
 
-struct MapDirectory<'a>(&'a HashMap<SpiceProxyRef, SpiceProxy>);
+/// The SpiceProxies a request may look at: the watch cache (the API), or those the policy
+/// names, fetched one GET apiece (the CLI).
+enum ProxySource<'a> {
+    Cached(&'a Store<DeserializeGuard<SpiceProxy>>),
+    Fetched(HashMap<SpiceProxyRef, Arc<DeserializeGuard<SpiceProxy>>>),
+}
 
-impl crate::resolve::ProxyDirectory for MapDirectory<'_> {
+impl ProxySource<'_> {
+    fn get(&self, r: &SpiceProxyRef) -> Option<Arc<DeserializeGuard<SpiceProxy>>> {
+        match self {
+            ProxySource::Cached(store) => store.get(&ObjectRef::new(&r.name).within(&r.namespace)),
+            ProxySource::Fetched(map) => map.get(r).cloned(),
+        }
+    }
+}
+
+impl crate::resolve::ProxyDirectory for ProxySource<'_> {
     fn lookup(&self, r: &SpiceProxyRef) -> Result<String, String> {
-        match self.0.get(r) {
+        match self.get(r).as_deref().map(|p| &p.0) {
             None => Err("does not exist".into()),
-            Some(p) => p.ready_url().map(str::to_string),
+            Some(Err(invalid)) => Err(format!("cannot be decoded: {}", invalid.error)),
+            Some(Ok(p)) => p.ready_url().map(str::to_string),
         }
     }
 
     fn html5_url(&self, r: &SpiceProxyRef) -> Option<String> {
-        self.0.get(r)?.ready_html5_url().map(str::to_string)
+        self.get(r)?.0.as_ref().ok()?.ready_html5_url().map(str::to_string)
     }
 }
 
+/// How long a request waits for the watch caches to fill after start, before it is answered 503.
+const CACHE_WAIT: Duration = Duration::from_secs(10);
+
+/// Watch caches of every ClusterConsolePolicy (spec only) and SpiceProxy, so a console request
+/// reads no object from the API server: before them, every request fetched its policy (hundreds
+/// of KiB at a few thousand pools) and each SpiceProxy the policy names, one GET apiece.
+/// Every replica keeps its own (the engine API does not wait for leadership).
+#[derive(Clone)]
+pub struct Caches {
+    policies: Store<DeserializeGuard<ClusterConsolePolicy>>,
+    proxies: Store<DeserializeGuard<SpiceProxy>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl Caches {
+    /// Starts the watches as tasks of the current runtime; they run for as long as it does.
+    pub fn start(client: Client) -> Caches {
+        let (policies, policy_writer) = reflector::store();
+        let (proxies, proxy_writer) = reflector::store();
+        // The engine resolves from the spec: the status (the largest part of a big policy) and
+        // managedFields are not kept.
+        let policy_stream = watcher(Api::<DeserializeGuard<ClusterConsolePolicy>>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(|g| {
+                g.meta_mut().managed_fields = None;
+                if let Ok(p) = &mut g.0 {
+                    p.status = None;
+                }
+            });
+        let proxy_stream = watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client), watcher::Config::default())
+            .default_backoff()
+            .modify(|g| g.meta_mut().managed_fields = None);
+        tokio::spawn(drain(reflector::reflector(policy_writer, policy_stream), "ClusterConsolePolicy"));
+        tokio::spawn(drain(reflector::reflector(proxy_writer, proxy_stream), "SpiceProxy"));
+        // The only waiters on the stores' own readiness (which wakes only its last waiter);
+        // requests watch `ready`.
+        let (ready_tx, ready) = watch::channel(false);
+        let (p, x) = (policies.clone(), proxies.clone());
+        tokio::spawn(async move {
+            if p.wait_until_ready().await.is_ok() && x.wait_until_ready().await.is_ok() {
+                let _ = ready_tx.send(true);
+            }
+        });
+        Caches { policies, proxies, ready }
+    }
+
+    async fn wait_ready(&self) -> Result<(), EngineError> {
+        let mut ready = self.ready.clone();
+        match tokio::time::timeout(CACHE_WAIT, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(EngineError::Unavailable("the engine API is still reading policies and SpiceProxies from the Kubernetes API; retry in a few seconds".into())),
+        }
+    }
+}
+
+/// Runs a reflected watch; a failing watch backs off (`default_backoff`) and is logged.
+async fn drain<K>(stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>, kind: &'static str) {
+    stream
+        .for_each(|event| {
+            if let Err(e) = event {
+                tracing::warn!(kind, error = %e, "engine API: watch failed; retrying");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Reads policies and SpiceProxies from the watch caches when it has them (the API), from the
+/// API server otherwise (the CLI, one request per run). A policy the cache does not hold yet is
+/// read from the API server, so one created a moment ago is found; a SpiceProxy missing from the
+/// cache is not ready anyway (its readiness arrives through the same watch).
 pub struct Engine {
     pub client: Client,
+    pub caches: Option<Caches>,
 }
 
 impl Engine {
-    async fn policy(&self, name: &str) -> Result<ClusterConsolePolicy, EngineError> {
-        Api::<ClusterConsolePolicy>::all(self.client.clone())
-            .get_opt(name)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("policy {name:?} does not exist")))
+    /// The policy, shared with the cache rather than copied (a big one is hundreds of KiB).
+    async fn policy(&self, name: &str) -> Result<Arc<DeserializeGuard<ClusterConsolePolicy>>, EngineError> {
+        let cached = match &self.caches {
+            Some(caches) => {
+                caches.wait_ready().await?;
+                caches.policies.get(&ObjectRef::new(name))
+            }
+            None => None,
+        };
+        let policy = match cached {
+            Some(p) => p,
+            None => Api::<ClusterConsolePolicy>::all(self.client.clone())
+                .get_opt(name)
+                .await?
+                .map(|p| Arc::new(DeserializeGuard(Ok(p))))
+                .ok_or_else(|| EngineError::NotFound(format!("policy {name:?} does not exist")))?,
+        };
+        if let Err(invalid) = &policy.0 {
+            return Err(EngineError::Unavailable(format!("policy {name:?} cannot be decoded: {}", invalid.error)));
+        }
+        Ok(policy)
     }
 
-    /// Every SpiceProxy the policy names, fetched once.
-    async fn proxies(&self, policy: &ClusterConsolePolicy) -> Result<HashMap<SpiceProxyRef, SpiceProxy>, EngineError> {
+    /// The SpiceProxies the policy names: the cache, or each fetched once.
+    async fn proxies(&self, policy: &ClusterConsolePolicy) -> Result<ProxySource<'_>, EngineError> {
+        if let Some(caches) = &self.caches {
+            return Ok(ProxySource::Cached(&caches.proxies));
+        }
         let mut out = HashMap::new();
         for r in policy.spec.proxy_refs() {
             if out.contains_key(r) {
                 continue;
             }
             if let Some(p) = Api::<SpiceProxy>::namespaced(self.client.clone(), &r.namespace).get_opt(&r.name).await? {
-                out.insert(r.clone(), p);
+                out.insert(r.clone(), Arc::new(DeserializeGuard(Ok(p))));
             }
         }
-        Ok(out)
+        Ok(ProxySource::Fetched(out))
     }
 
-    async fn resolve_with(&self, policy: &ClusterConsolePolicy, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> Result<(VmResolution, HashMap<SpiceProxyRef, SpiceProxy>), EngineError> {
+    async fn resolve_with(&self, policy: &DeserializeGuard<ClusterConsolePolicy>, cluster: &str, pool: Option<&str>, vm: Option<&str>) -> Result<(VmResolution, ProxySource<'_>), EngineError> {
+        // `policy` decoded: checked where it was read.
+        let Ok(policy) = &policy.0 else { return Err(EngineError::Unavailable("policy cannot be decoded".into())) };
         let proxies = self.proxies(policy).await?;
-        let resolution = resolve_vm(&policy.name_any(), &policy.spec, &MapDirectory(&proxies), cluster, pool, vm)?;
+        let resolution = resolve_vm(&policy.name_any(), &policy.spec, &proxies, cluster, pool, vm)?;
         Ok((resolution, proxies))
     }
 
@@ -141,7 +255,11 @@ impl Engine {
             prepared.plain_proxy = Some(url); // a proxy this operator does not run
             return Ok(prepared);
         };
-        let spx = proxies.get(&reference).expect("resolved through this map");
+        // The resolution names a SpiceProxy without error only when the map holds it, decoded.
+        let found = proxies.get(&reference);
+        let Some(Ok(spx)) = found.as_deref().map(|p| &p.0) else {
+            return Err(EngineError::Unavailable(format!("SpiceProxy {}/{} is not readable", reference.namespace, reference.name)));
+        };
         check_allowed(&prepared.request, spx).await?;
         prepared.html5_reachable = match &spx.spec.html5 {
             Some(h) if h.upstream_tls.is_some() => prepared.request.tls_port.is_some(),
