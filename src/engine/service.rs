@@ -255,7 +255,7 @@ impl Engine {
             prepared.plain_proxy = Some(url); // a proxy this operator does not run
             return Ok(prepared);
         };
-        // The resolution names a SpiceProxy without error only when the map holds it, decoded.
+        // The resolution names a SpiceProxy without error only when it was found and decoded.
         let found = proxies.get(&reference);
         let Some(Ok(spx)) = found.as_deref().map(|p| &p.0) else {
             return Err(EngineError::Unavailable(format!("SpiceProxy {}/{} is not readable", reference.namespace, reference.name)));
