@@ -315,7 +315,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let tcp = tokio::net::TcpListener::bind(&api.api_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (--api-addr): {e}", api.api_addr))?;
         tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
         let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
-        let router = spice_operator::engine::api::router(client.clone());
+        let router = spice_operator::engine::api::router(client.clone(), metrics.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
     };
     let (ready_tx, ready_rx) = watch::channel(false);

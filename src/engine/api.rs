@@ -22,6 +22,7 @@ use serde::Deserialize;
 use super::ConsoleRequest;
 use super::service::{Caches, Engine, EngineError};
 use crate::crd::SpiceProxyRef;
+use crate::metrics::Metrics;
 
 pub const GROUP: &str = "console.spice-operator.io";
 
@@ -30,9 +31,9 @@ struct AppState {
     client: Client,
 }
 
-pub fn router(client: Client) -> axum::Router {
+pub fn router(client: Client, metrics: Arc<Metrics>) -> axum::Router {
     // Requests read policies and SpiceProxies from watch caches (started here, on every replica).
-    let engine = Engine { client: client.clone(), caches: Some(Caches::start(client.clone())) };
+    let engine = Engine { client: client.clone(), caches: Some(Caches::start(client.clone(), metrics)) };
     let state = Arc::new(AppState { engine, client });
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

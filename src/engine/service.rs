@@ -18,6 +18,8 @@ use tokio::sync::watch;
 
 use super::{ConsoleRequest, DEFAULT_TICKET_TTL, LookupError, VmResolution, proxy_with_ticket, resolve_vm, use_proxy, validate_request, vv_file};
 use crate::controller::spice_proxy::{key_secret_name, proxy_config};
+use crate::controller::without_failures;
+use crate::metrics::Metrics;
 use crate::crd::{AuthMode, ClusterConsolePolicy, SpiceProxy, SpiceProxyRef};
 use crate::proxy::allow::AllowList;
 use crate::proxy::ticket;
@@ -121,25 +123,24 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts the watches as tasks of the current runtime; they run for as long as it does.
-    pub fn start(client: Client) -> Caches {
+    /// Starts the watches as tasks of the current runtime; they run for as long as it does. A
+    /// failing watch backs off and is logged and counted like the controllers' (`without_failures`).
+    pub fn start(client: Client, metrics: Arc<Metrics>) -> Caches {
         let (policies, policy_writer) = reflector::store();
         let (proxies, proxy_writer) = reflector::store();
         // The engine resolves from the spec: the status (the largest part of a big policy) and
         // managedFields are not kept.
-        let policy_stream = watcher(Api::<DeserializeGuard<ClusterConsolePolicy>>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .modify(|g| {
-                g.meta_mut().managed_fields = None;
-                if let Ok(p) = &mut g.0 {
-                    p.status = None;
-                }
-            });
-        let proxy_stream = watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(|g| g.meta_mut().managed_fields = None);
-        tokio::spawn(drain(reflector::reflector(policy_writer, policy_stream), "ClusterConsolePolicy"));
-        tokio::spawn(drain(reflector::reflector(proxy_writer, proxy_stream), "SpiceProxy"));
+        let policy_stream = watcher(Api::<DeserializeGuard<ClusterConsolePolicy>>::all(client.clone()), watcher::Config::default()).modify(|g| {
+            g.meta_mut().managed_fields = None;
+            if let Ok(p) = &mut g.0 {
+                p.status = None;
+            }
+        });
+        let proxy_stream = watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client), watcher::Config::default()).modify(|g| g.meta_mut().managed_fields = None);
+        let policy_events = without_failures(reflector::reflector(policy_writer, policy_stream), "ClusterConsolePolicy".into(), metrics.clone());
+        let proxy_events = without_failures(reflector::reflector(proxy_writer, proxy_stream), "SpiceProxy".into(), metrics);
+        tokio::spawn(policy_events.for_each(|_| futures::future::ready(())));
+        tokio::spawn(proxy_events.for_each(|_| futures::future::ready(())));
         // The only waiters on the stores' own readiness (which wakes only its last waiter);
         // requests watch `ready`.
         let (ready_tx, ready) = watch::channel(false);
@@ -159,18 +160,6 @@ impl Caches {
             _ => Err(EngineError::Unavailable("the engine API is still reading policies and SpiceProxies from the Kubernetes API; retry in a few seconds".into())),
         }
     }
-}
-
-/// Runs a reflected watch; a failing watch backs off (`default_backoff`) and is logged.
-async fn drain<K>(stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>, kind: &'static str) {
-    stream
-        .for_each(|event| {
-            if let Err(e) = event {
-                tracing::warn!(kind, error = %e, "engine API: watch failed; retrying");
-            }
-            futures::future::ready(())
-        })
-        .await;
 }
 
 /// Reads policies and SpiceProxies from the watch caches when it has them (the API), from the
