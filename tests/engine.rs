@@ -7,12 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::spice::{Display, active_tunnels, artifact, qemu, unique_colours};
+use common::engine_api::*;
 use common::*;
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -20,94 +19,6 @@ use serde_json::{Value, json};
 use spice_operator::crd::{ClusterConsolePolicy, SpiceProxy};
 
 const T: Duration = Duration::from_secs(60);
-/// The ClusterRole the chart ships for engines (release `spice-operator`, hack/test.sh).
-const ISSUER_ROLE: &str = "spice-operator-console-issuer";
-
-/// An HTTPS response as curl saw it.
-struct Reply {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-struct EngineApi {
-    port: u16,
-    ca: PathBuf,
-    _operator: OperatorProcess,
-}
-
-impl EngineApi {
-    async fn start(client: &Client) -> EngineApi {
-        let port = free_port();
-        let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
-        let operator = OperatorProcess::spawn(&format!("engine-{port}"), &kubeconfig, &["--lease-name", "spice-operator-leader", "--api-addr", &format!("127.0.0.1:{port}")]);
-        // The generated certificate is published for engines to trust.
-        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
-        let cm = wait_for(&cms, "spice-operator-api-ca", Duration::from_secs(30), |c| c.data.clone()).await;
-        let ca = artifact(&format!("engine-api-ca-{port}.crt"));
-        std::fs::write(&ca, &cm["ca.crt"]).unwrap();
-        let api = EngineApi { port, ca, _operator: operator };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while api.call("GET", "/healthz", None, None).map(|r| r.status) != Some(200) {
-            assert!(Instant::now() < deadline, "engine API did not answer over TLS:\n{}", api._operator.log_text());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        api
-    }
-
-    /// curl, verifying the certificate against the published CA (so TLS is real).
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Option<Reply> {
-        let out_file = tempfile::NamedTempFile::new().unwrap();
-        let mut cmd = Command::new("curl");
-        cmd.args(["-s", "--max-time", "30", "-X", method, "--cacert"]).arg(&self.ca);
-        cmd.args(["-o"]).arg(out_file.path()).args(["-w", "%{http_code} %{content_type}"]);
-        if let Some(t) = token {
-            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
-        }
-        if let Some(b) = body {
-            cmd.args(["-H", "Content-Type: application/json", "--data", &b.to_string()]);
-        }
-        cmd.arg(format!("https://localhost:{}{path}", self.port));
-        let out = cmd.output().expect("curl");
-        let meta = String::from_utf8_lossy(&out.stdout).to_string();
-        let (code, ct) = meta.split_once(' ').unwrap_or((&meta, ""));
-        let status: u16 = code.parse().ok().filter(|c| *c != 0)?;
-        Some(Reply { status, content_type: ct.to_string(), body: std::fs::read_to_string(out_file.path()).unwrap_or_default() })
-    }
-
-    fn console(&self, token: &str, body: &Value) -> Reply {
-        self.call("POST", "/v1/console", Some(token), Some(body)).expect("engine API answers")
-    }
-
-    /// The console answer as JSON (`Accept: application/json`).
-    fn console_json(&self, token: &str, body: &Value) -> Value {
-        let out = Command::new("curl")
-            .args(["-sf", "--max-time", "30", "--cacert"])
-            .arg(&self.ca)
-            .args(["-H", &format!("Authorization: Bearer {token}"), "-H", "Accept: application/json", "-H", "Content-Type: application/json"])
-            .args(["--data", &body.to_string(), &format!("https://localhost:{}/v1/console", self.port)])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "console as JSON failed");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-async fn service_account_token(client: &Client, ns: &str, name: &str, issuer: bool) -> String {
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}})).unwrap();
-    Api::<ServiceAccount>::namespaced(client.clone(), ns).create(&PostParams::default(), &sa).await.unwrap();
-    if issuer {
-        // `kubectl create clusterrolebinding ... --clusterrole=spice-operator-console-issuer --serviceaccount=ns:name`
-        let out = Command::new("kubectl")
-            .args(["create", "clusterrolebinding", &format!("{ns}-{name}"), "--clusterrole", ISSUER_ROLE, "--serviceaccount", &format!("{ns}:{name}")])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let out = Command::new("kubectl").args(["-n", ns, "create", "token", name]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 struct Setup {
     ns: TestNamespace,
@@ -247,7 +158,7 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
 
     // One audit line per ticket (here: the first console and the JSON one), never the ticket.
     let ticket = line.split(':').nth(2).unwrap().split('@').next().unwrap().to_string();
-    let log = api._operator.log_text();
+    let log = api.operator.log_text();
     let issued: Vec<Value> = log.lines().filter(|l| l.contains("\"ticketIssued\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
     let mine: Vec<&Value> = issued.iter().filter(|v| v["policy"] == json!(s.policy)).collect();
     assert_eq!(mine.len(), 2, "{issued:?}");
@@ -260,7 +171,7 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
 
 /// GET requests this operator process has sent to the Kubernetes API.
 fn gets_sent(api: &EngineApi) -> f64 {
-    let metrics = http_get(api._operator.admin_port, "/metrics").expect("operator metrics");
+    let metrics = http_get(api.operator.admin_port, "/metrics").expect("operator metrics");
     metrics.lines().find_map(|l| l.strip_prefix("spice_operator_kube_api_requests_total{verb=\"GET\"} ")).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 

@@ -4,6 +4,7 @@
 //! namespace labelled `spice-operator-test`, dumped on failure.
 #![allow(dead_code)]
 
+pub mod engine_api;
 pub mod spice;
 
 use std::fmt::Debug;
