@@ -3,7 +3,8 @@
 //! watch, counts the failing watch by kind on /metrics. Pods are only read to say why replicas
 //! are not ready: without that rule the Ready condition says the pods could not be listed. Events
 //! are told, never needed: without that rule the proxy still becomes ready and /metrics counts
-//! the refused events.
+//! the refused events. Without the SpiceProxies' rule the engine API answers 503 naming the
+//! forbidden watch.
 //! (That it is sufficient is shown by every other integration test, which runs the operator
 //! with a token of the chart's own ServiceAccount.)
 //!
@@ -12,6 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::engine_api::*;
 use common::*;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -88,6 +90,25 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
     let (ns, op, _) = operator_without(&client, &chart_role, "clusterconsolepolicies").await;
     wait_counted(&op, &watch_failures_series("ClusterConsolePolicy")).await;
     op.stop();
+    cleanup(&client, &ns.name).await;
+
+    // Without the SpiceProxies' rule the engine API's caches cannot fill: a console request
+    // gets a 503 naming the forbidden watch (not "retry in a few seconds"), and once the first
+    // 10 s after start are over, at once rather than after a wait of its own.
+    let ns = TestNamespace::new(&client, "rbac-no-spiceproxies").await;
+    let kubeconfig = account_without(&client, &chart_role, "spiceproxies", &ns.name).await;
+    let api = EngineApi::start_with(&client, &kubeconfig, &["--leader-election=false"]).await;
+    let token = service_account_token(&client, &ns.name, "engine", true).await;
+    let request = json!({"policy": "any", "cluster": "prod", "vm": "vm1", "host": "10.0.0.5", "port": 5900});
+    let first = api.console(&token, &request);
+    assert_eq!(first.status, 503, "{}", first.body);
+    assert!(first.body.contains("cannot read SpiceProxies") && first.body.contains("forbidden"), "{}", first.body);
+    let asked = Instant::now();
+    let again = api.console(&token, &request);
+    assert!(again.status == 503 && again.body.contains("cannot read SpiceProxies"), "{}", again.body);
+    assert!(asked.elapsed() < Duration::from_secs(3), "the second request waited {:?}", asked.elapsed());
+    drop(api);
+    let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&format!("{}-engine", ns.name), &DeleteParams::default()).await;
     cleanup(&client, &ns.name).await;
 
     // Without the pods rule a proxy whose pods cannot be scheduled is still handled, and its

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -120,6 +120,27 @@ pub struct Caches {
     policies: Store<DeserializeGuard<ClusterConsolePolicy>>,
     proxies: Store<DeserializeGuard<SpiceProxy>>,
     ready: watch::Receiver<bool>,
+    started: Instant,
+    /// Each watch's last error, cleared by its next event: why the caches are not filled.
+    policy_error: LastError,
+    proxy_error: LastError,
+}
+
+type LastError = Arc<Mutex<Option<String>>>;
+
+/// Passes a watch through, keeping its last error in `slot` until the next event succeeds.
+fn noting_errors<T>(watch: impl Stream<Item = Result<T, watcher::Error>>, slot: LastError) -> impl Stream<Item = Result<T, watcher::Error>> {
+    watch.inspect(move |event| *slot.lock().unwrap_or_else(|p| p.into_inner()) = event.as_ref().err().map(watch_error_sentence))
+}
+
+/// A watch error as an engine's operator reads it: the API server's own message and code when
+/// it answered (kube's text of those carries a debug dump of the whole Status), else kube's.
+fn watch_error_sentence(error: &watcher::Error) -> String {
+    let status = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s)) | watcher::Error::WatchStartFailed(kube::Error::Api(s)) | watcher::Error::WatchFailed(kube::Error::Api(s)) | watcher::Error::WatchError(s) => s,
+        other => return other.to_string(),
+    };
+    format!("{} ({} {})", status.message, status.code, status.reason)
 }
 
 impl Caches {
@@ -137,8 +158,11 @@ impl Caches {
             }
         });
         let proxy_stream = watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client), watcher::Config::default()).modify(|g| g.meta_mut().managed_fields = None);
-        let policy_events = without_failures(reflector::reflector(policy_writer, policy_stream), "ClusterConsolePolicy".into(), metrics.clone());
-        let proxy_events = without_failures(reflector::reflector(proxy_writer, proxy_stream), "SpiceProxy".into(), metrics);
+        let (policy_error, proxy_error) = (LastError::default(), LastError::default());
+        let policy_events = noting_errors(reflector::reflector(policy_writer, policy_stream), policy_error.clone());
+        let proxy_events = noting_errors(reflector::reflector(proxy_writer, proxy_stream), proxy_error.clone());
+        let policy_events = without_failures(policy_events, "ClusterConsolePolicy".into(), metrics.clone());
+        let proxy_events = without_failures(proxy_events, "SpiceProxy".into(), metrics);
         tokio::spawn(policy_events.for_each(|_| futures::future::ready(())));
         tokio::spawn(proxy_events.for_each(|_| futures::future::ready(())));
         // The only waiters on the stores' own readiness (which wakes only its last waiter);
@@ -150,15 +174,28 @@ impl Caches {
                 let _ = ready_tx.send(true);
             }
         });
-        Caches { policies, proxies, ready }
+        Caches { policies, proxies, ready, started: Instant::now(), policy_error, proxy_error }
     }
 
+    /// Requests in the first seconds after start wait for the first lists; later, caches still
+    /// not filled are reported at once, so requests do not pile up behind a failing watch.
     async fn wait_ready(&self) -> Result<(), EngineError> {
         let mut ready = self.ready.clone();
-        match tokio::time::timeout(CACHE_WAIT, ready.wait_for(|r| *r)).await {
+        let wait = CACHE_WAIT.saturating_sub(self.started.elapsed());
+        match tokio::time::timeout(wait, ready.wait_for(|r| *r)).await {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(EngineError::Unavailable("the engine API is still reading policies and SpiceProxies from the Kubernetes API; retry in a few seconds".into())),
+            _ => Err(EngineError::Unavailable(self.why_not_filled())),
         }
+    }
+
+    /// The failing watch and its error (a missing RBAC rule, say), else that the lists are slow.
+    fn why_not_filled(&self) -> String {
+        for (kind, slot) in [("ClusterConsolePolicies", &self.policy_error), ("SpiceProxies", &self.proxy_error)] {
+            if let Some(error) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                return format!("the engine API cannot read {kind} from the Kubernetes API: {error}; it keeps retrying");
+            }
+        }
+        "the engine API is still reading ClusterConsolePolicies and SpiceProxies from the Kubernetes API; retry in a few seconds".into()
     }
 }
 
@@ -345,4 +382,33 @@ async fn check_allowed(r: &ConsoleRequest, spx: &SpiceProxy) -> Result<(), Engin
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forbidden() -> watcher::Error {
+        let status = kube::core::Status { code: 403, reason: "Forbidden".into(), message: "spiceproxies is forbidden: User \"op\" cannot list".into(), ..Default::default() };
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+    }
+
+    #[tokio::test]
+    async fn a_failing_watch_is_named_by_the_api_servers_message_until_it_succeeds() {
+        let slot = LastError::default();
+        let events = futures::stream::iter([Err(forbidden()), Err(watcher::Error::NoResourceVersion), Ok(())]);
+        let mut noted = std::pin::pin!(noting_errors(events, slot.clone()));
+        let mut seen = Vec::new();
+        while noted.next().await.is_some() {
+            seen.push(slot.lock().unwrap().clone());
+        }
+        assert_eq!(
+            seen,
+            [
+                Some("spiceproxies is forbidden: User \"op\" cannot list (403 Forbidden)".to_string()),
+                Some("no metadata.resourceVersion in watch result (does resource support watch?)".to_string()),
+                None
+            ]
+        );
+    }
 }
