@@ -42,6 +42,18 @@ pub struct RequestLabel {
     pub verb: String,
 }
 
+/// An engine API request: its route and the HTTP status of the answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineRequestLabel {
+    pub route: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<ControllerLabel, Counter>,
@@ -55,6 +67,9 @@ pub struct Metrics {
     pub watch_failures: Family<KindLabel, Counter>,
     /// Kubernetes Events the API server refused (the status still says everything).
     pub event_failures: Counter,
+    /// Engine API requests by route and answer (a console issued is a 200 on /v1/console).
+    pub engine_requests: Family<EngineRequestLabel, Counter>,
+    pub engine_duration: Family<RouteLabel, Histogram>,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
@@ -88,6 +103,10 @@ impl Default for Metrics {
         registry.register("watch_failures", "Watches that failed and are retried with backoff, by kind", watch_failures.clone());
         let event_failures = Counter::default();
         registry.register("event_failures", "Kubernetes Events that could not be published", event_failures.clone());
+        let engine_requests = Family::<EngineRequestLabel, Counter>::default();
+        registry.register("engine_requests", "Engine API requests by route and HTTP status of the answer", engine_requests.clone());
+        let engine_duration = Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
+        registry.register("engine_request_duration_seconds", "Time to answer one engine API request, by route", engine_duration.clone());
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
@@ -107,6 +126,8 @@ impl Default for Metrics {
             leader,
             watch_failures,
             event_failures,
+            engine_requests,
+            engine_duration,
             spiceproxy_ready,
             spiceproxy_degraded,
             spiceproxy_desired,

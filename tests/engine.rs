@@ -166,6 +166,8 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
     assert_eq!((mine[0]["vm"].clone(), mine[0]["target"].clone()), (json!("vm1"), json!("127.0.0.1:5930")));
     assert!(mine[0]["expires"].as_u64().unwrap() > 0);
     assert!(!log.contains(&ticket), "the ticket must never be logged");
+    // Every answer above, counted on /metrics by route and status (200, 400, 401, 403, 404).
+    api.assert_metrics_count_every_answer();
     teardown(&client, &s).await;
 }
 

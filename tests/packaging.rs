@@ -279,5 +279,6 @@ fn operator_metrics_with_one_of_each() -> String {
     metrics.report_policies(policies);
     // Likewise a labelled counter shows once one of its series exists.
     let _ = metrics.watch_failures.get_or_create(&spice_operator::metrics::KindLabel { kind: "SpiceProxy".into() });
+    let _ = metrics.engine_requests.get_or_create(&spice_operator::metrics::EngineRequestLabel { route: "/v1/console".into(), code: 200 });
     metrics.encode()
 }

@@ -107,6 +107,7 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
     let again = api.console(&token, &request);
     assert!(again.status == 503 && again.body.contains("cannot read SpiceProxies"), "{}", again.body);
     assert!(asked.elapsed() < Duration::from_secs(3), "the second request waited {:?}", asked.elapsed());
+    api.assert_metrics_count_every_answer();
     drop(api);
     let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&format!("{}-engine", ns.name), &DeleteParams::default()).await;
     cleanup(&client, &ns.name).await;

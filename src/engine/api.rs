@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::ConsoleRequest;
 use super::service::{Caches, Engine, EngineError};
 use crate::crd::SpiceProxyRef;
-use crate::metrics::Metrics;
+use crate::metrics::{EngineRequestLabel, Metrics, RouteLabel};
 
 pub const GROUP: &str = "console.spice-operator.io";
 
@@ -33,13 +33,26 @@ struct AppState {
 
 pub fn router(client: Client, metrics: Arc<Metrics>) -> axum::Router {
     // Requests read policies and SpiceProxies from watch caches (started here, on every replica).
-    let engine = Engine { client: client.clone(), caches: Some(Caches::start(client.clone(), metrics)) };
+    let engine = Engine { client: client.clone(), caches: Some(Caches::start(client.clone(), metrics.clone())) };
     let state = Arc::new(AppState { engine, client });
     axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/resolve", get(resolve))
         .route("/v1/console", post(console))
+        // Only the routes above are counted: not probes of /healthz, nor unknown paths.
+        .route_layer(axum::middleware::from_fn_with_state(metrics, counted))
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
+}
+
+/// Counts and times each request by route and the status of its answer. As a route layer it
+/// sees only matched routes, which have no path parameters: the path is the route.
+async fn counted(State(metrics): State<Arc<Metrics>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = request.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics.engine_requests.get_or_create(&EngineRequestLabel { route: route.clone(), code: response.status().as_u16() }).inc();
+    metrics.engine_duration.get_or_create(&RouteLabel { route }).observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// An error as the engine sees it: a status and a JSON body saying why.

@@ -1,7 +1,9 @@
 //! The engine API as an engine calls it: the operator binary serving it, curl over verified
 //! TLS, and the bearer tokens of ServiceAccounts.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,9 @@ pub struct EngineApi {
     pub port: u16,
     pub ca: PathBuf,
     pub operator: OperatorProcess,
+    /// Every /v1 answer this client got, by route and status: what the operator's
+    /// /metrics must have counted.
+    answered: Mutex<BTreeMap<(String, u16), u64>>,
 }
 
 impl EngineApi {
@@ -47,7 +52,7 @@ impl EngineApi {
         let cm = wait_for(&cms, "spice-operator-api-ca", Duration::from_secs(30), |c| c.data.clone()).await;
         let ca = artifact(&format!("engine-api-ca-{port}.crt"));
         std::fs::write(&ca, &cm["ca.crt"]).unwrap();
-        let api = EngineApi { port, ca, operator };
+        let api = EngineApi { port, ca, operator, answered: Mutex::default() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while api.call("GET", "/healthz", None, None).map(|r| r.status) != Some(200) {
             assert!(Instant::now() < deadline, "engine API did not answer over TLS:\n{}", api.operator.log_text());
@@ -73,6 +78,7 @@ impl EngineApi {
         let meta = String::from_utf8_lossy(&out.stdout).to_string();
         let (code, ct) = meta.split_once(' ').unwrap_or((&meta, ""));
         let status: u16 = code.parse().ok().filter(|c| *c != 0)?;
+        self.answered_with(path, status);
         Some(Reply { status, content_type: ct.to_string(), body: std::fs::read_to_string(out_file.path()).unwrap_or_default() })
     }
 
@@ -90,7 +96,36 @@ impl EngineApi {
             .output()
             .unwrap();
         assert!(out.status.success(), "console as JSON failed");
+        self.answered_with("/v1/console", 200);
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn answered_with(&self, path: &str, status: u16) {
+        let route = path.split('?').next().unwrap();
+        if route.starts_with("/v1/") {
+            *self.answered.lock().unwrap().entry((route.to_string(), status)).or_default() += 1;
+        }
+    }
+
+    /// The operator's /metrics count every engine API answer this client got, by route and
+    /// status, and time each one (the histogram's count per route), and nothing else.
+    pub fn assert_metrics_count_every_answer(&self) {
+        let metrics = http_get(self.operator.admin_port, "/metrics").expect("operator metrics");
+        let answered = self.answered.lock().unwrap().clone();
+        let mut expected: Vec<String> = answered.iter().map(|((route, code), n)| format!("spice_operator_engine_requests_total{{route=\"{route}\",code=\"{code}\"}} {n}")).collect();
+        let mut per_route = BTreeMap::<&str, u64>::new();
+        for ((route, _), n) in &answered {
+            *per_route.entry(route).or_default() += n;
+        }
+        expected.extend(per_route.iter().map(|(route, n)| format!("spice_operator_engine_request_duration_seconds_count{{route=\"{route}\"}} {n}")));
+        expected.sort();
+        let mut counted: Vec<String> = metrics
+            .lines()
+            .filter(|l| l.starts_with("spice_operator_engine_requests_total{") || l.starts_with("spice_operator_engine_request_duration_seconds_count{"))
+            .map(str::to_string)
+            .collect();
+        counted.sort();
+        assert_eq!(counted, expected, "engine API requests on /metrics against the answers this client got");
     }
 }
 
