@@ -11,21 +11,31 @@ use tokio::sync::watch;
 
 type Encode = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Whether the process is ready, else why not (the body of `/readyz`'s 503).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Ready while `ready` is true, else `not_ready`.
+pub fn ready_while(ready: watch::Receiver<bool>, not_ready: &'static str) -> Readiness {
+    Arc::new(move || if *ready.borrow() { Ok(()) } else { Err(not_ready.to_string()) })
+}
+
 #[derive(Clone)]
 struct AdminState {
     metrics: Encode,
-    ready: watch::Receiver<bool>,
-    not_ready: &'static str,
+    ready: Readiness,
 }
 
-/// Serves until the process ends. `/readyz` answers 200 while `ready` is true, else 503 with `not_ready`.
-pub async fn serve(listener: TcpListener, metrics: Encode, ready: watch::Receiver<bool>, not_ready: &'static str) -> anyhow::Result<()> {
+/// Serves until the process ends. `/readyz` answers 200 while `ready` says so, else 503 with the reason.
+pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(|State(s): State<AdminState>| async move {
-                if *s.ready.borrow() { (StatusCode::OK, "ready\n".to_string()) } else { (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", s.not_ready)) }
+                match (s.ready)() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                }
             }),
         )
         .route(
@@ -34,7 +44,7 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: watch::Receive
                 ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], (s.metrics)())
             }),
         )
-        .with_state(AdminState { metrics, ready, not_ready });
+        .with_state(AdminState { metrics, ready });
     axum::serve(listener, app).await?;
     Ok(())
 }

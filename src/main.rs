@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use spice_operator::controller::{self, Settings};
 use spice_operator::metrics::{Metrics, RequestLabel};
-use spice_operator::engine::service::Engine;
+use spice_operator::engine::service::{Caches, Engine};
 use spice_operator::engine::tls::{self, CertSource};
 use spice_operator::engine::ConsoleRequest;
 use spice_operator::leader::{self, LeaseSettings};
@@ -304,9 +304,9 @@ fn crdgen(output: Option<PathBuf>, chart_template: Option<PathBuf>) -> anyhow::R
 async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>, api: ApiArgs, namespace: String, shutdown_grace: Duration) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let client = counting_client(metrics.clone()).await?;
-    let engine_api = if api.api_addr == "off" {
-        tokio::spawn(futures::future::pending::<anyhow::Result<()>>())
-    } else {
+    // The engine API's watch caches, on every replica: until they are filled the replica is not ready.
+    let engine_caches = (api.api_addr != "off").then(|| Caches::start(client.clone(), metrics.clone()));
+    let engine_api = if let Some(caches) = engine_caches.clone() {
         let source = match api.api_tls_dir {
             Some(dir) => CertSource::Files(dir),
             None => CertSource::Generated { namespace, secret: api.api_tls_secret, ca_config_map: api.api_ca_configmap, dns_names: api.api_dns_names },
@@ -315,8 +315,10 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let tcp = tokio::net::TcpListener::bind(&api.api_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (--api-addr): {e}", api.api_addr))?;
         tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
         let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
-        let router = spice_operator::engine::api::router(client.clone(), metrics.clone());
+        let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
+    } else {
+        tokio::spawn(futures::future::pending::<anyhow::Result<()>>())
     };
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -324,7 +326,13 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let m = metrics.clone();
         Arc::new(move || m.encode())
     };
-    let admin = tokio::spawn(admin::serve(admin::bind(&admin_addr.to_string()).await?, encode, ready_rx, "caches not synced yet"));
+    let synced = admin::ready_while(ready_rx, "caches not synced yet");
+    let readiness: admin::Readiness = Arc::new(move || {
+        let engine = engine_caches.as_ref().map_or(Ok(()), Caches::filled);
+        let why: Vec<String> = [synced(), engine].into_iter().filter_map(Result::err).collect();
+        if why.is_empty() { Ok(()) } else { Err(why.join("; ")) }
+    });
+    let admin = tokio::spawn(admin::serve(admin::bind(&admin_addr.to_string()).await?, encode, readiness));
     let mut stopping = stop_rx.clone();
     spice_operator::on_stop_signals(move || {
         tracing::info!(grace = ?shutdown_grace, "shutting down: finishing reconciles in flight");

@@ -93,6 +93,8 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
     let line = proxy_line(&r.body).expect("a proxy= line");
     assert!(line.starts_with("http://console:v1.") && line.ends_with(&format!("@127.0.0.1:{}", s.proxy_port)), "{}", r.body);
     assert!(r.body.contains("\ndelete-this-file=1\n") && r.body.contains("\npassword=s3cret\n"), "{}", r.body);
+    // Its caches filled, the replica is ready (they are part of /readyz).
+    assert_eq!(http_get(api.operator.admin_port, "/readyz").as_deref(), Some("ready\n"));
 
     // Unknown names: 404 with the name.
     let mut bad = body.clone();

@@ -94,7 +94,7 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
 
     // Without the SpiceProxies' rule the engine API's caches cannot fill: a console request
     // gets a 503 naming the forbidden watch (not "retry in a few seconds"), and once the first
-    // 10 s after start are over, at once rather than after a wait of its own.
+    // 10 s after start are over, at once rather than after a wait of its own; /readyz says so.
     let ns = TestNamespace::new(&client, "rbac-no-spiceproxies").await;
     let kubeconfig = account_without(&client, &chart_role, "spiceproxies", &ns.name).await;
     let api = EngineApi::start_with(&client, &kubeconfig, &["--leader-election=false"]).await;
@@ -108,6 +108,9 @@ async fn every_cluster_role_rule_is_needed_and_its_absence_is_reported_as_forbid
     assert!(again.status == 503 && again.body.contains("cannot read SpiceProxies"), "{}", again.body);
     assert!(asked.elapsed() < Duration::from_secs(3), "the second request waited {:?}", asked.elapsed());
     api.assert_metrics_count_every_answer();
+    // Nor is the replica ready: a Service sends engines only to replicas that can answer them.
+    let readyz = http_get(api.operator.admin_port, "/readyz").unwrap_or_default();
+    assert!(readyz.contains("the engine API cannot read SpiceProxies"), "/readyz: {readyz}");
     drop(api);
     let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&format!("{}-engine", ns.name), &DeleteParams::default()).await;
     cleanup(&client, &ns.name).await;

@@ -31,9 +31,10 @@ struct AppState {
     client: Client,
 }
 
-pub fn router(client: Client, metrics: Arc<Metrics>) -> axum::Router {
-    // Requests read policies and SpiceProxies from watch caches (started here, on every replica).
-    let engine = Engine { client: client.clone(), caches: Some(Caches::start(client.clone(), metrics.clone())) };
+/// The API's routes; requests read policies and SpiceProxies from `caches` (every replica keeps
+/// its own).
+pub fn router(client: Client, caches: Caches, metrics: Arc<Metrics>) -> axum::Router {
+    let engine = Engine { client: client.clone(), caches: Some(caches) };
     let state = Arc::new(AppState { engine, client });
     axum::Router::new()
         .route("/v1/resolve", get(resolve))

@@ -188,6 +188,12 @@ impl Caches {
         }
     }
 
+    /// Whether both caches have listed everything once, else why not: part of the operator's
+    /// readiness, so a replica that cannot answer engines gets no engine traffic.
+    pub fn filled(&self) -> Result<(), String> {
+        if *self.ready.borrow() { Ok(()) } else { Err(self.why_not_filled()) }
+    }
+
     /// The failing watch and its error (a missing RBAC rule, say), else that the lists are slow.
     fn why_not_filled(&self) -> String {
         for (kind, slot) in [("ClusterConsolePolicies", &self.policy_error), ("SpiceProxies", &self.proxy_error)] {

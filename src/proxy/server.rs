@@ -486,7 +486,7 @@ impl ProxyServer {
             let s = shared.clone();
             Arc::new(move || s.metrics.encode())
         };
-        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, ready_rx, "draining"));
+        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, crate::admin::ready_while(ready_rx, "draining")));
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let tracker = Tracker::new();
