@@ -181,6 +181,10 @@ struct ApiArgs {
     /// DNS names of the generated certificate (comma-separated), e.g. the API Service's.
     #[arg(long, env = "SPICE_API_DNS_NAMES", value_delimiter = ',')]
     api_dns_names: Vec<String>,
+    /// How long the API server's yes to a caller's token or to one of its requests is reused
+    /// (a revoked token or binding stops working within it); 0 asks every time.
+    #[arg(long, env = "SPICE_API_AUTH_CACHE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
+    api_auth_cache_seconds: u64,
 }
 
 impl LeaseArgs {
@@ -315,7 +319,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let tcp = tokio::net::TcpListener::bind(&api.api_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (--api-addr): {e}", api.api_addr))?;
         tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
         let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
-        let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone());
+        let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
         tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
     } else {
         tokio::spawn(futures::future::pending::<anyhow::Result<()>>())

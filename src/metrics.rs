@@ -70,6 +70,8 @@ pub struct Metrics {
     /// Engine API requests by route and answer (a console issued is a 200 on /v1/console).
     pub engine_requests: Family<EngineRequestLabel, Counter>,
     pub engine_duration: Family<RouteLabel, Histogram>,
+    /// TokenReviews and SubjectAccessReviews the engine API sent (recent yes answers are reused).
+    pub engine_reviews: Family<KindLabel, Counter>,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
@@ -107,6 +109,8 @@ impl Default for Metrics {
         registry.register("engine_requests", "Engine API requests by route and HTTP status of the answer", engine_requests.clone());
         let engine_duration = Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
         registry.register("engine_request_duration_seconds", "Time to answer one engine API request, by route", engine_duration.clone());
+        let engine_reviews = Family::<KindLabel, Counter>::default();
+        registry.register("engine_reviews", "TokenReviews and SubjectAccessReviews the engine API sent, by kind", engine_reviews.clone());
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
@@ -128,6 +132,7 @@ impl Default for Metrics {
             event_failures,
             engine_requests,
             engine_duration,
+            engine_reviews,
             spiceproxy_ready,
             spiceproxy_degraded,
             spiceproxy_desired,

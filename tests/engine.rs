@@ -233,6 +233,61 @@ async fn console_requests_read_watch_caches_that_follow_every_change() {
     teardown(&client, &s).await;
 }
 
+/// TokenReviews or SubjectAccessReviews this operator process's engine API has sent.
+fn reviews(api: &EngineApi, kind: &str) -> u64 {
+    let metrics = http_get(api.operator.admin_port, "/metrics").expect("operator metrics");
+    let series = format!("spice_operator_engine_reviews_total{{kind=\"{kind}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The API server's yes to an engine's token and to each of its accesses is reused for
+/// `--api-auth-cache-seconds` (5 here): 10 consoles cost one TokenReview and two
+/// SubjectAccessReviews (the policy, the tickets) instead of 10 and 20; a revoked binding stops
+/// working within the 5 s; a no is not kept, so a binding granted after a refusal works at once.
+#[tokio::test]
+async fn callers_yes_is_reused_briefly_and_a_revoked_binding_stops_working_within_it() {
+    let client = client().await;
+    let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
+    let api = EngineApi::start_with(&client, &kubeconfig, &["--lease-name", "spice-operator-leader", "--api-auth-cache-seconds", "5"]).await;
+    let s = setup(&client, "engine-authcache", 5934).await;
+    let token = service_account_token(&client, &s.ns.name, "engine", true).await;
+    let body = console_body(&s, "desktops", "vm1", "127.0.0.1");
+    let first = Instant::now();
+    for _ in 0..10 {
+        let r = api.console(&token, &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let took = first.elapsed();
+    let (token_reviews, access_reviews) = (reviews(&api, "TokenReview"), reviews(&api, "SubjectAccessReview"));
+    eprintln!("10 consoles in {took:?}: {token_reviews} TokenReviews, {access_reviews} SubjectAccessReviews");
+    if took < Duration::from_secs(4) {
+        assert_eq!((token_reviews, access_reviews), (1, 2), "all 10 consoles within the 5 s");
+    } else {
+        // A slow machine: some answers expired during the loop, still far fewer than 10 and 20.
+        assert!(token_reviews <= 3 && access_reviews <= 6, "{token_reviews} TokenReviews, {access_reviews} SubjectAccessReviews");
+    }
+
+    // Revoked: the cached yes may serve requests for what is left of its 5 s, then 403.
+    let binding = format!("{}-engine", s.ns.name);
+    Api::<ClusterRoleBinding>::all(client.clone()).delete(&binding, &DeleteParams::default()).await.unwrap();
+    let revoked = Instant::now();
+    until_answer("the revocation", Duration::from_secs(8), || api.console(&token, &body), |r| r.status == 403);
+    eprintln!("revocation took effect after {:?} (the cached yes was {:?} old)", revoked.elapsed(), revoked - first);
+    assert!(revoked.elapsed() <= Duration::from_secs(5) + Duration::from_secs(1), "a revoked binding worked for {:?}", revoked.elapsed());
+
+    // Granted again: the refusal was not kept, the next request after the API server's own
+    // RBAC caught up (milliseconds) is answered 200, well inside the 5 s.
+    let out = std::process::Command::new("kubectl")
+        .args(["create", "clusterrolebinding", &binding, "--clusterrole", ISSUER_ROLE, "--serviceaccount", &format!("{}:engine", s.ns.name)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let regranted = until_answer("the new binding", Duration::from_secs(3), || api.console(&token, &body), |r| r.status == 200);
+    assert!(regranted < Duration::from_secs(2), "a refusal kept for {regranted:?}");
+    api.assert_metrics_count_every_answer();
+    teardown(&client, &s).await;
+}
+
 #[tokio::test]
 async fn issued_vv_opens_in_remote_viewer_through_the_proxy_and_expires() {
     let client = client().await;

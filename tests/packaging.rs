@@ -75,6 +75,7 @@ fn bad_values_fail_with_the_path_and_the_reason() {
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
         ("proxyPodMonitor.interval=often", "/proxyPodMonitor/interval"),
         ("proxyPodMonitor.enable=true", "additional properties 'enable' not allowed"),
+        ("engineApi.authCacheSeconds=3600", "/engineApi/authCacheSeconds"),
     ] {
         let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", set]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -93,6 +94,7 @@ fn rendered_chart_wires_leader_election_rbac_and_monitoring() {
     assert_eq!(deploy["spec"]["replicas"], Value::from(2));
     let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert!(args.contains(&"--leader-election=true") && args.contains(&"--lease-name=spice-operator-leader"), "{args:?}");
+    assert!(args.contains(&"--api-auth-cache-seconds=10"), "{args:?}");
     let role = find("Role");
     assert_eq!(role["rules"][1]["resourceNames"][0], Value::from("spice-operator-leader"));
     assert_eq!(find("ServiceMonitor")["spec"]["endpoints"][0]["port"], Value::from("metrics"));

@@ -5,8 +5,11 @@
 //!   `clusterconsolepolicies` named by `policy`;
 //! - a console whose proxy is a SpiceProxy with tickets additionally needs `create` on
 //!   `spiceproxies/tickets` for that SpiceProxy, in its namespace (a RoleBinding there).
+//!
+//! Yes answers are kept briefly (`auth_cache.rs`), no answers are not.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -20,22 +23,31 @@ use kube::{Api, Client};
 use serde::Deserialize;
 
 use super::ConsoleRequest;
+use super::auth_cache::{self, Access, AuthCache, TokenDigest};
 use super::service::{Caches, Engine, EngineError};
 use crate::crd::SpiceProxyRef;
-use crate::metrics::{EngineRequestLabel, Metrics, RouteLabel};
+use crate::metrics::{EngineRequestLabel, KindLabel, Metrics, RouteLabel};
 
 pub const GROUP: &str = "console.spice-operator.io";
 
 struct AppState {
     engine: Engine,
     client: Client,
+    auth: AuthCache,
+    metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    fn reviewed(&self, kind: &str) {
+        self.metrics.engine_reviews.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
 }
 
 /// The API's routes; requests read policies and SpiceProxies from `caches` (every replica keeps
-/// its own).
-pub fn router(client: Client, caches: Caches, metrics: Arc<Metrics>) -> axum::Router {
+/// its own), and the API server's yes to a caller's token or access is kept for `auth_ttl`.
+pub fn router(client: Client, caches: Caches, metrics: Arc<Metrics>, auth_ttl: Duration) -> axum::Router {
     let engine = Engine { client: client.clone(), caches: Some(caches) };
-    let state = Arc::new(AppState { engine, client });
+    let state = Arc::new(AppState { engine, client, auth: AuthCache::new(auth_ttl), metrics: metrics.clone() });
     axum::Router::new()
         .route("/v1/resolve", get(resolve))
         .route("/v1/console", post(console))
@@ -49,7 +61,7 @@ pub fn router(client: Client, caches: Caches, metrics: Arc<Metrics>) -> axum::Ro
 /// sees only matched routes, which have no path parameters: the path is the route.
 async fn counted(State(metrics): State<Arc<Metrics>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let route = request.uri().path().to_string();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let response = next.run(request).await;
     metrics.engine_requests.get_or_create(&EngineRequestLabel { route: route.clone(), code: response.status().as_u16() }).inc();
     metrics.engine_duration.get_or_create(&RouteLabel { route }).observe(started.elapsed().as_secs_f64());
@@ -78,8 +90,15 @@ impl From<EngineError> for ApiError {
     }
 }
 
-/// Who is calling, from the bearer token (TokenReview).
-async fn authenticate(client: &Client, headers: &HeaderMap) -> Result<UserInfo, ApiError> {
+/// A caller the API server vouched for: its token's digest (the key of its cached decisions)
+/// and who it is.
+struct Caller {
+    token: TokenDigest,
+    user: UserInfo,
+}
+
+/// Who is calling, from the bearer token (TokenReview, or a recent answer to one).
+async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let unauthorized = |why: &str| ApiError(StatusCode::UNAUTHORIZED, why.to_string());
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| unauthorized("no bearer token: send Authorization: Bearer <Kubernetes token>"))?;
     let token = value
@@ -89,20 +108,33 @@ async fn authenticate(client: &Client, headers: &HeaderMap) -> Result<UserInfo, 
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
+    let digest = auth_cache::digest(token);
+    if let Some(user) = app.auth.user(&digest, Instant::now()) {
+        return Ok(Caller { token: digest, user });
+    }
     let review = TokenReview { spec: TokenReviewSpec { token: token.to_string(), ..Default::default() }, ..Default::default() };
-    let reviewed = Api::<TokenReview>::all(client.clone()).create(&PostParams::default(), &review).await.map_err(|e| {
+    app.reviewed("TokenReview");
+    let reviewed = Api::<TokenReview>::all(app.client.clone()).create(&PostParams::default(), &review).await.map_err(|e| {
         tracing::warn!(error = %e, "TokenReview failed");
         ApiError(StatusCode::BAD_GATEWAY, "cannot verify the token with the Kubernetes API".into())
     })?;
     let status = reviewed.status.unwrap_or_default();
     match (status.authenticated, status.user) {
-        (Some(true), Some(user)) => Ok(user),
+        (Some(true), Some(user)) => {
+            app.auth.remember_user(digest, &user, Instant::now());
+            Ok(Caller { token: digest, user })
+        }
         _ => Err(unauthorized(&format!("the token is not valid{}", status.error.map(|e| format!(": {e}")).unwrap_or_default()))),
     }
 }
 
-/// RBAC decides (SubjectAccessReview for the caller).
-async fn authorize(client: &Client, user: &UserInfo, verb: &str, resource: &str, subresource: Option<&str>, namespace: Option<&str>, name: &str) -> Result<(), ApiError> {
+/// RBAC decides (SubjectAccessReview for the caller, or a recent yes to the same question).
+async fn authorize(app: &AppState, caller: &Caller, access: Access) -> Result<(), ApiError> {
+    if app.auth.granted(&caller.token, &access, Instant::now()) {
+        return Ok(());
+    }
+    let user = &caller.user;
+    let Access { verb, resource, subresource, namespace, name } = &access;
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: user.username.clone(),
@@ -111,23 +143,25 @@ async fn authorize(client: &Client, user: &UserInfo, verb: &str, resource: &str,
             extra: user.extra.clone(),
             resource_attributes: Some(ResourceAttributes {
                 group: Some(GROUP.into()),
-                resource: Some(resource.into()),
-                subresource: subresource.map(Into::into),
-                namespace: namespace.map(Into::into),
-                name: Some(name.into()),
-                verb: Some(verb.into()),
+                resource: Some(resource.clone()),
+                subresource: subresource.clone(),
+                namespace: namespace.clone(),
+                name: Some(name.clone()),
+                verb: Some(verb.clone()),
                 ..Default::default()
             }),
             ..Default::default()
         },
         ..Default::default()
     };
-    let reviewed = Api::<SubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await.map_err(|e| {
+    app.reviewed("SubjectAccessReview");
+    let reviewed = Api::<SubjectAccessReview>::all(app.client.clone()).create(&PostParams::default(), &review).await.map_err(|e| {
         tracing::warn!(error = %e, "SubjectAccessReview failed");
         ApiError(StatusCode::BAD_GATEWAY, "cannot check permissions with the Kubernetes API".into())
     })?;
     let status = reviewed.status.unwrap_or_default();
     if status.allowed {
+        app.auth.remember_grant(caller.token, access, Instant::now());
         return Ok(());
     }
     let what = match (subresource, namespace) {
@@ -141,6 +175,11 @@ async fn authorize(client: &Client, user: &UserInfo, verb: &str, resource: &str,
     Err(ApiError(StatusCode::FORBIDDEN, format!("{user_name} may not {what} in API group {GROUP}{why}")))
 }
 
+/// `get` on a policy: what resolving or issuing a console for one of its VMs needs.
+fn read_policy(policy: &str) -> Access {
+    Access { verb: "get".into(), resource: "clusterconsolepolicies".into(), subresource: None, namespace: None, name: policy.into() }
+}
+
 #[derive(Deserialize)]
 struct ResolveQuery {
     policy: String,
@@ -150,22 +189,23 @@ struct ResolveQuery {
 }
 
 async fn resolve(State(app): State<Arc<AppState>>, headers: HeaderMap, query: Result<Query<ResolveQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let user = authenticate(&app.client, &headers).await?;
+    let caller = authenticate(&app, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e}: policy and cluster are required, pool and vm optional")))?;
-    authorize(&app.client, &user, "get", "clusterconsolepolicies", None, None, &q.policy).await?;
+    authorize(&app, &caller, read_policy(&q.policy)).await?;
     let r = app.engine.resolve(&q.policy, &q.cluster, q.pool.as_deref(), q.vm.as_deref()).await?;
     Ok(Json(r).into_response())
 }
 
 async fn console(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Result<Json<ConsoleRequest>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
-    let user = authenticate(&app.client, &headers).await?;
+    let caller = authenticate(&app, &headers).await?;
     let Json(request) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    authorize(&app.client, &user, "get", "clusterconsolepolicies", None, None, &request.policy).await?;
+    authorize(&app, &caller, read_policy(&request.policy)).await?;
     let prepared = app.engine.prepare(request).await?;
     if let Some((SpiceProxyRef { name, namespace }, _)) = &prepared.ticket_for {
-        authorize(&app.client, &user, "create", "spiceproxies", Some("tickets"), Some(namespace), name).await?;
+        let mint = Access { verb: "create".into(), resource: "spiceproxies".into(), subresource: Some("tickets".into()), namespace: Some(namespace.clone()), name: name.clone() };
+        authorize(&app, &caller, mint).await?;
     }
-    let console = Engine::issue(prepared, user.username.as_deref().unwrap_or("unknown"));
+    let console = Engine::issue(prepared, caller.user.username.as_deref().unwrap_or("unknown"));
     let wants_json = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
     if wants_json {
         return Ok(Json(console).into_response());

@@ -4,6 +4,7 @@
 //! lookups, `api` the authenticated HTTPS front, `tls` its certificate.
 
 pub mod api;
+pub mod auth_cache;
 pub mod service;
 pub mod tls;
 
