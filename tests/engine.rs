@@ -175,8 +175,7 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
 
 /// GET requests this operator process has sent to the Kubernetes API.
 fn gets_sent(api: &EngineApi) -> f64 {
-    let metrics = http_get(api.operator.admin_port, "/metrics").expect("operator metrics");
-    metrics.lines().find_map(|l| l.strip_prefix("spice_operator_kube_api_requests_total{verb=\"GET\"} ")).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    api.counter("spice_operator_kube_api_requests_total{verb=\"GET\"}") as f64
 }
 
 /// Polls `answer` (an engine API call) until `done`; how long it took.
@@ -235,9 +234,7 @@ async fn console_requests_read_watch_caches_that_follow_every_change() {
 
 /// TokenReviews or SubjectAccessReviews this operator process's engine API has sent.
 fn reviews(api: &EngineApi, kind: &str) -> u64 {
-    let metrics = http_get(api.operator.admin_port, "/metrics").expect("operator metrics");
-    let series = format!("spice_operator_engine_reviews_total{{kind=\"{kind}\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    api.counter(&format!("spice_operator_engine_reviews_total{{kind=\"{kind}\"}}"))
 }
 
 /// The API server's yes to an engine's token and to each of its accesses is reused for

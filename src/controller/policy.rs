@@ -209,19 +209,26 @@ struct StoreDirectory<'a>(&'a kube::runtime::reflector::Store<DeserializeGuard<S
 
 impl resolve::ProxyDirectory for StoreDirectory<'_> {
     fn lookup(&self, r: &SpiceProxyRef) -> Result<String, String> {
-        match self.0.get(&ObjectRef::new(&r.name).within(&r.namespace)) {
-            None => Err("does not exist".into()),
-            Some(guard) => match &guard.0 {
-                Ok(spx) => spx.ready_url().map(str::to_string),
-                Err(invalid) => Err(format!("cannot be decoded: {}", invalid.error)),
-            },
-        }
+        ready_url_of(self.0.get(&ObjectRef::new(&r.name).within(&r.namespace)).as_deref())
     }
 
     fn html5_url(&self, r: &SpiceProxyRef) -> Option<String> {
-        let guard = self.0.get(&ObjectRef::new(&r.name).within(&r.namespace))?;
-        guard.0.as_ref().ok()?.ready_html5_url().map(str::to_string)
+        html5_url_of(self.0.get(&ObjectRef::new(&r.name).within(&r.namespace)).as_deref())
     }
+}
+
+/// A referenced SpiceProxy as a resolution sees it, whichever cache it came from: its ready
+/// URL, or why there is none (missing, undecodable, not ready).
+pub(crate) fn ready_url_of(guard: Option<&DeserializeGuard<SpiceProxy>>) -> Result<String, String> {
+    match guard.map(|g| &g.0) {
+        None => Err("does not exist".into()),
+        Some(Err(invalid)) => Err(format!("cannot be decoded: {}", invalid.error)),
+        Some(Ok(spx)) => spx.ready_url().map(str::to_string),
+    }
+}
+
+pub(crate) fn html5_url_of(guard: Option<&DeserializeGuard<SpiceProxy>>) -> Option<String> {
+    guard?.0.as_ref().ok()?.ready_html5_url().map(str::to_string)
 }
 
 /// Status from a resolution; pure. Conditions keep their transition time when unchanged.

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::{ConsoleRequest, DEFAULT_TICKET_TTL, LookupError, VmResolution, proxy_with_ticket, resolve_vm, use_proxy, validate_request, vv_file};
+use crate::controller::policy::{html5_url_of, ready_url_of};
 use crate::controller::spice_proxy::{key_secret_name, proxy_config};
 use crate::controller::without_failures;
 use crate::metrics::Metrics;
@@ -96,15 +97,11 @@ impl ProxySource<'_> {
 
 impl crate::resolve::ProxyDirectory for ProxySource<'_> {
     fn lookup(&self, r: &SpiceProxyRef) -> Result<String, String> {
-        match self.get(r).as_deref().map(|p| &p.0) {
-            None => Err("does not exist".into()),
-            Some(Err(invalid)) => Err(format!("cannot be decoded: {}", invalid.error)),
-            Some(Ok(p)) => p.ready_url().map(str::to_string),
-        }
+        ready_url_of(self.get(r).as_deref())
     }
 
     fn html5_url(&self, r: &SpiceProxyRef) -> Option<String> {
-        self.get(r)?.0.as_ref().ok()?.ready_html5_url().map(str::to_string)
+        html5_url_of(self.get(r).as_deref())
     }
 }
 

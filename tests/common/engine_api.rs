@@ -100,6 +100,12 @@ impl EngineApi {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// A counter series (labels included) from the operator's /metrics; 0 while absent.
+    pub fn counter(&self, series: &str) -> u64 {
+        let metrics = http_get(self.operator.admin_port, "/metrics").expect("operator metrics");
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+    }
+
     fn answered_with(&self, path: &str, status: u16) {
         let route = path.split('?').next().unwrap();
         if route.starts_with("/v1/") {
