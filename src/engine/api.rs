@@ -161,7 +161,7 @@ async fn authorize(app: &AppState, caller: &Caller, access: Access) -> Result<()
     })?;
     let status = reviewed.status.unwrap_or_default();
     if status.allowed {
-        app.auth.remember_grant(caller.token, access, Instant::now());
+        app.auth.remember_grant(&caller.token, &access, Instant::now());
         return Ok(());
     }
     let what = match (subresource, namespace) {

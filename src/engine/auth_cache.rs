@@ -25,7 +25,7 @@ pub fn digest(token: &str) -> TokenDigest {
 }
 
 /// One access a SubjectAccessReview allowed: what the token may do to which object.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Access {
     pub verb: String,
     pub resource: String,
@@ -34,10 +34,33 @@ pub struct Access {
     pub name: String,
 }
 
+/// A token and an access as one SHA-256: looked up without copying the access, and 32 bytes
+/// an entry whatever the names' lengths.
+type GrantKey = [u8; 32];
+
+fn grant_key(token: &TokenDigest, access: &Access) -> GrantKey {
+    let mut hash = Sha256::new();
+    hash.update(token);
+    let Access { verb, resource, subresource, namespace, name } = access;
+    // Each field length-prefixed, and a missing one apart from an empty one, so no two
+    // different accesses hash the same input.
+    for field in [Some(verb), Some(resource), subresource.as_ref(), namespace.as_ref(), Some(name)] {
+        match field {
+            Some(text) => {
+                hash.update([1]);
+                hash.update((text.len() as u64).to_le_bytes());
+                hash.update(text.as_bytes());
+            }
+            None => hash.update([0]),
+        }
+    }
+    hash.finalize().into()
+}
+
 pub struct AuthCache {
     ttl: Duration,
     users: Mutex<HashMap<TokenDigest, (Instant, UserInfo)>>,
-    grants: Mutex<HashMap<(TokenDigest, Access), Instant>>,
+    grants: Mutex<HashMap<GrantKey, Instant>>,
 }
 
 impl AuthCache {
@@ -63,14 +86,15 @@ impl AuthCache {
     /// Whether the API server allowed this token's caller `access` less than `ttl` ago.
     pub fn granted(&self, token: &TokenDigest, access: &Access, now: Instant) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        grants.get(&(*token, access.clone())).is_some_and(|until| now < *until)
+        grants.get(&grant_key(token, access)).is_some_and(|until| now < *until)
     }
 
-    pub fn remember_grant(&self, token: TokenDigest, access: Access, now: Instant) {
+    pub fn remember_grant(&self, token: &TokenDigest, access: &Access, now: Instant) {
         if !self.ttl.is_zero() {
+            let key = grant_key(token, access);
             let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
             make_room(&mut grants, now, |until| *until);
-            grants.insert((token, access), now + self.ttl);
+            grants.insert(key, now + self.ttl);
         }
     }
 }
@@ -108,13 +132,19 @@ mod tests {
         assert_eq!(cache.user(&engine, t0 + Duration::from_secs(10)), None, "expired at the ttl");
         assert_eq!(cache.user(&other, t0), None);
 
-        cache.remember_grant(engine, get_policy("prod"), t0);
+        cache.remember_grant(&engine, &get_policy("prod"), t0);
         assert!(cache.granted(&engine, &get_policy("prod"), t0 + Duration::from_secs(9)));
         assert!(!cache.granted(&engine, &get_policy("prod"), t0 + Duration::from_secs(10)));
         assert!(!cache.granted(&engine, &get_policy("lab"), t0), "another object");
         assert!(!cache.granted(&other, &get_policy("prod"), t0), "another caller");
         let ticket = Access { verb: "create".into(), resource: "spiceproxies".into(), subresource: Some("tickets".into()), namespace: Some("vdi".into()), name: "prod".into() };
         assert!(!cache.granted(&engine, &ticket, t0), "another resource of the same name");
+        // Field boundaries count: "ab"+"c" is not "a"+"bc", and no namespace is not "".
+        let split = |verb: &str, resource: &str, namespace: Option<&str>| Access { verb: verb.into(), resource: resource.into(), subresource: None, namespace: namespace.map(Into::into), name: "x".into() };
+        cache.remember_grant(&engine, &split("ab", "c", None), t0);
+        assert!(cache.granted(&engine, &split("ab", "c", None), t0));
+        assert!(!cache.granted(&engine, &split("a", "bc", None), t0));
+        assert!(!cache.granted(&engine, &split("ab", "c", Some("")), t0));
     }
 
     #[test]
@@ -122,7 +152,7 @@ mod tests {
         let cache = AuthCache::new(Duration::ZERO);
         let t0 = Instant::now();
         cache.remember_user(digest("t"), &user("u"), t0);
-        cache.remember_grant(digest("t"), get_policy("p"), t0);
+        cache.remember_grant(&digest("t"), &get_policy("p"), t0);
         assert_eq!(cache.user(&digest("t"), t0), None);
         assert!(!cache.granted(&digest("t"), &get_policy("p"), t0));
     }
@@ -132,7 +162,7 @@ mod tests {
         let cache = AuthCache::new(Duration::from_secs(10));
         let t0 = Instant::now();
         for i in 0..MAX_ENTRIES + 5 {
-            cache.remember_grant(digest("t"), get_policy(&i.to_string()), t0);
+            cache.remember_grant(&digest("t"), &get_policy(&i.to_string()), t0);
         }
         assert!(cache.grants.lock().unwrap().len() <= MAX_ENTRIES);
         // The newest is kept after the purge.
