@@ -414,4 +414,64 @@ mod tests {
             ]
         );
     }
+    /// Filled caches holding these objects as the watches would deliver them (JSON), each
+    /// decoded through the same guard, so a malformed one is kept as undecodable.
+    fn filled_caches(policies: &[serde_json::Value], proxies: &[serde_json::Value]) -> Caches {
+        fn store_of<K>(objects: &[serde_json::Value]) -> Store<DeserializeGuard<K>>
+        where
+            K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + 'static,
+        {
+            let (store, mut writer) = reflector::store::<DeserializeGuard<K>>();
+            for object in objects {
+                writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(object.clone()).expect("a guard decodes any object with metadata")));
+            }
+            store
+        }
+        let (_, ready) = watch::channel(true);
+        Caches { policies: store_of(policies), proxies: store_of(proxies), ready, started: Instant::now(), policy_error: LastError::default(), proxy_error: LastError::default() }
+    }
+
+    /// An engine whose API server is unreachable: everything it answers came from the caches.
+    fn cached_engine(caches: Caches) -> Engine {
+        let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        Engine { client, caches: Some(caches) }
+    }
+
+    fn policy(name: &str, spec: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "console.spice-operator.io/v1alpha1", "kind": "ClusterConsolePolicy", "metadata": {"name": name}, "spec": spec})
+    }
+
+    fn console(policy: &str) -> ConsoleRequest {
+        ConsoleRequest { policy: policy.into(), cluster: "prod".into(), vm: "vm1".into(), host: "10.10.0.5".into(), port: Some(5900), proxy_enabled: true, ..Default::default() }
+    }
+
+    // The CRD schemas let no such object in today; these guards are for objects stored under an
+    // older or newer schema than this build's types.
+    #[tokio::test]
+    async fn a_cached_policy_or_spiceproxy_that_cannot_be_decoded_is_a_503_naming_it() {
+        let caches = filled_caches(
+            &[
+                policy("broken", serde_json::json!({"defaultProxy": {"url": 5}})),
+                policy("good", serde_json::json!({"defaultProxy": {"spiceProxyRef": {"name": "edge", "namespace": "vdi"}}, "clusters": [{"name": "prod"}]})),
+            ],
+            &[serde_json::json!({"apiVersion": "console.spice-operator.io/v1alpha1", "kind": "SpiceProxy", "metadata": {"name": "edge", "namespace": "vdi"}, "spec": {"allowedTargets": "everything"}})],
+        );
+        let engine = cached_engine(caches);
+
+        let broken = engine.prepare(console("broken")).await.err().expect("an undecodable policy is refused");
+        assert_eq!(broken.http_status(), 503);
+        let said = broken.to_string();
+        assert!(said.starts_with("policy \"broken\" cannot be decoded: "), "{said}");
+        assert!(said.contains("integer `5`"), "names serde's reason: {said}");
+
+        let through = engine.prepare(console("good")).await.err().expect("a console through an undecodable SpiceProxy is refused");
+        assert_eq!(through.http_status(), 503);
+        let said = through.to_string();
+        assert!(said.starts_with("the proxy for this VM cannot be used: "), "{said}");
+        assert!(said.contains("vdi/edge") && said.contains("cannot be decoded: "), "names the SpiceProxy and why: {said}");
+
+        let resolved = engine.resolve("good", "prod", None, Some("vm1")).await.unwrap();
+        assert_eq!(resolved.proxy_url, None, "no URL from an undecodable SpiceProxy");
+        assert!(resolved.error.as_deref().is_some_and(|e| e.contains("cannot be decoded")), "{resolved:?}");
+    }
 }
