@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use spice_operator::crd::{AuthMode, ProxyLimits};
-use spice_operator::proxy::config::{AllowedTarget, Html5Config, ProxyConfig, TlsFiles};
+use spice_operator::proxy::config::{AllowedTarget, Html5Config, ProxyConfig, TlsFiles, UpstreamTls};
 use spice_operator::proxy::tunnel::DataPath;
 use spice_operator::proxy::server::ProxyServer;
 use spice_operator::proxy::ticket::{self, Claims};
@@ -268,6 +268,44 @@ async fn handshake_refusals_say_why() {
     req.headers_mut().insert("Cookie", HeaderValue::from_str(&format!("lang=en; token={good}")).unwrap());
     req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
     assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+    let _ = b.stop.send(true);
+}
+
+/// A hypervisor tls-port that accepts and then says nothing: the bridge's TLS handshake gives
+/// up after the connect timeout with 504, and the slot it held is free again.
+#[tokio::test]
+async fn a_silent_tls_port_is_a_504_after_the_connect_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            kept.push(s);
+        }
+    });
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_file = ca_dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let b = start_edited(600, 1, None, |c| {
+        c.limits.connect_timeout_seconds = 1;
+        c.limits.max_tunnels = 1;
+        c.html5.as_mut().unwrap().upstream_tls = Some(UpstreamTls { ca_file: ca_file.to_string_lossy().into(), host_subject: None });
+    })
+    .await;
+    let expires = ticket::now() + VALID as u64;
+    let tls_only = ticket::mint(KEY, &Claims { host: "127.0.0.1".into(), ports: vec![port], expires, subject: "vm-tls".into() });
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let (code, body) = refused_with(open(&b, &format!("?token={tls_only}"), None).await);
+        let took = started.elapsed();
+        assert_eq!(code, 504, "attempt {attempt}: {body}");
+        assert!(body.contains(&format!("TLS handshake with the hypervisor 127.0.0.1:{port} timed out after 1s")), "{body}");
+        assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(5), "attempt {attempt} answered after {took:?}");
+    }
     let _ = b.stop.send(true);
 }
 

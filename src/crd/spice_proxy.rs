@@ -359,6 +359,8 @@ pub struct ProxyLimits {
     #[serde(default = "d_idle")]
     #[schemars(range(min = 301, max = 604800))]
     pub idle_timeout_seconds: i32,
+    /// Time to connect to a hypervisor (and, for the browser bridge with `html5.upstreamTls`,
+    /// again for the TLS handshake with it); past it the client gets 504.
     #[serde(default = "d_connect")]
     #[schemars(range(min = 1, max = 300))]
     pub connect_timeout_seconds: i32,

@@ -282,10 +282,12 @@ async fn handle(
                 Ok(n) => n,
                 Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("{} is not a name TLS can check", claims.host)),
             };
-            match tokio::time::timeout(Duration::from_secs(10), connector.connect(name, upstream)).await {
+            // A tls-port that accepts and never answers holds a tunnel slot only this long.
+            let limit = bridge.shared.cfg.limits.connect_timeout();
+            match tokio::time::timeout(limit, connector.connect(name, upstream)).await {
                 Ok(Ok(tls)) => Upstream::Tls(Box::new(tls)),
                 Ok(Err(e)) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("TLS to the hypervisor failed: {e}")),
-                Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::GATEWAY_TIMEOUT, "TLS handshake with the hypervisor timed out".into()),
+                Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::GATEWAY_TIMEOUT, format!("TLS handshake with the hypervisor {addr} timed out after {limit:?}")),
             }
         }
     };
