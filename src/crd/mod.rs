@@ -35,3 +35,39 @@ pub fn chart_crds_yaml() -> String {
     out.push_str("{{- end }}\n");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// Paths of properties without a description, below `schema`.
+    fn undescribed(schema: &Value, path: &str, out: &mut Vec<String>) {
+        for (name, property) in schema.get("properties").and_then(Value::as_object).into_iter().flatten() {
+            let here = format!("{path}.{name}");
+            if property.get("description").is_none() {
+                out.push(here.clone());
+            }
+            undescribed(property, &here, out);
+            for nested in ["items", "additionalProperties"] {
+                if let Some(inner) = property.get(nested).filter(|v| v.is_object()) {
+                    undescribed(inner, &format!("{here}[]"), out);
+                }
+            }
+        }
+    }
+
+    /// `kubectl explain spiceproxy.spec.<field>` says what every field is, ours and the embedded
+    /// Kubernetes types alike.
+    #[test]
+    fn every_field_has_a_description() {
+        for crd in [SpiceProxy::crd(), ClusterConsolePolicy::crd()] {
+            for version in &crd.spec.versions {
+                let schema = serde_json::to_value(&version.schema.as_ref().unwrap().open_api_v3_schema).unwrap();
+                let mut missing = Vec::new();
+                undescribed(&schema, &crd.spec.names.kind, &mut missing);
+                assert!(missing.is_empty(), "fields without a doc comment (it becomes the description): {missing:?}");
+            }
+        }
+    }
+}

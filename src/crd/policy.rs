@@ -43,11 +43,13 @@ pub struct ClusterConsolePolicySpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterEntry {
+    /// The cluster's name in the engine.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Override for this cluster; absent: inherit the global default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyChoice>,
+    /// The cluster's VM pools, each inheriting the cluster's proxy unless it overrides it.
     #[serde(default)]
     #[schemars(length(max = 200))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
@@ -57,6 +59,7 @@ pub struct ClusterEntry {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolEntry {
+    /// The pool's name in the engine, unique within its cluster.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Override for this pool; absent: inherit the cluster's proxy.
@@ -67,6 +70,7 @@ pub struct PoolEntry {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmOptOut {
+    /// The VM's name in the engine.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Cluster the VM runs in; must be listed in `clusters`.
@@ -108,8 +112,10 @@ pub struct ProxyChoice {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SpiceProxyRef {
+    /// The SpiceProxy's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// Its namespace (the policy is cluster-scoped, so it is always given).
     #[schemars(length(min = 1, max = 63))]
     pub namespace: String,
 }
@@ -129,6 +135,7 @@ pub enum Source {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Resolution {
+    /// The cluster's, pool's or VM's name.
     pub name: String,
     /// Cluster of a pool or VM entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,20 +156,26 @@ pub struct Resolution {
     pub error: Option<String>,
 }
 
+/// What the operator resolved: written by it only, read by the engine.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterConsolePolicyStatus {
+    /// The spec generation this status was resolved from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Ready (every entry resolved) and Degraded, keyed by type, with reason and message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Effective global default (for display).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_proxy_url: Option<String>,
+    /// The effective proxy of every cluster in the spec.
     #[serde(default)]
     pub clusters: Vec<Resolution>,
+    /// The effective proxy of every pool in the spec: what the engine reads.
     #[serde(default)]
     pub pools: Vec<Resolution>,
+    /// Every opted-out VM (never a proxy, or an error when its cluster or pool is unknown).
     #[serde(default)]
     pub vms: Vec<Resolution>,
     /// Pools resolved without error.

@@ -37,6 +37,7 @@ pub struct SpiceProxySpec {
     #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
 
+    /// The Service in front of the proxy pods (default: ClusterIP on port 3128).
     #[serde(default)]
     pub service: ServiceSpec,
 
@@ -49,6 +50,7 @@ pub struct SpiceProxySpec {
     #[schemars(length(min = 1, max = 256))]
     pub allowed_targets: Vec<TargetRule>,
 
+    /// How tunnels are authorised (default: mode Ticket).
     #[serde(default)]
     pub auth: AuthSpec,
 
@@ -89,12 +91,17 @@ pub struct SpiceProxySpec {
     #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: Option<String>,
 
+    /// CPU and memory of the proxy container (as in a PodSpec); the proxy runs one worker per
+    /// CPU of its limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Nodes the proxy pods may run on (as in a PodSpec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the proxy pods tolerate (as in a PodSpec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+    /// Node and pod affinity of the proxy pods (as in a PodSpec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     /// How replicas spread over nodes, zones... (as in a PodSpec). Absent: one replica per node
@@ -125,6 +132,7 @@ pub enum ServiceType {
      "message": "externalTrafficPolicy needs service type NodePort or LoadBalancer"}
 ]))]
 pub struct ServiceSpec {
+    /// ClusterIP (default), NodePort or LoadBalancer, as a Service's type.
     #[serde(default, rename = "type")]
     pub type_: ServiceType,
     /// Service port of the CONNECT proxy. 3128 is what SPICE clients assume for http://.
@@ -135,6 +143,7 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub node_port: Option<i32>,
+    /// Annotations of the Service (a cloud load balancer's settings, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
     /// How traffic from outside reaches the proxy pods (NodePort, LoadBalancer). `Local` keeps
@@ -258,6 +267,7 @@ fn default_html5_port() -> i32 {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalAddress {
+    /// DNS name or IPv4 address, without scheme or port.
     #[schemars(length(min = 1, max = 253))]
     pub host: String,
     /// Defaults to the node port (NodePort) or the Service port.
@@ -308,6 +318,7 @@ pub struct TargetRule {
     {"rule": "!has(self.to) || self.to >= self.from", "message": "to must not be below from"}
 ]))]
 pub struct PortRange {
+    /// First port, inclusive.
     #[schemars(range(min = 1, max = 65535))]
     pub from: i32,
     /// Last port, inclusive; defaults to `from`.
@@ -334,6 +345,7 @@ pub enum AuthMode {
      "message": "auth mode Basic needs credentialsSecret (keys username and password)"}
 ]))]
 pub struct AuthSpec {
+    /// Ticket (default), Basic or None.
     #[serde(default)]
     pub mode: AuthMode,
     /// Secret in the same namespace with keys `username` and `password` (mode Basic).
@@ -493,6 +505,7 @@ impl Default for ProxyLimits {
     }
 }
 
+/// What the operator observed of the proxy it runs: written by it only.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SpiceProxyStatus {
@@ -503,15 +516,20 @@ pub struct SpiceProxyStatus {
     /// `?token=<ticket>`. Absent unless spec.html5 is set and the proxy is Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html5_url: Option<String>,
+    /// Proxy pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Proxy pods that exist (the scale subresource's status.replicas).
     #[serde(default)]
     pub replicas: i32,
     /// Label selector of the proxy pods, for the scale subresource (HorizontalPodAutoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded and (with html5) Html5Encrypted, keyed by type, with reason
+    /// and message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
