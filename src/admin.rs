@@ -50,5 +50,5 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> 
 }
 
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+    crate::listener::bind(addr, "admin").await
 }

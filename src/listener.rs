@@ -1,17 +1,61 @@
-//! A listener for `axum::serve` whose connections are admitted in tasks of their own (a TLS
-//! handshake, a PROXY protocol header), so a slow or silent client never holds up the accept
-//! loop or the clients behind it. The engine API and the proxy's browser port use it.
+//! Listening sockets. `bind` and `bind_socket` make `[::]` listen on IPv6 and IPv4 alike, so
+//! one default address serves IPv4, dual-stack and IPv6-only clusters. `Admitted` is a listener
+//! for `axum::serve` whose connections are admitted in tasks of their own (a TLS handshake, a
+//! PROXY protocol header), so a slow or silent client never holds up the accept loop or the
+//! clients behind it; the engine API and the proxy's browser port use it.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+/// Every listener's default: IPv6 and IPv4 on all addresses.
+pub const ANY: &str = "[::]";
+
+/// A socket bound to `listen` (`host:port`), given `prepare` (options to set before the bind).
+/// On `[::]` it accepts IPv4 too (IPV6_V6ONLY off, whatever `net.ipv6.bindv6only` says; IPv4
+/// clients then come as `::ffff:a.b.c.d`, which every user of a peer address canonicalises).
+/// On a node without IPv6 it binds `0.0.0.0` instead, with a warning.
+pub async fn bind_socket(listen: &str, prepare: impl Fn(&TcpSocket) -> io::Result<()>) -> io::Result<TcpSocket> {
+    let addr = tokio::net::lookup_host(listen).await?.next().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing"))?;
+    match bind_exactly(addr, &prepare) {
+        Err(e) if without_ipv6(addr, &e) => {
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            tracing::warn!(%addr, instead = %v4, error = %e, "this node has no IPv6: listening on IPv4 only");
+            bind_exactly(v4, &prepare)
+        }
+        other => other,
+    }
+}
+
+fn bind_exactly(addr: SocketAddr, prepare: &impl Fn(&TcpSocket) -> io::Result<()>) -> io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if addr.ip() == Ipv6Addr::UNSPECIFIED {
+        rustix::net::sockopt::set_ipv6_v6only(&socket, false)?;
+    }
+    prepare(&socket)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// The error of a kernel booted without IPv6 (no AF_INET6 sockets) or with it disabled (no
+/// IPv6 address to bind), for the one address that has an IPv4 equivalent.
+fn without_ipv6(addr: SocketAddr, e: &io::Error) -> bool {
+    addr.ip() == Ipv6Addr::UNSPECIFIED && matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL))
+}
+
+/// A listener on `listen` as `bind_socket` binds it; `what` names it in the error.
+pub async fn bind(listen: &str, what: &str) -> anyhow::Result<TcpListener> {
+    let bound = bind_socket(listen, |s| s.set_reuseaddr(true)).await.and_then(|s| s.listen(1024));
+    bound.map_err(|e| anyhow::anyhow!("cannot listen on {listen} ({what}): {e}"))
+}
 
 pub struct Admitted<Io, Addr> {
     ready: mpsc::Receiver<(Io, Addr)>,
@@ -76,5 +120,34 @@ where
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_ipv6_wildcard_falls_back_and_only_for_a_missing_ipv6() {
+        let any6: SocketAddr = "[::]:3128".parse().unwrap();
+        let no_family = io::Error::from_raw_os_error(libc::EAFNOSUPPORT);
+        let no_address = io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        assert!(without_ipv6(any6, &no_family) && without_ipv6(any6, &no_address));
+        assert!(!without_ipv6(any6, &io::Error::from_raw_os_error(libc::EADDRINUSE)), "a port in use is reported, not hidden");
+        assert!(!without_ipv6("[::1]:3128".parse().unwrap(), &no_address), "a specific address is what was asked for");
+        assert!(!without_ipv6("0.0.0.0:3128".parse().unwrap(), &no_family));
+    }
+
+    #[tokio::test]
+    async fn the_ipv6_wildcard_accepts_ipv4_and_ipv6_clients() {
+        let listener = bind("[::]:0", "test").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for client in ["127.0.0.1", "::1"] {
+            let connect = TcpStream::connect((client, port));
+            let (accepted, connected) = tokio::join!(listener.accept(), connect);
+            connected.unwrap_or_else(|e| panic!("{client}: {e}"));
+            let peer = accepted.unwrap().1.ip();
+            assert_eq!(crate::proxy::allow::canonical(peer).to_string(), client, "{client} arrives as {peer}");
+        }
     }
 }

@@ -31,7 +31,7 @@ enum Command {
         #[arg(long, env = "SPICE_PROXY_IMAGE", default_value = concat!("spice-operator:", env!("CARGO_PKG_VERSION")))]
         proxy_image: String,
         /// Address of /healthz, /readyz and /metrics.
-        #[arg(long, env = "SPICE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+        #[arg(long, env = "SPICE_ADMIN_ADDR", default_value = "[::]:8080")]
         admin_addr: SocketAddr,
         /// Log as JSON lines instead of human-readable text.
         #[arg(long, env = "SPICE_LOG_JSON")]
@@ -168,7 +168,7 @@ struct Placement {
 #[derive(clap::Args)]
 struct ApiArgs {
     /// Address of the engine API; "off" disables it.
-    #[arg(long, env = "SPICE_API_ADDR", default_value = "0.0.0.0:8443")]
+    #[arg(long, env = "SPICE_API_ADDR", default_value = "[::]:8443")]
     api_addr: String,
     /// Directory with tls.crt and tls.key (a mounted kubernetes.io/tls Secret). Default: a
     /// certificate generated once into Secret --api-tls-secret, published in --api-ca-configmap.
@@ -316,7 +316,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
             None => CertSource::Generated { namespace, secret: api.api_tls_secret, ca_config_map: api.api_ca_configmap, dns_names: api.api_dns_names },
         };
         let (cert, key) = tls::load(&client, &source).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
-        let tcp = tokio::net::TcpListener::bind(&api.api_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (--api-addr): {e}", api.api_addr))?;
+        let tcp = spice_operator::listener::bind(&api.api_addr, "--api-addr").await?;
         tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
         let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));

@@ -115,7 +115,11 @@ async fn body(s: &mut TcpStream) -> String {
 
 /// An upstream that echoes everything back, then closes when the client does.
 async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_on("127.0.0.1:0").await
+}
+
+async fn echo_server_on(addr: &str) -> SocketAddr {
+    let l = TcpListener::bind(addr).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -212,6 +216,48 @@ async fn every_error_answer_is_specific() {
     let (mut s, status, _) = request(p.addr, huge.as_bytes()).await;
     assert_eq!(status, 400);
     assert!(body(&mut s).await.contains("larger than 8192"));
+}
+
+/// What the operator renders (`[::]`) takes IPv4 and IPv6 clients, and spice-gtk names an
+/// IPv6 hypervisor bare (`CONNECT fd00::5:5900`): both reach an IPv6 hypervisor, an IPv4 client
+/// is counted by its IPv4 address, and IPv6 loopback is refused until listed.
+#[tokio::test]
+async fn ipv6_hypervisors_and_clients_through_the_dual_stack_listener() {
+    let up = echo_server_on("[::1]:0").await;
+    let (port, ticket) = (up.port(), ticket_for("::1", &[up.port()], VALID, KEY));
+    let p = start(|c, _| {
+        c.listen = "[::]:0".into();
+        c.allowed_targets.push(AllowedTarget { cidr: "::1/128".parse().unwrap(), ports: vec![(1024, 65535)] });
+        c.limits.max_tunnels_per_client = 2;
+    })
+    .await;
+    let via = |ip: &str| SocketAddr::new(ip.parse().unwrap(), p.addr.port());
+    let mut open = Vec::new();
+    // From IPv4 and IPv6 clients; the target bare as spice-gtk sends it, bracketed, or spelled
+    // otherwise than the ticket (the same address).
+    for (client, target) in [("127.0.0.1", format!("::1:{port}")), ("::1", format!("[::1]:{port}")), ("127.0.0.1", format!("0:0::1:{port}"))] {
+        let (mut s, status, resp) = request(via(client), spice_gtk_head(&target, &basic("u", &ticket)).as_bytes()).await;
+        assert_eq!(status, 200, "{client} → {target}: {resp}");
+        echo_roundtrip(&mut s, format!("SPICE link from {client}").as_bytes()).await;
+        open.push(s);
+    }
+    // Two tunnels from 127.0.0.1 are open: the third is refused, counted by its IPv4 address.
+    // Counted as the ::ffff:127.0.0.1 the socket reports, it would fall in the /64 every IPv4
+    // client shares.
+    let (mut s, status, _) = request(via("127.0.0.1"), spice_gtk_head(&format!("::1:{port}"), &basic("u", &ticket)).as_bytes()).await;
+    let b = body(&mut s).await;
+    assert_eq!(status, 503, "{b}");
+    assert!(b.contains("too many tunnels from your address") && !b.contains("/64"), "{b}");
+    // The ::1 client still may.
+    let (_s, status, _) = request(via("::1"), spice_gtk_head(&format!("::1:{port}"), &basic("u", &ticket)).as_bytes()).await;
+    assert_eq!(status, 200);
+
+    // IPv6 loopback is not reachable unless listed.
+    let q = start(|c, _| c.listen = "[::]:0".into()).await;
+    let (mut s, status, _) = request(q.addr, spice_gtk_head(&format!("::1:{port}"), &basic("u", &ticket)).as_bytes()).await;
+    let b = body(&mut s).await;
+    assert_eq!(status, 403, "{b}");
+    assert!(b.contains("not on the allow-list"), "{b}");
 }
 
 #[tokio::test]

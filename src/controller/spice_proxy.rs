@@ -36,6 +36,7 @@ use super::{Context, Error, Result, publish_transitions, retry_after, status_pat
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
+use crate::listener::ANY;
 use crate::metrics::ControllerLabel;
 use crate::proxy::config::{self as pc, AllowedTarget, ProxyConfig};
 use crate::proxy::proxy_protocol::ProxyProtocolConfig;
@@ -458,8 +459,8 @@ pub fn key_secret_name(spx: &str) -> String {
 /// The proxy configuration a replica reads; assumes `validate` passed.
 pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
     ProxyConfig {
-        listen: format!("0.0.0.0:{}", pc::LISTEN_PORT),
-        admin_listen: format!("0.0.0.0:{}", pc::ADMIN_PORT),
+        listen: format!("{}:{}", ANY, pc::LISTEN_PORT),
+        admin_listen: format!("{}:{}", ANY, pc::ADMIN_PORT),
         allowed_targets: spec
             .allowed_targets
             .iter()
@@ -475,7 +476,7 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         limits: spec.limits.clone(),
         data_path: Default::default(),
         html5: spec.html5.as_ref().map(|h| pc::Html5Config {
-            listen: format!("0.0.0.0:{}", pc::HTML5_PORT),
+            listen: format!("{}:{}", ANY, pc::HTML5_PORT),
             static_dir: pc::HTML5_DIR.into(),
             allowed_origins: h.allowed_origins.clone(),
             tls: h.tls_secret.as_ref().map(|_| pc::TlsFiles {
@@ -1042,7 +1043,7 @@ mod tests {
         assert!(ctr_ports.iter().any(|p| p.name.as_deref() == Some("html5") && p.container_port == 6082));
         let cfg: ProxyConfig = serde_json::from_str(&c.config_map.data.unwrap()["config.json"]).unwrap();
         let h = cfg.html5.unwrap();
-        assert_eq!((h.listen.as_str(), h.allowed_origins.len()), ("0.0.0.0:6082", 1));
+        assert_eq!((h.listen.as_str(), h.allowed_origins.len()), ("[::]:6082", 1));
         let st = build_status(&s, &deploy_with(1, 1), &c.service, None, &PodDiagnosis::NothingWrong);
         assert_eq!(st.html5_url.as_deref(), Some("http://console.example.com:6082/spice_auto.html"));
         let enc = st.conditions.iter().find(|c| c.type_ == "Html5Encrypted").unwrap();

@@ -447,7 +447,7 @@ impl ProxyServer {
                 if let Some(u) = &h.upstream_tls {
                     super::websocket::upstream_config(u).map_err(|e| anyhow::anyhow!("TLS to hypervisors: {e:#}"))?;
                 }
-                let l = TcpListener::bind(&h.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {} (html5): {e}", h.listen))?;
+                let l = crate::listener::bind(&h.listen, "html5").await?;
                 // Browsers sit behind the same NATs and load balancers as SPICE clients.
                 keepalive.apply(&l)?;
                 Some(l)
@@ -547,23 +547,23 @@ impl ProxyServer {
 /// A client that sends nothing is handed over after about `defer_secs` all the same, and
 /// then meets the handshake timeout.
 async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut addr = tokio::net::lookup_host(listen)
-        .await?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing"))?;
     let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).clamp(1, 64);
-    let mut out = Vec::with_capacity(n);
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     for _ in 0..n {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.set_nodelay(true)?;
-        super::sockopt::set_defer_accept(&socket, defer_secs)?;
-        keepalive.apply(&socket)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(1024)?.into_std()?;
-        addr = listener.local_addr()?;
-        out.push(listener);
+        // The first binds what `listen` says (port 0: any); the others join it on its port.
+        let listen = match out.first() {
+            Some(first) => first.local_addr()?.to_string(),
+            None => listen.to_string(),
+        };
+        let socket = crate::listener::bind_socket(&listen, |socket| {
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.set_nodelay(true)?;
+            super::sockopt::set_defer_accept(socket, defer_secs)?;
+            keepalive.apply(socket)
+        })
+        .await?;
+        out.push(socket.listen(1024)?.into_std()?);
     }
     Ok(out)
 }

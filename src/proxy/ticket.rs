@@ -91,7 +91,18 @@ pub fn verify(keys: &[Vec<u8>], token: &str, now: u64) -> Result<Claims, TicketE
 
 impl Claims {
     pub fn allows(&self, host: &str, port: u16) -> bool {
-        self.host.eq_ignore_ascii_case(host) && self.ports.contains(&port)
+        self.ports.contains(&port) && same_host(&self.host, host)
+    }
+}
+
+/// Names compare without case; IP literals by the address they write, so `fd00::5`,
+/// `FD00:0::5` and `[fd00::5]` (or `::ffff:10.0.0.5` and `10.0.0.5`) are one host, as they are
+/// one target to the allow-list and the connect.
+fn same_host(a: &str, b: &str) -> bool {
+    let ip = |h: &str| h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h).parse::<std::net::IpAddr>().ok().map(super::allow::canonical);
+    match (ip(a), ip(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a.eq_ignore_ascii_case(b),
     }
 }
 
@@ -113,6 +124,14 @@ mod tests {
         let c = verify(&[b"k1".to_vec()], &t, 999).unwrap();
         assert!(c.allows("10.0.0.5", 5900) && c.allows("10.0.0.5", 5901));
         assert!(!c.allows("10.0.0.6", 5900) && !c.allows("10.0.0.5", 5902));
+        assert!(c.allows("::ffff:10.0.0.5", 5900), "the same IPv4 address, mapped");
+        let v6 = Claims { host: "fd00::5".into(), ..claims(1000) };
+        for same in ["fd00::5", "FD00:0::5", "fd00:0:0:0:0:0:0:5", "[fd00::5]"] {
+            assert!(v6.allows(same, 5900), "{same}");
+        }
+        assert!(!v6.allows("fd00::6", 5900) && !v6.allows("fd00::5", 5902));
+        let name = Claims { host: "Host1.Example.com".into(), ..claims(1000) };
+        assert!(name.allows("host1.example.com", 5900) && !name.allows("host1.example.com.evil", 5900));
     }
 
     #[test]
