@@ -112,6 +112,12 @@ fn split_authority(target: &str) -> Result<(String, u16), HeadError> {
 }
 
 /// Decodes `Basic base64(user:pass)`; spice-gtk puts the ticket in the password.
+/// `host:port` as logs and answers write it: an IPv6 literal in brackets, so the port stays
+/// apart from the address (`[fd00::5]:5900`, not the `fd00::5:5900` spice-gtk sends).
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
 pub fn basic_credentials(value: &str) -> Option<(String, String)> {
     use base64::Engine;
     let (scheme, encoded) = value.split_once(' ')?;
@@ -143,6 +149,8 @@ mod tests {
         assert_eq!((r.host.as_str(), r.port, r.version), ("fd00::5", 5901, Version::Http11));
         let r = parse(b"CONNECT [fd00::5]:5901 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert_eq!(r.host, "fd00::5");
+        assert_eq!(authority(&r.host, r.port), "[fd00::5]:5901");
+        assert_eq!(authority("10.0.0.5", 5900), "10.0.0.5:5900");
     }
 
     #[test]

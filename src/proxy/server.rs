@@ -231,7 +231,7 @@ impl Shared {
             .collect();
         if allowed.is_empty() {
             let shown: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
-            return Err(refuse(403, format!("target {host}:{port} ({}) is not on the allow-list", shown.join(", "))));
+            return Err(refuse(403, format!("target {} ({}) is not on the allow-list", head::authority(host, port), shown.join(", "))));
         }
         Ok(allowed)
     }
@@ -735,7 +735,7 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, client_ip: IpAddr, a
         Err(e) => return Err((v10, refuse(400, e.to_string()))),
     };
     let version = req.version;
-    audit.target = Some(format!("{}:{}", req.host, req.port));
+    audit.target = Some(head::authority(&req.host, req.port));
     let who = shared.authorise(&req, client_ip).map_err(|r| (version, r))?;
     audit.user = who.user;
     audit.subject = who.subject;

@@ -258,7 +258,7 @@ async fn handle(
     let Some(&port) = port else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "the token names no port".into());
     };
-    audit.target = Some(format!("{}:{port}", claims.host));
+    audit.target = Some(super::head::authority(&claims.host, port));
     audit.subject = Some(claims.subject.clone());
     let Ok(permit) = bridge.shared.tunnels.clone().try_acquire_owned() else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::AT_TUNNEL_LIMIT.into());
