@@ -376,8 +376,8 @@ async fn check_allowed(r: &ConsoleRequest, spx: &SpiceProxy) -> Result<(), Engin
     for port in [r.port, r.tls_port].into_iter().flatten() {
         if !addresses.iter().any(|ip| allow.permits(*ip, port)) {
             return Err(EngineError::BadRequest(format!(
-                "console endpoint {}:{port} is outside the allow-list of SpiceProxy {}/{} ({}); the proxy would refuse it",
-                r.host,
+                "console endpoint {} is outside the allow-list of SpiceProxy {}/{} ({}); the proxy would refuse it",
+                crate::proxy::head::authority(&r.host, port),
                 spx.namespace().unwrap_or_default(),
                 spx.name_any(),
                 rules.join("; ")
