@@ -771,8 +771,11 @@ pub fn derive_url(spx: &SpiceProxy, svc: &Service, node_address: Option<&str>) -
     } else {
         match spec.service.type_ {
             ServiceType::LoadBalancer => {
-                let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref()).and_then(|i| i.first());
-                match ingress.and_then(|i| i.hostname.clone().or_else(|| i.ip.clone())) {
+                let ingresses = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_deref()).unwrap_or_default();
+                let addresses: Vec<String> = ingresses.iter().filter_map(|i| i.hostname.clone().or_else(|| i.ip.clone())).collect();
+                // A dual-stack load balancer may list its IPv6 address first: take the first a
+                // SPICE client can use, else the first (reported below as unusable).
+                match addresses.iter().find(|a| validate_host(a).is_ok()).or(addresses.first()).cloned() {
                     Some(h) => (h, spec.service.port),
                     None => return Err((false, "waiting for the LoadBalancer to publish an ingress address".into())),
                 }
@@ -1295,5 +1298,12 @@ mod tests {
         assert_eq!(st.proxy_url, None);
         assert!(conditions::is_true(&st.conditions, "Degraded"));
         assert_eq!(st.conditions[0].reason, "UnusableAddress");
+        // Dual-stack: the IPv4 address the load balancer lists second is the one published.
+        let mut dual = svc.clone();
+        let ingress = |ip: &str| LoadBalancerIngress { ip: Some(ip.into()), ..Default::default() };
+        dual.status.as_mut().unwrap().load_balancer = Some(LoadBalancerStatus { ingress: Some(vec![ingress("2001:db8::10"), ingress("192.0.2.10")]) });
+        let st = build_status(&v6, &deploy_with(1, 1), &dual, None, &PodDiagnosis::NothingWrong);
+        assert_eq!(st.proxy_url.as_deref(), Some("http://192.0.2.10:3128"));
+        assert!(conditions::is_true(&st.conditions, "Ready"));
     }
 }
