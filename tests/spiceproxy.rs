@@ -264,6 +264,21 @@ async fn a_load_balancer_keeps_client_addresses_unless_told_otherwise() {
     let spec = wait_for(&svcs, "edge", T, |s| s.spec.clone().filter(|sp| sp.external_traffic_policy.as_deref() == Some("Cluster"))).await;
     assert_eq!(spec.health_check_node_port, None, "released with the Local policy");
     wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions))).await;
+
+    // IP families: this control plane is single-stack, so PreferDualStack gets one family and
+    // RequireDualStack is refused by the API server, which the status says, and the Service
+    // keeps what it had.
+    let families = |policy: &str| json!({"spec": {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "ipFamilyPolicy": policy}}});
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(&families("PreferDualStack"))).await.unwrap();
+    let spec = wait_for(&svcs, "edge", T, |s| s.spec.clone().filter(|sp| sp.ip_family_policy.as_deref() == Some("PreferDualStack"))).await;
+    assert_eq!(spec.ip_families.as_deref(), Some(&["IPv4".to_string()][..]));
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(&families("RequireDualStack"))).await.unwrap().metadata.generation.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && !is_ready(&st.conditions))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "ApplyFailed", "{ready:?}");
+    assert!(ready.message.contains("the API server refused a change (422") && ready.message.contains("dual-stack"), "{}", ready.message);
+    let svc = svcs.get("edge").await.unwrap();
+    assert_eq!(svc.spec.unwrap().ip_family_policy.as_deref(), Some("PreferDualStack"), "the refused change left the Service as it was");
 }
 
 #[tokio::test]

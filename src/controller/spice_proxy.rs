@@ -645,6 +645,7 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         spec: Some(K8sServiceSpec {
             type_: Some(service_type(spec.service.type_).into()),
             external_traffic_policy: spec.service.effective_traffic_policy().map(|p| p.as_str().into()),
+            ip_family_policy: spec.service.ip_family_policy.map(|p| p.as_str().into()),
             selector: Some(selector),
             ports: Some(
                 [
@@ -1013,6 +1014,9 @@ mod tests {
         assert_eq!(policy("{type: NodePort}").as_deref(), Some("Cluster"));
         assert_eq!(policy("{type: NodePort, externalTrafficPolicy: Local}").as_deref(), Some("Local"));
         assert_eq!(policy("{type: ClusterIP}"), None, "the API server refuses the field on a ClusterIP Service");
+        let families = |service: &str| build(&spx(&format!("{BASIC}  service: {service}\n")), "i").unwrap().service.spec.unwrap().ip_family_policy;
+        assert_eq!(families("{type: LoadBalancer}"), None, "absent: the cluster's default");
+        assert_eq!(families("{type: LoadBalancer, ipFamilyPolicy: PreferDualStack}").as_deref(), Some("PreferDualStack"));
 
         let s = spx(&format!("{BASIC}  service: {{type: NodePort, externalTrafficPolicy: Local}}\n"));
         let problems = validate(&s.spec).unwrap_err();

@@ -163,6 +163,13 @@ pub struct ServiceSpec {
     /// could name any address and so escape the per-client limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocolSpec>,
+    /// The Service's IP families, as its `ipFamilyPolicy`: `SingleStack` (the cluster's first
+    /// family), `PreferDualStack` or `RequireDualStack`; absent: the cluster's default. In a
+    /// dual-stack cluster whose first family is IPv6, `PreferDualStack` gets a load balancer the
+    /// IPv4 address SPICE clients need (they cannot use an IPv6 literal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "IpFamilyPolicy")]
+    pub ip_family_policy: Option<IpFamilyPolicy>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -176,6 +183,23 @@ pub struct ProxyProtocolSpec {
         {"rule": "self.all(c, isCIDR(c))", "message": "every entry must be a CIDR such as 10.0.0.0/16"}
     ]))]
     pub trusted_cidrs: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamilyPolicy::SingleStack => "SingleStack",
+            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -211,7 +235,7 @@ fn default_proxy_port() -> i32 {
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None, external_traffic_policy: None, proxy_protocol: None }
+        Self { type_: ServiceType::default(), port: DEFAULT_PROXY_PORT, node_port: None, annotations: None, external_traffic_policy: None, proxy_protocol: None, ip_family_policy: None }
     }
 }
 
