@@ -336,7 +336,8 @@ fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
     let admin = free_port();
     let cfg = dir.join("ours.json");
     std::fs::write(&cfg, serde_json::json!({
-        "listen": format!("127.0.0.1:{p}"), "adminListen": format!("127.0.0.1:{admin}"),
+        // What the operator renders: both families on one socket (IPv4 clients as ::ffff:a.b.c.d).
+        "listen": format!("[::]:{p}"), "adminListen": format!("127.0.0.1:{admin}"),
         "allowedTargets": [{"cidr": format!("{}/32", target.ip()), "ports": [[target.port(), target.port()]]}],
         "authMode": "None", "keysDir": null, "basicDir": null,
         "limits": {"maxTunnels": 20000, "maxTunnelsPerClient": 20000, "idleTimeoutSeconds": 3600,
