@@ -111,13 +111,13 @@ fn split_authority(target: &str) -> Result<(String, u16), HeadError> {
     }
 }
 
-/// Decodes `Basic base64(user:pass)`; spice-gtk puts the ticket in the password.
 /// `host:port` as logs and answers write it: an IPv6 literal in brackets, so the port stays
 /// apart from the address (`[fd00::5]:5900`, not the `fd00::5:5900` spice-gtk sends).
 pub fn authority(host: &str, port: u16) -> String {
     if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
+/// Decodes `Basic base64(user:pass)`; spice-gtk puts the ticket in the password.
 pub fn basic_credentials(value: &str) -> Option<(String, String)> {
     use base64::Engine;
     let (scheme, encoded) = value.split_once(' ')?;
