@@ -317,7 +317,8 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         };
         let (cert, key) = tls::load(&client, &source).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
         let tcp = spice_operator::listener::bind(&api.api_addr, "--api-addr").await?;
-        tracing::info!(addr = %api.api_addr, "engine API listening (HTTPS)");
+        // The bound address: `[::]` may have fallen back to 0.0.0.0 on a node without IPv6.
+        tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
         let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
         tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
@@ -336,7 +337,9 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let why: Vec<String> = [synced(), engine].into_iter().filter_map(Result::err).collect();
         if why.is_empty() { Ok(()) } else { Err(why.join("; ")) }
     });
-    let admin = tokio::spawn(admin::serve(admin::bind(&admin_addr.to_string()).await?, encode, readiness));
+    let admin_listener = admin::bind(&admin_addr.to_string()).await?;
+    let admin_addr = admin_listener.local_addr()?; // what was bound, after any IPv4 fallback
+    let admin = tokio::spawn(admin::serve(admin_listener, encode, readiness));
     let mut stopping = stop_rx.clone();
     spice_operator::on_stop_signals(move || {
         tracing::info!(grace = ?shutdown_grace, "shutting down: finishing reconciles in flight");
