@@ -643,9 +643,9 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
     let service = Service {
         metadata: ObjectMeta { annotations: spec.service.annotations.clone(), ..meta(name.clone()) },
         spec: Some(K8sServiceSpec {
-            type_: Some(service_type(spec.service.type_).into()),
-            external_traffic_policy: spec.service.effective_traffic_policy().map(|p| p.as_str().into()),
-            ip_family_policy: spec.service.ip_family_policy.map(|p| p.as_str().into()),
+            type_: Some(service_value(spec.service.type_)),
+            external_traffic_policy: spec.service.effective_traffic_policy().map(service_value),
+            ip_family_policy: spec.service.ip_family_policy.map(service_value),
             selector: Some(selector),
             ports: Some(
                 [
@@ -715,11 +715,12 @@ fn egress_rules(spec: &SpiceProxySpec) -> Vec<NetworkPolicyEgressRule> {
     targets.chain([dns]).collect()
 }
 
-fn service_type(t: ServiceType) -> &'static str {
-    match t {
-        ServiceType::ClusterIP => "ClusterIP",
-        ServiceType::NodePort => "NodePort",
-        ServiceType::LoadBalancer => "LoadBalancer",
+/// A Service field's value from our enum that mirrors it (type, traffic policy, IP families):
+/// the variant's serde name, which is the Kubernetes spelling and what the CRD schema lists.
+fn service_value(v: impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => unreachable!("a unit enum serialises to its name, not {other:?}"),
     }
 }
 

@@ -192,29 +192,10 @@ pub enum IpFamilyPolicy {
     RequireDualStack,
 }
 
-impl IpFamilyPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IpFamilyPolicy::SingleStack => "SingleStack",
-            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
-            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
-        }
-    }
-}
-
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum TrafficPolicy {
     Cluster,
     Local,
-}
-
-impl TrafficPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TrafficPolicy::Cluster => "Cluster",
-            TrafficPolicy::Local => "Local",
-        }
-    }
 }
 
 impl ServiceSpec {

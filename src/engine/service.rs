@@ -414,6 +414,7 @@ mod tests {
             ]
         );
     }
+
     /// Filled caches holding these objects as the watches would deliver them (JSON), each
     /// decoded through the same guard, so a malformed one is kept as undecodable.
     fn filled_caches(policies: &[serde_json::Value], proxies: &[serde_json::Value]) -> Caches {
