@@ -281,6 +281,109 @@ async fn a_load_balancer_keeps_client_addresses_unless_told_otherwise() {
     assert_eq!(svc.spec.unwrap().ip_family_policy.as_deref(), Some("PreferDualStack"), "the refused change left the Service as it was");
 }
 
+/// What a refused change must leave alone: every child as it was, not a Deployment rolled to a
+/// configuration its Service never got (the operator rehearses a changed apply with a dry run).
+struct Children {
+    deployment_generation: i64,
+    annotations: std::collections::BTreeMap<String, String>,
+    max_tunnels: i32,
+    service: k8s_openapi::api::core::v1::ServiceSpec,
+}
+
+async fn children_of(client: &kube::Client, ns: &str, name: &str) -> Children {
+    let d = Api::<Deployment>::namespaced(client.clone(), ns).get(name).await.unwrap();
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{name}-config")).await.unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), ns).get(name).await.unwrap();
+    Children {
+        deployment_generation: d.metadata.generation.unwrap(),
+        annotations: d.spec.template.metadata.unwrap().annotations.unwrap_or_default(),
+        max_tunnels: config_of(&cm).limits.max_tunnels,
+        service: svc.spec.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_change_changes_nothing_and_says_why() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-refused").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["first", "second"] {
+        api.create(&PostParams::default(), &spx(&proxy_yaml(name, &ns.name))).await.unwrap();
+    }
+    for name in ["first", "second"] {
+        wait_for(&api, name, T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    }
+    let taken = children_of(&client, &ns.name, "first").await.service.ports.unwrap()[0].node_port.unwrap();
+    let before = children_of(&client, &ns.name, "second").await;
+
+    // One change for each child: the pods' annotations and the ConfigMap's limit (the
+    // Deployment would roll) and a node port the first proxy holds (the Service is refused).
+    let change = |node_port: Option<i32>| {
+        json!({"spec": {
+            "podAnnotations": {"example.com/owner": "console-team"},
+            "limits": {"maxTunnels": 77},
+            "service": {"type": "NodePort", "nodePort": node_port}
+        }})
+    };
+    let generation = api.patch("second", &PatchParams::default(), &Patch::Merge(&change(Some(taken)))).await.unwrap().metadata.generation.unwrap();
+    let st = wait_for(&api, "second", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && !is_ready(&st.conditions))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "ApplyFailed", "{ready:?}");
+    assert!(ready.message.contains("422") && ready.message.contains(&format!("{taken}: provided port is already allocated")), "{}", ready.message);
+    assert_eq!(st.proxy_url, Some(format!("http://127.0.0.11:{}", before.service.ports.as_ref().unwrap()[0].node_port.unwrap())), "the old URL still works");
+    // Retried with backoff and still refused: nothing changed in the meantime either.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = children_of(&client, &ns.name, "second").await;
+    assert_eq!(after.deployment_generation, before.deployment_generation, "the Deployment was not rolled");
+    assert_eq!(after.annotations, before.annotations);
+    assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap was not changed");
+    assert_eq!(after.service.ports, before.service.ports);
+
+    // With a free port the same change applies in full.
+    let generation = api.patch("second", &PatchParams::default(), &Patch::Merge(&change(None))).await.unwrap().metadata.generation.unwrap();
+    wait_for(&api, "second", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions))).await;
+    let after = children_of(&client, &ns.name, "second").await;
+    assert!(after.deployment_generation > before.deployment_generation);
+    assert_eq!(after.annotations.get("example.com/owner").map(String::as_str), Some("console-team"));
+    assert_eq!(after.max_tunnels, 77);
+}
+
+#[tokio::test]
+async fn a_namespace_quota_is_named_and_changes_nothing() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-quota").await;
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-load-balancers"},
+        "spec": {"hard": {"services.loadbalancers": "0"}}
+    }))
+    .unwrap();
+    let quotas = Api::namespaced(client.clone(), &ns.name);
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    // Admission refuses everything quota'd until the quota controller has counted the namespace.
+    wait_for(&quotas, "no-load-balancers", T, |q: &k8s_openapi::api::core::v1::ResourceQuota| q.status.as_ref()?.used.as_ref().map(|_| ())).await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name).replace("{type: NodePort}", "{type: ClusterIP}"))).await.unwrap();
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    let before = children_of(&client, &ns.name, "edge").await;
+
+    let patch = json!({"spec": {
+        "limits": {"maxTunnels": 77},
+        "service": {"type": "LoadBalancer"},
+        "externalAddress": {"host": "console.example.com"}
+    }});
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap().metadata.generation.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && !is_ready(&st.conditions))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "QuotaExceeded", "{ready:?}");
+    assert!(ready.message.contains("exceeded quota: no-load-balancers") && ready.message.contains("services.loadbalancers"), "{}", ready.message);
+    let after = children_of(&client, &ns.name, "edge").await;
+    assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap was not changed");
+    assert_eq!(after.deployment_generation, before.deployment_generation, "the Deployment was not rolled");
+    assert_eq!(after.service.type_.as_deref(), Some("ClusterIP"));
+}
+
 #[tokio::test]
 async fn deleting_the_spice_proxy_garbage_collects_its_objects() {
     shared_operator();

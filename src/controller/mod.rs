@@ -57,6 +57,9 @@ pub struct Context {
     pub proxies_ready: watch::Receiver<bool>,
     /// Publishes Kubernetes Events (and counts repeats of one into a series).
     pub recorder: Recorder,
+    /// Per SpiceProxy (by uid), a digest of the children last applied in full: an apply of
+    /// anything else is rehearsed with a dry run first (`spice_proxy::apply`).
+    pub applied: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
 }
 
 /// Longest event note the Events API accepts, in bytes.
@@ -112,7 +115,7 @@ pub async fn run(
     let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let recorder = Recorder::new(client.clone(), reporter);
     metrics.report_proxies(proxies.clone());
-    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready, recorder });
+    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready, recorder, applied: Default::default() });
     let spx = spice_proxy::controller(ctx.clone(), shutdown.clone());
     let ccp = policy::controller(ctx.clone(), proxy_events, shutdown.clone());
     // The only waiter on the store's own readiness signal; everyone else watches `proxies_ready`.

@@ -21,7 +21,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
@@ -254,48 +254,87 @@ impl PodDiagnosis {
 }
 
 /// Server-side applies every child (one field manager); returns what the API server stored.
+///
+/// All or nothing, as far as the API server decides: children that differ from the ones last
+/// applied in full are first applied with `dryRun=All`, so a refusal (a node port taken, a
+/// quota, an admission webhook, a missing permission) leaves every child as it was, rather than
+/// rolling the Deployment to a configuration its Service never got. Re-applying the children
+/// last applied skips the rehearsal: a refusal part-way through cannot mix two versions then.
 async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, ctx: &Context) -> Result<(Deployment, Service)> {
-    let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
-    ensure_key_secret(&ctx.client, ns, name, owner).await?;
     let with_owner = |mut meta: ObjectMeta| {
         meta.owner_references = Some(vec![owner.clone()]);
         meta
     };
-    let Children { mut config_map, mut deployment, mut service, mut disruption_budget, network_policy } = children;
+    let Children { mut config_map, mut deployment, mut service, mut disruption_budget, mut network_policy } = children;
     config_map.metadata = with_owner(config_map.metadata);
     deployment.metadata = with_owner(deployment.metadata);
     service.metadata = with_owner(service.metadata);
     disruption_budget.metadata = with_owner(disruption_budget.metadata);
+    if let Some(policy) = &mut network_policy {
+        policy.metadata = with_owner(policy.metadata.clone());
+    }
+    let children = Children { config_map, deployment, service, disruption_budget, network_policy };
+    let digest = children.digest()?;
+    let rehearsed = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid) == Some(&digest);
+    let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
+    if !rehearsed {
+        apply_children(&children, owner, ns, name, &pp.clone().dry_run(), ctx).await?;
+    }
+    ensure_key_secret(&ctx.client, ns, name, owner).await?;
+    let applied = apply_children(&children, owner, ns, name, &pp, ctx).await?;
+    remember_applied(ctx, &owner.uid, digest);
+    Ok(applied)
+}
+
+/// One pass over the children, for real or (with `pp.dry_run`) as a rehearsal.
+async fn apply_children(children: &Children, owner: &OwnerReference, ns: &str, name: &str, pp: &PatchParams, ctx: &Context) -> Result<(Deployment, Service)> {
     let client = &ctx.client;
-    Api::<ConfigMap>::namespaced(client.clone(), ns).patch(&config_map.name_any(), &pp, &Patch::Apply(&config_map)).await?;
-    let deployment = Api::<Deployment>::namespaced(client.clone(), ns).patch(&deployment.name_any(), &pp, &Patch::Apply(&deployment)).await?;
-    let service = Api::<Service>::namespaced(client.clone(), ns).patch(&service.name_any(), &pp, &Patch::Apply(&service)).await?;
-    Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
-        .patch(&disruption_budget.name_any(), &pp, &Patch::Apply(&disruption_budget))
-        .await?;
+    let Children { config_map, deployment, service, disruption_budget, network_policy } = children;
+    Api::<ConfigMap>::namespaced(client.clone(), ns).patch(&config_map.name_any(), pp, &Patch::Apply(config_map)).await?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), ns).patch(&deployment.name_any(), pp, &Patch::Apply(deployment)).await?;
+    let service = Api::<Service>::namespaced(client.clone(), ns).patch(&service.name_any(), pp, &Patch::Apply(service)).await?;
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), ns).patch(&disruption_budget.name_any(), pp, &Patch::Apply(disruption_budget)).await?;
     let policies = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
     match network_policy {
-        Some(mut policy) => {
-            policy.metadata = with_owner(policy.metadata);
-            policies.patch(&policy.name_any(), &pp, &Patch::Apply(&policy)).await?;
+        Some(policy) => {
+            policies.patch(&policy.name_any(), pp, &Patch::Apply(policy)).await?;
         }
         // Turned off: delete the one made before, and only if it is ours.
         None => {
             let ours = policies.get_opt(&network_policy_name(name)).await?.filter(|p| p.owner_references().iter().any(|o| o.uid == owner.uid));
             if let Some(policy) = ours {
-                policies.delete(&policy.name_any(), &Default::default()).await?;
+                let dp = DeleteParams { dry_run: pp.dry_run, ..Default::default() };
+                policies.delete(&policy.name_any(), &dp).await?;
             }
         }
     }
     Ok((deployment, service))
 }
 
-/// Status after the API server refused an apply: `Forbidden` for a missing permission,
-/// `ApplyFailed` for anything else, with the server's own message.
+/// Records a full apply. Entries of deleted SpiceProxies are dropped once they could outnumber
+/// the live ones, so the table stays the size of the cache.
+fn remember_applied(ctx: &Context, uid: &str, digest: [u8; 32]) {
+    let mut applied = ctx.applied.lock().unwrap_or_else(|e| e.into_inner());
+    applied.insert(uid.to_string(), digest);
+    let live = ctx.proxies.state();
+    if applied.len() > 2 * live.len() + 16 {
+        let uids: std::collections::HashSet<&str> = live.iter().filter_map(|p| p.meta().uid.as_deref()).collect();
+        applied.retain(|uid, _| uids.contains(uid.as_str()));
+    }
+}
+
+/// Status after the API server refused an apply: `QuotaExceeded` for a namespace's
+/// ResourceQuota, `Forbidden` for a missing permission, `ApplyFailed` for anything else, with
+/// the server's own message.
 pub fn apply_failed_status(spx: &SpiceProxy, e: &kube::core::Status) -> SpiceProxyStatus {
     let generation = spx.metadata.generation;
     let previous = spx.status.clone().unwrap_or_default();
-    let reason = if e.code == 403 { "Forbidden" } else { "ApplyFailed" };
+    // A quota answers 403 too, but no RBAC rule would help: the namespace's owner must act.
+    let reason = match e.code {
+        403 if e.message.contains("exceeded quota") => "QuotaExceeded",
+        403 => "Forbidden",
+        _ => "ApplyFailed",
+    };
     let msg = format!("the API server refused a change ({} {}): {}", e.code, e.reason, e.message);
     SpiceProxyStatus {
         conditions: vec![
@@ -443,6 +482,25 @@ pub struct Children {
     pub disruption_budget: PodDisruptionBudget,
     /// Egress only to the allowed targets and DNS; None when the SpiceProxy turns it off.
     pub network_policy: Option<NetworkPolicy>,
+}
+
+impl Children {
+    /// Identifies the objects as they would be applied: equal digests, equal applies.
+    pub fn digest(&self) -> Result<[u8; 32]> {
+        let mut hash = Sha256::new();
+        for object in [
+            serde_json::to_vec(&self.config_map)?,
+            serde_json::to_vec(&self.deployment)?,
+            serde_json::to_vec(&self.service)?,
+            serde_json::to_vec(&self.disruption_budget)?,
+            serde_json::to_vec(&self.network_policy)?,
+        ] {
+            // Length-prefixed, so bytes cannot move from one object to the next unnoticed.
+            hash.update((object.len() as u64).to_le_bytes());
+            hash.update(&object);
+        }
+        Ok(hash.finalize().into())
+    }
 }
 
 pub fn network_policy_name(spx: &str) -> String {
@@ -972,6 +1030,37 @@ mod tests {
         let hash = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.metadata.unwrap().annotations.unwrap()[labels::CONFIG_HASH].clone();
         assert_ne!(hash(&a), hash(&b));
         assert_eq!(hash(&a), hash(&a.clone()));
+    }
+
+    #[test]
+    fn the_applied_digest_changes_with_any_child_and_only_then() {
+        let digest = |s: &SpiceProxy| build(s, "i").unwrap().digest().unwrap();
+        let a = spx(BASIC);
+        assert_eq!(digest(&a), digest(&a.clone()), "a rebuild of the same spec needs no rehearsal");
+        // One change in each kind of child: the Service, the Deployment, the NetworkPolicy.
+        let node_port = spx(&format!("{BASIC}  service: {{type: NodePort, nodePort: 30080}}\n"));
+        let annotated = spx(&format!("{BASIC}  podAnnotations: {{a: b}}\n"));
+        let open = spx(&format!("{BASIC}  networkPolicy: {{enabled: false}}\n"));
+        let mut digests = vec![digest(&a), digest(&node_port), digest(&annotated), digest(&open), digest(&spx(&BASIC.replace("edge", "edge2")))];
+        digests.sort();
+        digests.dedup();
+        assert_eq!(digests.len(), 5);
+    }
+
+    #[test]
+    fn a_refused_apply_names_quota_permission_or_the_servers_reason() {
+        let refusal = |code: u16, message: &str| {
+            let e = kube::core::Status { code, message: message.into(), reason: "Forbidden".into(), ..Default::default() };
+            let st = apply_failed_status(&spx(BASIC), &e);
+            let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap().clone();
+            assert_eq!(ready.status, "False");
+            assert!(ready.message.contains(message), "{}", ready.message);
+            ready.reason
+        };
+        let quota = r#"services "edge" is forbidden: exceeded quota: lb, requested: services.loadbalancers=1, used: services.loadbalancers=0, limited: services.loadbalancers=0"#;
+        assert_eq!(refusal(403, quota), "QuotaExceeded");
+        assert_eq!(refusal(403, r#"services "edge" is forbidden: User "x" cannot patch resource "services""#), "Forbidden");
+        assert_eq!(refusal(422, r#"Service "edge" is invalid: spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated"#), "ApplyFailed");
     }
 
     #[test]
