@@ -104,7 +104,7 @@ start() {
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$DIR/pki" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" --client-ca-file "$pki/ca.crt" \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.0.0.0/24 \
+    --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.0.0.0/24,fd00:10:96::/112 \
     --endpoint-reconciler-type none --authorization-mode RBAC --allow-privileged=false --enable-priority-and-fairness=false \
     --disable-admission-plugins ServiceAccount,TaintNodesByCondition --v 0
   kubeconfig "$api_port"

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use super::{Context, Error, Result, publish_transitions, retry_after, status_patch_params, trigger};
 use crate::conditions;
-use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
+use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, IpFamilyPolicy, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
 use crate::listener::ANY;
 use crate::metrics::ControllerLabel;
@@ -703,7 +703,10 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
         spec: Some(K8sServiceSpec {
             type_: Some(service_value(spec.service.type_)),
             external_traffic_policy: spec.service.effective_traffic_policy().map(service_value),
-            ip_family_policy: spec.service.ip_family_policy.map(service_value),
+            // Absent means SingleStack, which is what Kubernetes gives a new Service, applied
+            // explicitly: a Service made dual-stack keeps both families when the field is only
+            // dropped (the API server infers RequireDualStack from them).
+            ip_family_policy: Some(service_value(spec.service.ip_family_policy.unwrap_or(IpFamilyPolicy::SingleStack))),
             selector: Some(selector),
             ports: Some(
                 [
@@ -1105,7 +1108,7 @@ mod tests {
         assert_eq!(policy("{type: NodePort, externalTrafficPolicy: Local}").as_deref(), Some("Local"));
         assert_eq!(policy("{type: ClusterIP}"), None, "the API server refuses the field on a ClusterIP Service");
         let families = |service: &str| build(&spx(&format!("{BASIC}  service: {service}\n")), "i").unwrap().service.spec.unwrap().ip_family_policy;
-        assert_eq!(families("{type: LoadBalancer}"), None, "absent: the cluster's default");
+        assert_eq!(families("{type: LoadBalancer}").as_deref(), Some("SingleStack"), "absent: what Kubernetes defaults to, applied");
         assert_eq!(families("{type: LoadBalancer, ipFamilyPolicy: PreferDualStack}").as_deref(), Some("PreferDualStack"));
 
         let s = spx(&format!("{BASIC}  service: {{type: NodePort, externalTrafficPolicy: Local}}\n"));

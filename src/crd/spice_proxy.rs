@@ -164,7 +164,7 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocolSpec>,
     /// The Service's IP families, as its `ipFamilyPolicy`: `SingleStack` (the cluster's first
-    /// family), `PreferDualStack` or `RequireDualStack`; absent: the cluster's default. In a
+    /// family; also when absent), `PreferDualStack` or `RequireDualStack`. In a
     /// dual-stack cluster whose first family is IPv6, `PreferDualStack` gets a load balancer the
     /// IPv4 address SPICE clients need (they cannot use an IPv6 literal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
