@@ -271,13 +271,13 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
     service.metadata = with_owner(service.metadata);
     disruption_budget.metadata = with_owner(disruption_budget.metadata);
     if let Some(policy) = &mut network_policy {
-        policy.metadata = with_owner(policy.metadata.clone());
+        policy.metadata = with_owner(std::mem::take(&mut policy.metadata));
     }
     let children = Children { config_map, deployment, service, disruption_budget, network_policy };
     let digest = children.digest()?;
-    let rehearsed = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid) == Some(&digest);
+    let unchanged = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid) == Some(&digest);
     let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
-    if !rehearsed {
+    if !unchanged {
         apply_children(&children, owner, ns, name, &pp.clone().dry_run(), ctx).await?;
     }
     ensure_key_secret(&ctx.client, ns, name, owner).await?;
