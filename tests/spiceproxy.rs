@@ -282,6 +282,40 @@ async fn a_load_balancer_keeps_client_addresses_unless_told_otherwise() {
     }
 }
 
+/// Back to ClusterIP from NodePort and from a LoadBalancer with `Local`: the node ports and the
+/// health-check port the API server allocated (owned by no field manager) must go with the type,
+/// or the Service would be refused and the proxy stuck on its old type.
+#[tokio::test]
+async fn the_service_type_can_go_back_to_cluster_ip() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-type").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let svcs = Api::<Service>::namespaced(client.clone(), &ns.name);
+    wait_for(&svcs, "edge", T, |s| s.spec.as_ref()?.ports.as_ref()?[0].node_port).await;
+    let cluster_ip = json!({"spec": {"service": {"type": "ClusterIP", "externalTrafficPolicy": null}, "externalAddress": null}});
+    let load_balancer = json!({"spec": {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}, "externalAddress": {"host": "console.example.com"}}});
+    for (from, patch) in [("NodePort", &cluster_ip), ("ClusterIP", &load_balancer), ("LoadBalancer", &cluster_ip)] {
+        let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap().metadata.generation.unwrap();
+        let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions))).await;
+        let spec = svcs.get("edge").await.unwrap().spec.unwrap();
+        let node_ports: Vec<_> = spec.ports.iter().flatten().filter_map(|p| p.node_port).collect();
+        match spec.type_.as_deref() {
+            Some("ClusterIP") => {
+                assert_eq!(st.proxy_url, Some(format!("http://edge.{}.svc:3128", ns.name)), "from {from}");
+                assert!(node_ports.is_empty() && spec.health_check_node_port.is_none(), "from {from}: {spec:?}");
+                assert_eq!((spec.external_traffic_policy, spec.allocate_load_balancer_node_ports), (None, None), "from {from}");
+            }
+            Some("LoadBalancer") => {
+                assert_eq!(st.proxy_url.as_deref(), Some("http://console.example.com:3128"));
+                assert!(!node_ports.is_empty() && spec.health_check_node_port.is_some(), "{spec:?}");
+            }
+            other => panic!("from {from}: type {other:?}"),
+        }
+    }
+}
+
 /// What a refused change must leave alone: every child as it was, not a Deployment rolled to a
 /// configuration its Service never got (the operator rehearses a changed apply with a dry run).
 struct Children {
