@@ -22,6 +22,17 @@ fn proxy_yaml(name: &str, ns: &str) -> String {
     )
 }
 
+/// The shared operator, an admin client, a throwaway namespace and, in it, the SpiceProxy
+/// `edge` of `proxy_yaml`.
+async fn edge_proxy(prefix: &str) -> (kube::Client, TestNamespace, Api<SpiceProxy>) {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, prefix).await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    (client, ns, api)
+}
+
 fn config_of(cm: &ConfigMap) -> ProxyConfig {
     serde_json::from_str(&cm.data.as_ref().unwrap()["config.json"]).unwrap()
 }
@@ -152,11 +163,7 @@ async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
 
 #[tokio::test]
 async fn spec_change_updates_children_and_advances_observed_generation() {
-    shared_operator();
-    let client = client().await;
-    let ns = TestNamespace::new(&client, "spx-change").await;
-    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let (client, ns, api) = edge_proxy("spx-change").await;
     wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let hash_before = deploys.get("edge").await.unwrap().spec.template.metadata.unwrap().annotations.unwrap()
@@ -207,11 +214,7 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
 /// own) drive the replicas as on a Deployment, within the schema's limits.
 #[tokio::test]
 async fn kubectl_scale_and_an_autoscaler_set_the_replicas() {
-    shared_operator();
-    let client = client().await;
-    let ns = TestNamespace::new(&client, "spx-scale").await;
-    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let (client, ns, api) = edge_proxy("spx-scale").await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
 
     // kubectl scale spx edge --replicas=3
@@ -287,11 +290,7 @@ async fn a_load_balancer_keeps_client_addresses_unless_told_otherwise() {
 /// or the Service would be refused and the proxy stuck on its old type.
 #[tokio::test]
 async fn the_service_type_can_go_back_to_cluster_ip() {
-    shared_operator();
-    let client = client().await;
-    let ns = TestNamespace::new(&client, "spx-type").await;
-    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let (client, ns, api) = edge_proxy("spx-type").await;
     let svcs = Api::<Service>::namespaced(client.clone(), &ns.name);
     wait_for(&svcs, "edge", T, |s| s.spec.as_ref()?.ports.as_ref()?[0].node_port).await;
     let cluster_ip = json!({"spec": {"service": {"type": "ClusterIP", "externalTrafficPolicy": null}, "externalAddress": null}});
@@ -421,11 +420,7 @@ async fn a_namespace_quota_is_named_and_changes_nothing() {
 
 #[tokio::test]
 async fn deleting_the_spice_proxy_garbage_collects_its_objects() {
-    shared_operator();
-    let client = client().await;
-    let ns = TestNamespace::new(&client, "spx-delete").await;
-    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let (client, ns, api) = edge_proxy("spx-delete").await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
@@ -443,11 +438,7 @@ async fn deleting_the_spice_proxy_garbage_collects_its_objects() {
 
 #[tokio::test]
 async fn manual_edits_of_owned_objects_are_reverted() {
-    shared_operator();
-    let client = client().await;
-    let ns = TestNamespace::new(&client, "spx-drift").await;
-    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &spx(&proxy_yaml("edge", &ns.name))).await.unwrap();
+    let (client, ns, _) = edge_proxy("spx-drift").await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     wait_for(&deploys, "edge", T, |_| Some(())).await;
 
