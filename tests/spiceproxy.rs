@@ -383,6 +383,68 @@ async fn a_refused_change_changes_nothing_and_says_why() {
     assert_eq!(after.max_tunnels, 77);
 }
 
+/// An admission policy (here a ValidatingAdmissionPolicy, as a policy engine's webhook would)
+/// that refuses the Deployment: the ConfigMap, applied before it, must not change either.
+#[tokio::test]
+async fn an_admission_policy_refusal_changes_nothing() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let (client, ns, api) = edge_proxy("spx-admission").await;
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    let before = children_of(&client, &ns.name, "edge").await;
+
+    let name = format!("{}-no-debug-pods", ns.name);
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}]},
+            "validations": [{
+                "expression": "!has(object.spec.template.metadata.annotations) || !('example.com/debug' in object.spec.template.metadata.annotations)",
+                "message": "debug pods are not allowed here"
+            }]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}}
+        }
+    }))
+    .unwrap();
+    let (policies, bindings) = (Api::<ValidatingAdmissionPolicy>::all(client.clone()), Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()));
+    policies.create(&PostParams::default(), &policy).await.unwrap();
+    bindings.create(&PostParams::default(), &binding).await.unwrap();
+    // The API server takes a moment to load a new policy: wait until a dry run is refused.
+    let deploys = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let debug = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {"metadata": {"annotations": {"example.com/debug": "on"}}}}});
+    let probe = PatchParams::apply("policy-probe").dry_run();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match deploys.patch("edge", &probe, &Patch::Apply(&debug)).await {
+            Err(kube::Error::Api(e)) if e.message.contains("debug pods are not allowed here") => break,
+            other => assert!(std::time::Instant::now() < deadline, "the admission policy never took effect: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let patch = json!({"spec": {"podAnnotations": {"example.com/debug": "on"}, "limits": {"maxTunnels": 77}}});
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap().metadata.generation.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && !is_ready(&st.conditions))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "ApplyFailed", "{ready:?}");
+    assert!(ready.message.contains("debug pods are not allowed here"), "{}", ready.message);
+    let after = children_of(&client, &ns.name, "edge").await;
+    assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap was not changed");
+    assert_eq!((after.deployment_generation, after.annotations), (before.deployment_generation, before.annotations), "the Deployment was not changed");
+
+    // The namespace goes with the test; the cluster-wide policy must go too.
+    bindings.delete(&name, &DeleteParams::default()).await.unwrap();
+    policies.delete(&name, &DeleteParams::default()).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_namespace_quota_is_named_and_changes_nothing() {
     shared_operator();
