@@ -474,6 +474,10 @@ async fn a_namespace_quota_is_named_and_changes_nothing() {
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(ready.reason, "QuotaExceeded", "{ready:?}");
     assert!(ready.message.contains("exceeded quota: no-load-balancers") && ready.message.contains("services.loadbalancers"), "{}", ready.message);
+    // kubectl describe says it too, as a warning for the namespace's owner to act on.
+    let warning = wait_for_event(&client, &ns.name, "SpiceProxy", "edge", "QuotaExceeded", T).await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(warning.note.as_deref().unwrap_or_default().contains("exceeded quota: no-load-balancers"), "{warning:?}");
     let after = children_of(&client, &ns.name, "edge").await;
     assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap was not changed");
     assert_eq!(after.deployment_generation, before.deployment_generation, "the Deployment was not rolled");
