@@ -2,7 +2,7 @@
 //! Service + PodDisruptionBudget + egress NetworkPolicy owned by the SpiceProxy, and publishes
 //! the URL clients use once it is Ready.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Instant;
@@ -314,12 +314,16 @@ async fn apply_children(children: &Children, owner: &OwnerReference, ns: &str, n
 /// Records a full apply. Entries of deleted SpiceProxies are dropped once they could outnumber
 /// the live ones, so the table stays the size of the cache.
 fn remember_applied(ctx: &Context, uid: &str, digest: [u8; 32]) {
-    let mut applied = ctx.applied.lock().unwrap_or_else(|e| e.into_inner());
+    remember(&mut ctx.applied.lock().unwrap_or_else(|e| e.into_inner()), &ctx.proxies, uid, digest);
+}
+
+fn remember(applied: &mut HashMap<String, [u8; 32]>, live: &reflector::Store<DeserializeGuard<SpiceProxy>>, uid: &str, digest: [u8; 32]) {
     applied.insert(uid.to_string(), digest);
-    let live = ctx.proxies.state();
     if applied.len() > 2 * live.len() + 16 {
-        let uids: std::collections::HashSet<&str> = live.iter().filter_map(|p| p.meta().uid.as_deref()).collect();
-        applied.retain(|uid, _| uids.contains(uid.as_str()));
+        let live = live.state();
+        let uids: HashSet<&str> = live.iter().filter_map(|p| p.meta().uid.as_deref()).collect();
+        // The one just applied stays even if the cache has not caught up with it yet.
+        applied.retain(|kept, _| kept == uid || uids.contains(kept.as_str()));
     }
 }
 
@@ -1048,6 +1052,36 @@ mod tests {
         digests.sort();
         digests.dedup();
         assert_eq!(digests.len(), 5);
+    }
+
+    #[test]
+    fn the_applied_table_forgets_deleted_proxies_but_not_the_one_just_applied() {
+        let (live, mut writer) = reflector::store::<DeserializeGuard<SpiceProxy>>();
+        let proxy = |uid: &str| {
+            let mut s = spx(BASIC);
+            s.metadata.name = Some(format!("p-{uid}"));
+            s.metadata.uid = Some(uid.into());
+            DeserializeGuard(Ok(s))
+        };
+        for uid in ["a", "b"] {
+            writer.apply_watcher_event(&watcher::Event::Apply(proxy(uid)));
+        }
+        let mut applied = HashMap::new();
+        // Two live proxies allow 2 × 2 + 16 = 20 entries before a prune.
+        for i in 0..20 {
+            remember(&mut applied, &live, &format!("gone-{i}"), [0; 32]);
+        }
+        remember(&mut applied, &live, "a", [1; 32]);
+        assert_eq!(applied.len(), 1, "the deleted ones are dropped: {:?}", applied.keys().collect::<Vec<_>>());
+        remember(&mut applied, &live, "b", [2; 32]);
+        assert_eq!(applied.get("a"), Some(&[1; 32]));
+        // Pruning keeps the one being recorded even before the cache has seen it.
+        // a, b and 18 more make 20; the 19th more makes 21 and prunes the other 18.
+        for i in 0..19 {
+            remember(&mut applied, &live, &format!("new-{i}"), [3; 32]);
+        }
+        assert!(applied.contains_key("new-18") && applied.contains_key("a") && applied.contains_key("b"), "{:?}", applied.keys().collect::<Vec<_>>());
+        assert_eq!(applied.len(), 3);
     }
 
     #[test]
