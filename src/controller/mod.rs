@@ -15,7 +15,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 
 use crate::conditions;
@@ -60,6 +60,8 @@ pub struct Context {
     /// Per SpiceProxy (by uid), a digest of the children last applied in full: an apply of
     /// anything else is rehearsed with a dry run first (`spice_proxy::apply`).
     pub applied: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
+    /// Consecutive failures per object, for the retry delay.
+    pub backoff: Backoff,
 }
 
 /// Longest event note the Events API accepts, in bytes.
@@ -115,7 +117,7 @@ pub async fn run(
     let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let recorder = Recorder::new(client.clone(), reporter);
     metrics.report_proxies(proxies.clone());
-    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready, recorder, applied: Default::default() });
+    let ctx = Arc::new(Context { client, settings, metrics, proxies: proxies.clone(), proxies_ready, recorder, applied: Default::default(), backoff: Backoff::default() });
     let spx = spice_proxy::controller(ctx.clone(), shutdown.clone());
     let ccp = policy::controller(ctx.clone(), proxy_events, shutdown.clone());
     // The only waiter on the store's own readiness signal; everyone else watches `proxies_ready`.
@@ -193,18 +195,73 @@ pub(crate) fn status_patch_params() -> PatchParams {
     PatchParams { field_manager: Some(labels::FIELD_MANAGER.into()), ..Default::default() }
 }
 
-/// Requeue after a failed reconcile with a short delay (a failing watch backs off on its own, in
-/// `without_failures`).
-pub(crate) fn retry_after(error: &Error) -> Duration {
-    match error {
-        Error::Kube(kube::Error::Api(s)) if s.code == 409 => Duration::from_secs(1),
-        _ => Duration::from_secs(5),
+/// When to retry an object whose reconcile failed: 5 s after its first failure, doubling with
+/// each further one up to 5 minutes, and back to 5 s once it succeeds. A refusal that lasts (a
+/// quota, a node port held elsewhere) would otherwise cost its rehearsal's API requests every
+/// 5 s for as long as it lasts; a change to the object is reconciled at once whatever the delay.
+/// A conflict (409: the object changed meanwhile) is retried after a second and not counted.
+/// A failing watch backs off on its own, in `without_failures`.
+#[derive(Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Objects deleted while failing leave an entry behind; past this many the table starts over.
+const BACKOFF_ENTRIES_MAX: usize = 10_000;
+
+impl Backoff {
+    /// Counts a failure of the object `key` and says when to retry it.
+    pub fn failed(&self, key: &str, error: &Error) -> Duration {
+        if matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
+            return Duration::from_secs(1);
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= BACKOFF_ENTRIES_MAX && !failures.contains_key(key) {
+            failures.clear();
+        }
+        let count = failures.entry(key.to_string()).or_insert(0);
+        *count = count.saturating_add(1);
+        retry_delay(*count)
     }
+
+    /// The object reconciled: its next failure is a first one again.
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+/// The delay after `failures` consecutive failures (at least one).
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_FIRST.saturating_mul(1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX)).min(RETRY_MAX)
+}
+
+/// The key an object's failures are counted under: its uid, which a recreated object does not
+/// share; its name when even that is missing.
+pub(crate) fn backoff_key<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    meta.uid.clone().unwrap_or_else(|| format!("{}/{}", meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_per_object_and_start_over_after_a_success() {
+        let backoff = Backoff::default();
+        let refused = Error::Kube(kube::Error::Api(kube::core::Status { code: 403, ..Default::default() }.boxed()));
+        let conflict = Error::Kube(kube::Error::Api(kube::core::Status { code: 409, ..Default::default() }.boxed()));
+        let delays: Vec<u64> = (0..9).map(|_| backoff.failed("a", &refused).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff.failed("b", &refused).as_secs(), 5, "each object counts its own failures");
+        assert_eq!(backoff.failed("a", &conflict).as_secs(), 1, "a conflict is retried at once");
+        assert_eq!(backoff.failed("a", &refused).as_secs(), 300, "and does not reset the count");
+        backoff.succeeded("a");
+        assert_eq!(backoff.failed("a", &refused).as_secs(), 5);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX, "no overflow however long it fails");
+    }
 
     /// Notes its drop, as a reflector's writer would be dropped with its stream.
     struct DropFlag(Arc<std::sync::atomic::AtomicBool>);

@@ -15,7 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, dropped_on, publish_transitions, retry_after, status_patch_params, trigger};
+use super::{Context, Error, Result, dropped_on, publish_transitions, backoff_key, status_patch_params, trigger};
 use crate::{conditions, labels};
 use crate::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy, SpiceProxyRef};
 use crate::metrics::ControllerLabel;
@@ -63,8 +63,9 @@ pub async fn controller(
 fn error_policy(obj: Arc<DeserializeGuard<ClusterConsolePolicy>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failures.get_or_create(&LABEL).inc();
     let name = obj.0.as_ref().map(|o| o.name_any()).unwrap_or_default();
-    tracing::warn!(policy = %name, %error, "reconcile failed");
-    Action::requeue(retry_after(error))
+    let retry = ctx.backoff.failed(&backoff_key(obj.as_ref()), error);
+    tracing::warn!(policy = %name, %error, retry_in_seconds = retry.as_secs(), "reconcile failed");
+    Action::requeue(retry)
 }
 
 async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<Context>) -> Result<Action> {
@@ -121,6 +122,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<
         }
     };
     ctx.metrics.duration.get_or_create(&LABEL).observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.backoff.succeeded(&backoff_key(guard.as_ref()));
+    }
     result
 }
 

@@ -32,7 +32,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, publish_transitions, retry_after, status_patch_params, trigger};
+use super::{Context, Error, Result, publish_transitions, backoff_key, status_patch_params, trigger};
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, IpFamilyPolicy, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
@@ -89,8 +89,9 @@ fn pod_changes(ctx: &Context, shutdown: &watch::Receiver<bool>) -> impl Stream<I
 fn error_policy(obj: Arc<DeserializeGuard<SpiceProxy>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failures.get_or_create(&LABEL).inc();
     let name = obj.0.as_ref().map(|o| o.name_any()).unwrap_or_default();
-    tracing::warn!(spiceproxy = %name, %error, "reconcile failed");
-    Action::requeue(retry_after(error))
+    let retry = ctx.backoff.failed(&backoff_key(obj.as_ref()), error);
+    tracing::warn!(spiceproxy = %name, %error, retry_in_seconds = retry.as_secs(), "reconcile failed");
+    Action::requeue(retry)
 }
 
 async fn reconcile(guard: Arc<DeserializeGuard<SpiceProxy>>, ctx: Arc<Context>) -> Result<Action> {
@@ -101,6 +102,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<SpiceProxy>>, ctx: Arc<Context>) 
         Err(invalid) => report_undecodable(invalid, &ctx).await,
     };
     ctx.metrics.duration.get_or_create(&LABEL).observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.backoff.succeeded(&backoff_key(guard.as_ref()));
+    }
     result
 }
 
