@@ -25,7 +25,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -48,7 +48,10 @@ pub async fn controller(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let (store, writer) = reflector::store();
     let proxies = reflector(writer, watcher(Api::<DeserializeGuard<SpiceProxy>>::all(client.clone()), watcher::Config::default()));
-    Controller::for_stream(trigger(proxies.applied_objects(), "SpiceProxy".into(), ctx.metrics.clone(), &shutdown), store)
+    // Only spec changes (a new generation) or a new object: the reconciler's own status writes
+    // would otherwise trigger a second reconcile each, which has nothing left to do.
+    let changed = proxies.applied_objects().predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(trigger(changed, "SpiceProxy".into(), ctx.metrics.clone(), &shutdown), store)
         .owns_stream(owned_changes::<Deployment>(&ctx, &shutdown))
         .owns_stream(owned_changes::<Service>(&ctx, &shutdown))
         .owns_stream(owned_changes::<ConfigMap>(&ctx, &shutdown))
