@@ -77,7 +77,24 @@ struct Browser {
 }
 
 impl Browser {
+    /// chromedriver on a free port with a new session. A port picked free may be taken before
+    /// chromedriver binds it (the tests beside this one start proxies on free ports too), and a
+    /// session request may then reach another server and be reset: up to three drivers are tried.
     fn start() -> Browser {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Browser::try_start() {
+                Ok(b) => return b,
+                Err(e) => {
+                    eprintln!("chromedriver attempt failed, retrying: {e}");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        panic!("no WebDriver session in three attempts: {failures:?}");
+    }
+
+    fn try_start() -> std::io::Result<Browser> {
         let port = free_port();
         let driver = Kill(
             Command::new("chromedriver")
@@ -95,28 +112,34 @@ impl Browser {
                      // the wss case uses a throwaway self-signed certificate
                      "--ignore-certificate-errors"]
         }}}});
-        let r = b.call("POST", "/session", Some(caps));
+        let r = b.try_call("POST", "/session", Some(caps))?;
         b.session = r["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {r}")).to_string();
-        b
+        Ok(b)
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body).unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"))
+    }
+
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> std::io::Result<Value> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
         // Read the head, then exactly Content-Length bytes (chromedriver may keep the socket open).
         let mut raw = Vec::new();
         let mut byte = [0u8; 1];
         while !raw.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut byte).unwrap(), 1, "chromedriver closed mid-response");
+            if s.read(&mut byte)? != 1 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "chromedriver closed mid-response"));
+            }
             raw.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
         let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
         let mut body = vec![0u8; len];
-        s.read_exact(&mut body).unwrap();
-        serde_json::from_slice(&body).unwrap_or_else(|_| panic!("WebDriver answered {head}{}", String::from_utf8_lossy(&body)))
+        s.read_exact(&mut body)?;
+        Ok(serde_json::from_slice(&body).unwrap_or_else(|_| panic!("WebDriver answered {head}{}", String::from_utf8_lossy(&body))))
     }
 
     fn open(&self, url: &str) {
