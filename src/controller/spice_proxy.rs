@@ -268,19 +268,7 @@ impl PodDiagnosis {
 /// rolling the Deployment to a configuration its Service never got. Re-applying the children
 /// last applied skips the rehearsal: a refusal part-way through cannot mix two versions then.
 async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, ctx: &Context) -> Result<(Deployment, Service)> {
-    let with_owner = |mut meta: ObjectMeta| {
-        meta.owner_references = Some(vec![owner.clone()]);
-        meta
-    };
-    let Children { mut config_map, mut deployment, mut service, mut disruption_budget, mut network_policy } = children;
-    config_map.metadata = with_owner(config_map.metadata);
-    deployment.metadata = with_owner(deployment.metadata);
-    service.metadata = with_owner(service.metadata);
-    disruption_budget.metadata = with_owner(disruption_budget.metadata);
-    if let Some(policy) = &mut network_policy {
-        policy.metadata = with_owner(std::mem::take(&mut policy.metadata));
-    }
-    let children = Children { config_map, deployment, service, disruption_budget, network_policy };
+    let children = children.owned_by(owner);
     let digest = children.digest()?;
     let unchanged = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid) == Some(&digest);
     let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
@@ -496,6 +484,15 @@ pub struct Children {
 }
 
 impl Children {
+    /// The same objects, each owned by the SpiceProxy, so they go with it.
+    fn owned_by(mut self, owner: &OwnerReference) -> Self {
+        let metas = [&mut self.config_map.metadata, &mut self.deployment.metadata, &mut self.service.metadata, &mut self.disruption_budget.metadata];
+        for meta in metas.into_iter().chain(self.network_policy.as_mut().map(|p| &mut p.metadata)) {
+            meta.owner_references = Some(vec![owner.clone()]);
+        }
+        self
+    }
+
     /// Identifies the objects as they would be applied: equal digests, equal applies.
     pub fn digest(&self) -> Result<[u8; 32]> {
         let mut hash = Sha256::new();
