@@ -345,6 +345,11 @@ fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
     }).to_string()).unwrap();
     let bin = std::env::var("SPICE_OPERATOR_BIN").unwrap_or_else(|_| "target/release/spice-operator".into());
     out.push(spawn("spice-operator", Kind::Connect, p, target, Command::new(bin).args(["proxy", "--config"]).arg(&cfg)));
+    if let Ok(proto) = std::env::var("BENCH_SOCKMAP") {
+        let target = targets[5];
+        let p = free_port();
+        out.push(spawn("sockmap", Kind::Raw, p, target, Command::new(proto).arg(p.to_string()).arg(target.ip().to_string()).arg(target.port().to_string())));
+    }
     out
 }
 
@@ -366,7 +371,7 @@ const ROUNDS: usize = 3;
 async fn main() {
     let per_run: u64 = std::env::var("BENCH_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2) * GIB;
     let dir = tempfile::tempdir().unwrap();
-    let targets = target_servers(5).await;
+    let targets = target_servers(6).await;
     // BENCH_PEERS=squid,spice-operator: only those (direct is always measured).
     let only: Option<Vec<String>> = std::env::var("BENCH_PEERS").ok().map(|v| v.split(',').map(str::to_string).collect());
     let peers: Vec<Peer> = peers(dir.path(), &targets)
