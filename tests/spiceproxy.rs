@@ -385,38 +385,56 @@ async fn a_refused_change_changes_nothing_and_says_why() {
 
 /// An admission policy (here a ValidatingAdmissionPolicy, as a policy engine's webhook would)
 /// that refuses the Deployment: the ConfigMap, applied before it, must not change either.
+/// A ValidatingAdmissionPolicy bound to one test namespace: what a policy engine does, but
+/// evaluated by the API server itself, so no webhook server is needed. Cluster-wide, so each
+/// test removes its own.
+struct AdmissionPolicy {
+    name: String,
+    client: kube::Client,
+}
+
+impl AdmissionPolicy {
+    async fn install(client: &kube::Client, ns: &str, api_group: &str, resource: &str, expression: &str, message: &str) -> Self {
+        use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+        let name = format!("{ns}-{resource}");
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{"apiGroups": [api_group], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": [resource]}]},
+                "validations": [{"expression": expression, "message": message}]
+            }
+        }))
+        .unwrap();
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+            }
+        }))
+        .unwrap();
+        Api::<ValidatingAdmissionPolicy>::all(client.clone()).create(&PostParams::default(), &policy).await.unwrap();
+        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).create(&PostParams::default(), &binding).await.unwrap();
+        Self { name, client: client.clone() }
+    }
+
+    async fn remove(self) {
+        use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+        Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await.unwrap();
+        Api::<ValidatingAdmissionPolicy>::all(self.client).delete(&self.name, &DeleteParams::default()).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn an_admission_policy_refusal_changes_nothing() {
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     let (client, ns, api) = edge_proxy("spx-admission").await;
     wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
     let before = children_of(&client, &ns.name, "edge").await;
 
-    let name = format!("{}-no-debug-pods", ns.name);
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}]},
-            "validations": [{
-                "expression": "!has(object.spec.template.metadata.annotations) || !('example.com/debug' in object.spec.template.metadata.annotations)",
-                "message": "debug pods are not allowed here"
-            }]
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}}
-        }
-    }))
-    .unwrap();
-    let (policies, bindings) = (Api::<ValidatingAdmissionPolicy>::all(client.clone()), Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()));
-    policies.create(&PostParams::default(), &policy).await.unwrap();
-    bindings.create(&PostParams::default(), &binding).await.unwrap();
+    let expression = "!has(object.spec.template.metadata.annotations) || !('example.com/debug' in object.spec.template.metadata.annotations)";
+    let policy = AdmissionPolicy::install(&client, &ns.name, "apps", "deployments", expression, "debug pods are not allowed here").await;
     // The API server takes a moment to load a new policy: wait until a dry run is refused.
     let deploys = Api::<Deployment>::namespaced(client.clone(), &ns.name);
     let debug = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {"metadata": {"annotations": {"example.com/debug": "on"}}}}});
@@ -439,10 +457,63 @@ async fn an_admission_policy_refusal_changes_nothing() {
     let after = children_of(&client, &ns.name, "edge").await;
     assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap was not changed");
     assert_eq!((after.deployment_generation, after.annotations), (before.deployment_generation, before.annotations), "the Deployment was not changed");
+    policy.remove().await;
+}
 
-    // The namespace goes with the test; the cluster-wide policy must go too.
-    bindings.delete(&name, &DeleteParams::default()).await.unwrap();
-    policies.delete(&name, &DeleteParams::default()).await.unwrap();
+/// The race the dry run leaves open (a node port taken, a rule changed, between rehearsal and
+/// apply), made certain: a policy that lets dry runs pass refuses the Service for real, after
+/// the ConfigMap and the Deployment took the change. The operator puts them back.
+#[tokio::test]
+async fn a_refusal_the_dry_run_did_not_foresee_is_rolled_back() {
+    let (client, ns, api) = edge_proxy("spx-rollback").await;
+    let url = wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).and_then(|st| st.proxy_url.clone())).await;
+    let before = children_of(&client, &ns.name, "edge").await;
+
+    let expression = "request.dryRun || !has(object.metadata.annotations) || !('example.com/refuse' in object.metadata.annotations)";
+    let policy = AdmissionPolicy::install(&client, &ns.name, "", "services", expression, "refused outside dry runs").await;
+    // Wait until the policy refuses a real create (a throwaway Service, deleted if let through).
+    let svcs = Api::<Service>::namespaced(client.clone(), &ns.name);
+    let probe: Service = serde_json::from_value(json!({
+        "metadata": {"name": "probe", "annotations": {"example.com/refuse": "yes"}},
+        "spec": {"ports": [{"port": 1}]}
+    }))
+    .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match svcs.create(&PostParams::default(), &probe).await {
+            Err(kube::Error::Api(e)) if e.message.contains("refused outside dry runs") => break,
+            Ok(_) => {
+                svcs.delete("probe", &DeleteParams::default()).await.unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "the admission policy never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let patch = json!({"spec": {
+        "podAnnotations": {"example.com/new": "on"},
+        "limits": {"maxTunnels": 77},
+        "service": {"annotations": {"example.com/refuse": "yes"}}
+    }});
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap().metadata.generation.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && !is_ready(&st.conditions))).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "ApplyFailed", "{ready:?}");
+    assert!(ready.message.contains("refused outside dry runs") && ready.message.contains("put back as they were"), "{}", ready.message);
+    assert_eq!(st.proxy_url, Some(url), "the URL published stays");
+    let after = children_of(&client, &ns.name, "edge").await;
+    assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap is as it was");
+    assert_eq!(after.annotations, before.annotations, "the pod template is as it was");
+    assert!(after.deployment_generation > before.deployment_generation, "the Deployment did take the change before the Service was refused");
+    assert_eq!(after.service, before.service, "the Service is as it was");
+
+    // With the policy gone, the retry applies the whole change.
+    policy.remove().await;
+    wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions))).await;
+    let applied = children_of(&client, &ns.name, "edge").await;
+    assert_eq!(applied.max_tunnels, 77);
+    assert_eq!(applied.annotations.get("example.com/new").map(String::as_str), Some("on"));
 }
 
 #[tokio::test]

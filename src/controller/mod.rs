@@ -57,9 +57,9 @@ pub struct Context {
     pub proxies_ready: watch::Receiver<bool>,
     /// Publishes Kubernetes Events (and counts repeats of one into a series).
     pub recorder: Recorder,
-    /// Per SpiceProxy (by uid), a digest of the children last applied in full: an apply of
-    /// anything else is rehearsed with a dry run first (`spice_proxy::apply`).
-    pub applied: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
+    /// Per SpiceProxy (by uid), the children last applied in full: an apply of anything else is
+    /// rehearsed with a dry run first, and put back if refused part-way (`spice_proxy::apply`).
+    pub applied: std::sync::Mutex<std::collections::HashMap<String, spice_proxy::Applied>>,
     /// Consecutive failures per object, for the retry delay.
     pub backoff: Backoff,
 }

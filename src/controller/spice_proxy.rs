@@ -265,20 +265,56 @@ impl PodDiagnosis {
 /// All or nothing, as far as the API server decides: children that differ from the ones last
 /// applied in full are first applied with `dryRun=All`, so a refusal (a node port taken, a
 /// quota, an admission webhook, a missing permission) leaves every child as it was, rather than
-/// rolling the Deployment to a configuration its Service never got. Re-applying the children
-/// last applied skips the rehearsal: a refusal part-way through cannot mix two versions then.
+/// rolling the Deployment to a configuration its Service never got. A refusal the rehearsal
+/// could not foresee (a node port taken in between, an admission rule that lets dry runs pass)
+/// puts the children last applied back, so the earlier ones do not keep the new version.
+/// Re-applying the children last applied skips the rehearsal: a refusal part-way through cannot
+/// mix two versions then.
 async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, ctx: &Context) -> Result<(Deployment, Service)> {
     let children = children.owned_by(owner);
     let digest = children.digest()?;
-    let unchanged = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid) == Some(&digest);
+    let previous = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid).cloned();
+    let unchanged = previous.as_ref().is_some_and(|p| p.digest == digest);
     let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
     if !unchanged {
         apply_children(&children, owner, ns, name, &pp.clone().dry_run(), ctx).await?;
     }
     ensure_key_secret(&ctx.client, ns, name, owner).await?;
-    let applied = apply_children(&children, owner, ns, name, &pp, ctx).await?;
-    remember_applied(ctx, &owner.uid, digest);
-    Ok(applied)
+    match apply_children(&children, owner, ns, name, &pp, ctx).await {
+        Ok(applied) => {
+            remember_applied(ctx, &owner.uid, Applied { digest, children: Arc::new(children) });
+            Ok(applied)
+        }
+        Err(Error::Kube(kube::Error::Api(mut refusal))) if !unchanged => {
+            // Known only while this operator runs: after a restart the first change has
+            // nothing to go back to (the rehearsal still runs).
+            if let Some(previous) = previous {
+                let put_back = apply_children(&previous.children, owner, ns, name, &pp, ctx).await;
+                refusal.message = rolled_back_message(&refusal.message, put_back.as_ref().err());
+                match put_back {
+                    Ok(_) => tracing::warn!(spiceproxy = name, namespace = ns, reason = %refusal.message, "change refused after its dry run passed; the children last applied were put back"),
+                    Err(e) => tracing::error!(spiceproxy = name, namespace = ns, error = %e, "change refused after its dry run passed, and putting the children last applied back failed"),
+                }
+            }
+            Err(Error::Kube(kube::Error::Api(refusal)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The refusal's message, saying whether the children were put back as they were.
+pub fn rolled_back_message(refusal: &str, put_back_failed: Option<&Error>) -> String {
+    match put_back_failed {
+        None => format!("{refusal} (the objects already changed were put back as they were)"),
+        Some(e) => format!("{refusal} (putting the objects already changed back failed too: {e}; retrying)"),
+    }
+}
+
+/// The children of one SpiceProxy as last applied in full, and their digest.
+#[derive(Clone)]
+pub struct Applied {
+    digest: [u8; 32],
+    children: Arc<Children>,
 }
 
 /// One pass over the children, for real or (with `pp.dry_run`) as a rehearsal.
@@ -308,12 +344,12 @@ async fn apply_children(children: &Children, owner: &OwnerReference, ns: &str, n
 
 /// Records a full apply. Entries of deleted SpiceProxies are dropped once they could outnumber
 /// the live ones, so the table stays the size of the cache.
-fn remember_applied(ctx: &Context, uid: &str, digest: [u8; 32]) {
-    remember(&mut ctx.applied.lock().unwrap_or_else(|e| e.into_inner()), &ctx.proxies, uid, digest);
+fn remember_applied(ctx: &Context, uid: &str, applied: Applied) {
+    remember(&mut ctx.applied.lock().unwrap_or_else(|e| e.into_inner()), &ctx.proxies, uid, applied);
 }
 
-fn remember(applied: &mut HashMap<String, [u8; 32]>, live: &reflector::Store<DeserializeGuard<SpiceProxy>>, uid: &str, digest: [u8; 32]) {
-    applied.insert(uid.to_string(), digest);
+fn remember<V>(applied: &mut HashMap<String, V>, live: &reflector::Store<DeserializeGuard<SpiceProxy>>, uid: &str, value: V) {
+    applied.insert(uid.to_string(), value);
     if applied.len() > 2 * live.len() + 16 {
         let live = live.state();
         let uids: HashSet<&str> = live.iter().filter_map(|p| p.meta().uid.as_deref()).collect();
