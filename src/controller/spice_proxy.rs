@@ -303,7 +303,7 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
 }
 
 /// The refusal's message, saying whether the children were put back as they were.
-pub fn rolled_back_message(refusal: &str, put_back_failed: Option<&Error>) -> String {
+fn rolled_back_message(refusal: &str, put_back_failed: Option<&Error>) -> String {
     match put_back_failed {
         None => format!("{refusal} (the objects already changed were put back as they were)"),
         Some(e) => format!("{refusal} (putting the objects already changed back failed too: {e}; retrying)"),
