@@ -80,8 +80,8 @@ static void *tunnel(void *arg) {
   if (put(kc, u) || put(ku, c)) { del(kc); close(c); close(u); return 0; }
   // What the client sent before the redirect was in place waits in the receive queue, which the
   // verdict program never sees: forward it by hand (the benchmark's raw clients send at once).
-  char b[4096]; ssize_t n; while ((n = recv(c, b, sizeof b, MSG_DONTWAIT)) > 0) write(u, b, n);
-  struct pollfd f[2] = {{c, POLLRDHUP}, {u, POLLRDHUP}};
+  char b[4096]; ssize_t n; while ((n = recv(c, b, sizeof b, MSG_DONTWAIT)) > 0) if (write(u, b, n) != n) break;
+  struct pollfd f[2] = {{c, POLLRDHUP, 0}, {u, POLLRDHUP, 0}};
   int open = 2;
   while (open) {
     if (poll(f, 2, -1) < 0) break;
@@ -95,6 +95,7 @@ static void *tunnel(void *arg) {
 }
 
 int main(int argc, char **argv) {
+  if (argc != 4) { fprintf(stderr, "usage: %s LISTEN_PORT TARGET_IPV4 TARGET_PORT\n", argv[0]); return 2; }
   load();
   target.sin_family = AF_INET; target.sin_port = htons(atoi(argv[3])); inet_pton(AF_INET, argv[2], &target.sin_addr);
   int l = socket(AF_INET, SOCK_STREAM, 0), one = 1; setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
