@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -383,8 +384,6 @@ async fn a_refused_change_changes_nothing_and_says_why() {
     assert_eq!(after.max_tunnels, 77);
 }
 
-/// An admission policy (here a ValidatingAdmissionPolicy, as a policy engine's webhook would)
-/// that refuses the Deployment: the ConfigMap, applied before it, must not change either.
 /// A ValidatingAdmissionPolicy bound to one test namespace: what a policy engine does, but
 /// evaluated by the API server itself, so no webhook server is needed. Cluster-wide, so each
 /// test removes its own.
@@ -395,7 +394,6 @@ struct AdmissionPolicy {
 
 impl AdmissionPolicy {
     async fn install(client: &kube::Client, ns: &str, api_group: &str, resource: &str, expression: &str, message: &str) -> Self {
-        use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
         let name = format!("{ns}-{resource}");
         let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
             "metadata": {"name": name},
@@ -421,12 +419,13 @@ impl AdmissionPolicy {
     }
 
     async fn remove(self) {
-        use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
         Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await.unwrap();
         Api::<ValidatingAdmissionPolicy>::all(self.client).delete(&self.name, &DeleteParams::default()).await.unwrap();
     }
 }
 
+/// An admission policy (here a ValidatingAdmissionPolicy, as a policy engine's webhook would)
+/// that refuses the Deployment: the ConfigMap, applied before it, must not change either.
 #[tokio::test]
 async fn an_admission_policy_refusal_changes_nothing() {
     let (client, ns, api) = edge_proxy("spx-admission").await;
