@@ -506,6 +506,11 @@ async fn a_refusal_the_dry_run_did_not_foresee_is_rolled_back() {
     assert_eq!(after.annotations, before.annotations, "the pod template is as it was");
     assert!(after.deployment_generation > before.deployment_generation, "the Deployment did take the change before the Service was refused");
     assert_eq!(after.service, before.service, "the Service is as it was");
+    // Putting back changes the Deployment, whose watch event triggers a reconcile at once: that
+    // one must not try the change again (the Deployment would flip between the two versions).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = children_of(&client, &ns.name, "edge").await;
+    assert_eq!((later.deployment_generation, later.max_tunnels), (after.deployment_generation, after.max_tunnels), "nothing tried again before the retry");
 
     // With the policy gone, the retry applies the whole change.
     policy.remove().await;

@@ -33,6 +33,10 @@ pub enum Error {
     CacheNotReady,
     #[error("could not encode the proxy configuration: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A change refused after its rehearsal was put back; it is tried again after this delay,
+    /// not on the watch events the put-back caused (status already says why).
+    #[error("a change put back is held for {0:?} before it is tried again")]
+    Held(Duration),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -206,7 +210,7 @@ pub struct Backoff {
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
-const RETRY_FIRST: Duration = Duration::from_secs(5);
+pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Objects deleted while failing leave an entry behind; past this many the table starts over.
 const BACKOFF_ENTRIES_MAX: usize = 10_000;
@@ -216,6 +220,9 @@ impl Backoff {
     pub fn failed(&self, key: &str, error: &Error) -> Duration {
         if matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
             return Duration::from_secs(1);
+        }
+        if let Error::Held(remaining) = error {
+            return *remaining;
         }
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         if failures.len() >= BACKOFF_ENTRIES_MAX && !failures.contains_key(key) {
@@ -258,6 +265,8 @@ mod tests {
         assert_eq!(backoff.failed("b", &refused).as_secs(), 5, "each object counts its own failures");
         assert_eq!(backoff.failed("a", &conflict).as_secs(), 1, "a conflict is retried at once");
         assert_eq!(backoff.failed("a", &refused).as_secs(), 300, "and does not reset the count");
+        assert_eq!(backoff.failed("b", &Error::Held(Duration::from_secs(3))).as_secs(), 3, "a held change waits out its hold");
+        assert_eq!(backoff.failed("b", &refused).as_secs(), 10, "and is not counted");
         backoff.succeeded("a");
         assert_eq!(backoff.failed("a", &refused).as_secs(), 5);
         assert_eq!(retry_delay(u32::MAX), RETRY_MAX, "no overflow however long it fails");

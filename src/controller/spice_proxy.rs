@@ -275,6 +275,14 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
     let digest = children.digest()?;
     let previous = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid).cloned();
     let unchanged = previous.as_ref().is_some_and(|p| p.digest == digest);
+    // Putting the children back changes the Deployment, which triggers a reconcile at once; that
+    // one must not try the same change again, or the Deployment would flip between the two.
+    if let Some(held) = previous.as_ref().and_then(|p| p.held.as_ref()).filter(|h| h.digest == digest) {
+        let remaining = held.until.saturating_duration_since(Instant::now());
+        if !remaining.is_zero() {
+            return Err(Error::Held(remaining));
+        }
+    }
     let pp = PatchParams::apply(labels::FIELD_MANAGER).force();
     if !unchanged {
         apply_children(&children, owner, ns, name, &pp.clone().dry_run(), ctx).await?;
@@ -282,7 +290,7 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
     ensure_key_secret(&ctx.client, ns, name, owner).await?;
     match apply_children(&children, owner, ns, name, &pp, ctx).await {
         Ok(applied) => {
-            remember_applied(ctx, &owner.uid, Applied { digest, children: Arc::new(children) });
+            remember_applied(ctx, &owner.uid, Applied { digest, children: Arc::new(children), held: None });
             Ok(applied)
         }
         Err(Error::Kube(kube::Error::Api(mut refusal))) if !unchanged => {
@@ -291,6 +299,9 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
             if let Some(previous) = previous {
                 let put_back = apply_children(&previous.children, owner, ns, name, &pp, ctx).await;
                 refusal.message = rolled_back_message(&refusal.message, put_back.as_ref().err());
+                if let Some(entry) = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&owner.uid) {
+                    entry.held = Some(Held { digest, until: Instant::now() + HOLD_AFTER_PUT_BACK });
+                }
                 match put_back {
                     Ok(_) => tracing::warn!(spiceproxy = name, namespace = ns, reason = %refusal.message, "change refused after its dry run passed; the children last applied were put back"),
                     Err(e) => tracing::error!(spiceproxy = name, namespace = ns, error = %e, "change refused after its dry run passed, and putting the children last applied back failed"),
@@ -315,7 +326,19 @@ fn rolled_back_message(refusal: &str, put_back_failed: Option<&Error>) -> String
 pub struct Applied {
     digest: [u8; 32],
     children: Arc<Children>,
+    /// A change refused after its rehearsal, and put back: not tried again until `until`.
+    held: Option<Held>,
 }
+
+#[derive(Clone)]
+struct Held {
+    digest: [u8; 32],
+    until: Instant,
+}
+
+/// How long a change put back is not tried again: the first retry's delay, so retries follow
+/// the backoff rather than the watch events the put-back itself causes.
+const HOLD_AFTER_PUT_BACK: std::time::Duration = super::RETRY_FIRST;
 
 /// One pass over the children, for real or (with `pp.dry_run`) as a rehearsal.
 async fn apply_children(children: &Children, owner: &OwnerReference, ns: &str, name: &str, pp: &PatchParams, ctx: &Context) -> Result<(Deployment, Service)> {
