@@ -7,6 +7,7 @@ pub mod crd;
 pub mod engine;
 pub mod labels;
 pub mod leader;
+pub mod managed_fields;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
