@@ -12,6 +12,10 @@ pub const VERSION: &str = "app.kubernetes.io/version";
 /// Pod template annotation: a hash of the proxy configuration, so a change rolls the pods.
 pub const CONFIG_HASH: &str = "console.spice-operator.io/config-hash";
 
+/// On every child of a SpiceProxy: the digest of the set applied with it. A set that carries one
+/// digest throughout was applied in full, which the operator reads back after a restart.
+pub const APPLIED_SET: &str = "console.spice-operator.io/applied-set";
+
 /// `app.kubernetes.io/name` of every proxy pod.
 const PROXY_APP: &str = "spice-proxy";
 

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::refusal::*;
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -14,17 +15,27 @@ use spice_operator::crd::{ClusterConsolePolicy, SpiceProxy};
 
 const T: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn restart_recomputes_status_and_duplicates_nothing() {
+/// Each test runs its own cluster-wide operator; two at once would both act on every SpiceProxy.
+static ONE_OPERATOR_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An admin client, a throwaway namespace and, in it, the SpiceProxy `edge`.
+async fn edge_proxy(prefix: &str) -> (kube::Client, TestNamespace, Api<SpiceProxy>) {
     let client = client().await;
-    let ns = TestNamespace::new(&client, "restart").await;
-    let op = Operator::start();
-    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let ns = TestNamespace::new(&client, prefix).await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
     let p = spx(&format!(
         "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: edge.example.com}}\n  allowedTargets: [{{cidr: 10.0.0.0/8, ports: [{{from: 5900}}]}}]\n",
         ns.name
     ));
-    spx_api.create(&PostParams::default(), &p).await.unwrap();
+    api.create(&PostParams::default(), &p).await.unwrap();
+    (client, ns, api)
+}
+
+#[tokio::test]
+async fn restart_recomputes_status_and_duplicates_nothing() {
+    let _one = ONE_OPERATOR_AT_A_TIME.lock().await;
+    let (client, ns, spx_api) = edge_proxy("restart").await;
+    let op = Operator::start();
     let policy_name = format!("{}-policy", ns.name);
     let policy: ClusterConsolePolicy = serde_yaml::from_str(&format!(
         "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {policy_name}}}\nspec:\n  clusters: [{{name: c, proxy: {{spiceProxyRef: {{name: edge, namespace: {}}}}}, pools: [{{name: a}}]}}]\n",
@@ -76,4 +87,24 @@ async fn restart_recomputes_status_and_duplicates_nothing() {
     assert_eq!(secrets.list(&selector).await.unwrap().items.len(), 1);
     op.stop();
     let _ = ccp_api.delete(&policy_name, &DeleteParams::default()).await;
+}
+
+/// The operator keeps what it last applied in memory, so that a change the dry run let through
+/// but the real apply refused part-way can be put back. After a restart that record is read
+/// back from the children (their stamp and managedFields): here the change and the refusal
+/// are both waiting when the new operator starts, so its very first apply is refused.
+#[tokio::test]
+async fn a_change_refused_part_way_is_put_back_after_a_restart() {
+    let _one = ONE_OPERATOR_AT_A_TIME.lock().await;
+    let (client, ns, api) = edge_proxy("restart-putback").await;
+    let op = Operator::start();
+    let url = wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).and_then(|st| st.proxy_url.clone())).await;
+    op.stop();
+
+    let before = children_of(&client, &ns.name, "edge").await;
+    let policy = refuse_annotated_services_outside_dry_runs(&client, &ns.name).await;
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(refused_change())).await.unwrap().metadata.generation.unwrap();
+    let op = Operator::start();
+    assert_put_back_then_applied(&client, &api, policy, generation, &before, &url).await;
+    op.stop();
 }

@@ -4,8 +4,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::refusal::*;
 use common::*;
-use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -13,7 +13,6 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use spice_operator::crd::SpiceProxy;
-use spice_operator::proxy::config::ProxyConfig;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -34,9 +33,6 @@ async fn edge_proxy(prefix: &str) -> (kube::Client, TestNamespace, Api<SpiceProx
     (client, ns, api)
 }
 
-fn config_of(cm: &ConfigMap) -> ProxyConfig {
-    serde_json::from_str(&cm.data.as_ref().unwrap()["config.json"]).unwrap()
-}
 
 #[tokio::test]
 async fn create_builds_owned_children_and_reports_ready_url() {
@@ -316,27 +312,6 @@ async fn the_service_type_can_go_back_to_cluster_ip() {
     }
 }
 
-/// What a refused change must leave alone: every child as it was, not a Deployment rolled to a
-/// configuration its Service never got (the operator rehearses a changed apply with a dry run).
-struct Children {
-    deployment_generation: i64,
-    annotations: std::collections::BTreeMap<String, String>,
-    max_tunnels: i32,
-    service: k8s_openapi::api::core::v1::ServiceSpec,
-}
-
-async fn children_of(client: &kube::Client, ns: &str, name: &str) -> Children {
-    let d = Api::<Deployment>::namespaced(client.clone(), ns).get(name).await.unwrap();
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{name}-config")).await.unwrap();
-    let svc = Api::<Service>::namespaced(client.clone(), ns).get(name).await.unwrap();
-    Children {
-        deployment_generation: d.metadata.generation.unwrap(),
-        annotations: d.spec.template.metadata.unwrap().annotations.unwrap_or_default(),
-        max_tunnels: config_of(&cm).limits.max_tunnels,
-        service: svc.spec.unwrap(),
-    }
-}
-
 #[tokio::test]
 async fn a_refused_change_changes_nothing_and_says_why() {
     shared_operator();
@@ -384,46 +359,6 @@ async fn a_refused_change_changes_nothing_and_says_why() {
     assert_eq!(after.max_tunnels, 77);
 }
 
-/// A ValidatingAdmissionPolicy bound to one test namespace: what a policy engine does, but
-/// evaluated by the API server itself, so no webhook server is needed. Cluster-wide, so each
-/// test removes its own.
-struct AdmissionPolicy {
-    name: String,
-    client: kube::Client,
-}
-
-impl AdmissionPolicy {
-    async fn install(client: &kube::Client, ns: &str, api_group: &str, resource: &str, expression: &str, message: &str) -> Self {
-        let name = format!("{ns}-{resource}");
-        let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {"resourceRules": [{"apiGroups": [api_group], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": [resource]}]},
-                "validations": [{"expression": expression, "message": message}]
-            }
-        }))
-        .unwrap();
-        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {
-                "policyName": name,
-                "validationActions": ["Deny"],
-                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
-            }
-        }))
-        .unwrap();
-        Api::<ValidatingAdmissionPolicy>::all(client.clone()).create(&PostParams::default(), &policy).await.unwrap();
-        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).create(&PostParams::default(), &binding).await.unwrap();
-        Self { name, client: client.clone() }
-    }
-
-    async fn remove(self) {
-        Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await.unwrap();
-        Api::<ValidatingAdmissionPolicy>::all(self.client).delete(&self.name, &DeleteParams::default()).await.unwrap();
-    }
-}
-
 /// An admission policy (here a ValidatingAdmissionPolicy, as a policy engine's webhook would)
 /// that refuses the Deployment: the ConfigMap, applied before it, must not change either.
 #[tokio::test]
@@ -467,57 +402,39 @@ async fn a_refusal_the_dry_run_did_not_foresee_is_rolled_back() {
     let (client, ns, api) = edge_proxy("spx-rollback").await;
     let url = wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).and_then(|st| st.proxy_url.clone())).await;
     let before = children_of(&client, &ns.name, "edge").await;
+    let policy = refuse_annotated_services_outside_dry_runs(&client, &ns.name).await;
+    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(refused_change())).await.unwrap().metadata.generation.unwrap();
+    assert_put_back_then_applied(&client, &api, policy, generation, &before, &url).await;
+}
 
-    let expression = "request.dryRun || !has(object.metadata.annotations) || !('example.com/refuse' in object.metadata.annotations)";
-    let policy = AdmissionPolicy::install(&client, &ns.name, "", "services", expression, "refused outside dry runs").await;
-    // Wait until the policy refuses a real create (a throwaway Service, deleted if let through).
-    let svcs = Api::<Service>::namespaced(client.clone(), &ns.name);
-    let probe: Service = serde_json::from_value(json!({
-        "metadata": {"name": "probe", "annotations": {"example.com/refuse": "yes"}},
-        "spec": {"ports": [{"port": 1}]}
-    }))
-    .unwrap();
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        match svcs.create(&PostParams::default(), &probe).await {
-            Err(kube::Error::Api(e)) if e.message.contains("refused outside dry runs") => break,
-            Ok(_) => {
-                svcs.delete("probe", &DeleteParams::default()).await.unwrap();
-            }
-            Err(e) => panic!("{e}"),
-        }
-        assert!(std::time::Instant::now() < deadline, "the admission policy never took effect");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+#[tokio::test]
+async fn what_the_operator_applied_is_read_back_exactly() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-readback").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let yaml = proxy_yaml("edge", &ns.name)
+        + "  html5: {port: 6082, allowedOrigins: [https://portal.example.com]}
+  podLabels: {team: vdi}
+  podAnnotations: {example.com/owner: console-team}
+  service: {type: NodePort, annotations: {example.com/lb: internal}}
+  limits: {maxTunnels: 500}
+";
+    let created = api.create(&PostParams::default(), &spx(&yaml.replace("  service: {type: NodePort}\n", ""))).await.unwrap();
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    // Another writer's label on the Deployment is not part of what the operator applied.
+    let deploys = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    deploys.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"example.com/added": "by-hand"}}}))).await.unwrap();
 
-    let patch = json!({"spec": {
-        "podAnnotations": {"example.com/new": "on"},
-        "limits": {"maxTunnels": 77},
-        "service": {"annotations": {"example.com/refuse": "yes"}}
-    }});
-    let generation = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap().metadata.generation.unwrap();
-    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && !is_ready(&st.conditions))).await;
-    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-    assert_eq!(ready.reason, "ApplyFailed", "{ready:?}");
-    assert!(ready.message.contains("refused outside dry runs") && ready.message.contains("put back as they were"), "{}", ready.message);
-    assert_eq!(st.proxy_url, Some(url), "the URL published stays");
-    let after = children_of(&client, &ns.name, "edge").await;
-    assert_eq!(after.max_tunnels, before.max_tunnels, "the ConfigMap is as it was");
-    assert_eq!(after.annotations, before.annotations, "the pod template is as it was");
-    assert!(after.deployment_generation > before.deployment_generation, "the Deployment did take the change before the Service was refused");
-    assert_eq!(after.service, before.service, "the Service is as it was");
-    // Putting back changes the Deployment, whose watch event triggers a reconcile at once: that
-    // one must not try the change again (the Deployment would flip between the two versions).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = children_of(&client, &ns.name, "edge").await;
-    assert_eq!((later.deployment_generation, later.max_tunnels), (after.deployment_generation, after.max_tunnels), "nothing tried again before the retry");
-
-    // With the policy gone, the retry applies the whole change.
-    policy.remove().await;
-    wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions))).await;
-    let applied = children_of(&client, &ns.name, "edge").await;
-    assert_eq!(applied.max_tunnels, 77);
-    assert_eq!(applied.annotations.get("example.com/new").map(String::as_str), Some("on"));
+    let uid = created.uid().unwrap();
+    let applied = spice_operator::controller::spice_proxy::read_applied(&client, &ns.name, "edge", &uid).await.unwrap().expect("a set applied in full");
+    let children = applied.children().clone();
+    assert!(children.network_policy.is_some() && children.service.spec.as_ref().unwrap().ports.as_ref().unwrap().len() == 2, "all five, html5 port included");
+    assert!(!children.deployment.labels().contains_key("example.com/added"));
+    assert_eq!(children.deployment.metadata.resource_version, None, "only what was applied, no server fields");
+    assert_eq!(children.unstamped().digest().unwrap(), applied.digest(), "read back exactly as applied");
+    // Another SpiceProxy's uid owns none of them.
+    assert!(spice_operator::controller::spice_proxy::read_applied(&client, &ns.name, "edge", "not-the-owner").await.unwrap().is_none());
 }
 
 #[tokio::test]

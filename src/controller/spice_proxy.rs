@@ -37,6 +37,7 @@ use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, IpFamilyPolicy, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
 use crate::listener::ANY;
+use crate::managed_fields;
 use crate::metrics::ControllerLabel;
 use crate::proxy::config::{self as pc, AllowedTarget, ProxyConfig};
 use crate::proxy::proxy_protocol::ProxyProtocolConfig;
@@ -140,7 +141,9 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
     let image = spx.spec.image.clone().unwrap_or_else(|| ctx.settings.proxy_image.clone());
     let children = build(spx, &image)?;
     let applied = async {
-        let (deploy, svc) = apply(children, &owner, &ns, &name, ctx).await?;
+        // A SpiceProxy never reconciled has no children to read back after a restart.
+        let reconciled_before = spx.status.as_ref().is_some_and(|s| s.observed_generation.is_some());
+        let (deploy, svc) = apply(children, &owner, &ns, &name, reconciled_before, ctx).await?;
         let node_address = if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() {
             first_node_address(&ctx.client).await?
         } else {
@@ -270,10 +273,18 @@ impl PodDiagnosis {
 /// puts the children last applied back, so the earlier ones do not keep the new version.
 /// Re-applying the children last applied skips the rehearsal: a refusal part-way through cannot
 /// mix two versions then.
-async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, ctx: &Context) -> Result<(Deployment, Service)> {
+async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, reconciled_before: bool, ctx: &Context) -> Result<(Deployment, Service)> {
     let children = children.owned_by(owner);
     let digest = children.digest()?;
-    let previous = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid).cloned();
+    let children = children.stamped(&digest);
+    let mut previous = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get(&owner.uid).cloned();
+    // After a restart: what was applied in full is read back from the children themselves.
+    if previous.is_none() && reconciled_before {
+        previous = recall_applied(&ctx.client, ns, name, &owner.uid).await;
+        if let Some(recalled) = &previous {
+            remember_applied(ctx, &owner.uid, recalled.clone());
+        }
+    }
     let unchanged = previous.as_ref().is_some_and(|p| p.digest == digest);
     // Putting the children back changes the Deployment, which triggers a reconcile at once; that
     // one must not try the same change again, or the Deployment would flip between the two.
@@ -294,8 +305,7 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
             Ok(applied)
         }
         Err(Error::Kube(kube::Error::Api(mut refusal))) if !unchanged => {
-            // Known only while this operator runs: after a restart the first change has
-            // nothing to go back to (the rehearsal still runs).
+            // Nothing to go back to only for a set never applied in full (the rehearsal ran).
             if let Some(previous) = previous {
                 let put_back = apply_children(&previous.children, owner, ns, name, &pp, ctx).await;
                 refusal.message = rolled_back_message(&refusal.message, put_back.as_ref().err());
@@ -324,15 +334,85 @@ fn rolled_back_message(refusal: &str, put_back_failed: Option<&Error>) -> String
 /// The children of one SpiceProxy as last applied in full, and their digest.
 #[derive(Clone)]
 pub struct Applied {
-    digest: [u8; 32],
+    digest: String,
     children: Arc<Children>,
     /// A change refused after its rehearsal, and put back: not tried again until `until`.
     held: Option<Held>,
 }
 
+impl Applied {
+    /// The digest of the set, as `Children::digest` computed it before applying.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The objects as applied, each stamped with the digest.
+    pub fn children(&self) -> &Children {
+        &self.children
+    }
+}
+
+/// `read_applied`, for a reconcile: a failed read only means that a change refused part-way
+/// could not be put back, so it is logged and the change goes ahead, rehearsed.
+async fn recall_applied(client: &kube::Client, ns: &str, name: &str, owner_uid: &str) -> Option<Applied> {
+    read_applied(client, ns, name, owner_uid).await.unwrap_or_else(|e| {
+        tracing::warn!(spiceproxy = name, namespace = ns, error = %e, "could not read back the children last applied; a change refused part-way cannot be put back");
+        None
+    })
+}
+
+/// The children last applied in full, read back from the cluster (five reads at once): what
+/// this operator applied to each (its managedFields entry), if every child is owned by the
+/// SpiceProxy and carries the same set digest. None if any is missing or differs, as after an
+/// apply stopped part-way, or by an operator that did not stamp them yet.
+pub async fn read_applied(client: &kube::Client, ns: &str, name: &str, owner_uid: &str) -> Result<Option<Applied>> {
+    let (config_map_name, policy_name) = (config_map_name(name), network_policy_name(name));
+    let (config_maps, deployments, services, budgets, policies) = (
+        Api::<ConfigMap>::namespaced(client.clone(), ns),
+        Api::<Deployment>::namespaced(client.clone(), ns),
+        Api::<Service>::namespaced(client.clone(), ns),
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        Api::<NetworkPolicy>::namespaced(client.clone(), ns),
+    );
+    let (config_map, deployment, service, disruption_budget, network_policy) = tokio::try_join!(
+        config_maps.get_opt(&config_map_name),
+        deployments.get_opt(name),
+        services.get_opt(name),
+        budgets.get_opt(name),
+        policies.get_opt(&policy_name),
+    )?;
+    let (Some(config_map), Some(deployment), Some(service), Some(disruption_budget)) = (config_map, deployment, service, disruption_budget) else {
+        return Ok(None);
+    };
+    // Someone else's NetworkPolicy of that name is not one of ours (and never touched).
+    let network_policy = network_policy.filter(|p| p.owner_references().iter().any(|o| o.uid == owner_uid));
+    Ok(applied_in_full(Children { config_map, deployment, service, disruption_budget, network_policy }, owner_uid))
+}
+
+/// `read_applied`'s judgement of the live children (pure).
+fn applied_in_full(mut live: Children, owner_uid: &str) -> Option<Applied> {
+    let stamp = |meta: &ObjectMeta| meta.annotations.as_ref()?.get(labels::APPLIED_SET).cloned();
+    let digest = stamp(&live.config_map.metadata)?;
+    let one_set = live.metas_mut().all(|meta| stamp(meta).as_ref() == Some(&digest) && meta.owner_references.iter().flatten().any(|o| o.uid == owner_uid));
+    if !one_set {
+        return None;
+    }
+    let children = Children {
+        config_map: managed_fields::applied_by(&live.config_map, labels::FIELD_MANAGER)?,
+        deployment: managed_fields::applied_by(&live.deployment, labels::FIELD_MANAGER)?,
+        service: managed_fields::applied_by(&live.service, labels::FIELD_MANAGER)?,
+        disruption_budget: managed_fields::applied_by(&live.disruption_budget, labels::FIELD_MANAGER)?,
+        network_policy: match &live.network_policy {
+            Some(policy) => Some(managed_fields::applied_by(policy, labels::FIELD_MANAGER)?),
+            None => None,
+        },
+    };
+    Some(Applied { digest, children: Arc::new(children), held: None })
+}
+
 #[derive(Clone)]
 struct Held {
-    digest: [u8; 32],
+    digest: String,
     until: Instant,
 }
 
@@ -532,6 +612,7 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
 }
 
 /// Objects that make up one proxy, without owner references (added at apply time).
+#[derive(Clone)]
 pub struct Children {
     pub config_map: ConfigMap,
     pub deployment: Deployment,
@@ -545,15 +626,42 @@ pub struct Children {
 impl Children {
     /// The same objects, each owned by the SpiceProxy, so they go with it.
     fn owned_by(mut self, owner: &OwnerReference) -> Self {
-        let metas = [&mut self.config_map.metadata, &mut self.deployment.metadata, &mut self.service.metadata, &mut self.disruption_budget.metadata];
-        for meta in metas.into_iter().chain(self.network_policy.as_mut().map(|p| &mut p.metadata)) {
+        for meta in self.metas_mut() {
             meta.owner_references = Some(vec![owner.clone()]);
         }
         self
     }
 
-    /// Identifies the objects as they would be applied: equal digests, equal applies.
-    pub fn digest(&self) -> Result<[u8; 32]> {
+    /// Every object's metadata, the NetworkPolicy's if there is one.
+    fn metas_mut(&mut self) -> impl Iterator<Item = &mut ObjectMeta> {
+        let metas = [&mut self.config_map.metadata, &mut self.deployment.metadata, &mut self.service.metadata, &mut self.disruption_budget.metadata];
+        metas.into_iter().chain(self.network_policy.as_mut().map(|p| &mut p.metadata))
+    }
+
+    /// The same objects, each marked with the digest of the set (`labels::APPLIED_SET`): after a
+    /// restart, a set that carries one digest throughout was applied in full.
+    fn stamped(mut self, digest: &str) -> Self {
+        for meta in self.metas_mut() {
+            meta.annotations.get_or_insert_default().insert(labels::APPLIED_SET.into(), digest.into());
+        }
+        self
+    }
+
+    /// The same objects without the stamp (an annotations map left empty goes too).
+    pub fn unstamped(mut self) -> Self {
+        for meta in self.metas_mut() {
+            if let Some(annotations) = &mut meta.annotations {
+                annotations.remove(labels::APPLIED_SET);
+                if annotations.is_empty() {
+                    meta.annotations = None;
+                }
+            }
+        }
+        self
+    }
+
+    /// Identifies the objects as they would be applied (in hex): equal digests, equal applies.
+    pub fn digest(&self) -> Result<String> {
         let mut hash = Sha256::new();
         for object in [
             serde_json::to_vec(&self.config_map)?,
@@ -566,7 +674,7 @@ impl Children {
             hash.update((object.len() as u64).to_le_bytes());
             hash.update(&object);
         }
-        Ok(hash.finalize().into())
+        Ok(format!("{:x}", hash.finalize()))
     }
 }
 
@@ -1037,6 +1145,7 @@ mod tests {
     use crate::crd::{ExternalAddress, PortRange, TargetRule};
     use k8s_openapi::api::apps::v1::DeploymentStatus;
     use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
     fn spx(yaml: &str) -> SpiceProxy {
         let mut s: SpiceProxy = serde_yaml::from_str(yaml).unwrap();
@@ -1115,6 +1224,61 @@ mod tests {
         digests.sort();
         digests.dedup();
         assert_eq!(digests.len(), 5);
+    }
+
+    /// The children of BASIC (with its NetworkPolicy) as the API server returns them after this
+    /// operator applied them: owned by the uid, stamped, and its managedFields naming every field.
+    fn live_children() -> (Children, String) {
+        let owner = OwnerReference { api_version: "v1".into(), kind: "SpiceProxy".into(), name: "edge".into(), uid: "p1".into(), ..Default::default() };
+        let children = build(&spx(BASIC), "i").unwrap().owned_by(&owner);
+        let digest = children.digest().unwrap();
+        let mut live = children.stamped(&digest);
+        fn every_field(value: &serde_json::Value) -> serde_json::Value {
+            match value {
+                serde_json::Value::Object(o) => o.iter().map(|(k, v)| (format!("f:{k}"), every_field(v))).collect(),
+                _ => json!({}),
+            }
+        }
+        for meta in live.metas_mut() {
+            let mut object = serde_json::to_value(&*meta).unwrap();
+            object.as_object_mut().unwrap().remove("name");
+            meta.managed_fields = Some(vec![ManagedFieldsEntry {
+                manager: Some(labels::FIELD_MANAGER.into()),
+                operation: Some("Apply".into()),
+                fields_v1: Some(FieldsV1(json!({"f:metadata": every_field(&object)}))),
+                ..Default::default()
+            }]);
+        }
+        // The specs too, as a whole (their fields are the applied ones: the server adds none here).
+        let spec_too = |meta: &mut ObjectMeta| {
+            let entry = &mut meta.managed_fields.as_mut().unwrap()[0];
+            entry.fields_v1.as_mut().unwrap().0.as_object_mut().unwrap().extend([("f:spec".to_string(), json!({})), ("f:data".to_string(), json!({}))]);
+        };
+        live.metas_mut().for_each(spec_too);
+        (live, digest)
+    }
+
+    #[test]
+    fn children_applied_in_full_are_recalled_as_applied_and_others_not_at_all() {
+        let (live, digest) = live_children();
+        assert!(live.network_policy.is_some(), "the policy is on by default");
+        let back = applied_in_full(live.clone(), "p1").expect("one set, all owned, all applied by the operator");
+        assert_eq!(back.digest(), digest);
+        assert_eq!(back.children().clone().unstamped().digest().unwrap(), digest, "exactly what was applied");
+
+        assert!(applied_in_full(live.clone(), "someone-else").is_none(), "children of another SpiceProxy");
+        let mut part_way = live.clone();
+        part_way.service.metadata.annotations.as_mut().unwrap().insert(labels::APPLIED_SET.into(), "older".into());
+        assert!(applied_in_full(part_way, "p1").is_none(), "an apply that stopped after the Deployment");
+        let mut unstamped = live.clone();
+        unstamped.disruption_budget.metadata.annotations = None;
+        assert!(applied_in_full(unstamped, "p1").is_none(), "applied by an operator that did not stamp");
+        let mut taken_over = live.clone();
+        taken_over.deployment.metadata.managed_fields.as_mut().unwrap()[0].manager = Some("kubectl".into());
+        assert!(applied_in_full(taken_over, "p1").is_none(), "no record of what the operator applied to the Deployment");
+        let mut no_policy = live;
+        no_policy.network_policy = None;
+        assert!(applied_in_full(no_policy, "p1").expect("a set with its policy turned off").children().network_policy.is_none());
     }
 
     #[test]

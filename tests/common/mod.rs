@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod engine_api;
+pub mod refusal;
 pub mod spice;
 
 use std::fmt::Debug;
