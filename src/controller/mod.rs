@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::PatchParams;
 use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 use crate::conditions;
 use crate::crd::SpiceProxy;
 use crate::labels;
-use crate::metrics::{KindLabel, Metrics};
+use crate::metrics::{ControllerLabel, KindLabel, Metrics};
 
 #[derive(thiserror::Error, Debug)]
 pub enum Error {
@@ -242,6 +243,27 @@ impl Backoff {
 /// The delay after `failures` consecutive failures (at least one).
 fn retry_delay(failures: u32) -> Duration {
     RETRY_FIRST.saturating_mul(1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX)).min(RETRY_MAX)
+}
+
+/// Both controllers' error policy: retry after the backoff, counting and logging the failure.
+/// A change held after its put-back is no new failure (the refusal before it was counted and
+/// logged): it only waits, so it is logged at debug level and not counted.
+pub(crate) fn retry_after_failure<K>(obj: &DeserializeGuard<K>, error: &Error, ctx: &Context, label: &ControllerLabel) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    let (namespace, name) = match &obj.0 {
+        Ok(o) => (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default()),
+        Err(invalid) => (invalid.metadata.namespace.clone().unwrap_or_default(), invalid.metadata.name.clone().unwrap_or_default()),
+    };
+    let retry = ctx.backoff.failed(&backoff_key(obj), error);
+    if let Error::Held(_) = error {
+        tracing::debug!(controller = label.controller, namespace, name, retry_in_seconds = retry.as_secs_f64(), "change held after its put-back");
+    } else {
+        ctx.metrics.failures.get_or_create(label).inc();
+        tracing::warn!(controller = label.controller, namespace, name, %error, retry_in_seconds = retry.as_secs(), "reconcile failed");
+    }
+    Action::requeue(retry)
 }
 
 /// The key an object's failures are counted under: its uid, which a recreated object does not

@@ -15,7 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, dropped_on, publish_transitions, backoff_key, status_patch_params, trigger};
+use super::{Context, Error, Result, backoff_key, dropped_on, publish_transitions, retry_after_failure, status_patch_params, trigger};
 use crate::{conditions, labels};
 use crate::crd::{ClusterConsolePolicy, ClusterConsolePolicyStatus, SpiceProxy, SpiceProxyRef};
 use crate::metrics::ControllerLabel;
@@ -61,11 +61,7 @@ pub async fn controller(
 }
 
 fn error_policy(obj: Arc<DeserializeGuard<ClusterConsolePolicy>>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.get_or_create(&LABEL).inc();
-    let name = obj.0.as_ref().map(|o| o.name_any()).unwrap_or_default();
-    let retry = ctx.backoff.failed(&backoff_key(obj.as_ref()), error);
-    tracing::warn!(policy = %name, %error, retry_in_seconds = retry.as_secs(), "reconcile failed");
-    Action::requeue(retry)
+    retry_after_failure(&obj, error, &ctx, &LABEL)
 }
 
 async fn reconcile(guard: Arc<DeserializeGuard<ClusterConsolePolicy>>, ctx: Arc<Context>) -> Result<Action> {

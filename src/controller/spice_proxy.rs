@@ -32,7 +32,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::{Context, Error, Result, publish_transitions, backoff_key, status_patch_params, trigger};
+use super::{Context, Error, Result, backoff_key, publish_transitions, retry_after_failure, status_patch_params, trigger};
 use crate::conditions;
 use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, IpFamilyPolicy, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
@@ -91,11 +91,7 @@ fn pod_changes(ctx: &Context, shutdown: &watch::Receiver<bool>) -> impl Stream<I
 }
 
 fn error_policy(obj: Arc<DeserializeGuard<SpiceProxy>>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.get_or_create(&LABEL).inc();
-    let name = obj.0.as_ref().map(|o| o.name_any()).unwrap_or_default();
-    let retry = ctx.backoff.failed(&backoff_key(obj.as_ref()), error);
-    tracing::warn!(spiceproxy = %name, %error, retry_in_seconds = retry.as_secs(), "reconcile failed");
-    Action::requeue(retry)
+    retry_after_failure(&obj, error, &ctx, &LABEL)
 }
 
 async fn reconcile(guard: Arc<DeserializeGuard<SpiceProxy>>, ctx: Arc<Context>) -> Result<Action> {
