@@ -428,7 +428,7 @@ async fn what_the_operator_applied_is_read_back_exactly() {
 
     let uid = created.uid().unwrap();
     let applied = spice_operator::controller::spice_proxy::read_applied(&client, &ns.name, "edge", &uid).await.unwrap().expect("a set applied in full");
-    let children = applied.children().clone();
+    let children = applied.children().unwrap();
     assert!(children.network_policy.is_some() && children.service.spec.as_ref().unwrap().ports.as_ref().unwrap().len() == 2, "all five, html5 port included");
     assert!(!children.deployment.labels().contains_key("example.com/added"));
     assert_eq!(children.deployment.metadata.resource_version, None, "only what was applied, no server fields");
