@@ -277,6 +277,33 @@ pub(crate) fn backoff_key<K: Resource>(obj: &K) -> String {
 mod tests {
     use super::*;
 
+    /// A Context whose client answers every request with an empty 200 (nothing here calls it).
+    fn offline_context() -> Context {
+        let answer = tower::service_fn(|_: http::Request<kube::client::Body>| async { Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::empty())) });
+        let client = Client::new(answer, "default");
+        let (proxies, _) = reflector::store();
+        let (_, proxies_ready) = watch::channel(true);
+        let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
+        let settings = Settings { proxy_image: "i".into() };
+        Context { client, settings, metrics: Arc::default(), proxies, proxies_ready, recorder, applied: Default::default(), backoff: Backoff::default() }
+    }
+
+    #[tokio::test]
+    async fn a_held_change_waits_without_counting_as_a_failure() {
+        let ctx = offline_context();
+        let label = ControllerLabel { controller: "spiceproxy" };
+        let spx: SpiceProxy = serde_yaml::from_str("apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {name: edge, namespace: ns, uid: u1}\nspec: {allowedTargets: []}\n").unwrap();
+        let obj = DeserializeGuard(Ok(spx));
+        let failures = || ctx.metrics.failures.get_or_create(&label).get();
+        assert_eq!(retry_after_failure(&obj, &Error::Held(Duration::from_secs(3)), &ctx, &label), Action::requeue(Duration::from_secs(3)));
+        assert_eq!(failures(), 0, "a held change is no failure");
+        assert_eq!(retry_after_failure(&obj, &Error::MissingField("metadata.uid"), &ctx, &label), Action::requeue(RETRY_FIRST));
+        assert_eq!(failures(), 1);
+        assert_eq!(retry_after_failure(&obj, &Error::Held(Duration::from_secs(2)), &ctx, &label), Action::requeue(Duration::from_secs(2)));
+        assert_eq!(retry_after_failure(&obj, &Error::MissingField("metadata.uid"), &ctx, &label), Action::requeue(2 * RETRY_FIRST), "the hold did not count towards the backoff");
+        assert_eq!(failures(), 2);
+    }
+
     #[test]
     fn retries_back_off_per_object_and_start_over_after_a_success() {
         let backoff = Backoff::default();
