@@ -23,10 +23,10 @@ where
         // One Apply entry per manager and API version: two mean two versions, not one record.
         return None;
     }
-    let mut applied = extract(&serde_json::to_value(object).ok()?, fields);
+    let live = serde_json::to_value(object).ok()?;
+    let mut applied = extract(&live, fields);
     let top = applied.as_object_mut()?;
     // Identity is never in managedFields; an apply needs it.
-    let live = serde_json::to_value(object).ok()?;
     for key in ["apiVersion", "kind"] {
         top.insert(key.into(), live.get(key)?.clone());
     }

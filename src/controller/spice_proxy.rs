@@ -268,7 +268,8 @@ impl PodDiagnosis {
 /// could not foresee (a node port taken in between, an admission rule that lets dry runs pass)
 /// puts the children last applied back, so the earlier ones do not keep the new version.
 /// Re-applying the children last applied skips the rehearsal: a refusal part-way through cannot
-/// mix two versions then.
+/// mix two versions then. The record of the last full apply is this process's; without one
+/// (`reconciled_before`, after a restart) it is read back from the children.
 async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str, reconciled_before: bool, ctx: &Context) -> Result<(Deployment, Service)> {
     let children = children.owned_by(owner);
     let (encoded, digest) = children.encode()?;
@@ -301,7 +302,8 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
             Ok(applied)
         }
         Err(Error::Kube(kube::Error::Api(mut refusal))) if !unchanged => {
-            // Nothing to go back to only for a set never applied in full (the rehearsal ran).
+            // No record means no set was ever applied in full (or it could not be read back
+            // after a restart): the refusal is only reported, as the rehearsal passed.
             if let Some(previous) = previous {
                 let put_back = match previous.children() {
                     Ok(children) => apply_children(&children, owner, ns, name, &pp, ctx).await,
