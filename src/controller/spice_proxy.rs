@@ -305,10 +305,7 @@ async fn apply(children: Children, owner: &OwnerReference, ns: &str, name: &str,
             // No record means no set was ever applied in full (or it could not be read back
             // after a restart): the refusal is only reported, as the rehearsal passed.
             if let Some(previous) = previous {
-                let put_back = match previous.children() {
-                    Ok(children) => apply_children(&children, owner, ns, name, &pp, ctx).await,
-                    Err(e) => Err(e),
-                };
+                let put_back = async { apply_children(&previous.children()?, owner, ns, name, &pp, ctx).await }.await;
                 refusal.message = rolled_back_message(&refusal.message, put_back.as_ref().err());
                 if let Some(entry) = ctx.applied.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&owner.uid) {
                     entry.held = Some(Held { digest, until: Instant::now() + HOLD_AFTER_PUT_BACK });
