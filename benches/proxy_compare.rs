@@ -331,10 +331,28 @@ fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
     std::fs::write(&cfg, format!("Port {p}\nListen 127.0.0.1\nTimeout 3600\nMaxClients 4000\nAllow 127.0.0.1\nLogLevel Critical\n")).unwrap();
     out.push(spawn("tinyproxy", Kind::Connect, p, target, Command::new("tinyproxy").args(["-d", "-c"]).arg(&cfg)));
 
-    let target = targets[4];
+    let bin = std::env::var("SPICE_OPERATOR_BIN").unwrap_or_else(|_| "target/release/spice-operator".into());
+    out.push(ours("spice-operator", &bin, targets[4], dir));
+    let mut extra = targets[5..].iter();
+    // A second build of ours in the same rounds: an A/B comparison that the noise between
+    // separate runs cannot blur.
+    if let Ok(bin) = std::env::var("BENCH_B_BIN") {
+        out.push(ours("ours-b", &bin, *extra.next().unwrap(), dir));
+    }
+    if let Ok(proto) = std::env::var("BENCH_SOCKMAP") {
+        let target = *extra.next().unwrap();
+        let p = free_port();
+        out.push(spawn("sockmap", Kind::Raw, p, target, Command::new(proto).arg(p.to_string()).arg(target.ip().to_string()).arg(target.port().to_string())));
+    }
+    out
+}
+
+/// Our proxy, configured as the operator renders it but with no authentication and limits no
+/// benchmark reaches.
+fn ours(name: &'static str, bin: &str, target: SocketAddr, dir: &std::path::Path) -> Peer {
     let p = free_port();
     let admin = free_port();
-    let cfg = dir.join("ours.json");
+    let cfg = dir.join(format!("{name}.json"));
     std::fs::write(&cfg, serde_json::json!({
         // What the operator renders: both families on one socket (IPv4 clients as ::ffff:a.b.c.d).
         "listen": format!("[::]:{p}"), "adminListen": format!("127.0.0.1:{admin}"),
@@ -343,14 +361,7 @@ fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
         "limits": {"maxTunnels": 20000, "maxTunnelsPerClient": 20000, "idleTimeoutSeconds": 3600,
                    "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0}
     }).to_string()).unwrap();
-    let bin = std::env::var("SPICE_OPERATOR_BIN").unwrap_or_else(|_| "target/release/spice-operator".into());
-    out.push(spawn("spice-operator", Kind::Connect, p, target, Command::new(bin).args(["proxy", "--config"]).arg(&cfg)));
-    if let Ok(proto) = std::env::var("BENCH_SOCKMAP") {
-        let target = targets[5];
-        let p = free_port();
-        out.push(spawn("sockmap", Kind::Raw, p, target, Command::new(proto).arg(p.to_string()).arg(target.ip().to_string()).arg(target.port().to_string())));
-    }
-    out
+    spawn(name, Kind::Connect, p, target, Command::new(bin).args(["proxy", "--config"]).arg(&cfg))
 }
 
 /// What one peer measured; throughput and set-up figures hold one entry per round.
@@ -371,8 +382,8 @@ const ROUNDS: usize = 3;
 async fn main() {
     let per_run: u64 = std::env::var("BENCH_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2) * GIB;
     let dir = tempfile::tempdir().unwrap();
-    // One target per peer; the sockmap experiment, when asked for, needs a sixth.
-    let targets = target_servers(if std::env::var_os("BENCH_SOCKMAP").is_some() { 6 } else { 5 }).await;
+    // One target per peer, and one for each extra peer asked for (a second build, sockmap).
+    let targets = target_servers(5 + ["BENCH_B_BIN", "BENCH_SOCKMAP"].iter().filter(|v| std::env::var_os(v).is_some()).count() as u8).await;
     // BENCH_PEERS=squid,spice-operator: only those (direct is always measured).
     let only: Option<Vec<String>> = std::env::var("BENCH_PEERS").ok().map(|v| v.split(',').map(str::to_string).collect());
     let peers: Vec<Peer> = peers(dir.path(), &targets)
