@@ -223,7 +223,10 @@ fn main() -> ExitCode {
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    runtime.block_on(async_main(cli))
+    let code = runtime.block_on(async_main(cli));
+    // The audit lines still queued: a stdout that stays blocked does not keep the process.
+    spice_operator::audit_log::flush_stdout(std::time::Duration::from_secs(5));
+    code
 }
 
 async fn async_main(cli: Cli) -> ExitCode {

@@ -160,8 +160,16 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
 
     // One audit line per ticket (here: the first console and the JSON one), never the ticket.
     let ticket = line.split(':').nth(2).unwrap().split('@').next().unwrap().to_string();
-    let log = api.operator.log_text();
-    let issued: Vec<Value> = log.lines().filter(|l| l.contains("\"ticketIssued\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    // Audit lines are written a few milliseconds after they are queued.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (log, issued) = loop {
+        let log = api.operator.log_text();
+        let issued: Vec<Value> = log.lines().filter(|l| l.contains("\"ticketIssued\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
+        if issued.iter().filter(|v| v["policy"] == json!(s.policy)).count() >= 2 || Instant::now() > deadline {
+            break (log, issued);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let mine: Vec<&Value> = issued.iter().filter(|v| v["policy"] == json!(s.policy)).collect();
     assert_eq!(mine.len(), 2, "{issued:?}");
     assert_eq!(mine[0]["caller"], json!(format!("system:serviceaccount:{}:engine", s.ns.name)));

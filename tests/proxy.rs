@@ -2,8 +2,8 @@
 //! the lockout of clients that guess credentials, the allow-list (with DNS), limits,
 //! slowloris, half-close and its timeout, 1 GiB each way with checksums, a graceful drain,
 //! peers that vanish without closing (in a network namespace of the test's own: that test
-//! needs root), and the PROXY protocol from a load balancer (Debian's HAProxy in front). No
-//! cluster needed.
+//! needs root), the PROXY protocol from a load balancer (Debian's HAProxy in front), and a
+//! stdout nobody reads. No cluster needed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -558,6 +558,56 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
         assert_eq!(line["client"], client.to_string(), "the client HAProxy passed on, not HAProxy: {line}");
         assert!(line["via"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
     }
+}
+
+/// The audit line of each tunnel goes to stdout. A reader of stdout that stalls (a container
+/// runtime's log pipe) must not stop the proxy, and once it reads again every line is there.
+#[tokio::test]
+async fn a_stdout_nobody_reads_stops_no_tunnel_and_loses_no_audit_line() {
+    // About 150 KB of audit lines: more than twice what a pipe holds (64 KiB).
+    const TUNNELS: usize = 800;
+    let up = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(dir.path());
+    cfg.auth_mode = AuthMode::None;
+    let (port, admin) = (free_port(), free_port());
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.admin_listen = format!("127.0.0.1:{admin}");
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    // A pipe this test leaves unread until every tunnel is done.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _proxy = Kill(child);
+    wait_port(port, "the proxy");
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let head = spice_gtk_head(&up.to_string(), "");
+    for i in 0..TUNNELS {
+        let tunnel = async {
+            let (mut s, status, _) = request(proxy, head.as_bytes()).await;
+            assert_eq!(status, 200);
+            echo_roundtrip(&mut s, b"spice").await;
+        };
+        // Shorter than the helpers' own timeouts, so a stuck proxy fails here, saying why.
+        tokio::time::timeout(Duration::from_secs(4), tunnel).await.unwrap_or_else(|_| panic!("tunnel {i} did not work within 4 s: the proxy waits for its stdout"));
+    }
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    assert_metric_reaches(admin, "spice_proxy_tunnels_total{outcome=\"ok\"}", TUNNELS as u64).await;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_audit_lines_dropped_total"), 0);
+    // Now read: every tunnel's line was kept for the reader.
+    let reading = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+        lines.filter(|l| l.contains("\"event\":\"tunnel\"") && l.contains("\"outcome\":\"ok\"")).take(TUNNELS).count()
+    });
+    let read = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("every audit line within 10 s of reading").unwrap();
+    assert_eq!(read, TUNNELS);
 }
 
 #[tokio::test]

@@ -142,14 +142,10 @@ pub(crate) struct Audit {
 }
 
 impl Audit {
-    /// One structured line on stdout; the token is never part of it.
+    /// One structured line on stdout (queued: a stalled stdout must not stop the worker); the
+    /// token is never part of it.
     pub(crate) fn emit(&self) {
-        use std::io::Write;
-        let mut line = serde_json::to_vec(self).expect("audit lines serialise");
-        line.push(b'\n');
-        // One write per line (println! may split it in two), so lines from several worker
-        // threads never interleave.
-        let _ = std::io::stdout().lock().write_all(&line);
+        crate::audit_log::stdout().line(&serde_json::to_vec(self).expect("audit lines serialise"));
     }
 }
 
