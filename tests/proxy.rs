@@ -560,6 +560,55 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
     }
 }
 
+/// A config file for a proxy run as a process of its own: auth mode None, on free ports.
+/// Returns its path, the tunnel port and the admin port.
+fn process_config(dir: &std::path::Path) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
+    let mut cfg = base_config(dir);
+    cfg.auth_mode = AuthMode::None;
+    let (port, admin) = (free_port(), free_port());
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.admin_listen = format!("127.0.0.1:{admin}");
+    let path = dir.join("proxy.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    (path, SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin)))
+}
+
+/// `spice-operator proxy --config <config>` with its stdout and stderr piped, and the
+/// open-files limits (soft, hard) it is started with, as a container runtime would set them.
+fn proxy_child(config: &std::path::Path, open_files: Option<(u64, u64)>) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"));
+    cmd.args(["proxy", "--config"]).arg(config).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    if let Some((soft, hard)) = open_files {
+        let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+        // SAFETY: setrlimit(2) is async-signal-safe, as code between fork and exec must be.
+        unsafe {
+            cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Opens `n` tunnels through `proxy` to `up` and keeps them open; each must answer 200 and
+/// echo within 4 s (shorter than the helpers' own timeouts, so a stuck proxy fails here).
+async fn open_tunnels(proxy: SocketAddr, up: SocketAddr, n: usize, why_stuck: &str) -> Vec<TcpStream> {
+    let head = spice_gtk_head(&up.to_string(), "");
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n {
+        let tunnel = async {
+            let (mut s, status, text) = request(proxy, head.as_bytes()).await;
+            assert_eq!(status, 200, "tunnel {i}: {text}");
+            echo_roundtrip(&mut s, b"spice").await;
+            s
+        };
+        open.push(tokio::time::timeout(Duration::from_secs(4), tunnel).await.unwrap_or_else(|_| panic!("tunnel {i} did not work within 4 s: {why_stuck}")));
+    }
+    open
+}
+
 /// The audit line of each tunnel goes to stdout. A reader of stdout that stalls (a container
 /// runtime's log pipe) must not stop the proxy, and once it reads again every line is there.
 #[tokio::test]
@@ -568,36 +617,16 @@ async fn a_stdout_nobody_reads_stops_no_tunnel_and_loses_no_audit_line() {
     const TUNNELS: usize = 800;
     let up = echo_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = base_config(dir.path());
-    cfg.auth_mode = AuthMode::None;
-    let (port, admin) = (free_port(), free_port());
-    cfg.listen = format!("127.0.0.1:{port}");
-    cfg.admin_listen = format!("127.0.0.1:{admin}");
-    let path = dir.path().join("proxy.json");
-    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let (path, proxy, admin) = process_config(dir.path());
     // A pipe this test leaves unread until every tunnel is done.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
-        .args(["proxy", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = proxy_child(&path, None);
     let stdout = child.stdout.take().unwrap();
     let _proxy = Kill(child);
-    wait_port(port, "the proxy");
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let head = spice_gtk_head(&up.to_string(), "");
-    for i in 0..TUNNELS {
-        let tunnel = async {
-            let (mut s, status, _) = request(proxy, head.as_bytes()).await;
-            assert_eq!(status, 200);
-            echo_roundtrip(&mut s, b"spice").await;
-        };
-        // Shorter than the helpers' own timeouts, so a stuck proxy fails here, saying why.
-        tokio::time::timeout(Duration::from_secs(4), tunnel).await.unwrap_or_else(|_| panic!("tunnel {i} did not work within 4 s: the proxy waits for its stdout"));
+    wait_port(proxy.port(), "the proxy");
+    for _ in 0..TUNNELS {
+        // One at a time, each closed before the next: its line is written as it ends.
+        drop(open_tunnels(proxy, up, 1, "the proxy waits for its stdout").await);
     }
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     assert_metric_reaches(admin, "spice_proxy_tunnels_total{outcome=\"ok\"}", TUNNELS as u64).await;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_audit_lines_dropped_total"), 0);
     // Now read: every tunnel's line was kept for the reader.
@@ -608,6 +637,67 @@ async fn a_stdout_nobody_reads_stops_no_tunnel_and_loses_no_audit_line() {
     });
     let read = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("every audit line within 10 s of reading").unwrap();
     assert_eq!(read, TUNNELS);
+}
+
+/// `Max open files` (soft, hard) from /proc/<pid>/limits.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (fields.next().unwrap().to_string(), fields.next().unwrap().to_string())
+}
+
+/// Container runtimes may start the proxy with a soft limit of 1024 open files (containerd 2):
+/// the proxy raises it for its tunnel limit, up to the hard limit.
+#[tokio::test]
+async fn a_low_soft_open_files_limit_is_raised_for_the_tunnel_limit() {
+    // 100 open tunnels hold 200 descriptors in the proxy: three times the soft limit of 64.
+    const TUNNELS: usize = 100;
+    let up = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, proxy, admin) = process_config(dir.path());
+    // The hard limit this test runs under (only a privileged process may raise it).
+    let hard = open_files_limits(std::process::id()).1.parse::<u64>().unwrap().min(65_536);
+    let child = proxy_child(&path, Some((64, hard)));
+    let pid = child.id();
+    let _proxy = Kill(child);
+    wait_port(proxy.port(), "the proxy");
+    // What the default maxTunnels (10,000) needs: 6 descriptors each and 128 for the rest, as
+    // far as the hard limit allows.
+    let raised = hard.min(10_000 * 6 + 128);
+    assert_eq!(open_files_limits(pid), (raised.to_string(), hard.to_string()));
+    let open = open_tunnels(proxy, up, TUNNELS, "the proxy ran out of file descriptors").await;
+    let text = http_get(admin, "/metrics").await;
+    assert_eq!(metric(&text, "spice_proxy_active_tunnels"), TUNNELS as u64);
+    assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), ((raised - 128) / 6).min(10_000));
+    drop(open);
+}
+
+/// A hard limit too low for maxTunnels lowers the tunnel limit to what it holds, so clients
+/// over it get the 503 of a full proxy (not a connection nobody answers), and the log says why.
+#[tokio::test]
+async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
+    let up = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, proxy, admin) = process_config(dir.path());
+    let mut child = proxy_child(&path, Some((256, 256)));
+    let stderr = child.stderr.take().unwrap();
+    let _proxy = Kill(child);
+    wait_port(proxy.port(), "the proxy");
+    // (256 - 128) / 6 descriptors.
+    const FITS: usize = 21;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), FITS as u64);
+    let open = open_tunnels(proxy, up, FITS, "the proxy ran out of file descriptors").await;
+    let (mut s, status, _) = request(proxy, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 503);
+    assert!(body(&mut s).await.contains("tunnel limit"));
+    drop(open);
+    let warning = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr).lines().map_while(Result::ok).find(|l| l.contains("open-files limit leaves descriptors for 21 tunnels only"))
+    });
+    let warning = tokio::time::timeout(Duration::from_secs(10), warning).await.expect("the warning on stderr").unwrap();
+    assert!(warning.is_some_and(|w| w.contains("LimitNOFILE")));
 }
 
 #[tokio::test]
@@ -893,6 +983,49 @@ async fn assert_metric_reaches(admin: SocketAddr, name: &str, want: u64) {
         assert!(Instant::now() < deadline, "{name} is {got}, expected {want}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sets process `pid`'s soft limit on open files, keeping its hard limit.
+fn set_open_files_soft_limit(pid: u32, soft: u64) {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    assert_eq!(unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
+    assert_eq!(unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// A tunnel whose proxy has no descriptor left for a pipe keeps working, copying.
+#[tokio::test]
+async fn a_tunnel_with_no_descriptors_left_for_its_pipes_copies_instead() {
+    const TOTAL: u64 = 8 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, proxy, admin) = process_config(dir.path());
+    let child = proxy_child(&path, None);
+    let pid = child.id();
+    let _proxy = Kill(child);
+    wait_port(proxy.port(), "the proxy");
+    let (s, status, _) = request(proxy, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    let (server, _) = l.accept().await.unwrap();
+    // The lowest descriptor number the proxy could get next becomes its limit: every new
+    // descriptor (a pipe's two) fails with EMFILE from here on.
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap()).collect();
+    let lowest_free = (0..).find(|fd| !open.contains(fd)).unwrap();
+    set_open_files_soft_limit(pid, lowest_free);
+    let far_side = tokio::spawn(async move {
+        let (r, w) = server.into_split();
+        tokio::join!(send_and_hash(w, TOTAL, 2), receive_and_hash(r))
+    });
+    let (r, w) = s.into_split();
+    let (sent_up, (n_down, got_down)) = tokio::join!(send_and_hash(w, TOTAL, 1), receive_and_hash(r));
+    let (sent_down, (n_up, got_up)) = far_side.await.unwrap();
+    assert_eq!((n_up, n_down), (TOTAL, TOTAL));
+    assert_eq!((got_up, got_down), (sent_up, sent_down), "checksums each way");
+    // The admin port needs a descriptor per scrape.
+    set_open_files_soft_limit(pid, 1024);
+    assert_metric_reaches(admin, "spice_proxy_tunnels_total{outcome=\"ok\"}", 1).await;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_spliced_bytes_total"), 0, "nothing could be spliced");
 }
 
 #[tokio::test]

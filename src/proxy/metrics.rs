@@ -62,6 +62,8 @@ pub struct ProxyMetrics {
     ends: [Counter; End::ALL.len()],
     /// Clients locked out after too many failed authentications (someone guessing).
     pub auth_lockouts: Counter,
+    /// Tunnels open at once before 503: `maxTunnels`, or fewer where the open-files limit is lower.
+    pub tunnel_limit: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -72,6 +74,8 @@ impl Default for ProxyMetrics {
         let bytes = Family::<Direction, Counter>::default();
         let handshake = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register("active_tunnels", "Tunnels open now", active.clone());
+        let tunnel_limit = Gauge::default();
+        registry.register("tunnel_limit", "Tunnels open at once before 503: maxTunnels, or fewer where the open-files limit is lower", tunnel_limit.clone());
         registry.register("tunnels", "Tunnel requests by outcome (ok, or the HTTP status refused with)", tunnels.clone());
         registry.register("bytes", "Bytes moved, client_to_server (up) and server_to_client (down)", bytes.clone());
         let spliced = Counter::default();
@@ -86,7 +90,7 @@ impl Default for ProxyMetrics {
         let auth_lockouts = Counter::default();
         registry.register("auth_lockouts", "Clients locked out (429) after too many failed authentications", auth_lockouts.clone());
         registry.register("audit_lines_dropped", "Audit lines lost because stdout did not take them as fast as they came (the log says how many, where)", crate::audit_log::stdout().dropped());
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts }
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit }
     }
 }
 

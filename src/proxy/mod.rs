@@ -4,6 +4,7 @@ pub mod allow;
 pub mod config;
 pub mod head;
 pub mod metrics;
+pub mod open_files;
 pub mod proxy_protocol;
 pub mod server;
 mod sockopt;

@@ -245,10 +245,25 @@ impl Shared {
             match connect_within(*addr, timeout, self.keepalive).await {
                 Ok(Some(s)) => return Ok((s, *addr)),
                 Ok(None) => last = refuse(504, format!("upstream {addr} did not answer within {timeout:?}")),
-                Err(e) => last = refuse(502, format!("upstream {addr} refused the connection: {e}")),
+                Err(e) => {
+                    last = upstream_failed(*addr, &e);
+                    // Out of descriptors here: the next address would fail the same way.
+                    if last.status == 503 {
+                        break;
+                    }
+                }
             }
         }
         Err(last)
+    }
+}
+
+/// The answer when connecting to `addr` failed: 502, unless the proxy itself is out of file
+/// descriptors or socket memory (503, like a full proxy: nothing the hypervisor did).
+fn upstream_failed(addr: SocketAddr, e: &std::io::Error) -> Refusal {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => refuse(503, format!("proxy has no resources left to connect to {addr} ({e}), try again later")),
+        _ => refuse(502, format!("upstream {addr} refused the connection: {e}")),
     }
 }
 
@@ -450,11 +465,15 @@ impl ProxyServer {
             }
             None => None,
         };
+        // The limit the open-files limit leaves room for, raised first if it can be.
+        let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize);
+        let metrics = ProxyMetrics::default();
+        metrics.tunnel_limit.set(tunnel_limit as i64);
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
-            tunnels: Arc::new(Semaphore::new(cfg.limits.max_tunnels.max(1) as usize)),
+            tunnels: Arc::new(Semaphore::new(tunnel_limit)),
             creds: RwLock::new(creds),
-            metrics: ProxyMetrics::default(),
+            metrics,
             per_client: Mutex::new(HashMap::new()),
             auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive,
@@ -771,6 +790,19 @@ mod tests {
     use super::*;
     use crate::crd::ProxyLimits;
     use crate::proxy::config::ProxyConfig;
+
+    #[test]
+    fn a_proxy_out_of_descriptors_answers_503_not_a_bad_gateway() {
+        let addr: SocketAddr = "10.0.0.5:5900".parse().unwrap();
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let r = upstream_failed(addr, &std::io::Error::from_raw_os_error(errno));
+            assert_eq!(r.status, 503, "{}", r.body);
+            assert!(r.body.starts_with("proxy has no resources left to connect to 10.0.0.5:5900 (") && r.body.ends_with("try again later"), "{}", r.body);
+        }
+        let refused = upstream_failed(addr, &std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(refused.status, 502);
+        assert!(refused.body.starts_with("upstream 10.0.0.5:5900 refused the connection: "), "{}", refused.body);
+    }
 
     fn shared(per_client: i32, limits: serde_json::Value) -> Arc<Shared> {
         let mut cfg: ProxyConfig = serde_json::from_value(serde_json::json!({

@@ -227,7 +227,8 @@ impl Drop for SplicedSince<'_> {
 }
 
 enum SpliceError {
-    /// The kernel cannot splice these descriptors; nothing was moved by splice.
+    /// The kernel cannot splice these descriptors, or the process has no descriptors left for
+    /// a pipe; nothing was moved by splice, so copying takes over.
     Unsupported,
     Io(io::Error),
 }
@@ -240,7 +241,8 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity) -> Result<(), SpliceError> {
-    let (r, w) = new_pipe().map_err(SpliceError::Io)?;
+    // Out of descriptors (or pipe memory) the tunnel still works, copying.
+    let (r, w) = new_pipe().map_err(|_| SpliceError::Unsupported)?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved_any = false;
     loop {
