@@ -2,8 +2,9 @@
 //!
 //! Container runtimes may start a process with a soft limit of 1024 descriptors (containerd 2
 //! and Docker 29 inherit systemd's 1024:524288), about 500 idle tunnels or 170 splicing ones,
-//! far below the default `maxTunnels` of 10,000. Past it, accept(2) and pipe(2) fail with
-//! EMFILE: clients get no answer at all, and a tunnel that starts to splice ends. The hard limit
+//! far below the default `maxTunnels` of 10,000. Past it, accept(2), socket(2) and pipe(2) fail
+//! with EMFILE: a client gets no answer at all, or a 503 when its upstream socket cannot be made,
+//! and a direction about to splice copies instead. The hard limit
 //! is what a process may raise its own soft limit to, as HAProxy does for its maxconn; where
 //! even that is too low, the tunnel limit is lowered to fit, so clients over it get the 503 of
 //! a full proxy instead.
