@@ -985,6 +985,43 @@ async fn assert_metric_reaches(admin: SocketAddr, name: &str, want: u64) {
     }
 }
 
+/// Pipe ends among process `pid`'s descriptors.
+fn pipe_ends(pid: u32) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).filter(|target| target.to_string_lossy().starts_with("pipe:")).count()
+}
+
+/// A direction holds its pipe only while bytes are in it. Consoles whose display sent a burst
+/// and went quiet hold none: each pipe counts 1 MiB against the user's pipe pages, past which an
+/// unprivileged proxy's new pipes have 8 KiB.
+#[tokio::test]
+async fn quiet_tunnels_hold_no_pipe_after_a_burst() {
+    const TUNNELS: usize = 40;
+    let up = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, proxy, _) = process_config(dir.path());
+    let child = proxy_child(&path, None);
+    let pid = child.id();
+    let _proxy = Kill(child);
+    wait_port(proxy.port(), "the proxy");
+    // Its stdout and stderr are pipes to this test.
+    let before = pipe_ends(pid);
+    let mut open = open_tunnels(proxy, up, TUNNELS, "the proxy is stuck").await;
+    // 1 MiB each way through every tunnel: both directions splice.
+    let burst: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    for s in &mut open {
+        echo_roundtrip(s, &burst).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // At most the spares of the proxy's two workers: 4 pipes of 2 ends each.
+    let held = pipe_ends(pid) - before;
+    assert!(held <= 2 * 4 * 2, "{TUNNELS} quiet tunnels hold {held} pipe ends");
+    // The pipes they share move every byte again, in order.
+    for s in &mut open {
+        echo_roundtrip(s, &burst).await;
+    }
+}
+
 /// Sets process `pid`'s soft limit on open files, keeping its hard limit.
 fn set_open_files_soft_limit(pid: u32, soft: u64) {
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

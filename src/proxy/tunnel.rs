@@ -40,10 +40,44 @@ const SCRATCH: usize = 64 * 1024;
 /// than the one copy it would save. Bulk data (display, 1 GiB tests) splices after one read.
 const SPLICE_FROM: usize = 16 * 1024;
 
+/// Empty pipes a worker keeps for the next direction with bytes to splice.
+const SPARE_PIPES: usize = 4;
+
 thread_local! {
     /// Copies are read into and written from here at once, so a tunnel holds no buffer of its
     /// own unless its destination is full (then only the unsent rest is kept).
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+    /// A direction holds a pipe only while bytes are in it, as HAProxy's pipe pool does, and
+    /// gives it back here when it has to wait for more. Otherwise every console whose display
+    /// once sent a burst would keep two descriptors and a 1 MiB pipe for its whole session:
+    /// the kernel counts pipe sizes per user (`fs.pipe-user-pages-soft`, 64 MiB), and past
+    /// that an unprivileged process gets pipes of two pages, 8 KiB.
+    static SPARES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A pipe with nothing in it: the read and the write end.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    /// A spare of this worker's, or a new one.
+    fn take() -> io::Result<Pipe> {
+        match SPARES.with_borrow_mut(Vec::pop) {
+            Some(pipe) => Ok(pipe),
+            None => new_pipe().map(|(r, w)| Pipe { r, w }),
+        }
+    }
+
+    /// Keeps an empty pipe for the next taker (beyond `SPARE_PIPES`, closes it).
+    fn give_back(self) {
+        SPARES.with_borrow_mut(|spares| {
+            if spares.len() < SPARE_PIPES {
+                spares.push(self);
+            }
+        });
+    }
 }
 
 /// Counters one tunnel shares between its two directions and the idle watchdog.
@@ -241,17 +275,24 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, activity: &Activity) -> Result<(), SpliceError> {
-    // Out of descriptors (or pipe memory) the tunnel still works, copying.
-    let (r, w) = new_pipe().map_err(|_| SpliceError::Unsupported)?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved_any = false;
     loop {
         src.readable().await.map_err(SpliceError::Io)?;
+        // Out of descriptors (or pipe memory) the tunnel still works, copying: the pipe is
+        // empty whenever one is taken, so nothing is in flight.
+        let Pipe { r, w } = Pipe::take().map_err(|_| SpliceError::Unsupported)?;
         let filled = src.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(src, None, &w, None, PIPE_SIZE, flags)?));
         let mut in_pipe = match filled {
-            Ok(0) => return Ok(()),
+            Ok(0) => {
+                Pipe { r, w }.give_back();
+                return Ok(());
+            }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Pipe { r, w }.give_back();
+                continue;
+            }
             Err(e) if !moved_any && matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
                 return Err(SpliceError::Unsupported);
             }
@@ -275,6 +316,9 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
                 Err(e) => return Err(SpliceError::Io(e)),
             }
         }
+        // Emptied: kept for whichever direction of this worker has bytes next (this one,
+        // when more are waiting already). A pipe still holding bytes is closed with them.
+        Pipe { r, w }.give_back();
         activity.touch();
     }
 }
