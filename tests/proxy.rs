@@ -662,14 +662,14 @@ async fn a_low_soft_open_files_limit_is_raised_for_the_tunnel_limit() {
     let pid = child.id();
     let _proxy = Kill(child);
     wait_port(proxy.port(), "the proxy");
-    // What the default maxTunnels (10,000) needs: 6 descriptors each and 128 for the rest, as
-    // far as the hard limit allows.
-    let raised = hard.min(10_000 * 6 + 128);
+    // What the default maxTunnels (10,000) needs: 6 descriptors each, 64 for the process and 11
+    // for each of its two workers, as far as the hard limit allows.
+    let raised = hard.min(10_000 * 6 + 64 + 2 * 11);
     assert_eq!(open_files_limits(pid), (raised.to_string(), hard.to_string()));
     let open = open_tunnels(proxy, up, TUNNELS, "the proxy ran out of file descriptors").await;
     let text = http_get(admin, "/metrics").await;
     assert_eq!(metric(&text, "spice_proxy_active_tunnels"), TUNNELS as u64);
-    assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), ((raised - 128) / 6).min(10_000));
+    assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), ((raised - 64 - 2 * 11) / 6).min(10_000));
     drop(open);
 }
 
@@ -684,8 +684,8 @@ async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
     let stderr = child.stderr.take().unwrap();
     let _proxy = Kill(child);
     wait_port(proxy.port(), "the proxy");
-    // (256 - 128) / 6 descriptors.
-    const FITS: usize = 21;
+    // (256 - 64 - 2 × 11) / 6 descriptors.
+    const FITS: usize = 28;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), FITS as u64);
     let open = open_tunnels(proxy, up, FITS, "the proxy ran out of file descriptors").await;
     let (mut s, status, _) = request(proxy, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
@@ -694,7 +694,7 @@ async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
     drop(open);
     let warning = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(stderr).lines().map_while(Result::ok).find(|l| l.contains("open-files limit leaves descriptors for 21 tunnels only"))
+        std::io::BufReader::new(stderr).lines().map_while(Result::ok).find(|l| l.contains(&format!("open-files limit leaves descriptors for {FITS} tunnels only")))
     });
     let warning = tokio::time::timeout(Duration::from_secs(10), warning).await.expect("the warning on stderr").unwrap();
     assert!(warning.is_some_and(|w| w.contains("LimitNOFILE")));

@@ -466,7 +466,7 @@ impl ProxyServer {
             None => None,
         };
         // The limit the open-files limit leaves room for, raised first if it can be.
-        let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize);
+        let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize, listeners.len());
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         let shared = Arc::new(Shared {

@@ -41,7 +41,7 @@ const SCRATCH: usize = 64 * 1024;
 const SPLICE_FROM: usize = 16 * 1024;
 
 /// Empty pipes a worker keeps for the next direction with bytes to splice.
-const SPARE_PIPES: usize = 4;
+pub(crate) const SPARE_PIPES: usize = 4;
 
 thread_local! {
     /// Copies are read into and written from here at once, so a tunnel holds no buffer of its
