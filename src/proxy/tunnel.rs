@@ -55,7 +55,7 @@ thread_local! {
     static SPARES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A pipe with nothing in it: the read and the write end.
+/// A pipe's read and write end; the spares hold nothing.
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
@@ -281,16 +281,16 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
         src.readable().await.map_err(SpliceError::Io)?;
         // Out of descriptors (or pipe memory) the tunnel still works, copying: the pipe is
         // empty whenever one is taken, so nothing is in flight.
-        let Pipe { r, w } = Pipe::take().map_err(|_| SpliceError::Unsupported)?;
-        let filled = src.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(src, None, &w, None, PIPE_SIZE, flags)?));
+        let pipe = Pipe::take().map_err(|_| SpliceError::Unsupported)?;
+        let filled = src.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(src, None, &pipe.w, None, PIPE_SIZE, flags)?));
         let mut in_pipe = match filled {
             Ok(0) => {
-                Pipe { r, w }.give_back();
+                pipe.give_back();
                 return Ok(());
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Pipe { r, w }.give_back();
+                pipe.give_back();
                 continue;
             }
             Err(e) if !moved_any && matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
@@ -301,7 +301,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
         moved_any = true;
         while in_pipe > 0 {
             dst.writable().await.map_err(SpliceError::Io)?;
-            match dst.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&r, None, dst, None, in_pipe, flags)?)) {
+            match dst.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&pipe.r, None, dst, None, in_pipe, flags)?)) {
                 Ok(n) => {
                     in_pipe -= n;
                     counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -318,7 +318,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
         }
         // Emptied: kept for whichever direction of this worker has bytes next (this one,
         // when more are waiting already). A pipe still holding bytes is closed with them.
-        Pipe { r, w }.give_back();
+        pipe.give_back();
         activity.touch();
     }
 }
