@@ -114,8 +114,8 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         std::thread::sleep(BATCH_DELAY);
         let mut batch = std::mem::take(&mut shared.lock().queue);
         let lines = batch.iter().filter(|b| **b == b'\n').count() as u64;
-        // The lines dropped since the last notice were refused after every line of this batch
-        // had been queued, so the notice follows them.
+        // The notice follows this batch: the drops it counts came once its lines filled the
+        // queue (a shorter line may still have fitted after a longer one was refused).
         let dropped = shared.dropped.get();
         if dropped > reported {
             batch.extend_from_slice(format!("{{\"event\":\"auditLinesDropped\",\"count\":{},\"reason\":\"stdout did not take the lines as fast as they came\"}}\n", dropped - reported).as_bytes());
