@@ -560,36 +560,50 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
     }
 }
 
-/// A config file for a proxy run as a process of its own: auth mode None, on free ports.
-/// Returns its path, the tunnel port and the admin port.
-fn process_config(dir: &std::path::Path) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
-    let mut cfg = base_config(dir);
-    cfg.auth_mode = AuthMode::None;
-    let (port, admin) = (free_port(), free_port());
-    cfg.listen = format!("127.0.0.1:{port}");
-    cfg.admin_listen = format!("127.0.0.1:{admin}");
-    let path = dir.join("proxy.json");
-    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    (path, SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin)))
+/// `spice-operator proxy` as a process of its own (auth mode None, on free ports), started
+/// with the open-files limits (soft, hard) given, as a container runtime would set them, and
+/// taking tunnels. Its stdout and stderr are pipes this test reads, or leaves unread. It runs
+/// until this is dropped: take fields out of it one by one, not by a pattern with `..`, which
+/// would drop the rest at once.
+struct ProxyProcess {
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    pid: u32,
+    stdout: std::process::ChildStdout,
+    stderr: std::process::ChildStderr,
+    _kill: Kill,
+    _dir: tempfile::TempDir,
 }
 
-/// `spice-operator proxy --config <config>` with its stdout and stderr piped, and the
-/// open-files limits (soft, hard) it is started with, as a container runtime would set them.
-fn proxy_child(config: &std::path::Path, open_files: Option<(u64, u64)>) -> std::process::Child {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"));
-    cmd.args(["proxy", "--config"]).arg(config).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    if let Some((soft, hard)) = open_files {
-        let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
-        // SAFETY: setrlimit(2) is async-signal-safe, as code between fork and exec must be.
-        unsafe {
-            cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            });
+impl ProxyProcess {
+    fn start(open_files: Option<(u64, u64)>) -> ProxyProcess {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = base_config(dir.path());
+        cfg.auth_mode = AuthMode::None;
+        let (proxy, admin) = (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+        (cfg.listen, cfg.admin_listen) = (proxy.to_string(), admin.to_string());
+        let path = dir.path().join("proxy.json");
+        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"));
+        cmd.args(["proxy", "--config"]).arg(&path).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        if let Some((soft, hard)) = open_files {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: setrlimit(2) is async-signal-safe, as code between fork and exec must be.
+            unsafe {
+                cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
         }
+        let mut child = cmd.spawn().unwrap();
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let pid = child.id();
+        let kill = Kill(child);
+        wait_port(proxy.port(), "the proxy");
+        ProxyProcess { proxy, admin, pid, stdout, stderr, _kill: kill, _dir: dir }
     }
-    cmd.spawn().unwrap()
 }
 
 /// Opens `n` tunnels through `proxy` to `up` and keeps them open; each must answer 200 and
@@ -616,13 +630,9 @@ async fn a_stdout_nobody_reads_stops_no_tunnel_and_loses_no_audit_line() {
     // About 150 KB of audit lines: more than twice what a pipe holds (64 KiB).
     const TUNNELS: usize = 800;
     let up = echo_server().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, proxy, admin) = process_config(dir.path());
-    // A pipe this test leaves unread until every tunnel is done.
-    let mut child = proxy_child(&path, None);
-    let stdout = child.stdout.take().unwrap();
-    let _proxy = Kill(child);
-    wait_port(proxy.port(), "the proxy");
+    // Its stdout is a pipe this test leaves unread until every tunnel is done.
+    let p = ProxyProcess::start(None);
+    let (proxy, admin, stdout) = (p.proxy, p.admin, p.stdout);
     for _ in 0..TUNNELS {
         // One at a time, each closed before the next: its line is written as it ends.
         drop(open_tunnels(proxy, up, 1, "the proxy waits for its stdout").await);
@@ -654,14 +664,10 @@ async fn a_low_soft_open_files_limit_is_raised_for_the_tunnel_limit() {
     // 100 open tunnels hold 200 descriptors in the proxy: three times the soft limit of 64.
     const TUNNELS: usize = 100;
     let up = echo_server().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, proxy, admin) = process_config(dir.path());
     // The hard limit this test runs under (only a privileged process may raise it).
     let hard = open_files_limits(std::process::id()).1.parse::<u64>().unwrap().min(65_536);
-    let child = proxy_child(&path, Some((64, hard)));
-    let pid = child.id();
-    let _proxy = Kill(child);
-    wait_port(proxy.port(), "the proxy");
+    let p = ProxyProcess::start(Some((64, hard)));
+    let (proxy, admin, pid) = (p.proxy, p.admin, p.pid);
     // What the default maxTunnels (10,000) needs: 6 descriptors each, 64 for the process and 11
     // for each of its two workers, as far as the hard limit allows.
     let raised = hard.min(10_000 * 6 + 64 + 2 * 11);
@@ -678,12 +684,8 @@ async fn a_low_soft_open_files_limit_is_raised_for_the_tunnel_limit() {
 #[tokio::test]
 async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
     let up = echo_server().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, proxy, admin) = process_config(dir.path());
-    let mut child = proxy_child(&path, Some((256, 256)));
-    let stderr = child.stderr.take().unwrap();
-    let _proxy = Kill(child);
-    wait_port(proxy.port(), "the proxy");
+    let p = ProxyProcess::start(Some((256, 256)));
+    let (proxy, admin, stderr) = (p.proxy, p.admin, p.stderr);
     // (256 - 64 - 2 × 11) / 6 descriptors.
     const FITS: usize = 28;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), FITS as u64);
@@ -998,12 +1000,8 @@ fn pipe_ends(pid: u32) -> usize {
 async fn quiet_tunnels_hold_no_pipe_after_a_burst() {
     const TUNNELS: usize = 40;
     let up = echo_server().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, proxy, _) = process_config(dir.path());
-    let child = proxy_child(&path, None);
-    let pid = child.id();
-    let _proxy = Kill(child);
-    wait_port(proxy.port(), "the proxy");
+    let p = ProxyProcess::start(None);
+    let (proxy, pid) = (p.proxy, p.pid);
     // Its stdout and stderr are pipes to this test.
     let before = pipe_ends(pid);
     let mut open = open_tunnels(proxy, up, TUNNELS, "the proxy is stuck").await;
@@ -1036,12 +1034,8 @@ async fn a_tunnel_with_no_descriptors_left_for_its_pipes_copies_instead() {
     const TOTAL: u64 = 8 << 20;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = l.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (path, proxy, admin) = process_config(dir.path());
-    let child = proxy_child(&path, None);
-    let pid = child.id();
-    let _proxy = Kill(child);
-    wait_port(proxy.port(), "the proxy");
+    let p = ProxyProcess::start(None);
+    let (proxy, admin, pid) = (p.proxy, p.admin, p.pid);
     let (s, status, _) = request(proxy, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
     assert_eq!(status, 200);
     let (server, _) = l.accept().await.unwrap();
