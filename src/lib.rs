@@ -1,7 +1,7 @@
 //! spice-operator: runs SPICE console proxies on Kubernetes and resolves which proxy each VM
 //! cluster and pool uses. See README.md for the layout.
 pub mod admin;
-pub mod audit_log;
+pub mod log_queue;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
@@ -24,7 +24,7 @@ pub fn on_stop_signals(begin_stop: impl FnOnce() + Send + 'static) {
         begin_stop();
         shutdown_signal().await;
         tracing::warn!("second stop signal: exiting at once");
-        audit_log::flush_stdout(std::time::Duration::from_millis(500));
+        log_queue::flush_all(std::time::Duration::from_millis(500));
         std::process::exit(1);
     });
 }

@@ -205,8 +205,15 @@ impl LeaseArgs {
 
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Queued, as the audit log is: a stalled reader of stderr must not block a worker.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(spice_operator::log_queue::stderr_writer(json));
     if json { builder.json().init() } else { builder.init() }
+    // A panic's message is written in place: the log lines before it come first.
+    let print_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        spice_operator::log_queue::flush_all(Duration::from_secs(1));
+        print_panic(info)
+    }));
 }
 
 fn main() -> ExitCode {
@@ -223,14 +230,21 @@ fn main() -> ExitCode {
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let code = runtime.block_on(async_main(cli));
-    // The audit lines still queued: a stdout that stays blocked does not keep the process.
-    spice_operator::audit_log::flush_stdout(std::time::Duration::from_secs(5));
-    code
+    let result = runtime.block_on(async_main(cli));
+    // The lines still queued, before the error that ends the process: a stream that stays
+    // blocked does not keep the process.
+    spice_operator::log_queue::flush_all(Duration::from_secs(5));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spice-operator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-async fn async_main(cli: Cli) -> ExitCode {
-    let result = match cli.command {
+async fn async_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Crdgen { output, chart_template } => crdgen(output, chart_template),
         Command::Proxy { config, log_json } => {
             init_tracing(log_json);
@@ -260,13 +274,6 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
                 (Err(e), _) | (_, Err(e)) => Err(e),
             }
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("spice-operator: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }

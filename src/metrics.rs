@@ -121,7 +121,8 @@ impl Default for Metrics {
         registry.register("policy_ready", "1 while every entry of the ClusterConsolePolicy resolves", policy_ready.clone());
         let policy_unresolved = Family::<PolicyLabel, Gauge>::default();
         registry.register("policy_unresolved_entries", "Clusters, pools and VMs of the ClusterConsolePolicy without a usable proxy", policy_unresolved.clone());
-        registry.register("audit_lines_dropped", "Audit lines (issued tickets) lost because stdout did not take them as fast as they came", crate::audit_log::stdout().dropped());
+        registry.register("audit_lines_dropped", "Audit lines (issued tickets) lost because stdout did not take them as fast as they came", crate::log_queue::stdout().dropped());
+        registry.register("log_lines_dropped", "Log lines (stderr) lost because stderr did not take them as fast as they came", crate::log_queue::stderr_dropped());
         Self {
             registry,
             reconciles,

@@ -576,11 +576,19 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
+    /// With no authentication, under the open-files limits `(soft, hard)` when given.
     fn start(open_files: Option<(u64, u64)>) -> ProxyProcess {
+        ProxyProcess::configured(open_files, |c| c.auth_mode = AuthMode::None)
+    }
+
+    /// With the base configuration (tickets signed with `KEY`) as `edit` leaves it.
+    fn configured(open_files: Option<(u64, u64)>, edit: impl FnOnce(&mut ProxyConfig)) -> ProxyProcess {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
         let mut cfg = base_config(dir.path());
-        cfg.auth_mode = AuthMode::None;
+        edit(&mut cfg);
         let (proxy, admin) = (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
         (cfg.listen, cfg.admin_listen) = (proxy.to_string(), admin.to_string());
         let path = dir.path().join("proxy.json");
@@ -604,6 +612,47 @@ impl ProxyProcess {
         wait_port(proxy.port(), "the proxy");
         ProxyProcess { proxy, admin, pid, stdout, stderr, _kill: kill, _dir: dir }
     }
+}
+
+/// The log on stderr is queued as the audit log is: a reader of stderr that stalls stops no
+/// tunnel, and once it reads again every line is there.
+#[tokio::test]
+async fn a_stderr_nobody_reads_stops_no_tunnel_and_loses_no_log_line() {
+    // One warning of about 150 bytes per locked-out client: about 120 KB, more than a pipe holds.
+    const LOCKOUTS: usize = 800;
+    let up = echo_server().await;
+    // Its stderr is a pipe this test leaves unread until the end.
+    let p = ProxyProcess::configured(None, |c| c.limits.max_auth_failures_per_client = 1);
+    let (proxy, admin, stderr) = (p.proxy, p.admin, p.stderr);
+    let forged = spice_gtk_head(&up.to_string(), &basic("vm", "not-a-ticket"));
+    for i in 0..LOCKOUTS {
+        // Each from an address of its own, so each locks out a client and logs it.
+        let from = format!("127.1.{}.{}", i / 200, i % 200 + 1);
+        let guess = async {
+            let mut s = connect_from(&from, proxy).unwrap();
+            s.write_all(forged.as_bytes()).await.unwrap();
+            read_response(&mut s).await.0
+        };
+        let status = tokio::time::timeout(Duration::from_secs(4), guess).await.unwrap_or_else(|_| panic!("guess {i} not answered within 4 s: the proxy waits for its stderr"));
+        assert_eq!(status, 407, "guess {i} from {from}");
+    }
+    assert_metric_reaches(admin, "spice_proxy_auth_lockouts_total", LOCKOUTS as u64).await;
+    // A console with a real ticket still gets through, on either worker.
+    let good = spice_gtk_head(&up.to_string(), &basic("vm", &ticket_for("127.0.0.1", &[up.port()], 60, KEY)));
+    for _ in 0..4 {
+        let (mut s, status, text) = request(proxy, good.as_bytes()).await;
+        assert_eq!(status, 200, "{text}");
+        echo_roundtrip(&mut s, b"spice").await;
+    }
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_log_lines_dropped_total"), 0);
+    // Now read: every lockout's warning was kept for the reader.
+    let reading = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let lines = std::io::BufReader::new(stderr).lines().map_while(Result::ok);
+        lines.filter(|l| l.contains("WARN") && l.contains("locked out after 1 failed authentications")).take(LOCKOUTS).count()
+    });
+    let read = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("every warning within 10 s of reading").unwrap();
+    assert_eq!(read, LOCKOUTS);
 }
 
 /// Opens `n` tunnels through `proxy` to `up` and keeps them open; each must answer 200 and

@@ -355,7 +355,7 @@ fn audit(caller: &str, r: &ConsoleRequest, spx: &SpiceProxyRef, ports: &[u16], e
         "spiceProxy": format!("{}/{}", spx.namespace, spx.name),
         "expires": expires,
     });
-    crate::audit_log::stdout().line(line.to_string().as_bytes());
+    crate::log_queue::stdout().line(line.to_string().as_bytes());
 }
 
 /// The console endpoint must be on the proxy's allow-list, so no ticket is issued that the

@@ -89,7 +89,8 @@ impl Default for ProxyMetrics {
         let ends = End::ALL.map(|end| ended.get_or_create(&Ending { reason: end.label() }).clone());
         let auth_lockouts = Counter::default();
         registry.register("auth_lockouts", "Clients locked out (429) after too many failed authentications", auth_lockouts.clone());
-        registry.register("audit_lines_dropped", "Audit lines lost because stdout did not take them as fast as they came (the log says how many, where)", crate::audit_log::stdout().dropped());
+        registry.register("audit_lines_dropped", "Audit lines lost because stdout did not take them as fast as they came (the log says how many, where)", crate::log_queue::stdout().dropped());
+        registry.register("log_lines_dropped", "Log lines (stderr) lost because stderr did not take them as fast as they came (the log says how many, where)", crate::log_queue::stderr_dropped());
         Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit }
     }
 }

@@ -145,7 +145,7 @@ impl Audit {
     /// One structured line on stdout (queued: a stalled stdout must not stop the worker); the
     /// token is never part of it.
     pub(crate) fn emit(&self) {
-        crate::audit_log::stdout().line(&serde_json::to_vec(self).expect("audit lines serialise"));
+        crate::log_queue::stdout().line(&serde_json::to_vec(self).expect("audit lines serialise"));
     }
 }
 

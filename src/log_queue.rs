@@ -1,25 +1,30 @@
-//! The audit log: one JSON line on stdout per tunnel, per WebSocket session and per issued
-//! ticket, queued in memory and written by a thread of its own.
+//! The process's two output streams, each queued in memory and written by a thread of its own:
+//! the audit log on stdout (one JSON line per tunnel, per WebSocket session and per issued
+//! ticket) and the tracing log on stderr.
 //!
-//! Written in place, a reader of stdout that stalls (a container runtime's log pipe, a `| less`)
-//! would block the writing thread in write(2) once the pipe's 64 KiB were full: a proxy worker,
-//! and with it every tunnel on that worker, or an engine API request. So the queue is bounded,
-//! and a line that finds it full is dropped and counted (`*_audit_lines_dropped_total`); once
-//! stdout takes lines again, a line saying how many were lost is written where they would have
-//! been. Lines that arrive within `BATCH_DELAY` of the first share one write(2), so a busy proxy
-//! writes a few times per second instead of once per tunnel. (tracing-appender's non-blocking
-//! writer queues too, but wakes its thread and writes once per line.)
+//! Written in place, a reader that stalls (a container runtime's log pipe, a `| less`) would
+//! block the writing thread in write(2) once the pipe's 64 KiB were full: a proxy worker, and
+//! with it every tunnel on that worker, or an engine API request. So each queue is bounded, and
+//! a line that finds it full is dropped and counted (`*_audit_lines_dropped_total`,
+//! `*_log_lines_dropped_total`); once the stream takes lines again, a line saying how many were
+//! lost is written where they would have been. Lines that arrive within `BATCH_DELAY` of the
+//! first share one write(2), so a busy proxy writes a few times per second instead of once per
+//! tunnel. (tracing-appender's non-blocking writer queues too, but wakes its thread and writes
+//! once per line.)
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 
-/// How many bytes of lines may wait for stdout: about 5,000 tunnel lines.
+/// How many bytes of lines may wait for a stream: about 5,000 tunnel lines.
 pub const CAPACITY: usize = 1 << 20;
 /// How long the writer waits after the first line of a batch for more to join it.
 const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// Makes the line, newline included, that says how many lines were lost.
+pub type Notice = fn(dropped: u64) -> String;
 
 /// A bounded queue of lines and the thread that writes them out.
 pub struct Sink {
@@ -53,24 +58,37 @@ impl Shared {
 
 impl Sink {
     /// Starts the writer thread; at most `capacity` bytes of lines wait for `out`.
-    pub fn new(out: impl Write + Send + 'static, capacity: usize) -> std::io::Result<Sink> {
-        let shared = Arc::new(Shared { state: Mutex::default(), arrived: Condvar::new(), drained: Condvar::new(), capacity, dropped: Counter::default() });
+    pub fn new(out: impl Write + Send + 'static, capacity: usize, notice: Notice) -> std::io::Result<Sink> {
+        Sink::counting_into(out, capacity, notice, Counter::default())
+    }
+
+    fn counting_into(out: impl Write + Send + 'static, capacity: usize, notice: Notice, dropped: Counter) -> std::io::Result<Sink> {
+        let shared = Arc::new(Shared { state: Mutex::default(), arrived: Condvar::new(), drained: Condvar::new(), capacity, dropped });
         let writer = shared.clone();
-        std::thread::Builder::new().name("audit-log".into()).spawn(move || write_batches(&writer, out))?;
+        std::thread::Builder::new().name("log-writer".into()).spawn(move || write_batches(&writer, out, notice))?;
         Ok(Sink { shared })
     }
 
-    /// Queues `line` (without its newline) and returns at once: dropped and counted when the
-    /// queue is full.
+    /// Queues `line` and a newline and returns at once: dropped and counted when the queue is
+    /// full.
     pub fn line(&self, line: &[u8]) {
+        self.queue(&[line, b"\n"]);
+    }
+
+    /// Queues `text`, which ends with its own newline (a formatted tracing event), as `line` does.
+    pub fn text(&self, text: &[u8]) {
+        self.queue(&[text]);
+    }
+
+    fn queue(&self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut state = self.shared.lock();
-        if state.queue.len() + line.len() + 1 > self.shared.capacity {
+        if state.queue.len() + len > self.shared.capacity {
             drop(state);
             self.shared.dropped.inc();
             return;
         }
-        state.queue.extend_from_slice(line);
-        state.queue.push(b'\n');
+        parts.iter().for_each(|p| state.queue.extend_from_slice(p));
         let wake = std::mem::take(&mut state.waiting);
         drop(state);
         if wake {
@@ -79,7 +97,7 @@ impl Sink {
     }
 
     /// Waits until every line queued so far was written, for at most `within`; false if they
-    /// were not (stdout still blocked).
+    /// were not (the stream still blocked).
     pub fn flush(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         let mut state = self.shared.lock();
@@ -99,7 +117,7 @@ impl Sink {
     }
 }
 
-fn write_batches(shared: &Shared, mut out: impl Write) {
+fn write_batches(shared: &Shared, mut out: impl Write, notice: Notice) {
     let mut reported = 0;
     loop {
         let mut state = shared.lock();
@@ -118,11 +136,11 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         // queue (a shorter line may still have fitted after a longer one was refused).
         let dropped = shared.dropped.get();
         if dropped > reported {
-            batch.extend_from_slice(format!("{{\"event\":\"auditLinesDropped\",\"count\":{},\"reason\":\"stdout did not take the lines as fast as they came\"}}\n", dropped - reported).as_bytes());
+            batch.extend_from_slice(notice(dropped - reported).as_bytes());
             reported = dropped;
         }
         if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-            // stdout is gone (a closed pipe): nobody will read these either.
+            // The stream is gone (a closed pipe): nobody will read these either.
             shared.dropped.inc_by(lines);
             reported += lines;
         }
@@ -133,12 +151,66 @@ static STDOUT: OnceLock<Sink> = OnceLock::new();
 
 /// The process's audit log on stdout, its thread started on first use.
 pub fn stdout() -> &'static Sink {
-    STDOUT.get_or_init(|| Sink::new(std::io::stdout(), CAPACITY).expect("cannot start the audit log's thread"))
+    STDOUT.get_or_init(|| Sink::new(std::io::stdout(), CAPACITY, audit_notice).expect("cannot start the audit log's thread"))
 }
 
-/// Before the process exits: writes what is queued, waiting at most `within`.
-pub fn flush_stdout(within: Duration) {
-    if let Some(sink) = STDOUT.get() {
+fn audit_notice(dropped: u64) -> String {
+    format!("{{\"event\":\"auditLinesDropped\",\"count\":{dropped},\"reason\":\"stdout did not take the lines as fast as they came\"}}\n")
+}
+
+static STDERR: OnceLock<Sink> = OnceLock::new();
+/// Counted apart from the sink, so that /metrics shows the series (at 0) in a process whose
+/// tracing log is not queued: the in-process servers of tests.
+static STDERR_DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Log lines dropped because stderr did not take them (a shared handle, for a metrics registry).
+pub fn stderr_dropped() -> Counter {
+    STDERR_DROPPED.clone()
+}
+
+/// A tracing writer that queues each formatted event for stderr, for
+/// `tracing_subscriber::fmt().with_writer(..)`: the first call starts the queue, whose notice of
+/// lost lines is a JSON event when `json`, else a text one, as the log's other lines are.
+pub fn stderr_writer(json: bool) -> impl Fn() -> QueuedStderr + Send + Sync + 'static {
+    let notice: Notice = if json { json_log_notice } else { text_log_notice };
+    let sink = STDERR.get_or_init(|| Sink::counting_into(std::io::stderr(), CAPACITY, notice, stderr_dropped()).expect("cannot start the log's thread"));
+    move || QueuedStderr(sink)
+}
+
+/// One formatted event on its way to the stderr queue.
+pub struct QueuedStderr(&'static Sink);
+
+impl Write for QueuedStderr {
+    /// tracing-subscriber writes each event with one `write_all`: taking it whole keeps it whole.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.text(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const STDERR_NOTICE: &str = "log lines dropped: stderr did not take them as fast as they came";
+
+fn text_log_notice(dropped: u64) -> String {
+    format!("{}  WARN {}: {STDERR_NOTICE} count={dropped}\n", k8s_openapi::jiff::Timestamp::now(), module_path!())
+}
+
+fn json_log_notice(dropped: u64) -> String {
+    let event = serde_json::json!({
+        "timestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
+        "level": "WARN",
+        "fields": { "message": STDERR_NOTICE, "count": dropped },
+        "target": module_path!(),
+    });
+    format!("{event}\n")
+}
+
+/// Before the process exits (or a panic's message is printed): writes what is queued on both
+/// streams, waiting at most `within` for each.
+pub fn flush_all(within: Duration) {
+    for sink in [STDOUT.get(), STDERR.get()].into_iter().flatten() {
         sink.flush(within);
     }
 }
@@ -190,7 +262,7 @@ mod tests {
     #[test]
     fn a_stalled_output_never_blocks_a_writer_and_lost_lines_are_counted_where_they_were_lost() {
         let out = Stalled::default();
-        let sink = Arc::new(Sink::new(out.clone(), 100).unwrap());
+        let sink = Arc::new(Sink::new(out.clone(), 100, audit_notice).unwrap());
         // The writer takes the first line and blocks writing it.
         sink.line(b"first");
         std::thread::sleep(BATCH_DELAY * 4);
@@ -227,7 +299,7 @@ mod tests {
             }
         }
         let out = Writes::default();
-        let sink = Sink::new(out.clone(), CAPACITY).unwrap();
+        let sink = Sink::new(out.clone(), CAPACITY, audit_notice).unwrap();
         (0..100).for_each(|i| sink.line(format!("{{\"n\":{i}}}").as_bytes()));
         assert!(sink.flush(Duration::from_secs(5)));
         let writes = out.0.lock().unwrap().clone();
@@ -248,9 +320,33 @@ mod tests {
                 Ok(())
             }
         }
-        let sink = Sink::new(Closed, CAPACITY).unwrap();
+        let sink = Sink::new(Closed, CAPACITY, audit_notice).unwrap();
         (0..3).for_each(|_| sink.line(b"{}"));
         assert!(sink.flush(Duration::from_secs(5)));
         assert_eq!(sink.dropped().get(), 3);
+    }
+
+    /// The stderr queue takes tracing's formatted events as they are and says what it lost in
+    /// the log's own format.
+    #[test]
+    fn log_events_keep_their_own_newline_and_the_notice_matches_the_log_format() {
+        let out = Stalled::default();
+        let sink = Sink::new(out.clone(), 60, json_log_notice).unwrap();
+        sink.text(b"2026-12-05T11:00:00Z  WARN x: first\n");
+        std::thread::sleep(BATCH_DELAY * 4);
+        // 34 bytes each in a queue of 60: one fits, two are lost.
+        (0..3).for_each(|i| sink.text(format!("2026-12-05T11:00:0{i}Z  WARN x: next\n").as_bytes()));
+        out.open();
+        assert!(sink.flush(Duration::from_secs(5)));
+        let text = out.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[..2], ["2026-12-05T11:00:00Z  WARN x: first", "2026-12-05T11:00:00Z  WARN x: next"], "{text}");
+        let notice: serde_json::Value = serde_json::from_str(lines[2]).expect("the notice is a JSON event");
+        assert_eq!((notice["level"].as_str(), notice["fields"]["count"].as_u64()), (Some("WARN"), Some(2)), "{notice}");
+        assert!(notice["timestamp"].as_str().unwrap().parse::<k8s_openapi::jiff::Timestamp>().is_ok(), "{notice}");
+        assert_eq!(lines.len(), 3, "{text}");
+        let plain = text_log_notice(7);
+        assert!(plain.ends_with(&format!(" WARN spice_operator::log_queue: {STDERR_NOTICE} count=7\n")), "{plain}");
+        assert!(plain.split(' ').next().unwrap().parse::<k8s_openapi::jiff::Timestamp>().is_ok(), "{plain}");
     }
 }
