@@ -206,7 +206,9 @@ impl LeaseArgs {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
     // Queued, as the audit log is: a stalled reader of stderr must not block a worker.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(spice_operator::log_queue::stderr_writer(json));
+    // Colours only for a terminal: a pod's log is a file, where escape codes are noise.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colours).with_writer(spice_operator::log_queue::stderr_writer(json));
     if json { builder.json().init() } else { builder.init() }
     // A panic's message is written in place: the log lines before it come first.
     let print_panic = std::panic::take_hook();

@@ -748,7 +748,9 @@ async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
         std::io::BufReader::new(stderr).lines().map_while(Result::ok).find(|l| l.contains(&format!("open-files limit leaves descriptors for {FITS} tunnels only")))
     });
     let warning = tokio::time::timeout(Duration::from_secs(10), warning).await.expect("the warning on stderr").unwrap();
-    assert!(warning.is_some_and(|w| w.contains("LimitNOFILE")));
+    let warning = warning.expect("the warning on stderr");
+    assert!(warning.contains("LimitNOFILE") && warning.contains("hard_limit=256"), "{warning}");
+    assert!(!warning.contains('\x1b'), "no colour codes in a log that is not a terminal: {warning:?}");
 }
 
 #[tokio::test]

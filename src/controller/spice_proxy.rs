@@ -796,7 +796,8 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
     let container = Container {
         name: "proxy".into(),
         image: Some(image.into()),
-        args: Some(vec!["proxy".into(), "--config".into(), format!("{}/{}", pc::CONFIG_DIR, pc::CONFIG_FILE)]),
+        // JSON like the audit lines on stdout, so the pod's whole log is one format for collectors.
+        args: Some(vec!["proxy".into(), "--config".into(), format!("{}/{}", pc::CONFIG_DIR, pc::CONFIG_FILE), "--log-json".into()]),
         ports: Some(
             [
                 Some(ContainerPort { name: Some("proxy".into()), container_port: pc::LISTEN_PORT.into(), ..Default::default() }),
@@ -1183,7 +1184,7 @@ mod tests {
         let pod = d.template.spec.unwrap();
         let ctr = &pod.containers[0];
         assert_eq!(ctr.image.as_deref(), Some("img:1"));
-        assert_eq!(ctr.args.as_ref().unwrap()[0], "proxy");
+        assert_eq!(ctr.args.as_deref().unwrap(), ["proxy", "--config", "/etc/spice-proxy/config/config.json", "--log-json"]);
         let sc = ctr.security_context.as_ref().unwrap();
         assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
         assert_eq!(pod.termination_grace_period_seconds, Some(70));

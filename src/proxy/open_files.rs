@@ -49,7 +49,7 @@ pub fn fit(max_tunnels: usize, workers: usize) -> usize {
     if let Some(to) = planned.raise_to {
         match setrlimit(Resource::Nofile, Rlimit { current: Some(to), maximum: now.maximum }) {
             Ok(()) => {
-                tracing::debug!(from = ?now.current, to, "raised the open-files limit for the tunnel limit");
+                tracing::debug!(from = %shown(now.current), to, "raised the open-files limit for the tunnel limit");
                 limit = Some(to);
             }
             Err(e) => {
@@ -60,8 +60,8 @@ pub fn fit(max_tunnels: usize, workers: usize) -> usize {
     }
     if planned.tunnels < max_tunnels {
         tracing::warn!(
-            open_files_limit = ?limit,
-            hard_limit = ?now.maximum,
+            open_files_limit = %shown(limit),
+            hard_limit = %shown(now.maximum),
             max_tunnels,
             tunnels = planned.tunnels,
             "the open-files limit leaves descriptors for {} tunnels only, fewer than maxTunnels: clients over it get 503 (raise the container runtime's LimitNOFILE)",
@@ -69,6 +69,11 @@ pub fn fit(max_tunnels: usize, workers: usize) -> usize {
         );
     }
     planned.tunnels
+}
+
+/// A limit as a number, or `unlimited` (RLIM_INFINITY).
+fn shown(limit: Option<u64>) -> String {
+    limit.map_or_else(|| "unlimited".into(), |n| n.to_string())
 }
 
 #[cfg(test)]
