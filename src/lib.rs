@@ -1,15 +1,15 @@
 //! spice-operator: runs SPICE console proxies on Kubernetes and resolves which proxy each VM
 //! cluster and pool uses. See README.md for the layout.
 pub mod admin;
-pub mod log_queue;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod engine;
 pub mod labels;
 pub mod leader;
-pub mod managed_fields;
 pub mod listener;
+pub mod log_queue;
+pub mod managed_fields;
 pub mod metrics;
 pub mod proxy;
 pub mod resolve;

@@ -637,7 +637,7 @@ async fn a_stderr_nobody_reads_stops_no_tunnel_and_loses_no_log_line() {
         assert_eq!(status, 407, "guess {i} from {from}");
     }
     assert_metric_reaches(admin, "spice_proxy_auth_lockouts_total", LOCKOUTS as u64).await;
-    // A console with a real ticket still gets through, on either worker.
+    // Consoles with a real ticket still get through.
     let good = spice_gtk_head(&up.to_string(), &basic("vm", &ticket_for("127.0.0.1", &[up.port()], 60, KEY)));
     for _ in 0..4 {
         let (mut s, status, text) = request(proxy, good.as_bytes()).await;
