@@ -12,7 +12,7 @@ use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 
 /// The bridge's TLS client for hypervisors.
 pub fn client_config(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.map_err(|e| anyhow::anyhow!("bad CA PEM: {e}"))?)?;
@@ -45,6 +45,18 @@ mod tests {
     fn subjects_compare_by_component() {
         assert_eq!(super::normalize("O=example, CN=host1"), super::normalize("CN=host1,O=example"));
         assert_ne!(super::normalize("O=example, CN=host1"), super::normalize("O=example, CN=host2"));
+    }
+
+    /// A hypervisor whose TLS library offers it (OpenSSL 3.5+) gets hybrid post-quantum key
+    /// exchange: its key share is the first the bridge sends.
+    #[test]
+    fn the_bridge_offers_post_quantum_key_exchange_first() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+        let config = super::client_config(&ca.pem(), None).unwrap();
+        let groups: Vec<_> = config.crypto_provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(groups.first(), Some(&rustls::NamedGroup::X25519MLKEM768), "{groups:?}");
+        assert!(groups.contains(&rustls::NamedGroup::X25519), "classical groups stay for older hypervisors: {groups:?}");
     }
 }
 
