@@ -327,11 +327,28 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
             Some(dir) => CertSource::Files(dir),
             None => CertSource::Generated { namespace, secret: api.api_tls_secret, ca_config_map: api.api_ca_configmap, dns_names: api.api_dns_names },
         };
-        let (cert, key) = tls::load(&client, &source).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
+        let server_config = match &source {
+            // A Secret of the user's (cert-manager's, say) is renewed in place: serve each renewal.
+            CertSource::Files(dir) => {
+                let files = tls::CertFiles::load(dir.join("tls.crt"), dir.join("tls.key")).map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
+                metrics.engine_api_cert_expiry.set(files.not_after());
+                let expiry = metrics.engine_api_cert_expiry.clone();
+                tokio::spawn(files.clone().keep_reloading("engine API", move |not_after| {
+                    expiry.set(not_after);
+                }));
+                files.server_config()?
+            }
+            // Generated once, valid until 2036, never renewed.
+            CertSource::Generated { namespace, secret, ca_config_map, dns_names } => {
+                let (cert, key) = tls::generated(&client, namespace, secret, ca_config_map, dns_names).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
+                metrics.engine_api_cert_expiry.set(tls::not_after(&cert)?);
+                tls::server_config(&cert, &key)?
+            }
+        };
         let tcp = spice_operator::listener::bind(&api.api_addr, "--api-addr").await?;
         // The bound address: `[::]` may have fallen back to 0.0.0.0 on a node without IPv6.
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
-        let listener = spice_operator::listener::tls(tcp, tls::server_config(&cert, &key)?, Duration::from_secs(10))?;
+        let listener = spice_operator::listener::tls(tcp, server_config, Duration::from_secs(10))?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
         tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
     } else {

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub engine_duration: Family<RouteLabel, Histogram>,
     /// TokenReviews and SubjectAccessReviews the engine API sent (recent yes answers are reused).
     pub engine_reviews: Family<KindLabel, Counter>,
+    /// The notAfter of the certificate the engine API serves (0 while it serves none), for an
+    /// alert before it expires.
+    pub engine_api_cert_expiry: Gauge,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
@@ -111,6 +114,8 @@ impl Default for Metrics {
         registry.register("engine_request_duration_seconds", "Time to answer one engine API request, by route", engine_duration.clone());
         let engine_reviews = Family::<KindLabel, Counter>::default();
         registry.register("engine_reviews", "TokenReviews and SubjectAccessReviews the engine API sent, by kind", engine_reviews.clone());
+        let engine_api_cert_expiry = Gauge::default();
+        registry.register("engine_api_certificate_expiry_timestamp_seconds", "When the certificate the engine API serves expires (seconds since the epoch; 0 while it serves none)", engine_api_cert_expiry.clone());
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
@@ -135,6 +140,7 @@ impl Default for Metrics {
             engine_requests,
             engine_duration,
             engine_reviews,
+            engine_api_cert_expiry,
             spiceproxy_ready,
             spiceproxy_degraded,
             spiceproxy_desired,

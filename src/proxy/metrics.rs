@@ -64,6 +64,8 @@ pub struct ProxyMetrics {
     pub auth_lockouts: Counter,
     /// Tunnels open at once before 503: `maxTunnels`, or fewer where the open-files limit is lower.
     pub tunnel_limit: Gauge,
+    /// The notAfter of the browser-side certificate (0 without one), for an alert before it expires.
+    pub tls_cert_expiry: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -91,7 +93,9 @@ impl Default for ProxyMetrics {
         registry.register("auth_lockouts", "Clients locked out (429) after too many failed authentications", auth_lockouts.clone());
         registry.register("audit_lines_dropped", "Audit lines lost because stdout did not take them as fast as they came (the log says how many, where)", crate::log_queue::stdout().dropped());
         registry.register("log_lines_dropped", "Log lines (stderr) lost because stderr did not take them as fast as they came (the log says how many, where)", crate::log_queue::stderr_dropped());
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit }
+        let tls_cert_expiry = Gauge::default();
+        registry.register("tls_certificate_expiry_timestamp_seconds", "When the browser-side certificate (html5.tlsSecret) expires (seconds since the epoch; 0 without one)", tls_cert_expiry.clone());
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry }
     }
 }
 

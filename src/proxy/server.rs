@@ -109,6 +109,8 @@ pub struct Shared {
     auth_failures: AuthThrottle,
     /// Derived once from `cfg.limits`: the listeners and every upstream socket get it.
     keepalive: Keepalive,
+    /// The browser side's certificate (`html5.tls`), read again as its Secret is renewed.
+    pub(crate) html5_cert: Option<Arc<crate::engine::tls::CertFiles>>,
 }
 
 /// One audit line per connection. A plain struct, not a JSON map, because it lives as long as
@@ -447,13 +449,15 @@ impl ProxyServer {
         let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
         let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
+        let mut html5_cert = None;
         let html5 = match &cfg.html5 {
             Some(h) => {
                 if cfg.auth_mode != AuthMode::Ticket {
                     anyhow::bail!("the browser path needs auth mode Ticket: its token names the target");
                 }
                 if let Some(files) = &h.tls {
-                    super::websocket::tls_config(files).map_err(|e| anyhow::anyhow!("browser-side TLS: {e:#}"))?;
+                    let cert = crate::engine::tls::CertFiles::load(&files.cert_file, &files.key_file).map_err(|e| anyhow::anyhow!("browser-side TLS: {e:#}"))?;
+                    html5_cert = Some(cert);
                 }
                 if let Some(u) = &h.upstream_tls {
                     super::websocket::upstream_config(u).map_err(|e| anyhow::anyhow!("TLS to hypervisors: {e:#}"))?;
@@ -469,6 +473,9 @@ impl ProxyServer {
         let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize, listeners.len());
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
+        if let Some(cert) = &html5_cert {
+            metrics.tls_cert_expiry.set(cert.not_after());
+        }
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
             tunnels: Arc::new(Semaphore::new(tunnel_limit)),
@@ -477,6 +484,7 @@ impl ProxyServer {
             per_client: Mutex::new(HashMap::new()),
             auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive,
+            html5_cert,
             cfg,
         });
         Ok(Self { shared, listeners, admin, html5 })
@@ -503,6 +511,12 @@ impl ProxyServer {
         };
         let admin_task = tokio::spawn(crate::admin::serve(admin, encode, crate::admin::ready_while(ready_rx, "draining")));
         let reload = tokio::spawn(reload_credentials(shared.clone()));
+        let reload_cert = shared.html5_cert.clone().map(|cert| {
+            let s = shared.clone();
+            tokio::spawn(cert.keep_reloading("browser-side TLS", move |not_after| {
+                s.metrics.tls_cert_expiry.set(not_after);
+            }))
+        });
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let tracker = Tracker::new();
         let html5_task = html5.map(|l| {
@@ -549,6 +563,9 @@ impl ProxyServer {
         let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
         admin_task.abort();
         reload.abort();
+        if let Some(r) = reload_cert {
+            r.abort();
+        }
         Ok(())
     }
 }
@@ -818,6 +835,7 @@ mod tests {
             per_client: Mutex::new(HashMap::new()),
             auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive: Keepalive::within(cfg.limits.dead_peer_timeout()),
+            html5_cert: None,
             cfg,
         })
     }

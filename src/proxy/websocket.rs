@@ -81,8 +81,9 @@ pub async fn serve(
             let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
             axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
         }
-        (Some(files), pp) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(files).map_err(std::io::Error::other)?);
+        (Some(_), pp) => {
+            let cert = bridge.shared.html5_cert.as_ref().expect("loaded when the proxy started");
+            let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config().map_err(std::io::Error::other)?);
             let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, false, move |tcp| acceptor.accept(tcp)));
             axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
         }
@@ -193,12 +194,6 @@ async fn proxy_header(stream: &mut TcpStream, pp: &ProxyProtocolConfig, peer: So
 pub fn upstream_config(u: &super::config::UpstreamTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let ca = std::fs::read_to_string(&u.ca_file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", u.ca_file))?;
     super::upstream_tls::client_config(&ca, u.host_subject.as_deref())
-}
-
-/// The browser-side certificate; checked when the proxy starts so a bad Secret fails loudly.
-pub fn tls_config(files: &super::config::TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let read = |f: &str| std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read {f}: {e}"));
-    crate::engine::tls::server_config(&read(&files.cert_file)?, &read(&files.key_file)?)
 }
 
 fn refuse(status: StatusCode, body: impl Into<String>) -> Response {
