@@ -356,3 +356,42 @@ fn write_vv(body: &str, name: &str) -> PathBuf {
     path
 }
 
+/// `engineApi.tlsSecret` renewed in place (cert-manager, then the kubelet updates the volume):
+/// the running operator serves the renewal to new connections, and its /metrics tells when the
+/// served certificate expires.
+#[tokio::test]
+async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
+    use common::tls::{connect, localhost_cert, renew_in_place, served, trusting};
+    let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
+    let dir = tempfile::tempdir().unwrap();
+    let ((old, old_key), (renewed, renewed_key)) = (localhost_cert(2030), localhost_cert(2031));
+    std::fs::write(dir.path().join("tls.crt"), old.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), old_key.serialize_pem()).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap()];
+    let operator = OperatorProcess::spawn("engine-tls-renewal", &kubeconfig, &args);
+    let config = trusting(&[&old, &renewed]);
+    let expiry = || {
+        let text = http_get(operator.admin_port, "/metrics").unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("spice_operator_engine_api_certificate_expiry_timestamp_seconds ")?.parse::<i64>().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        match connect(addr, &config).await {
+            Ok(tls) => break served(&tls),
+            Err(e) => assert!(Instant::now() < deadline, "the engine API did not answer over TLS within 30 s: {e}\n{}", operator.log_text()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(first, *old.der());
+    assert_eq!(expiry(), Some(1_893_456_000), "2030-01-01T00:00:00Z");
+    renew_in_place(dir.path(), &renewed, &renewed_key);
+    let within = spice_operator::engine::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let deadline = Instant::now() + within;
+    while served(&connect(addr, &config).await.unwrap()) != *renewed.der() {
+        assert!(Instant::now() < deadline, "the renewed certificate was not served within {within:?}:\n{}", operator.log_text());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(expiry(), Some(1_924_992_000), "2031-01-01T00:00:00Z");
+    assert!(operator.log_text().contains("engine API: serving the renewed certificate"), "{}", operator.log_text());
+}

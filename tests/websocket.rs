@@ -497,7 +497,7 @@ async fn wss_with_a_certificate_and_the_https_origin() {
     let b = start_with(600, 1, Some((cert.pem(), key.serialize_pem()))).await;
     let (up, _) = echo().await;
     let t = token(up.port(), VALID, KEY);
-    let config = trusting(&[&cert]);
+    let config = common::tls::trusting(&[&cert]);
     let wss = |origin: &'static str| {
         let config = config.clone();
         let t = t.clone();
@@ -527,59 +527,26 @@ async fn wss_with_a_certificate_and_the_https_origin() {
     let _ = b.stop.send(true);
 }
 
-/// A TLS client that trusts `certs` (self-signed) and nothing else.
-fn trusting(certs: &[&rcgen::Certificate]) -> std::sync::Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    certs.iter().for_each(|c| roots.add(c.der().clone()).unwrap());
-    std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
-/// A certificate for `localhost` that expires on 1 January of `year`.
-fn localhost_cert(year: i32) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params.not_after = rcgen::date_time_ymd(year, 1, 1);
-    (params.self_signed(&key).unwrap(), key)
-}
-
 /// cert-manager renews a kubernetes.io/tls Secret in place and the kubelet rewrites the mounted
 /// files: new connections get the renewed certificate without a restart, open ones keep working,
 /// and /metrics tells when the served one expires.
 #[tokio::test]
 async fn a_renewed_browser_certificate_is_served_without_a_restart() {
+    use common::tls::{connect, localhost_cert, renew_in_place, served, trusting};
     let ((old, old_key), (renewed, renewed_key)) = (localhost_cert(2030), localhost_cert(2031));
     let b = start_with(600, 1, Some((old.pem(), old_key.serialize_pem()))).await;
     let config = trusting(&[&old, &renewed]);
-    let connect = || async {
-        let tcp = TcpStream::connect(b.web).await.unwrap();
-        tokio_rustls::TlsConnector::from(config.clone()).connect("localhost".try_into().unwrap(), tcp).await.expect("TLS handshake with the bridge")
-    };
-    let served = |tls: &tokio_rustls::client::TlsStream<TcpStream>| tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     let expiry = || async {
         let text = raw(b.admin, "GET /metrics HTTP/1.0\r\n\r\n").await;
         text.lines().find_map(|l| l.strip_prefix("spice_proxy_tls_certificate_expiry_timestamp_seconds ")?.parse::<i64>().ok()).expect("the expiry gauge")
     };
-    let mut open = connect().await;
+    let mut open = connect(b.web, &config).await.expect("TLS handshake with the bridge");
     assert_eq!(served(&open), *old.der());
     assert_eq!(expiry().await, 1_893_456_000, "2030-01-01T00:00:00Z");
-    // What the kubelet does: the new files replace the old ones whole.
-    for (name, text) in [("tls.key", renewed_key.serialize_pem()), ("tls.crt", renewed.pem())] {
-        let (path, next) = (b.dir.path().join(name), b.dir.path().join(format!("{name}.next")));
-        std::fs::write(&next, text).unwrap();
-        std::fs::rename(&next, &path).unwrap();
-    }
+    renew_in_place(b.dir.path(), &renewed, &renewed_key);
     let within = spice_operator::engine::tls::RELOAD_EVERY + Duration::from_secs(10);
     let deadline = Instant::now() + within;
-    loop {
-        if served(&connect().await) == *renewed.der() {
-            break;
-        }
+    while served(&connect(b.web, &config).await.unwrap()) != *renewed.der() {
         assert!(Instant::now() < deadline, "the renewed certificate was not served within {within:?} of the files changing");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -7,6 +7,7 @@
 pub mod engine_api;
 pub mod refusal;
 pub mod spice;
+pub mod tls;
 
 use std::fmt::Debug;
 use std::sync::{Arc, OnceLock};
