@@ -55,6 +55,12 @@ async fn standby_takes_over_within_15_seconds_and_two_leaders_never_overlap() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let standby = 1 - leader;
+    // Its admin port may come up a moment after the leader's (each first loads the engine API's
+    // certificate): it must, and say it is not the leader.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procs[standby].is_leader().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(procs[standby].is_leader(), Some(false), "the standby serves /metrics and reports it is not the leader");
     let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     assert_eq!(holder(leases.get(LEASE).await.unwrap()), procs[leader].identity);
