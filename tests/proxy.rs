@@ -646,13 +646,18 @@ async fn a_stderr_nobody_reads_stops_no_tunnel_and_loses_no_log_line() {
     }
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_log_lines_dropped_total"), 0);
     // Now read: every lockout's warning was kept for the reader.
+    let read = lines_read_within_10s(stderr, LOCKOUTS, |l| l.contains("WARN") && l.contains("locked out after 1 failed authentications")).await;
+    assert_eq!(read, LOCKOUTS);
+}
+
+/// Reads `out` (a pipe left unread until now) and counts the lines `wanted` picks, up to `n`;
+/// fails if that takes more than 10 s.
+async fn lines_read_within_10s(out: impl std::io::Read + Send + 'static, n: usize, wanted: fn(&str) -> bool) -> usize {
     let reading = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
-        let lines = std::io::BufReader::new(stderr).lines().map_while(Result::ok);
-        lines.filter(|l| l.contains("WARN") && l.contains("locked out after 1 failed authentications")).take(LOCKOUTS).count()
+        std::io::BufReader::new(out).lines().map_while(Result::ok).filter(|l| wanted(l)).take(n).count()
     });
-    let read = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("every warning within 10 s of reading").unwrap();
-    assert_eq!(read, LOCKOUTS);
+    tokio::time::timeout(Duration::from_secs(10), reading).await.expect("every line within 10 s of reading").unwrap()
 }
 
 /// Opens `n` tunnels through `proxy` to `up` and keeps them open; each must answer 200 and
@@ -689,12 +694,7 @@ async fn a_stdout_nobody_reads_stops_no_tunnel_and_loses_no_audit_line() {
     assert_metric_reaches(admin, "spice_proxy_tunnels_total{outcome=\"ok\"}", TUNNELS as u64).await;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_audit_lines_dropped_total"), 0);
     // Now read: every tunnel's line was kept for the reader.
-    let reading = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
-        lines.filter(|l| l.contains("\"event\":\"tunnel\"") && l.contains("\"outcome\":\"ok\"")).take(TUNNELS).count()
-    });
-    let read = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("every audit line within 10 s of reading").unwrap();
+    let read = lines_read_within_10s(stdout, TUNNELS, |l| l.contains("\"event\":\"tunnel\"") && l.contains("\"outcome\":\"ok\"")).await;
     assert_eq!(read, TUNNELS);
 }
 

@@ -77,15 +77,19 @@ pub async fn generated(client: &Client, namespace: &str, secret: &str, ca_config
 pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().context("bad certificate PEM")?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("bad private key PEM")?;
-    let mut config = server_config_builder()?.with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(with_alpn(server_config_builder()?.with_single_cert(certs, key)?))
 }
 
 fn server_config_builder() -> anyhow::Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>> {
     Ok(rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth())
+}
+
+/// Both servers speak HTTP/1.1 only (axum without its http2 feature).
+fn with_alpn(mut config: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// How often mounted certificate files are read again. The kubelet takes up to a minute or so
@@ -125,7 +129,11 @@ impl CertFiles {
     /// error (a half-written update, a key that does not match) keeps the previous pair.
     pub fn reload(&self) -> anyhow::Result<bool> {
         let (cert, key) = (read_file(&self.cert_file)?, read_file(&self.key_file)?);
-        if self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).pem == (cert.clone(), key.clone()) {
+        let unchanged = {
+            let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            current.pem.0 == cert && current.pem.1 == key
+        };
+        if unchanged {
             return Ok(false);
         }
         let loaded = parse_pair(cert, key)?;
@@ -140,9 +148,7 @@ impl CertFiles {
 
     /// A server configuration that serves whatever pair was read last.
     pub fn server_config(self: &Arc<Self>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let mut config = server_config_builder()?.with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        Ok(with_alpn(server_config_builder()?.with_cert_resolver(self.clone())))
     }
 
     /// Reloads every `RELOAD_EVERY`, for as long as the server runs; `on_change` gets the new
@@ -179,13 +185,18 @@ fn read_pair(cert_file: &std::path::Path, key_file: &std::path::Path) -> anyhow:
 /// The notAfter of the first certificate in `cert_pem`, in seconds since the epoch.
 pub fn not_after(cert_pem: &str) -> anyhow::Result<i64> {
     let first = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next().context("no certificate in the certificate file")?.context("bad certificate PEM")?;
+    first_not_after(&[first])
+}
+
+fn first_not_after(chain: &[CertificateDer<'_>]) -> anyhow::Result<i64> {
+    let first = chain.first().context("no certificate in the certificate file")?;
     let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| anyhow::anyhow!("bad certificate: {e}"))?;
     Ok(parsed.validity().not_after.timestamp())
 }
 
 fn parse_pair(cert_pem: String, key_pem: String) -> anyhow::Result<Loaded> {
-    let not_after = not_after(&cert_pem)?;
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().context("bad certificate PEM")?;
+    let not_after = first_not_after(&certs)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("bad private key PEM")?;
     let key = rustls::sign::CertifiedKey::from_der(certs, key, &rustls::crypto::aws_lc_rs::default_provider()).context("the key does not fit the certificate")?;
     Ok(Loaded { pem: (cert_pem, key_pem), key: Arc::new(key), not_after })
@@ -196,7 +207,8 @@ mod tests {
     use super::*;
 
     /// Engines get hybrid post-quantum key exchange (X25519 with ML-KEM-768, as Go 1.24+ and
-    /// current browsers offer), so recorded traffic (console tickets) cannot be decrypted later.
+    /// current browsers offer): traffic recorded today (console tickets) stays out of reach of
+    /// a future quantum computer.
     #[test]
     fn the_engine_api_negotiates_post_quantum_key_exchange_over_tls_1_3() {
         let key = rcgen::KeyPair::generate().unwrap();
