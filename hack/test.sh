@@ -4,6 +4,15 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT_DIR"
 
+# A CI clone is built once: incremental caches (as large as the build itself) would only use disk.
+[[ "${CI:-}" == true ]] && export CARGO_INCREMENTAL=0
+# A cold build with its test binaries takes about 6 GiB of target/ (5.5 GiB in CI, 2026-12-05);
+# say so plainly rather than fail mid-link.
+free_kib=$(df -Pk "$ROOT_DIR" | awk 'NR == 2 { print $4 }')
+if (( free_kib < 8 * 1024 * 1024 )); then
+  echo "warning: only $((free_kib / 1024 / 1024)) GiB free under $ROOT_DIR; a cold \`make test\` needs about 6 GiB" >&2
+fi
+
 "$HACK_DIR/deps.sh"
 PATH="$PATH:$("$HACK_DIR/hadolint.sh")"
 export PATH
