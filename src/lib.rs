@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod resolve;
 pub mod rotation;
+pub mod tls;
 
 /// On the first SIGTERM or Ctrl-C runs `begin_stop` (a graceful stop: drain, finish
 /// reconciles); a second one exits the process at once with status 1, as Kubernetes

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use spice_operator::controller::{self, Settings};
 use spice_operator::metrics::{Metrics, RequestLabel};
 use spice_operator::engine::service::{Caches, Engine};
-use spice_operator::engine::tls::{self, CertSource};
+use spice_operator::engine::tls::{self as engine_tls, CertSource};
+use spice_operator::tls;
 use spice_operator::engine::ConsoleRequest;
 use spice_operator::leader::{self, LeaseSettings};
 use spice_operator::{admin, crd};
@@ -330,17 +331,17 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let server_config = match &source {
             // A Secret of the user's (cert-manager's, say) is renewed in place: serve each renewal.
             CertSource::Files(dir) => {
-                let files = tls::CertFiles::load(dir.join("tls.crt"), dir.join("tls.key")).map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
+                let files = tls::CertFiles::load_pair(dir.join("tls.crt"), dir.join("tls.key")).map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
                 metrics.engine_api_cert_expiry.set(files.not_after());
                 let expiry = metrics.engine_api_cert_expiry.clone();
-                tokio::spawn(files.clone().keep_reloading("engine API", move |not_after| {
-                    expiry.set(not_after);
+                tokio::spawn(files.clone().keep_reloading("engine API certificate", move |served| {
+                    expiry.set(served.not_after);
                 }));
                 files.server_config()?
             }
             // Generated once, valid until 2036, never renewed.
             CertSource::Generated { namespace, secret, ca_config_map, dns_names } => {
-                let (cert, key) = tls::generated(&client, namespace, secret, ca_config_map, dns_names).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
+                let (cert, key) = engine_tls::generated(&client, namespace, secret, ca_config_map, dns_names).await.map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
                 metrics.engine_api_cert_expiry.set(tls::not_after(&cert)?);
                 tls::server_config(&cert, &key)?
             }

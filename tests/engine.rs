@@ -386,12 +386,12 @@ async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
     assert_eq!(first, *old.der());
     assert_eq!(expiry(), Some(1_893_456_000), "2030-01-01T00:00:00Z");
     renew_in_place(dir.path(), &renewed, &renewed_key);
-    let within = spice_operator::engine::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(10);
     let deadline = Instant::now() + within;
     while served(&connect(addr, &config).await.unwrap()) != *renewed.der() {
         assert!(Instant::now() < deadline, "the renewed certificate was not served within {within:?}:\n{}", operator.log_text());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(expiry(), Some(1_924_992_000), "2031-01-01T00:00:00Z");
-    assert!(operator.log_text().contains("engine API: serving the renewed certificate"), "{}", operator.log_text());
+    assert!(operator.log_text().contains("engine API certificate: using the renewed files"), "{}", operator.log_text());
 }

@@ -309,6 +309,86 @@ async fn a_silent_tls_port_is_a_504_after_the_connect_timeout() {
     let _ = b.stop.send(true);
 }
 
+/// A CA (`name`) and a certificate for the hypervisor at 127.0.0.1 that it signed.
+fn hypervisor_ca(name: &str) -> (rcgen::Certificate, rustls::ServerConfig) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let host = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key)).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![host.der().clone()], key)
+        .unwrap();
+    (ca, server)
+}
+
+/// oVirt rotates its CA by publishing the new one beside the old, then moving hypervisors to
+/// certificates the new one signed. The bridge trusts them once the mounted CA Secret holds the
+/// new CA, without a restart: before, a rotation broke every browser console until the proxy
+/// pods were restarted by hand.
+#[tokio::test]
+async fn a_rotated_hypervisor_ca_is_trusted_without_a_restart() {
+    let (old_ca, _) = hypervisor_ca("old hypervisor CA");
+    let (new_ca, hypervisor_config) = hypervisor_ca("new hypervisor CA");
+    // The hypervisor's tls-port, on a certificate of the new CA: it greets each connection with "REDQ".
+    let tls_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tls_port.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(hypervisor_config));
+    let _hypervisor = tokio::spawn(async move {
+        while let Ok((tcp, _)) = tls_port.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(b"REDQ").await;
+                    let _ = tls.flush().await;
+                    let mut rest = Vec::new();
+                    let _ = tls.read_to_end(&mut rest).await;
+                }
+            });
+        }
+    });
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_file = ca_dir.path().join("ca.crt");
+    std::fs::write(&ca_file, old_ca.pem()).unwrap();
+    let b = start_edited(600, 1, None, |c| {
+        c.html5.as_mut().unwrap().upstream_tls = Some(UpstreamTls { ca_file: ca_file.to_string_lossy().into(), host_subject: None });
+    })
+    .await;
+    let expires = ticket::now() + VALID as u64;
+    let console = ticket::mint(KEY, &Claims { host: "127.0.0.1".into(), ports: vec![port], expires, subject: "vm-tls".into() });
+    let (code, body) = refused_with(open(&b, &format!("?token={console}"), None).await);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("TLS to the hypervisor failed") && body.contains("UnknownIssuer"), "{body}");
+
+    // The rotation: both CAs, the file replaced whole, as the kubelet updates a Secret volume.
+    std::fs::write(ca_dir.path().join("ca.crt.next"), old_ca.pem() + &new_ca.pem()).unwrap();
+    std::fs::rename(ca_dir.path().join("ca.crt.next"), &ca_file).unwrap();
+    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let deadline = Instant::now() + within;
+    let mut ws = loop {
+        match open(&b, &format!("?token={console}"), None).await {
+            Ok(ws) => break ws,
+            Err(e) => {
+                let (code, body) = refused_with(Err(e));
+                assert!(code == 502 && body.contains("UnknownIssuer"), "{code}: {body}");
+                assert!(Instant::now() < deadline, "the rotated CA was not trusted within {within:?} of the file changing");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"REDQ", "the hypervisor's greeting, through TLS"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let _ = b.stop.send(true);
+}
+
 #[tokio::test]
 async fn a_browser_forging_tokens_is_locked_out_with_retry_after() {
     let b = start_edited(600, 1, None, |c| c.limits.max_auth_failures_per_client = 2).await;
@@ -544,7 +624,7 @@ async fn a_renewed_browser_certificate_is_served_without_a_restart() {
     assert_eq!(served(&open), *old.der());
     assert_eq!(expiry().await, 1_893_456_000, "2030-01-01T00:00:00Z");
     renew_in_place(b.dir.path(), &renewed, &renewed_key);
-    let within = spice_operator::engine::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(10);
     let deadline = Instant::now() + within;
     while served(&connect(b.web, &config).await.unwrap()) != *renewed.der() {
         assert!(Instant::now() < deadline, "the renewed certificate was not served within {within:?} of the files changing");

@@ -253,7 +253,8 @@ pub struct Html5Spec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamTlsSpec {
-    /// A Secret in this namespace whose `ca.crt` signed the hypervisors' SPICE certificates.
+    /// A Secret in this namespace whose `ca.crt` signed the hypervisors' SPICE certificates
+    /// (one CA or several; read again as the Secret changes, so a rotation needs no restart).
     #[schemars(length(min = 1, max = 253))]
     pub ca_secret: String,
     /// Check the certificate's subject instead of its name, e.g. `O=example,CN=host1`

@@ -110,7 +110,10 @@ pub struct Shared {
     /// Derived once from `cfg.limits`: the listeners and every upstream socket get it.
     keepalive: Keepalive,
     /// The browser side's certificate (`html5.tls`), read again as its Secret is renewed.
-    pub(crate) html5_cert: Option<Arc<crate::engine::tls::CertFiles>>,
+    pub(crate) html5_cert: Option<Arc<crate::tls::CertFiles>>,
+    /// The bridge's TLS client for hypervisors (`html5.upstreamTls`), its CA read again as its
+    /// Secret changes.
+    pub(crate) hypervisor_tls: Option<Arc<super::upstream_tls::HypervisorTls>>,
 }
 
 /// One audit line per connection. A plain struct, not a JSON map, because it lives as long as
@@ -449,18 +452,19 @@ impl ProxyServer {
         let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
         let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
-        let mut html5_cert = None;
+        let (mut html5_cert, mut hypervisor_tls) = (None, None);
         let html5 = match &cfg.html5 {
             Some(h) => {
                 if cfg.auth_mode != AuthMode::Ticket {
                     anyhow::bail!("the browser path needs auth mode Ticket: its token names the target");
                 }
                 if let Some(files) = &h.tls {
-                    let cert = crate::engine::tls::CertFiles::load(&files.cert_file, &files.key_file).map_err(|e| anyhow::anyhow!("browser-side TLS: {e:#}"))?;
+                    let cert = crate::tls::CertFiles::load_pair(&files.cert_file, &files.key_file).map_err(|e| anyhow::anyhow!("browser-side TLS: {e:#}"))?;
                     html5_cert = Some(cert);
                 }
                 if let Some(u) = &h.upstream_tls {
-                    super::websocket::upstream_config(u).map_err(|e| anyhow::anyhow!("TLS to hypervisors: {e:#}"))?;
+                    let ca = super::upstream_tls::load(&u.ca_file, u.host_subject.clone()).map_err(|e| anyhow::anyhow!("TLS to hypervisors: {e:#}"))?;
+                    hypervisor_tls = Some(ca);
                 }
                 let l = crate::listener::bind(&h.listen, "html5").await?;
                 // Browsers sit behind the same NATs and load balancers as SPICE clients.
@@ -485,6 +489,7 @@ impl ProxyServer {
             auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive,
             html5_cert,
+            hypervisor_tls,
             cfg,
         });
         Ok(Self { shared, listeners, admin, html5 })
@@ -513,10 +518,11 @@ impl ProxyServer {
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let reload_cert = shared.html5_cert.clone().map(|cert| {
             let s = shared.clone();
-            tokio::spawn(cert.keep_reloading("browser-side TLS", move |not_after| {
-                s.metrics.tls_cert_expiry.set(not_after);
+            tokio::spawn(cert.keep_reloading("browser-side certificate", move |served| {
+                s.metrics.tls_cert_expiry.set(served.not_after);
             }))
         });
+        let reload_hypervisor_ca = shared.hypervisor_tls.clone().map(|ca| tokio::spawn(ca.keep_reloading("hypervisor CA", |_| {})));
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let tracker = Tracker::new();
         let html5_task = html5.map(|l| {
@@ -563,9 +569,7 @@ impl ProxyServer {
         let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
         admin_task.abort();
         reload.abort();
-        if let Some(r) = reload_cert {
-            r.abort();
-        }
+        reload_cert.into_iter().chain(reload_hypervisor_ca).for_each(|r| r.abort());
         Ok(())
     }
 }
@@ -836,6 +840,7 @@ mod tests {
             auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive: Keepalive::within(cfg.limits.dead_peer_timeout()),
             html5_cert: None,
+            hypervisor_tls: None,
             cfg,
         })
     }

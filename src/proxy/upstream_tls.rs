@@ -10,9 +10,19 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 
+/// The bridge's TLS client for hypervisors, with the CA read last from the mounted Secret: oVirt
+/// rotates its CA by publishing the new one beside the old, and hypervisors then move to
+/// certificates the new one signed, with no proxy restart in between.
+pub type HypervisorTls = crate::tls::Reloading<rustls::ClientConfig>;
+
+/// Reads the CA file (at start a bad one is an error) and keeps it as `HypervisorTls`.
+pub fn load(ca_file: &str, host_subject: Option<String>) -> anyhow::Result<Arc<HypervisorTls>> {
+    crate::tls::Reloading::load(vec![ca_file.into()], move |texts| client_config(&texts[0], host_subject.as_deref()))
+}
+
 /// The bridge's TLS client for hypervisors.
-pub fn client_config(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+pub fn client_config(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = crate::tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.map_err(|e| anyhow::anyhow!("bad CA PEM: {e}"))?)?;
@@ -22,13 +32,11 @@ pub fn client_config(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result
     }
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let verifier = Arc::new(SubjectVerifier { inner: webpki, host_subject: host_subject.map(normalize) });
-    Ok(Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .dangerous() // a verifier of our own: the chain is still checked by webpki
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth(),
-    ))
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous() // a verifier of our own: the chain is still checked by webpki
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
 }
 
 /// `C=IL, L=Raanana, O=Red Hat, CN=host` and `CN=host,O=Red Hat,L=Raanana,C=IL` are the same
@@ -45,6 +53,30 @@ mod tests {
     fn subjects_compare_by_component() {
         assert_eq!(super::normalize("O=example, CN=host1"), super::normalize("CN=host1,O=example"));
         assert_ne!(super::normalize("O=example, CN=host1"), super::normalize("O=example, CN=host2"));
+    }
+
+    /// A CA file that holds no usable certificate (emptied, or garbled mid-update) keeps the CA
+    /// read before: consoles keep opening. At start the same file is an error naming it.
+    #[test]
+    fn a_ca_file_without_a_usable_certificate_keeps_the_ca_read_before() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.crt");
+        std::fs::write(&file, ca.pem()).unwrap();
+        let tls = super::load(file.to_str().unwrap(), None).unwrap();
+        let before = tls.current();
+        for (text, says) in [("", "holds no certificate"), ("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n", "bad CA PEM")] {
+            std::fs::write(&file, text).unwrap();
+            let e = format!("{:#}", tls.reload().unwrap_err());
+            assert!(e.contains(says) && e.contains("ca.crt"), "{e}");
+            assert!(std::sync::Arc::ptr_eq(&before, &tls.current()), "the CA read before is still used");
+            let e = format!("{:#}", super::load(file.to_str().unwrap(), None).unwrap_err());
+            assert!(e.contains(says) && e.contains("ca.crt"), "{e}");
+        }
+        std::fs::write(&file, ca.pem() + &ca.pem()).unwrap();
+        assert!(tls.reload().unwrap(), "a changed file is read");
+        assert!(!std::sync::Arc::ptr_eq(&before, &tls.current()));
     }
 
     /// A hypervisor whose TLS library offers it (OpenSSL 3.5+) gets hybrid post-quantum key

@@ -52,8 +52,6 @@ struct Bridge {
     allowed_origins: Vec<String>,
     /// "https" when the browser side is TLS: the only scheme a same-origin page can have.
     scheme: &'static str,
-    /// TLS to the hypervisor's tls-port, when configured.
-    upstream_tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Serves pages and WebSockets on `listener` until `shutdown` resolves; bridges run as
@@ -67,11 +65,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let html5 = shared.cfg.html5.clone().expect("serve is only called with html5 configured");
     let scheme = if html5.tls.is_some() { "https" } else { "http" };
-    let upstream_tls = match &html5.upstream_tls {
-        Some(u) => Some(tokio_rustls::TlsConnector::from(upstream_config(u).map_err(std::io::Error::other)?)),
-        None => None,
-    };
-    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme, upstream_tls });
+    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme });
     let app = axum::Router::new().fallback(handle).with_state(bridge.clone()).into_make_service_with_connect_info::<PeerAddr>();
     let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
     let local = PeerAddr { client: listener.local_addr()?, via: None };
@@ -190,12 +184,6 @@ async fn proxy_header(stream: &mut TcpStream, pp: &ProxyProtocolConfig, peer: So
     }
 }
 
-/// The hypervisor CA and subject; checked when the proxy starts.
-pub fn upstream_config(u: &super::config::UpstreamTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let ca = std::fs::read_to_string(&u.ca_file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", u.ca_file))?;
-    super::upstream_tls::client_config(&ca, u.host_subject.as_deref())
-}
-
 fn refuse(status: StatusCode, body: impl Into<String>) -> Response {
     let mut body = body.into();
     body.push('\n');
@@ -249,7 +237,7 @@ async fn handle(
         }
     };
     // Engines mint [port, tls-port]: the plain port first, the TLS port last.
-    let port = if bridge.upstream_tls.is_some() { claims.ports.last() } else { claims.ports.first() };
+    let port = if bridge.shared.hypervisor_tls.is_some() { claims.ports.last() } else { claims.ports.first() };
     let Some(&port) = port else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::UNAUTHORIZED, "the token names no port".into());
     };
@@ -270,9 +258,11 @@ async fn handle(
         Err(r) => return log_refusal(&bridge.shared, audit, started, StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY), r.body),
     };
     audit.upstream = Some(addr);
-    let upstream = match &bridge.upstream_tls {
+    let upstream = match &bridge.shared.hypervisor_tls {
         None => Upstream::Plain(upstream),
-        Some(connector) => {
+        Some(hypervisor_tls) => {
+            // The CA as read last: a rotated one applies to the next console opened.
+            let connector = tokio_rustls::TlsConnector::from(hypervisor_tls.current());
             let name = match rustls::pki_types::ServerName::try_from(claims.host.clone()) {
                 Ok(n) => n,
                 Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("{} is not a name TLS can check", claims.host)),
