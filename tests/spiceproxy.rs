@@ -189,7 +189,9 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     let cfg = wait_for(&cms, "edge-config", T, |cm| Some(config_of(cm)).filter(|c| c.allowed_targets.len() == 2)).await;
     assert_eq!(cfg.allowed_targets[1].ports, vec![(5900, 5900)]);
     let st = wait_for(&api, "edge", T, |s| {
-        s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions) && st.ready_replicas == 3)
+        // Ready says it serves; Progressing=False (Complete) that every replica runs the new template.
+        let complete = |st: &spice_operator::crd::SpiceProxyStatus| st.conditions.iter().any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason == "Complete");
+        s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions) && complete(st) && st.ready_replicas == 3)
     })
     .await;
     assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
@@ -582,3 +584,47 @@ async fn address_spice_clients_cannot_use_is_a_condition_and_nothing_is_applied(
     let st = wait_for(&api, "v6", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
     assert_eq!(st.proxy_url.as_deref().map(|u| u.starts_with("http://console.example.com:")), Some(true));
 }
+
+/// A Secret the pods would mount that does not exist: the pods would wait in ContainerCreating
+/// with nothing in the Deployment saying why. Nothing is applied until it exists; a Secret
+/// deleted once the proxy runs is named too, while the running replicas keep serving and
+/// engines keep the URL.
+#[tokio::test]
+async fn a_missing_secret_is_named_and_nothing_is_applied_until_it_exists() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-secret").await;
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let mut p = spx(&proxy_yaml("edge", &ns.name));
+    p.spec.external_address = Some(spice_operator::crd::ExternalAddress { host: "console.example.com".into(), port: None });
+    p.spec.html5 = Some(serde_json::from_value(json!({"upstreamTls": {"caSecret": "hv-ca"}})).unwrap());
+    api.create(&PostParams::default(), &p).await.unwrap();
+    let why = format!("html5.upstreamTls.caSecret: Secret {}/hv-ca does not exist", ns.name);
+    let condition = |st: &spice_operator::crd::SpiceProxyStatus, t: &str| {
+        st.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())).unwrap()
+    };
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| !st.conditions.is_empty())).await;
+    assert_eq!(condition(&st, "Degraded"), ("True".into(), "SecretNotFound".into(), why.clone()));
+    assert_eq!(condition(&st, "Ready").1, "SecretNotFound");
+    assert_eq!(st.proxy_url, None);
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert!(deploys.get_opt("edge").await.unwrap().is_none(), "nothing is applied while the Secret is missing");
+
+    // The Secret appears: found on the next look (every 10 s), applied, and the proxy becomes Ready.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let ca: Secret = serde_json::from_value(json!({"metadata": {"name": "hv-ca"}, "stringData": {"ca.crt": "-----BEGIN CERTIFICATE-----\n"}})).unwrap();
+    secrets.create(&PostParams::default(), &ca).await.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions) && st.ready_replicas == 2)).await;
+    assert_eq!(condition(&st, "Degraded").0, "False");
+    let url = st.proxy_url.clone().expect("a URL once Ready");
+
+    // Deleted while the proxy runs, then a change: the change waits, and the URL stays.
+    secrets.delete("hv-ca", &DeleteParams::default()).await.unwrap();
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(2))).await;
+    assert_eq!(condition(&st, "Degraded"), ("True".into(), "SecretNotFound".into(), why.clone()));
+    assert_eq!(condition(&st, "Progressing"), ("False".into(), "SecretNotFound".into(), "changes are applied once the Secret exists".into()));
+    assert_eq!((condition(&st, "Ready").0, st.proxy_url.as_deref(), st.ready_replicas), ("True".into(), Some(url.as_str()), 2));
+    assert_eq!(deploys.get("edge").await.unwrap().spec.replicas, Some(2), "the change waits for the Secret");
+}
+

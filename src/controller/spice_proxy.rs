@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
@@ -132,6 +132,20 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
         return update_status(&api, spx, status, ctx).await;
     }
 
+    // dereference: a pod that mounts a Secret which does not exist waits in ContainerCreating,
+    // and neither it nor its Deployment says why; so nothing is applied until the Secret exists.
+    let missing = missing_secrets(&ctx.client, &ns, &spx.spec).await?;
+    if !missing.is_empty() {
+        let live = match live_children(&ctx.client, &ns, &name, spx.metadata.uid.as_deref()).await? {
+            Some((deploy, svc)) => Some((deploy, svc, node_address(spx, &ctx.client).await?)),
+            None => None,
+        };
+        let status = secrets_missing_status(spx, &missing.join("; "), live.as_ref().map(|(d, s, n)| (d, s, n.as_deref())));
+        update_status(&api, spx, status, ctx).await?;
+        // Secrets are not watched (the operator may not list them): look again shortly.
+        return Ok(Action::requeue(SECRET_RECHECK));
+    }
+
     // build (pure) → apply
     let owner = spx.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
     let image = spx.spec.image.clone().unwrap_or_else(|| ctx.settings.proxy_image.clone());
@@ -140,12 +154,7 @@ async fn reconcile_valid(spx: &SpiceProxy, ctx: &Context) -> Result<Action> {
         // A SpiceProxy never reconciled has no children to read back after a restart.
         let reconciled_before = spx.status.as_ref().is_some_and(|s| s.observed_generation.is_some());
         let (deploy, svc) = apply(children, &owner, &ns, &name, reconciled_before, ctx).await?;
-        let node_address = if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() {
-            first_node_address(&ctx.client).await?
-        } else {
-            None
-        };
-        Ok::<_, Error>((deploy, svc, node_address))
+        Ok::<_, Error>((deploy, svc, node_address(spx, &ctx.client).await?))
     };
     let (deploy, svc, node_address) = match applied.await {
         Ok(applied) => applied,
@@ -985,6 +994,19 @@ async fn ensure_key_secret(client: &kube::Client, ns: &str, spx: &str, owner: &O
     }
 }
 
+/// The node address a NodePort URL names, when it names one (no externalAddress).
+async fn node_address(spx: &SpiceProxy, client: &kube::Client) -> Result<Option<String>> {
+    if spx.spec.service.type_ == ServiceType::NodePort && spx.spec.external_address.is_none() { first_node_address(client).await } else { Ok(None) }
+}
+
+/// The Deployment and Service applied before for the SpiceProxy `owner_uid`, if both exist.
+async fn live_children(client: &kube::Client, ns: &str, name: &str, owner_uid: Option<&str>) -> Result<Option<(Deployment, Service)>> {
+    let (deployments, services) = (Api::<Deployment>::namespaced(client.clone(), ns), Api::<Service>::namespaced(client.clone(), ns));
+    let (deploy, svc) = tokio::try_join!(deployments.get_opt(name), services.get_opt(name))?;
+    let owned = |meta: &ObjectMeta| meta.owner_references.iter().flatten().any(|o| Some(o.uid.as_str()) == owner_uid);
+    Ok(deploy.filter(|d| owned(&d.metadata)).zip(svc.filter(|s| owned(&s.metadata))))
+}
+
 /// Address of a schedulable node for a NodePort URL: ExternalIP first, then InternalIP.
 async fn first_node_address(client: &kube::Client) -> Result<Option<String>> {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -1067,12 +1089,15 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
     // the pods do not name, such as a readiness probe that never passes.
     let stalled = ds.conditions.iter().flatten().find(|c| c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
 
-    let (ready_ok, ready_reason, ready_msg) = match (&url, rolled_out) {
-        (Err((true, why)), _) => (false, "UnusableAddress", why.clone()),
+    // Ready means "serving at its URL": policies publish the URL of a Ready proxy only, so a
+    // rollout, a scale-up or one lost replica must not take it from engines while other
+    // replicas serve. Progressing and Degraded tell the rest.
+    let (ready_ok, ready_reason, ready_msg) = match &url {
+        Err((true, why)) => (false, "UnusableAddress", why.clone()),
         _ if desired == 0 => (false, "ScaledToZero", "replicas is 0".to_string()),
-        (_, false) => (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready{}", pods.detail())),
-        (Err((false, why)), true) => (false, "AddressPending", why.clone()),
-        (Ok(u), true) => (true, "ProxyReady", format!("{ready}/{desired} replicas ready at {u}")),
+        _ if ready == 0 => (false, "ReplicasNotReady", format!("{ready}/{desired} replicas ready{}", pods.detail())),
+        Err((false, why)) => (false, "AddressPending", why.clone()),
+        Ok(u) => (true, "ProxyReady", format!("{ready}/{desired} replicas ready at {u}{}", pods.detail())),
     };
     let (degraded, degraded_reason, degraded_msg) = match (&url, replica_failure, pods) {
         (Err((true, why)), _, _) => (true, "UnusableAddress", why.clone()),
@@ -1119,6 +1144,61 @@ pub fn build_status(spx: &SpiceProxy, deploy: &Deployment, svc: &Service, node_a
 }
 
 fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
+    not_applied_status(spx, "InvalidSpec", why, "nothing applied until the spec is fixed")
+}
+
+/// How often a SpiceProxy whose Secret is missing looks for it again.
+const SECRET_RECHECK: Duration = Duration::from_secs(10);
+
+/// The Secrets the proxy pods mount, each with the spec field that names it.
+pub fn mounted_secrets(spec: &SpiceProxySpec) -> Vec<(&'static str, &str)> {
+    let html5 = spec.html5.as_ref();
+    [
+        ("auth.credentialsSecret", spec.auth.credentials_secret.as_deref()),
+        ("html5.tlsSecret", html5.and_then(|h| h.tls_secret.as_deref())),
+        ("html5.upstreamTls.caSecret", html5.and_then(|h| h.upstream_tls.as_ref()).map(|u| u.ca_secret.as_str())),
+    ]
+    .into_iter()
+    .filter_map(|(field, secret)| Some((field, secret?)))
+    .collect()
+}
+
+/// The mounted Secrets that do not exist, each as a sentence. Metadata reads: the operator
+/// never reads the data of a Secret it did not create.
+async fn missing_secrets(client: &kube::Client, ns: &str, spec: &SpiceProxySpec) -> Result<Vec<String>> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut missing = Vec::new();
+    for (field, secret) in mounted_secrets(spec) {
+        if secrets.get_metadata_opt(secret).await?.is_none() {
+            missing.push(format!("{field}: Secret {ns}/{secret} does not exist"));
+        }
+    }
+    Ok(missing)
+}
+
+/// Status while a mounted Secret is missing (`why`) and nothing is applied. The children
+/// applied before, when there are any, still tell how many replicas serve and where: running
+/// pods keep the files they mounted, so engines keep the proxy's URL. Progressing and Degraded
+/// say what is missing.
+pub fn secrets_missing_status(spx: &SpiceProxy, why: &str, live: Option<(&Deployment, &Service, Option<&str>)>) -> SpiceProxyStatus {
+    const WAITING: &str = "changes are applied once the Secret exists";
+    let Some((deploy, svc, node_address)) = live else {
+        return not_applied_status(spx, "SecretNotFound", why, "nothing applied until the Secret exists");
+    };
+    let generation = spx.metadata.generation;
+    let mut status = build_status(spx, deploy, svc, node_address, &PodDiagnosis::NothingWrong);
+    for c in &mut status.conditions {
+        match c.type_.as_str() {
+            "Progressing" => *c = conditions::new("Progressing", false, "SecretNotFound", WAITING, generation),
+            "Degraded" => *c = conditions::new("Degraded", true, "SecretNotFound", why, generation),
+            _ => {}
+        }
+    }
+    status
+}
+
+/// Status when nothing is applied for `reason`: no URL is published for a spec that cannot run.
+fn not_applied_status(spx: &SpiceProxy, reason: &str, why: &str, progressing: &str) -> SpiceProxyStatus {
     let generation = spx.metadata.generation;
     let previous = spx.status.clone().unwrap_or_default();
     SpiceProxyStatus {
@@ -1130,9 +1210,9 @@ fn invalid_status(spx: &SpiceProxy, why: &str) -> SpiceProxyStatus {
         selector: Some(labels::proxy_selector_string(&spx.name_any())),
         observed_generation: generation,
         conditions: vec![
-            conditions::new("Ready", false, "InvalidSpec", why, generation),
-            conditions::new("Progressing", false, "InvalidSpec", "nothing applied until the spec is fixed", generation),
-            conditions::new("Degraded", true, "InvalidSpec", why, generation),
+            conditions::new("Ready", false, reason, why, generation),
+            conditions::new("Progressing", false, reason, progressing, generation),
+            conditions::new("Degraded", true, reason, why, generation),
         ],
     }
 }
@@ -1389,6 +1469,71 @@ mod tests {
         assert_eq!(validate(&s.spec).unwrap_err(), ["service.proxyProtocol.trustedCidrs[0] \"10.0.0.0/33\" is not a CIDR such as 10.0.0.0/16"]);
         let s = spx(&format!("{BASIC}  service: {{type: LoadBalancer, proxyProtocol: {{trustedCidrs: []}}}}\n"));
         assert!(validate(&s.spec).unwrap_err()[0].starts_with("service.proxyProtocol.trustedCidrs is empty"));
+    }
+
+    /// Policies publish the URL of a Ready proxy only: while some replicas serve (a rollout, a
+    /// scale-up, a replica lost) it stays Ready, and Progressing and Degraded say the rest.
+    #[test]
+    fn a_proxy_stays_ready_while_some_replicas_serve() {
+        let s = spx(&format!("{BASIC}  replicas: 2\n  externalAddress: {{host: console.example.com}}\n"));
+        let svc = build(&s, "i").unwrap().service;
+        let of = |st: &SpiceProxyStatus, t: &str| {
+            let c = st.conditions.iter().find(|c| c.type_ == t).unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let st = build_status(&s, &deploy_with(1, 2), &svc, None, &PodDiagnosis::NothingWrong);
+        assert_eq!(of(&st, "Ready"), ("True".into(), "ProxyReady".into(), "1/2 replicas ready at http://console.example.com:3128".into()));
+        assert_eq!(of(&st, "Progressing").1, "RollingOut");
+        assert_eq!(st.proxy_url.as_deref(), Some("http://console.example.com:3128"));
+        // The new replica crashes: still serving, and Degraded says why.
+        let crashing = PodDiagnosis::Problem { pod: "edge-b".into(), reason: "CrashLoopBackOff".into(), message: "container proxy: back-off".into(), others: 0 };
+        let st = build_status(&s, &deploy_with(1, 2), &svc, None, &crashing);
+        assert_eq!(of(&st, "Ready").0, "True");
+        assert!(of(&st, "Ready").2.ends_with("; pod edge-b: CrashLoopBackOff: container proxy: back-off"), "{:?}", of(&st, "Ready"));
+        assert_eq!((of(&st, "Degraded").0, of(&st, "Degraded").1), ("True".into(), "CrashLoopBackOff".into()));
+        // None serving: not Ready, and no policy publishes its URL.
+        let st = build_status(&s, &deploy_with(0, 2), &svc, None, &crashing);
+        assert_eq!((of(&st, "Ready").0, of(&st, "Ready").1), ("False".into(), "ReplicasNotReady".into()));
+        let mut not_ready = s.clone();
+        not_ready.status = Some(st);
+        assert!(not_ready.ready_url().unwrap_err().starts_with("is not Ready (ReplicasNotReady: 0/2 replicas ready"));
+    }
+
+    /// The dereference step checks exactly the Secrets the pods mount (besides the ticket key,
+    /// which the operator makes itself), and while one is missing the children applied before
+    /// still say how many replicas serve and where.
+    #[test]
+    fn every_mounted_secret_is_checked_and_a_missing_one_keeps_the_url_of_what_runs() {
+        let yaml = format!(
+            "{BASIC}  auth: {{credentialsSecret: users}}\n  externalAddress: {{host: console.example.com}}\n  html5: {{tlsSecret: console-cert, upstreamTls: {{caSecret: hv-ca}}}}\n"
+        );
+        let s = spx(&yaml);
+        assert!(validate(&s.spec).is_ok(), "{:?}", validate(&s.spec));
+        let children = build(&s, "i").unwrap();
+        let pod = children.deployment.spec.template.spec.clone().unwrap();
+        let mut mounted: Vec<String> = pod.volumes.unwrap().iter().filter_map(|v| v.secret.as_ref()?.secret_name.clone()).filter(|n| *n != key_secret_name("edge")).collect();
+        mounted.sort();
+        assert_eq!(mounted, ["console-cert", "hv-ca", "users"]);
+        assert_eq!(
+            mounted_secrets(&s.spec),
+            [("auth.credentialsSecret", "users"), ("html5.tlsSecret", "console-cert"), ("html5.upstreamTls.caSecret", "hv-ca")]
+        );
+        assert!(mounted_secrets(&spx(BASIC).spec).is_empty());
+
+        let why = "html5.upstreamTls.caSecret: Secret spice/hv-ca does not exist";
+        // Never applied: nothing runs, no URL.
+        let st = secrets_missing_status(&s, why, None);
+        let reasons: Vec<_> = st.conditions.iter().map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str())).collect();
+        assert_eq!(reasons, [("Ready", "False", "SecretNotFound"), ("Progressing", "False", "SecretNotFound"), ("Degraded", "True", "SecretNotFound")]);
+        assert!(st.conditions.iter().all(|c| c.observed_generation == Some(3)));
+        assert_eq!((st.proxy_url, st.conditions[2].message.as_str()), (None, why));
+        // Applied before, its pods running: they keep the files they mounted, and the URL stays.
+        let st = secrets_missing_status(&s, why, Some((&deploy_with(1, 1), &children.service, None)));
+        let reasons: Vec<_> = st.conditions.iter().map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str())).collect();
+        assert_eq!(reasons[..3], [("Ready", "True", "ProxyReady"), ("Progressing", "False", "SecretNotFound"), ("Degraded", "True", "SecretNotFound")]);
+        assert_eq!((st.proxy_url.as_deref(), st.ready_replicas), (Some("http://console.example.com:3128"), 1));
+        assert_eq!(st.conditions[1].message, "changes are applied once the Secret exists");
+        assert_eq!(st.conditions[2].message, why);
     }
 
     #[test]
