@@ -20,6 +20,11 @@ use tokio::sync::watch;
 #[derive(Parser)]
 #[command(name = "spice-operator", version, about = "SPICE console proxies on Kubernetes")]
 struct Cli {
+    /// A file the error that ends the process is also written to, when the file exists:
+    /// Kubernetes creates it in every container and reports what it holds as the container's
+    /// last termination message (the operator quotes it in a SpiceProxy's status).
+    #[arg(long, global = true, env = "SPICE_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    termination_log: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -233,6 +238,7 @@ fn main() -> ExitCode {
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let termination_log = cli.termination_log.clone();
     let result = runtime.block_on(async_main(cli));
     // The lines still queued, before the error that ends the process: a stream that stays
     // blocked does not keep the process.
@@ -241,8 +247,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spice-operator: {e:#}");
+            write_termination_message(&termination_log, &format!("{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes `message` to the termination-message file if it exists (never creates one: outside a
+/// container that path is not ours). Best effort: the message is on stderr already.
+fn write_termination_message(file: &std::path::Path, message: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).truncate(true).open(file) {
+        use std::io::Write as _;
+        let _ = writeln!(f, "{message}");
     }
 }
 

@@ -1201,6 +1201,38 @@ async fn the_proxy_binary_drains_on_sigterm_and_exits_at_once_on_a_second() {
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await.expect("the tunnel is closed with the process");
 }
 
+/// The error that ends the process is also written to the termination-message file Kubernetes
+/// provides, so `kubectl describe pod` and the SpiceProxy's status quote it; a path that does not
+/// exist (outside a container) is never created.
+#[test]
+fn a_fatal_error_is_the_termination_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(dir.path());
+    cfg.allowed_targets.clear();
+    let config = dir.path().join("proxy.json");
+    std::fs::write(&config, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let run = |termination_log: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .arg("--termination-log")
+            .arg(termination_log)
+            .output()
+            .unwrap()
+    };
+    // The kubelet creates the file before the container starts.
+    let provided = dir.path().join("termination-log");
+    std::fs::write(&provided, "").unwrap();
+    let out = run(&provided);
+    assert_eq!(out.status.code(), Some(1));
+    let sentence = "allowedTargets is empty: refusing to run an open proxy";
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("spice-operator: {sentence}")), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&provided).unwrap(), format!("{sentence}\n"));
+    let absent = dir.path().join("absent-log");
+    assert_eq!(run(&absent).status.code(), Some(1));
+    assert!(!absent.exists(), "a termination-message file is never created");
+}
+
 #[tokio::test]
 async fn drain_ends_early_when_the_last_tunnel_closes() {
     let up = echo_server().await;

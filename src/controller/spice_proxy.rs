@@ -229,7 +229,12 @@ fn pod_problem(pod: &Pod) -> Option<(String, String)> {
     containers.into_iter().find_map(|c| {
         let waiting = c.state.as_ref()?.waiting.as_ref()?;
         let reason = waiting.reason.clone().filter(|r| !STARTING.contains(&r.as_str()))?;
-        let last_exit = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| format!(" (last exit code {})", t.exit_code)).unwrap_or_default();
+        // The proxy writes the error that ended it as its termination message: quote its first line.
+        let last_exit = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| {
+            let said = t.message.as_deref().and_then(|m| m.lines().map(str::trim).find(|l| !l.is_empty()));
+            format!(" (last exit code {}{})", t.exit_code, said.map(|m| format!(": {m}")).unwrap_or_default())
+        });
+        let last_exit = last_exit.unwrap_or_default();
         let message = format!("container {}: {}{last_exit}", c.name, waiting.message.as_deref().unwrap_or(&reason));
         Some((condition_reason(Some(&reason), "ContainerNotStarting"), clip(&message)))
     })
@@ -1628,8 +1633,17 @@ mod tests {
         assert_eq!(d, PodDiagnosis::Problem {
             pod: "edge-a".into(), reason: "ImagePullBackOff".into(), message: "container proxy: Back-off pulling image \"r.example/x\"".into(), others: 2,
         });
-        let PodDiagnosis::Problem { reason, message, .. } = diagnose_pods(&[crashing]) else { panic!() };
+        let PodDiagnosis::Problem { reason, message, .. } = diagnose_pods(std::slice::from_ref(&crashing)) else { panic!() };
         assert_eq!((reason.as_str(), message.as_str()), ("CrashLoopBackOff", "container proxy: back-off 1m20s restarting failed container=proxy (last exit code 2)"));
+        // The error the proxy wrote as its termination message, first line, is quoted.
+        let mut said = crashing;
+        said.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].last_state.as_mut().unwrap().terminated.as_mut().unwrap().message =
+            Some("\nbrowser-side TLS: cannot read /etc/spice-proxy/html5-tls/tls.crt: No such file or directory (os error 2)\nmore\n".into());
+        let PodDiagnosis::Problem { message, .. } = diagnose_pods(&[said]) else { panic!() };
+        assert_eq!(
+            message,
+            "container proxy: back-off 1m20s restarting failed container=proxy (last exit code 2: browser-side TLS: cannot read /etc/spice-proxy/html5-tls/tls.crt: No such file or directory (os error 2))"
+        );
 
         // Ready says how many are ready and why not; Degraded carries the kubelet's or scheduler's reason.
         let s = spx(BASIC);
