@@ -253,3 +253,41 @@ async fn a_policy_whose_status_cannot_be_stored_says_so_until_it_fits() {
     let st = wait_for(&api, &name, T, |p| p.status.clone().filter(|s| s.observed_generation == Some(2) && is_ready(&s.conditions))).await;
     assert_eq!((st.pools.len(), st.clusters.len(), st.resolved_pools), (120, 2, 120));
 }
+
+/// A SpiceProxy stays published while it serves: a rollout its new pods cannot finish (here
+/// unschedulable) leaves the old replica serving, so the policy keeps the proxy's URL for
+/// engines while the SpiceProxy says what holds the rollout up.
+#[tokio::test]
+async fn a_rollout_that_cannot_finish_keeps_the_proxy_published() {
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "ccp-rollout").await;
+    let spx_api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    spx_api.create(&PostParams::default(), &proxy(&ns.name, "edge", "edge.example.com")).await.unwrap();
+    wait_for(&spx_api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    let name = format!("{}-policy", ns.name);
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: ClusterConsolePolicy\nmetadata: {{name: {name}}}\nspec:\n  clusters:\n  - name: prod\n    proxy: {{spiceProxyRef: {{name: edge, namespace: {ns}}}}}\n    pools: [{{name: a}}]\n",
+        ns = ns.name
+    );
+    let api: Api<ClusterConsolePolicy> = Api::all(client.clone());
+    let _cleanup = Cleanup(name.clone());
+    api.create(&PostParams::default(), &policy(&yaml)).await.unwrap();
+    let published = |p: &ClusterConsolePolicy| p.status.as_ref()?.pools.iter().find(|e| e.name == "a")?.proxy_url.clone();
+    assert_eq!(wait_for(&api, &name, T, published).await, "http://edge.example.com:3128");
+
+    // New pods that cannot be scheduled: the old one keeps serving (maxUnavailable 0).
+    spx_api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"nodeSelector": {"spice-operator-test/pool": "nowhere"}}}))).await.unwrap();
+    let condition = |s: &SpiceProxy, t: &str| s.status.as_ref()?.conditions.iter().find(|c| c.type_ == t).cloned();
+    let stuck = wait_for(&spx_api, "edge", T, |s| condition(s, "Degraded").filter(|c| c.reason == "Unschedulable").map(|_| s.clone())).await;
+    let ready = condition(&stuck, "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "ProxyReady"), "{ready:?}");
+    assert!(ready.message.starts_with("1/1 replicas ready at http://edge.example.com:3128; pod edge-") && ready.message.contains("Unschedulable"), "{}", ready.message);
+    assert_eq!(condition(&stuck, "Progressing").map(|c| c.reason), Some("RollingOut".to_string()));
+    // Policies follow a SpiceProxy within two seconds; three later the URL is still published.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = api.get(&name).await.unwrap();
+    assert_eq!(published(&st).as_deref(), Some("http://edge.example.com:3128"), "{:?}", st.status);
+    assert!(is_ready(&st.status.unwrap().conditions));
+}
+
