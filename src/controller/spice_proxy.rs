@@ -1172,13 +1172,9 @@ pub fn mounted_secrets(spec: &SpiceProxySpec) -> Vec<(&'static str, &str)> {
 /// never reads the data of a Secret it did not create.
 async fn missing_secrets(client: &kube::Client, ns: &str, spec: &SpiceProxySpec) -> Result<Vec<String>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let mut missing = Vec::new();
-    for (field, secret) in mounted_secrets(spec) {
-        if secrets.get_metadata_opt(secret).await?.is_none() {
-            missing.push(format!("{field}: Secret {ns}/{secret} does not exist"));
-        }
-    }
-    Ok(missing)
+    let mounted = mounted_secrets(spec);
+    let found = futures::future::try_join_all(mounted.iter().map(|(_, secret)| secrets.get_metadata_opt(secret))).await?;
+    Ok(mounted.iter().zip(found).filter(|(_, found)| found.is_none()).map(|((field, secret), _)| format!("{field}: Secret {ns}/{secret} does not exist")).collect())
 }
 
 /// Status while a mounted Secret is missing (`why`) and nothing is applied. The children

@@ -534,8 +534,9 @@ pub struct SpiceProxyStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Progressing, Degraded and (with html5) Html5Encrypted, keyed by type, with reason
-    /// and message.
+    /// Ready (serving at proxyUrl: at least one replica ready), Progressing (False with reason
+    /// Complete once every replica runs the current spec), Degraded and (with html5)
+    /// Html5Encrypted, keyed by type, with reason and message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
@@ -547,7 +548,7 @@ impl SpiceProxy {
         self.status.as_ref()?.html5_url.as_deref()
     }
 
-    /// The published URL, only when the proxy is Ready for the current generation.
+    /// The published URL, only when the proxy is Ready (some replica serves).
     pub fn ready_url(&self) -> Result<&str, String> {
         let status = self.status.as_ref().ok_or("has no status yet")?;
         let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
