@@ -626,9 +626,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tracker: Tracke
 }
 
 /// Secret volumes are updated in place by the kubelet: pick up rotated keys without a restart.
+/// (Not `crate::tls::Reloading`: a missing previous or next key is normal here, not an error.)
 async fn reload_credentials(shared: Arc<Shared>) {
     loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(crate::tls::RELOAD_EVERY).await;
         match read_credentials(&shared.cfg) {
             Ok(c) => *shared.creds.write().expect("credentials lock") = c,
             Err(e) => tracing::warn!(error = %e, "keeping the previous credentials"),
