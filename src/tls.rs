@@ -155,7 +155,7 @@ pub fn not_after(cert_pem: &str) -> anyhow::Result<i64> {
     first_not_after(&[first])
 }
 
-fn first_not_after(chain: &[CertificateDer<'_>]) -> anyhow::Result<i64> {
+pub(crate) fn first_not_after(chain: &[CertificateDer<'_>]) -> anyhow::Result<i64> {
     let first = chain.first().context("no certificate in the certificate file")?;
     let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| anyhow::anyhow!("bad certificate: {e}"))?;
     Ok(parsed.validity().not_after.timestamp())

@@ -309,12 +309,14 @@ async fn a_silent_tls_port_is_a_504_after_the_connect_timeout() {
     let _ = b.stop.send(true);
 }
 
-/// A CA (`name`) and a certificate for the hypervisor at 127.0.0.1 that it signed.
-fn hypervisor_ca(name: &str) -> (rcgen::Certificate, rustls::ServerConfig) {
+/// A CA (`name`, expiring on 1 January of `year`) and a certificate for the hypervisor at
+/// 127.0.0.1 that it signed.
+fn hypervisor_ca(name: &str, year: i32) -> (rcgen::Certificate, rustls::ServerConfig) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    ca_params.not_after = rcgen::date_time_ymd(year, 1, 1);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let host = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key)).unwrap();
@@ -334,8 +336,8 @@ fn hypervisor_ca(name: &str) -> (rcgen::Certificate, rustls::ServerConfig) {
 /// pods were restarted by hand.
 #[tokio::test]
 async fn a_rotated_hypervisor_ca_is_trusted_without_a_restart() {
-    let (old_ca, _) = hypervisor_ca("old hypervisor CA");
-    let (new_ca, hypervisor_config) = hypervisor_ca("new hypervisor CA");
+    let (old_ca, _) = hypervisor_ca("old hypervisor CA", 2030);
+    let (new_ca, hypervisor_config) = hypervisor_ca("new hypervisor CA", 2031);
     // The hypervisor's tls-port, on a certificate of the new CA: it greets each connection with "REDQ".
     let tls_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = tls_port.local_addr().unwrap().port();
@@ -365,6 +367,11 @@ async fn a_rotated_hypervisor_ca_is_trusted_without_a_restart() {
     let (code, body) = refused_with(open(&b, &format!("?token={console}"), None).await);
     assert_eq!(code, 502, "{body}");
     assert!(body.contains("TLS to the hypervisor failed") && body.contains("UnknownIssuer"), "{body}");
+    let expiry = || async {
+        let text = raw(b.admin, "GET /metrics HTTP/1.0\r\n\r\n").await;
+        text.lines().find_map(|l| l.strip_prefix("spice_proxy_hypervisor_ca_expiry_timestamp_seconds ")?.parse::<i64>().ok()).expect("the CA expiry gauge")
+    };
+    assert_eq!(expiry().await, 1_893_456_000, "2030-01-01T00:00:00Z");
 
     // The rotation: both CAs, the file replaced whole, as the kubelet updates a Secret volume.
     std::fs::write(ca_dir.path().join("ca.crt.next"), old_ca.pem() + &new_ca.pem()).unwrap();
@@ -386,6 +393,8 @@ async fn a_rotated_hypervisor_ca_is_trusted_without_a_restart() {
         Message::Binary(d) => assert_eq!(&d[..], b"REDQ", "the hypervisor's greeting, through TLS"),
         other => panic!("unexpected {other:?}"),
     }
+    // The later of the two CAs: the old one's end is expected during a rotation.
+    assert_eq!(expiry().await, 1_924_992_000, "2031-01-01T00:00:00Z");
     let _ = b.stop.send(true);
 }
 

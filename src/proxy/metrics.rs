@@ -66,6 +66,8 @@ pub struct ProxyMetrics {
     pub tunnel_limit: Gauge,
     /// The notAfter of the browser-side certificate (0 without one), for an alert before it expires.
     pub tls_cert_expiry: Gauge,
+    /// When the last hypervisor CA certificate (html5.upstreamTls) expires (0 without one).
+    pub hypervisor_ca_expiry: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -95,7 +97,13 @@ impl Default for ProxyMetrics {
         registry.register("log_lines_dropped", "Log lines (stderr) lost because stderr did not take them as fast as they came (the log says how many, where)", crate::log_queue::stderr_dropped());
         let tls_cert_expiry = Gauge::default();
         registry.register("tls_certificate_expiry_timestamp_seconds", "When the browser-side certificate (html5.tlsSecret) expires (seconds since the epoch; 0 without one)", tls_cert_expiry.clone());
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry }
+        let hypervisor_ca_expiry = Gauge::default();
+        registry.register(
+            "hypervisor_ca_expiry_timestamp_seconds",
+            "When the last of the hypervisor CA certificates (html5.upstreamTls.caSecret) expires (seconds since the epoch; 0 without them)",
+            hypervisor_ca_expiry.clone(),
+        );
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry, hypervisor_ca_expiry }
     }
 }
 

@@ -480,6 +480,9 @@ impl ProxyServer {
         if let Some(cert) = &html5_cert {
             metrics.tls_cert_expiry.set(cert.not_after());
         }
+        if let Some(ca) = &hypervisor_tls {
+            metrics.hypervisor_ca_expiry.set(ca.current().not_after);
+        }
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
             tunnels: Arc::new(Semaphore::new(tunnel_limit)),
@@ -522,7 +525,12 @@ impl ProxyServer {
                 s.metrics.tls_cert_expiry.set(served.not_after);
             }))
         });
-        let reload_hypervisor_ca = shared.hypervisor_tls.clone().map(|ca| tokio::spawn(ca.keep_reloading("hypervisor CA", |_| {})));
+        let reload_hypervisor_ca = shared.hypervisor_tls.clone().map(|ca| {
+            let s = shared.clone();
+            tokio::spawn(ca.keep_reloading("hypervisor CA", move |read| {
+                s.metrics.hypervisor_ca_expiry.set(read.not_after);
+            }))
+        });
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let tracker = Tracker::new();
         let html5_task = html5.map(|l| {

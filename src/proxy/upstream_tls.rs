@@ -13,11 +13,28 @@ use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 /// The bridge's TLS client for hypervisors, with the CA read last from the mounted Secret: oVirt
 /// rotates its CA by publishing the new one beside the old, and hypervisors then move to
 /// certificates the new one signed, with no proxy restart in between.
-pub type HypervisorTls = crate::tls::Reloading<rustls::ClientConfig>;
+pub type HypervisorTls = crate::tls::Reloading<HypervisorCa>;
+
+/// The TLS client configuration from one reading of the CA file.
+pub struct HypervisorCa {
+    pub config: Arc<rustls::ClientConfig>,
+    /// The latest notAfter of the CA certificates, in seconds since the epoch: once it has
+    /// passed, no hypervisor certificate can be trusted and every browser console fails. (The
+    /// earliest would alarm during every rotation, when the old CA is about to go.)
+    pub not_after: i64,
+}
 
 /// Reads the CA file (at start a bad one is an error) and keeps it as `HypervisorTls`.
 pub fn load(ca_file: &str, host_subject: Option<String>) -> anyhow::Result<Arc<HypervisorTls>> {
-    crate::tls::Reloading::load(vec![ca_file.into()], move |texts| client_config(&texts[0], host_subject.as_deref()))
+    crate::tls::Reloading::load(vec![ca_file.into()], move |texts| {
+        let config = Arc::new(client_config(&texts[0], host_subject.as_deref())?);
+        let not_after = CertificateDer::pem_slice_iter(texts[0].as_bytes())
+            .filter_map(Result::ok)
+            .filter_map(|c| crate::tls::first_not_after(&[c]).ok())
+            .max()
+            .ok_or_else(|| anyhow::anyhow!("the hypervisor CA file holds no certificate"))?;
+        Ok(HypervisorCa { config, not_after })
+    })
 }
 
 /// The bridge's TLS client for hypervisors.

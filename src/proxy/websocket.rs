@@ -262,7 +262,7 @@ async fn handle(
         None => Upstream::Plain(upstream),
         Some(hypervisor_tls) => {
             // The CA as read last: a rotated one applies to the next console opened.
-            let connector = tokio_rustls::TlsConnector::from(hypervisor_tls.current());
+            let connector = tokio_rustls::TlsConnector::from(hypervisor_tls.current().config.clone());
             let name = match rustls::pki_types::ServerName::try_from(claims.host.clone()) {
                 Ok(n) => n,
                 Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("{} is not a name TLS can check", claims.host)),
