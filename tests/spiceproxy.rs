@@ -609,6 +609,9 @@ async fn a_missing_secret_is_named_and_nothing_is_applied_until_it_exists() {
     assert_eq!(st.proxy_url, None);
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     assert!(deploys.get_opt("edge").await.unwrap().is_none(), "nothing is applied while the Secret is missing");
+    // kubectl describe tells it too.
+    let warning = wait_for_event(&client, &ns.name, "SpiceProxy", "edge", "SecretNotFound", T).await;
+    assert_eq!((warning.type_.as_deref(), warning.note.as_deref()), (Some("Warning"), Some(why.as_str())));
 
     // The Secret appears: found on the next look (every 10 s), applied, and the proxy becomes Ready.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
