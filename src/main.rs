@@ -348,11 +348,10 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
             // A Secret of the user's (cert-manager's, say) is renewed in place: serve each renewal.
             CertSource::Files(dir) => {
                 let files = tls::CertFiles::load_pair(dir.join("tls.crt"), dir.join("tls.key")).map_err(|e| anyhow::anyhow!("engine API certificate: {e:#}"))?;
-                metrics.engine_api_cert_expiry.set(files.not_after());
                 let expiry = metrics.engine_api_cert_expiry.clone();
-                tokio::spawn(files.clone().keep_reloading("engine API certificate", move |served| {
+                files.keep_reloading("engine API certificate", move |served| {
                     expiry.set(served.not_after);
-                }));
+                });
                 files.server_config()?
             }
             // Generated once, valid until 2036, never renewed.

@@ -65,9 +65,14 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Ok(true)
     }
 
-    /// Reloads every `RELOAD_EVERY` for as long as the caller keeps the task; `on_change` gets
-    /// each new value (for an expiry gauge, say).
-    pub async fn keep_reloading(self: Arc<Self>, what: &'static str, on_change: impl Fn(&T) + Send + 'static) {
+    /// Gives `on_change` the value read so far (for an expiry gauge, say), then spawns a task
+    /// that reloads every `RELOAD_EVERY` and gives it each new value; abort the task to stop.
+    pub fn keep_reloading(self: &Arc<Self>, what: &'static str, on_change: impl Fn(&T) + Send + 'static) -> tokio::task::JoinHandle<()> {
+        on_change(&self.current());
+        tokio::spawn(self.clone().reload_every_interval(what, on_change))
+    }
+
+    async fn reload_every_interval(self: Arc<Self>, what: &'static str, on_change: impl Fn(&T) + Send + 'static) {
         loop {
             tokio::time::sleep(RELOAD_EVERY).await;
             match self.reload() {

@@ -283,10 +283,7 @@ async fn a_silent_tls_port_is_a_504_after_the_connect_timeout() {
             kept.push(s);
         }
     });
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let (ca, _) = hypervisor_ca("hypervisor CA", 2030);
     let ca_dir = tempfile::tempdir().unwrap();
     let ca_file = ca_dir.path().join("ca.crt");
     std::fs::write(&ca_file, ca.pem()).unwrap();

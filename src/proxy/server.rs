@@ -477,12 +477,6 @@ impl ProxyServer {
         let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize, listeners.len());
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
-        if let Some(cert) = &html5_cert {
-            metrics.tls_cert_expiry.set(cert.not_after());
-        }
-        if let Some(ca) = &hypervisor_tls {
-            metrics.hypervisor_ca_expiry.set(ca.current().not_after);
-        }
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
             tunnels: Arc::new(Semaphore::new(tunnel_limit)),
@@ -521,15 +515,15 @@ impl ProxyServer {
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let reload_cert = shared.html5_cert.clone().map(|cert| {
             let s = shared.clone();
-            tokio::spawn(cert.keep_reloading("browser-side certificate", move |served| {
+            cert.keep_reloading("browser-side certificate", move |served| {
                 s.metrics.tls_cert_expiry.set(served.not_after);
-            }))
+            })
         });
         let reload_hypervisor_ca = shared.hypervisor_tls.clone().map(|ca| {
             let s = shared.clone();
-            tokio::spawn(ca.keep_reloading("hypervisor CA", move |read| {
+            ca.keep_reloading("hypervisor CA", move |read| {
                 s.metrics.hypervisor_ca_expiry.set(read.not_after);
-            }))
+            })
         });
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let tracker = Tracker::new();

@@ -26,34 +26,27 @@ pub struct HypervisorCa {
 
 /// Reads the CA file (at start a bad one is an error) and keeps it as `HypervisorTls`.
 pub fn load(ca_file: &str, host_subject: Option<String>) -> anyhow::Result<Arc<HypervisorTls>> {
-    crate::tls::Reloading::load(vec![ca_file.into()], move |texts| {
-        let config = Arc::new(client_config(&texts[0], host_subject.as_deref())?);
-        let not_after = CertificateDer::pem_slice_iter(texts[0].as_bytes())
-            .filter_map(Result::ok)
-            .filter_map(|c| crate::tls::first_not_after(&[c]).ok())
-            .max()
-            .ok_or_else(|| anyhow::anyhow!("the hypervisor CA file holds no certificate"))?;
-        Ok(HypervisorCa { config, not_after })
-    })
+    crate::tls::Reloading::load(vec![ca_file.into()], move |texts| hypervisor_ca(&texts[0], host_subject.as_deref()))
 }
 
-/// The bridge's TLS client for hypervisors.
-pub fn client_config(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result<rustls::ClientConfig> {
+/// The bridge's TLS client for hypervisors, and when its CAs expire, from one parse of the PEM.
+pub fn hypervisor_ca(ca_pem: &str, host_subject: Option<&str>) -> anyhow::Result<HypervisorCa> {
     let provider = crate::tls::provider();
+    let certs = CertificateDer::pem_slice_iter(ca_pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| anyhow::anyhow!("bad CA PEM: {e}"))?;
+    let not_after = certs.iter().filter_map(|c| crate::tls::first_not_after(std::slice::from_ref(c)).ok()).max();
+    let Some(not_after) = not_after else { anyhow::bail!("the hypervisor CA file holds no certificate") };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|e| anyhow::anyhow!("bad CA PEM: {e}"))?)?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("the hypervisor CA file holds no certificate");
+    for cert in certs {
+        roots.add(cert)?;
     }
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let verifier = Arc::new(SubjectVerifier { inner: webpki, host_subject: host_subject.map(normalize) });
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous() // a verifier of our own: the chain is still checked by webpki
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    Ok(HypervisorCa { config: Arc::new(config), not_after })
 }
 
 /// `C=IL, L=Raanana, O=Red Hat, CN=host` and `CN=host,O=Red Hat,L=Raanana,C=IL` are the same
@@ -102,7 +95,7 @@ mod tests {
     fn the_bridge_offers_post_quantum_key_exchange_first() {
         let key = rcgen::KeyPair::generate().unwrap();
         let ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
-        let config = super::client_config(&ca.pem(), None).unwrap();
+        let config = super::hypervisor_ca(&ca.pem(), None).unwrap().config;
         let groups: Vec<_> = config.crypto_provider().kx_groups.iter().map(|g| g.name()).collect();
         assert_eq!(groups.first(), Some(&rustls::NamedGroup::X25519MLKEM768), "{groups:?}");
         assert!(groups.contains(&rustls::NamedGroup::X25519), "classical groups stay for older hypervisors: {groups:?}");
