@@ -1,6 +1,7 @@
 //! The built-in SPICE proxy run by every SpiceProxy Deployment (`spice-operator proxy`):
 //! HTTP CONNECT tunnels with tickets, an allow-list and a zero-copy splice(2) data path.
 pub mod allow;
+pub mod client_mend;
 pub mod config;
 pub mod head;
 pub mod metrics;

@@ -349,6 +349,7 @@ async fn page(dir: &Path, method: &Method, path: &str) -> Response {
     }
     let file = segments.iter().fold(dir.to_path_buf(), |p, s| p.join(s));
     let Ok(bytes) = tokio::fs::read(&file).await else { return refuse(StatusCode::NOT_FOUND, "not found") };
+    let bytes = super::client_mend::mend(rel, bytes);
     let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     let ctype = match ext {
         "html" => "text/html; charset=utf-8",
@@ -385,9 +386,6 @@ async fn read_chunk(up: &tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Opti
     }
 }
 
-/// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
-/// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
-/// write side; upstream EOF sends Close 1000.
 /// The hypervisor connection: plain TCP, or TLS to its tls-port.
 enum Upstream {
     Plain(TcpStream),
@@ -415,6 +413,9 @@ impl UpReader {
     }
 }
 
+/// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
+/// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
+/// write side; upstream EOF sends Close 1000.
 async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
