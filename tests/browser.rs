@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::free_port;
-use common::spice::{Kill, active_tunnels, artifact, proxy_process, qemu, wait_port};
+use common::spice::{Kill, active_tunnels, artifact, proxy_process, qemu, qemu_with_password, wait_port};
 use serde_json::{Value, json};
+use spice_operator::engine::html5_console_url;
 use spice_operator::proxy::ticket::{self, Claims};
 
 const KEY: &[u8] = b"browser-test-key-0123456789abcde";
@@ -149,6 +150,11 @@ impl Browser {
 
     fn js(&self, script: &str) -> Value {
         self.call("POST", &format!("/session/{}/execute/sync", self.session), Some(json!({"script": script, "args": []})))["value"].clone()
+    }
+
+    /// The text of the page's open prompt or alert, if one is open.
+    fn prompt_text(&self) -> Option<String> {
+        self.call("GET", &format!("/session/{}/alert/text", self.session), None)["value"].as_str().map(String::from)
     }
 
     fn screenshot(&self, name: &str) -> std::path::PathBuf {
@@ -359,4 +365,36 @@ fn the_served_client_encrypts_every_ticket_to_the_full_key_length() {
     let counts = browser.js(&script);
     assert_eq!(counts["short"], 0, "tickets shorter than the key: {counts}");
     assert!(counts["leadingZero"].as_i64().is_some_and(|n| n > 0), "no ticket started with a zero byte, the case is untested: {counts}");
+}
+
+/// A VM whose console has a password (oVirt sets one on every VM): the URL the engine API hands
+/// out carries it beside the token, spice-html5 sends it in the SPICE link, and the screen shows.
+/// Without it, the same VM refuses the link and spice_auto.html asks the user for a password.
+#[test]
+fn browser_console_of_a_vm_with_a_spice_password() {
+    let password = "one-time pw&+%";
+    let (_qemu, spice) = qemu_with_password(password);
+    let p = proxy(spice, false);
+    let base = format!("http://127.0.0.1:{}/spice_auto.html", p.html5);
+    let good = token("127.0.0.1", spice, VALID, KEY);
+
+    let browser = Browser::start();
+    browser.open(&html5_console_url(&base, &good, None));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let asked = loop {
+        match browser.prompt_text() {
+            Some(text) => break Some(text),
+            None if Instant::now() > deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    assert_eq!(asked.as_deref(), Some("Password"), "without the password the page should ask for it");
+    drop(browser);
+
+    let browser = Browser::start();
+    browser.open(&html5_console_url(&base, &good, Some(password)));
+    let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
+    let shot = browser.screenshot("browser-console-password.png");
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen with the password ({lit}; {}); page says: {}", shot.display(), browser.js(MESSAGES));
+    assert_eq!(browser.prompt_text(), None);
 }

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::spice::{Display, active_tunnels, artifact, qemu, unique_colours};
+use common::spice::{Display, active_tunnels, artifact, qemu_with_password, unique_colours};
 use common::engine_api::*;
 use common::*;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
@@ -156,6 +156,8 @@ async fn engine_api_authenticates_authorises_and_reports_bad_requests() {
     let answer = api.console_json(&ok, &body);
     let html5 = answer["html5Url"].as_str().expect("html5Url with a token");
     assert!(html5.starts_with("http://127.0.0.1:6082/spice_auto.html?token=v1."), "{answer}");
+    // The VM's SPICE password too: spice-html5 reads it from the URL only.
+    assert!(html5.ends_with("&password=s3cret"), "{answer}");
     assert!(answer["vv"].as_str().unwrap().contains("proxy=http://console:v1."));
 
     // One audit line per ticket (here: the first console and the JSON one), never the ticket.
@@ -300,7 +302,8 @@ async fn callers_yes_is_reused_briefly_and_a_revoked_binding_stops_working_withi
 #[tokio::test]
 async fn issued_vv_opens_in_remote_viewer_through_the_proxy_and_expires() {
     let client = client().await;
-    let (_qemu, spice_port) = qemu();
+    // The VM's console has a password, as oVirt sets on every VM: the .vv carries it.
+    let (_qemu, spice_port) = qemu_with_password("one-time-pw");
     let api = EngineApi::start(&client).await;
     let s = setup(&client, "engine-vv", spice_port).await;
     let token = service_account_token(&client, &s.ns.name, "engine", true).await;
@@ -310,7 +313,7 @@ async fn issued_vv_opens_in_remote_viewer_through_the_proxy_and_expires() {
     display.screenshot(&blank);
 
     // A fresh console: remote-viewer reaches the VM through the proxy with the ticket.
-    let r = api.console(&token, &json!({"policy": s.policy, "cluster": "prod", "pool": "desktops", "vm": "vm-e2e", "host": "127.0.0.1", "port": spice_port}));
+    let r = api.console(&token, &json!({"policy": s.policy, "cluster": "prod", "pool": "desktops", "vm": "vm-e2e", "host": "127.0.0.1", "port": spice_port, "password": "one-time-pw"}));
     assert_eq!(r.status, 200, "{}", r.body);
     let vv = write_vv(&r.body, "fresh");
     let viewer = display.remote_viewer(&vv);

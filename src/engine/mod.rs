@@ -227,10 +227,36 @@ pub fn proxy_with_ticket(proxy_url: &str, ticket: &str) -> String {
     format!("http://console:{ticket}@{rest}")
 }
 
+/// The browser console's URL: the SpiceProxy's `html5Url` with the ticket as `token` and, when
+/// the VM's SPICE server wants one, its `password`. spice_auto.html reads the password from the
+/// query only (`spice_query_var`, which decodes `+` as a space and `%XX`); without it, the
+/// server refuses the link and the page asks the user for a password they were never told.
+pub fn html5_console_url(base: &str, ticket: &str, password: Option<&str>) -> String {
+    let mut url = format!("{base}?token={ticket}");
+    if let Some(pw) = password {
+        url.push_str("&password=");
+        url.extend(form_urlencoded::byte_serialize(pw.as_bytes()));
+    }
+    url
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crd::{ClusterEntry, PoolEntry, VmOptOut};
+
+    #[test]
+    fn the_browser_console_url_carries_the_ticket_and_the_password_encoded() {
+        let base = "https://console.example.com:6082/spice_auto.html";
+        assert_eq!(html5_console_url(base, "v1.abc", None), format!("{base}?token=v1.abc"));
+        // Every character spice_auto.html's query parsing would split or change on is escaped:
+        // `&` and `=` (parameters), `+` (a space to it), `%`, `#` (the fragment), spaces, UTF-8.
+        assert_eq!(
+            html5_console_url(base, "v1.abc", Some("a&b=c+d %e#f é")),
+            format!("{base}?token=v1.abc&password=a%26b%3Dc%2Bd+%25e%23f+%C3%A9")
+        );
+        assert_eq!(html5_console_url(base, "t", Some("")), format!("{base}?token=t&password="));
+    }
 
     fn choice_url(u: &str) -> Option<ProxyChoice> {
         Some(ProxyChoice { url: Some(u.into()), ..Default::default() })

@@ -330,7 +330,7 @@ impl Engine {
                 ticket_expires = Some(expires);
                 audit(caller, &request, reference, &ports, expires);
                 if html5_reachable {
-                    html5_url = resolution.html5_url.as_ref().map(|base| format!("{base}?token={token}"));
+                    html5_url = resolution.html5_url.as_deref().map(|base| super::html5_console_url(base, &token, request.password.as_deref()));
                 }
                 Some(proxy_with_ticket(resolution.proxy_url.as_deref().unwrap_or_default(), &token))
             }

@@ -27,14 +27,23 @@ pub fn wait_port(port: u16, what: &str) {
 
 /// A diskless VM (it shows its BIOS screen) with SPICE on 127.0.0.1, no password.
 pub fn qemu() -> (Kill, u16) {
+    qemu_spice(None)
+}
+
+/// The same with a SPICE password, as oVirt sets one on every VM's console (no commas).
+pub fn qemu_with_password(password: &str) -> (Kill, u16) {
+    qemu_spice(Some(password))
+}
+
+fn qemu_spice(password: Option<&str>) -> (Kill, u16) {
     let port = super::free_port();
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "accel=tcg", "-m", "64", "-nodefaults", "-vga", "qxl", "-display", "none"])
-        .args(["-spice", &format!("port={port},addr=127.0.0.1,disable-ticketing=on")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-machine", "accel=tcg", "-m", "64", "-nodefaults", "-vga", "qxl", "-display", "none"]);
+    match password {
+        Some(pw) => qemu.args(["-object", &format!("secret,id=spicepw,data={pw}")]).args(["-spice", &format!("port={port},addr=127.0.0.1,password-secret=spicepw")]),
+        None => qemu.args(["-spice", &format!("port={port},addr=127.0.0.1,disable-ticketing=on")]),
+    };
+    let child = qemu.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
     let k = Kill(child);
     wait_port(port, "qemu's SPICE server");
     (k, port)
