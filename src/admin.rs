@@ -25,6 +25,9 @@ struct AdminState {
     ready: Readiness,
 }
 
+/// How long a scraper or probe has to send its request (kubelet probes and Prometheus send at once).
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves until the process ends. `/readyz` answers 200 while `ready` says so, else 503 with the reason.
 pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> anyhow::Result<()> {
     let app = Router::new()
@@ -45,7 +48,7 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> 
             }),
         )
         .with_state(AdminState { metrics, ready });
-    axum::serve(listener, app).await?;
+    crate::listener::serve(listener, app, HEAD_TIMEOUT, |_| (), std::future::pending()).await;
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! Listening sockets. `bind` and `bind_socket` make `[::]` listen on IPv6 and IPv4 alike, so
 //! one default address serves IPv4, dual-stack and IPv6-only clusters. `Admitted` is a listener
-//! for `axum::serve` whose connections are admitted in tasks of their own (a TLS handshake, a
-//! PROXY protocol header), so a slow or silent client never holds up the accept loop or the
-//! clients behind it; the engine API and the proxy's browser port use it.
+//! whose connections are admitted in tasks of their own (a TLS handshake, a PROXY protocol
+//! header), so a slow or silent client never holds up the accept loop or the clients behind it;
+//! the engine API and the proxy's browser port use it. `serve` is every HTTP server's loop
+//! (engine API, browser port, admin ports): axum's, with a time limit on each request head.
 
 use std::future::Future;
 use std::io;
@@ -121,6 +122,53 @@ where
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local.clone())
     }
+}
+
+/// Serves `router` on `listener` as `axum::serve` does (HTTP/1.1, WebSocket upgrades, each
+/// connection's `info(addr)` as the `ConnectInfo` handlers extract), plus what axum::serve lacks:
+/// each request head must arrive within `head_timeout`, counted from when the connection opens
+/// or last finished a response, so a connection that sends no request, or sends its head a line
+/// at a time (slowloris), is closed then. Without it such connections are kept for as long as
+/// the client likes, each holding a descriptor, and enough of them exhaust the process's
+/// descriptors (the proxy's tunnels included). At `shutdown` it stops accepting, lets requests
+/// in flight finish and closes idle connections; upgraded connections are the handlers' own.
+pub async fn serve<L, C>(mut listener: L, router: axum::Router, head_timeout: Duration, info: impl Fn(L::Addr) -> C, shutdown: impl Future<Output = ()>)
+where
+    L: axum::serve::Listener,
+    C: Clone + Send + Sync + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(head_timeout);
+    let connections = tokio_util::task::TaskTracker::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, addr) = tokio::select! {
+            conn = listener.accept() => conn,
+            () = &mut shutdown => break,
+        };
+        let (router, connect_info) = (router.clone(), axum::extract::ConnectInfo(info(addr)));
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(connect_info.clone());
+            router.clone().oneshot(request)
+        });
+        let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    let _ = stop.send(true);
+    connections.close();
+    connections.wait().await;
 }
 
 #[cfg(test)]

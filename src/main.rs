@@ -366,7 +366,11 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
         let listener = spice_operator::listener::tls(tcp, server_config, Duration::from_secs(10))?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
-        tokio::spawn(async move { axum::serve(listener, router).await.map_err(anyhow::Error::from) })
+        // A request head within the TLS handshake's 10 s again: engines send theirs at once.
+        tokio::spawn(async move {
+            spice_operator::listener::serve(listener, router, Duration::from_secs(10), |_| (), futures::future::pending()).await;
+            anyhow::Ok(())
+        })
     } else {
         tokio::spawn(futures::future::pending::<anyhow::Result<()>>())
     };

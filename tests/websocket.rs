@@ -223,6 +223,68 @@ async fn pages_are_served_without_traversal_or_redirects() {
     let _ = b.stop.send(true);
 }
 
+/// Until the connection closes (EOF or an error), at most `limit`: how long that took.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(started.elapsed())
+}
+
+/// The browser port is on the internet: a connection must send its request head within
+/// handshakeTimeoutSeconds, as a CONNECT client must. One that sends nothing, one that sends its
+/// head a header line at a time (slowloris) and one kept alive with no second request are closed
+/// then, so they cannot pile up until the proxy runs out of descriptors; a request in time is answered.
+#[tokio::test]
+async fn connections_that_send_no_request_in_time_are_closed() {
+    let b = start_edited(600, 1, None, |c| c.limits.handshake_timeout_seconds = 2).await;
+    let mut silent = TcpStream::connect(b.web).await.unwrap();
+    let mut kept = TcpStream::connect(b.web).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("spice console") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), kept.read(&mut buf)).await.expect("an answer in time").unwrap();
+        assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(status(&String::from_utf8_lossy(&answer)), 200);
+    let slow = TcpStream::connect(b.web).await.unwrap();
+    let (mut slow_r, mut slow_w) = slow.into_split();
+    let dripping = tokio::spawn(async move {
+        let _ = slow_w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+        for i in 0..30 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if slow_w.write_all(format!("X-Drip-{i}: 1\r\n").as_bytes()).await.is_err() {
+                return i;
+            }
+        }
+        30
+    });
+    let limit = Duration::from_secs(8);
+    let silent_closed = closed_within(&mut silent, limit).await.expect("a silent connection is closed");
+    let kept_closed = closed_within(&mut kept, limit).await.expect("an idle kept-alive connection is closed");
+    let mut buf = Vec::new();
+    let slow_closed = tokio::time::timeout(limit, slow_r.read_to_end(&mut buf)).await;
+    assert!(slow_closed.is_ok(), "a head sent a line at a time is cut off");
+    let lines_sent = dripping.await.unwrap();
+    assert!(lines_sent < 30, "the dripping client could write for 9 s");
+    // Closed after the 2 s limit, not at once (silent was opened first, so it waited longest).
+    assert!(silent_closed > Duration::from_millis(1000) && silent_closed < Duration::from_secs(5), "{silent_closed:?}");
+    assert!(kept_closed < Duration::from_secs(5), "{kept_closed:?}");
+    // A request made in time on a fresh connection is still served.
+    assert_eq!(status(&raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await), 200);
+    let _ = b.stop.send(true);
+}
+
 #[tokio::test]
 async fn handshake_refusals_say_why() {
     let b = start(600, 1).await;
@@ -620,7 +682,9 @@ async fn wss_with_a_certificate_and_the_https_origin() {
 async fn a_renewed_browser_certificate_is_served_without_a_restart() {
     use common::tls::{connect, localhost_cert, renew_in_place, served, trusting};
     let ((old, old_key), (renewed, renewed_key)) = (localhost_cert(2030), localhost_cert(2031));
-    let b = start_with(600, 1, Some((old.pem(), old_key.serialize_pem()))).await;
+    // The connection opened before the renewal sends its request after it, up to 20 s later:
+    // longer than the default time a connection may wait before its request head.
+    let b = start_edited(600, 1, Some((old.pem(), old_key.serialize_pem())), |c| c.limits.handshake_timeout_seconds = 60).await;
     let config = trusting(&[&old, &renewed]);
     let expiry = || async {
         let text = raw(b.admin, "GET /metrics HTTP/1.0\r\n\r\n").await;

@@ -22,11 +22,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::End;
-use crate::listener::Admitted;
+use crate::listener::{self, Admitted};
 use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
 use super::server::{Audit, ClientSlot, Shared, Tracker};
 #[allow(unused_imports)]
@@ -66,22 +66,25 @@ pub async fn serve(
     let html5 = shared.cfg.html5.clone().expect("serve is only called with html5 configured");
     let scheme = if html5.tls.is_some() { "https" } else { "http" };
     let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme });
-    let app = axum::Router::new().fallback(handle).with_state(bridge.clone()).into_make_service_with_connect_info::<PeerAddr>();
+    let app = axum::Router::new().fallback(handle).with_state(bridge.clone());
+    // A page request or WebSocket handshake within the same time as a CONNECT request head.
+    let head_timeout = bridge.shared.cfg.limits.handshake_timeout();
     let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
     let local = PeerAddr { client: listener.local_addr()?, via: None };
     match (&html5.tls, proxy_protocol) {
-        (None, None) => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        (None, None) => listener::serve(listener, app, head_timeout, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
             let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
-            axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
+            listener::serve(admitted, app, head_timeout, |from| from, shutdown).await
         }
         (Some(_), pp) => {
             let cert = bridge.shared.html5_cert.as_ref().expect("loaded when the proxy started");
             let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config().map_err(std::io::Error::other)?);
             let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, false, move |tcp| acceptor.accept(tcp)));
-            axum::serve(admitted, app).with_graceful_shutdown(shutdown).await
+            listener::serve(admitted, app, head_timeout, |from| from, shutdown).await
         }
     }
+    Ok(())
 }
 
 /// Where a browser connection comes from: the client, and with the PROXY protocol the load
@@ -90,21 +93,6 @@ pub async fn serve(
 pub struct PeerAddr {
     pub client: SocketAddr,
     pub via: Option<SocketAddr>,
-}
-
-impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, TcpListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'a, TcpListener>) -> Self {
-        PeerAddr { client: *stream.remote_addr(), via: None }
-    }
-}
-
-impl<'a, Io> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, Admitted<Io, PeerAddr>>> for PeerAddr
-where
-    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'a, Admitted<Io, PeerAddr>>) -> Self {
-        *stream.remote_addr()
-    }
 }
 
 /// How the browser port admits a connection, within the handshake timeout: the PROXY protocol
