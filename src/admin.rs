@@ -28,6 +28,9 @@ struct AdminState {
 /// How long a scraper or probe has to send its request (kubelet probes and Prometheus send at once).
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Scrapers and probes at once: a few in practice.
+const MAX_CONNECTIONS: usize = 256;
+
 /// Serves until the process ends. `/readyz` answers 200 while `ready` says so, else 503 with the reason.
 pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> anyhow::Result<()> {
     let app = Router::new()
@@ -48,7 +51,7 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> 
             }),
         )
         .with_state(AdminState { metrics, ready });
-    crate::listener::serve(listener, app, HEAD_TIMEOUT, |_| (), std::future::pending()).await;
+    crate::listener::serve(listener, app, HEAD_TIMEOUT, crate::listener::connection_limit(MAX_CONNECTIONS), |_| (), std::future::pending()).await;
     Ok(())
 }
 

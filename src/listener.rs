@@ -63,10 +63,20 @@ pub struct Admitted<Io, Addr> {
     local: Addr,
 }
 
+/// How many connections one server holds at once, from accept (its admission included) to close;
+/// one more is closed at once (answered 503 when it can be read). Shared by `Admitted` and `serve`,
+/// each holding a place in turn, so admissions and requests are counted together.
+pub type ConnectionLimit = Arc<tokio::sync::Semaphore>;
+
+pub fn connection_limit(max: usize) -> ConnectionLimit {
+    Arc::new(tokio::sync::Semaphore::new(max.max(1)))
+}
+
 impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
     /// Accepts on `tcp` and runs `admit` for each connection in a task of its own; what it
-    /// returns is served, `None` is dropped. `admit` bounds its own time.
-    pub fn spawn<F, Fut>(tcp: TcpListener, local: Addr, admit: F) -> Self
+    /// returns is served, `None` is dropped. `admit` bounds its own time; a connection past
+    /// `limit` is closed without one.
+    pub fn spawn<F, Fut>(tcp: TcpListener, local: Addr, limit: ConnectionLimit, admit: F) -> Self
     where
         F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Option<(Io, Addr)>> + Send + 'static,
@@ -82,9 +92,15 @@ impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
                 if tx.is_closed() {
                     return;
                 }
+                let Ok(place) = limit.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let (tx, admitted) = (tx.clone(), admit(stream, peer));
                 tokio::spawn(async move {
-                    if let Some(conn) = admitted.await {
+                    let conn = admitted.await;
+                    // `serve` takes a place of its own for the connection it is handed.
+                    drop(place);
+                    if let Some(conn) = conn {
                         let _ = tx.send(conn).await;
                     }
                 });
@@ -95,10 +111,10 @@ impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
 }
 
 /// TLS, each handshake within `limit`.
-pub fn tls(tcp: TcpListener, config: Arc<rustls::ServerConfig>, limit: Duration) -> std::io::Result<Admitted<TlsStream<TcpStream>, SocketAddr>> {
+pub fn tls(tcp: TcpListener, config: Arc<rustls::ServerConfig>, limit: Duration, connections: ConnectionLimit) -> std::io::Result<Admitted<TlsStream<TcpStream>, SocketAddr>> {
     let local = tcp.local_addr()?;
     let acceptor = TlsAcceptor::from(config);
-    Ok(Admitted::spawn(tcp, local, move |stream, peer| {
+    Ok(Admitted::spawn(tcp, local, connections, move |stream, peer| {
         let handshake = acceptor.accept(stream);
         async move { Some((tokio::time::timeout(limit, handshake).await.ok()?.ok()?, peer)) }
     }))
@@ -130,10 +146,18 @@ where
 /// or last finished a response, so a connection that sends no request, or sends its head a line
 /// at a time (slowloris), is closed then. Without it such connections are kept for as long as
 /// the client likes, each holding a descriptor, and enough of them exhaust the process's
-/// descriptors (the proxy's tunnels included). At `shutdown` it stops accepting, lets requests
-/// in flight finish and closes idle connections; upgraded connections are the handlers' own.
-pub async fn serve<L, C>(mut listener: L, router: axum::Router, head_timeout: Duration, info: impl Fn(L::Addr) -> C, shutdown: impl Future<Output = ()>)
-where
+/// descriptors (the proxy's tunnels included). At most `limit` connections are served at once
+/// (an upgraded one leaves the count: it is the handler's, with limits of its own); one more is
+/// answered 503 and closed. At `shutdown` it stops accepting, lets requests in flight finish and
+/// closes idle connections.
+pub async fn serve<L, C>(
+    mut listener: L,
+    router: axum::Router,
+    head_timeout: Duration,
+    limit: ConnectionLimit,
+    info: impl Fn(L::Addr) -> C,
+    shutdown: impl Future<Output = ()>,
+) where
     L: axum::serve::Listener,
     C: Clone + Send + Sync + 'static,
 {
@@ -149,6 +173,10 @@ where
             conn = listener.accept() => conn,
             () = &mut shutdown => break,
         };
+        let Ok(place) = limit.clone().try_acquire_owned() else {
+            tokio::spawn(over_capacity(io));
+            continue;
+        };
         let (router, connect_info) = (router.clone(), axum::extract::ConnectInfo(info(addr)));
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let mut request = request.map(axum::body::Body::new);
@@ -158,6 +186,7 @@ where
         let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
         let mut stopped = stopped.clone();
         connections.spawn(async move {
+            let _place = place;
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
@@ -169,6 +198,21 @@ where
     let _ = stop.send(true);
     connections.close();
     connections.wait().await;
+}
+
+/// The answer of a server that holds as many connections as it may, written within a second.
+async fn over_capacity<Io: AsyncWrite + Unpin>(mut io: Io) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = "over capacity: too many connections, try again later\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(answer.as_bytes()).await?;
+        io.shutdown().await
+    })
+    .await;
 }
 
 #[cfg(test)]

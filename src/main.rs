@@ -364,11 +364,13 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let tcp = spice_operator::listener::bind(&api.api_addr, "--api-addr").await?;
         // The bound address: `[::]` may have fallen back to 0.0.0.0 on a node without IPv6.
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
-        let listener = spice_operator::listener::tls(tcp, server_config, Duration::from_secs(10))?;
+        // Engines hold a few connections each; a thousand at once is far past any of them.
+        let connections = spice_operator::listener::connection_limit(1024);
+        let listener = spice_operator::listener::tls(tcp, server_config, Duration::from_secs(10), connections.clone())?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
         // A request head within the TLS handshake's 10 s again: engines send theirs at once.
         tokio::spawn(async move {
-            spice_operator::listener::serve(listener, router, Duration::from_secs(10), |_| (), futures::future::pending()).await;
+            spice_operator::listener::serve(listener, router, Duration::from_secs(10), connections, |_| (), futures::future::pending()).await;
             anyhow::Ok(())
         })
     } else {

@@ -285,6 +285,29 @@ async fn connections_that_send_no_request_in_time_are_closed() {
     let _ = b.stop.send(true);
 }
 
+/// The browser port holds at most maxTunnels connections that have not become bridges: one
+/// more is answered 503 with a body and closed, and once a place is free again it is served.
+#[tokio::test]
+async fn a_browser_port_full_of_connections_answers_503() {
+    let b = start_edited(600, 1, None, |c| {
+        c.limits.max_tunnels = 2;
+        c.limits.handshake_timeout_seconds = 2;
+    })
+    .await;
+    let _first = TcpStream::connect(b.web).await.unwrap();
+    let _second = TcpStream::connect(b.web).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let r = raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status(&r), 503, "{r}");
+    assert!(r.contains("over capacity") && r.to_ascii_lowercase().contains("retry-after: 1"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered at once, not after a timeout: {:?}", started.elapsed());
+    // The two silent ones are closed after the 2 s head timeout, and their places are free.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status(&raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await), 200);
+    let _ = b.stop.send(true);
+}
+
 #[tokio::test]
 async fn handshake_refusals_say_why() {
     let b = start(600, 1).await;

@@ -71,17 +71,20 @@ pub async fn serve(
     let head_timeout = bridge.shared.cfg.limits.handshake_timeout();
     let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
     let local = PeerAddr { client: listener.local_addr()?, via: None };
+    // Page requests and WebSocket handshakes at once, as many as tunnels (a bridge, once
+    // upgraded, counts as a tunnel instead).
+    let limit = listener::connection_limit(bridge.shared.cfg.limits.max_tunnels.max(1) as usize);
     match (&html5.tls, proxy_protocol) {
-        (None, None) => listener::serve(listener, app, head_timeout, |client| PeerAddr { client, via: None }, shutdown).await,
+        (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
-            let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
-            listener::serve(admitted, app, head_timeout, |from| from, shutdown).await
+            let admitted = Admitted::spawn(listener, local, limit.clone(), admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
+            listener::serve(admitted, app, head_timeout, limit, |from| from, shutdown).await
         }
         (Some(_), pp) => {
             let cert = bridge.shared.html5_cert.as_ref().expect("loaded when the proxy started");
             let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config().map_err(std::io::Error::other)?);
-            let admitted = Admitted::spawn(listener, local, admit(bridge.shared.clone(), pp, false, move |tcp| acceptor.accept(tcp)));
-            listener::serve(admitted, app, head_timeout, |from| from, shutdown).await
+            let admitted = Admitted::spawn(listener, local, limit.clone(), admit(bridge.shared.clone(), pp, false, move |tcp| acceptor.accept(tcp)));
+            listener::serve(admitted, app, head_timeout, limit, |from| from, shutdown).await
         }
     }
     Ok(())
