@@ -51,7 +51,7 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> 
             }),
         )
         .with_state(AdminState { metrics, ready });
-    crate::listener::serve(listener, app, HEAD_TIMEOUT, crate::listener::connection_limit(MAX_CONNECTIONS), |_| (), std::future::pending()).await;
+    crate::listener::serve(listener, app, HEAD_TIMEOUT, crate::listener::ConnectionLimit::new(MAX_CONNECTIONS, Default::default()), |_| (), std::future::pending()).await;
     Ok(())
 }
 

@@ -64,12 +64,28 @@ pub struct Admitted<Io, Addr> {
 }
 
 /// How many connections one server holds at once, from accept (its admission included) to close;
-/// one more is closed at once (answered 503 when it can be read). Shared by `Admitted` and `serve`,
-/// each holding a place in turn, so admissions and requests are counted together.
-pub type ConnectionLimit = Arc<tokio::sync::Semaphore>;
+/// one more is closed at once (answered 503 when it can be read) and counted in `refused`.
+/// Shared by `Admitted` and `serve`, each holding a place in turn, so admissions and requests are
+/// counted together.
+#[derive(Clone)]
+pub struct ConnectionLimit {
+    places: Arc<tokio::sync::Semaphore>,
+    refused: prometheus_client::metrics::counter::Counter,
+}
 
-pub fn connection_limit(max: usize) -> ConnectionLimit {
-    Arc::new(tokio::sync::Semaphore::new(max.max(1)))
+impl ConnectionLimit {
+    pub fn new(max: usize, refused: prometheus_client::metrics::counter::Counter) -> Self {
+        Self { places: Arc::new(tokio::sync::Semaphore::new(max.max(1))), refused }
+    }
+
+    /// A place for one more connection, or None (counted) when all are taken.
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let place = self.places.clone().try_acquire_owned().ok();
+        if place.is_none() {
+            self.refused.inc();
+        }
+        place
+    }
 }
 
 impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
@@ -92,7 +108,7 @@ impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
                 if tx.is_closed() {
                     return;
                 }
-                let Ok(place) = limit.clone().try_acquire_owned() else {
+                let Some(place) = limit.take() else {
                     continue;
                 };
                 let (tx, admitted) = (tx.clone(), admit(stream, peer));
@@ -173,7 +189,7 @@ pub async fn serve<L, C>(
             conn = listener.accept() => conn,
             () = &mut shutdown => break,
         };
-        let Ok(place) = limit.clone().try_acquire_owned() else {
+        let Some(place) = limit.take() else {
             tokio::spawn(over_capacity(io));
             continue;
         };

@@ -365,7 +365,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         // The bound address: `[::]` may have fallen back to 0.0.0.0 on a node without IPv6.
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
         // Engines hold a few connections each; a thousand at once is far past any of them.
-        let connections = spice_operator::listener::connection_limit(1024);
+        let connections = spice_operator::listener::ConnectionLimit::new(1024, metrics.engine_connections_refused.clone());
         let listener = spice_operator::listener::tls(tcp, server_config, Duration::from_secs(10), connections.clone())?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
         // A request head within the TLS handshake's 10 s again: engines send theirs at once.

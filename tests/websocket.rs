@@ -302,6 +302,8 @@ async fn a_browser_port_full_of_connections_answers_503() {
     assert_eq!(status(&r), 503, "{r}");
     assert!(r.contains("over capacity") && r.to_ascii_lowercase().contains("retry-after: 1"), "{r}");
     assert!(started.elapsed() < Duration::from_secs(1), "answered at once, not after a timeout: {:?}", started.elapsed());
+    let metrics = raw(b.admin, "GET /metrics HTTP/1.0\r\n\r\n").await;
+    assert!(metrics.lines().any(|l| l == "spice_proxy_html5_connections_refused_total 1"), "{metrics}");
     // The two silent ones are closed after the 2 s head timeout, and their places are free.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(status(&raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await), 200);

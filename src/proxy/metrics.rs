@@ -68,6 +68,8 @@ pub struct ProxyMetrics {
     pub tls_cert_expiry: Gauge,
     /// When the last hypervisor CA certificate (html5.upstreamTls) expires (0 without one).
     pub hypervisor_ca_expiry: Gauge,
+    /// Browser-port connections turned away because maxTunnels were open that were not bridges.
+    pub html5_connections_refused: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -103,7 +105,13 @@ impl Default for ProxyMetrics {
             "When the last of the hypervisor CA certificates (html5.upstreamTls.caSecret) expires (seconds since the epoch; 0 without them)",
             hypervisor_ca_expiry.clone(),
         );
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry, hypervisor_ca_expiry }
+        let html5_connections_refused = Counter::default();
+        registry.register(
+            "html5_connections_refused",
+            "Browser-port connections closed or answered 503 because maxTunnels connections that were not bridges were open",
+            html5_connections_refused.clone(),
+        );
+        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry, hypervisor_ca_expiry, html5_connections_refused }
     }
 }
 

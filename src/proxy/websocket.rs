@@ -73,7 +73,7 @@ pub async fn serve(
     let local = PeerAddr { client: listener.local_addr()?, via: None };
     // Page requests and WebSocket handshakes at once, as many as tunnels (a bridge, once
     // upgraded, counts as a tunnel instead).
-    let limit = listener::connection_limit(bridge.shared.cfg.limits.max_tunnels.max(1) as usize);
+    let limit = listener::ConnectionLimit::new(bridge.shared.cfg.limits.max_tunnels.max(1) as usize, bridge.shared.metrics.html5_connections_refused.clone());
     match (&html5.tls, proxy_protocol) {
         (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
