@@ -216,16 +216,15 @@ pub async fn serve<L, C>(
     connections.wait().await;
 }
 
-/// The answer of a server that holds as many connections as it may, written within a second.
+/// The answer of a server that holds as many connections as it may (in the form of the proxy's
+/// own refusals), written within a second.
 async fn over_capacity<Io: AsyncWrite + Unpin>(mut io: Io) {
+    use crate::proxy::{head::Version, server};
     use tokio::io::AsyncWriteExt;
-    const BODY: &str = "over capacity: too many connections, try again later\n";
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len()
-    );
+    let refusal = server::Refusal { status: 503, body: "over capacity: too many connections, try again later".into(), retry_after: Some(1) };
+    let answer = server::response(Version::Http11, &refusal);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        io.write_all(answer.as_bytes()).await?;
+        io.write_all(&answer).await?;
         io.shutdown().await
     })
     .await;

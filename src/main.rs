@@ -366,11 +366,12 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
         // Engines hold a few connections each; a thousand at once is far past any of them.
         let connections = spice_operator::listener::ConnectionLimit::new(1024, metrics.engine_connections_refused.clone());
-        let listener = spice_operator::listener::tls(tcp, server_config, Duration::from_secs(10), connections.clone())?;
+        // The TLS handshake within 10 s, then each request head within 10 s: engines send at once.
+        let within = Duration::from_secs(10);
+        let listener = spice_operator::listener::tls(tcp, server_config, within, connections.clone())?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
-        // A request head within the TLS handshake's 10 s again: engines send theirs at once.
         tokio::spawn(async move {
-            spice_operator::listener::serve(listener, router, Duration::from_secs(10), connections, |_| (), futures::future::pending()).await;
+            spice_operator::listener::serve(listener, router, within, connections, |_| (), futures::future::pending()).await;
             anyhow::Ok(())
         })
     } else {
