@@ -5,6 +5,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod engine;
+pub mod http_answer;
 pub mod labels;
 pub mod leader;
 pub mod listener;

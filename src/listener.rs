@@ -216,13 +216,13 @@ pub async fn serve<L, C>(
     connections.wait().await;
 }
 
-/// The answer of a server that holds as many connections as it may (in the form of the proxy's
-/// own refusals), written within a second.
+/// The answer of a server that holds as many connections as it may (in the form of every
+/// refusal, `http_answer`), written within a second.
 async fn over_capacity<Io: AsyncWrite + Unpin>(mut io: Io) {
-    use crate::proxy::{head::Version, server};
+    use crate::http_answer::{Refusal, Version, response};
     use tokio::io::AsyncWriteExt;
-    let refusal = server::Refusal { status: 503, body: "over capacity: too many connections, try again later".into(), retry_after: Some(1) };
-    let answer = server::response(Version::Http11, &refusal);
+    let refusal = Refusal { status: 503, body: "over capacity: too many connections, try again later".into(), retry_after: Some(1) };
+    let answer = response(Version::Http11, &refusal);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         io.write_all(&answer).await?;
         io.shutdown().await

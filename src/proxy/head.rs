@@ -6,20 +6,7 @@ use std::fmt;
 /// Largest request head accepted (slowloris and memory guard).
 pub const MAX_HEAD: usize = 8 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    Http10,
-    Http11,
-}
-
-impl Version {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Version::Http10 => "HTTP/1.0",
-            Version::Http11 => "HTTP/1.1",
-        }
-    }
-}
+pub use crate::http_answer::Version;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

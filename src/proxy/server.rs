@@ -16,6 +16,8 @@ use tokio::sync::{Semaphore, watch};
 use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
+pub use crate::http_answer::{Refusal, response};
+use crate::http_answer::refuse;
 use super::metrics::{Outcome, ProxyMetrics};
 use super::proxy_protocol::{self, HeaderError, Origin};
 use super::sockopt::Keepalive;
@@ -23,49 +25,6 @@ use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::AuthMode;
-
-/// A refusal: status, reason phrase and the one-line body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub body: String,
-    /// Seconds for a `Retry-After` header (429).
-    pub retry_after: Option<u64>,
-}
-
-fn refuse(status: u16, body: impl Into<String>) -> Refusal {
-    Refusal { status, body: body.into(), retry_after: None }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "Connection established",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        407 => "Proxy Authentication Required",
-        408 => "Request Timeout",
-        429 => "Too Many Requests",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
-pub fn response(version: Version, r: &Refusal) -> Vec<u8> {
-    let body = format!("{}\n", r.body);
-    let mut out = format!("{} {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n", version.as_str(), r.status, reason(r.status), body.len());
-    if r.status == 407 {
-        out.push_str("Proxy-Authenticate: Basic realm=\"spice\"\r\n");
-    }
-    if let Some(secs) = r.retry_after {
-        out.push_str(&format!("Retry-After: {secs}\r\n"));
-    }
-    out.push_str("\r\n");
-    out.push_str(&body);
-    out.into_bytes()
-}
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
 #[derive(Default)]

@@ -131,8 +131,8 @@ where
                             let audit = Audit { event: "websocket", client: Some(client), ..Default::default() };
                             drop(log_refusal(&shared, audit, started, status, body.clone()));
                             if plain {
-                                let refusal = super::server::Refusal { status: status.as_u16(), body, retry_after: None };
-                                let _ = stream.write_all(&super::server::response(super::head::Version::Http11, &refusal)).await;
+                                let refusal = crate::http_answer::Refusal { status: status.as_u16(), body, retry_after: None };
+                                let _ = stream.write_all(&crate::http_answer::response(crate::http_answer::Version::Http11, &refusal)).await;
                             }
                             return None;
                         }
