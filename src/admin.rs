@@ -29,7 +29,7 @@ struct AdminState {
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Scrapers and probes at once: a few in practice.
-const MAX_CONNECTIONS: usize = 256;
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Serves until the process ends. `/readyz` answers 200 while `ready` says so, else 503 with the reason.
 pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> anyhow::Result<()> {

@@ -191,6 +191,11 @@ struct ApiArgs {
     /// (a revoked token or binding stops working within it); 0 asks every time.
     #[arg(long, env = "SPICE_API_AUTH_CACHE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
     api_auth_cache_seconds: u64,
+    /// Connections the engine API holds at once, TLS handshakes included; one more is closed
+    /// (answered 503 once its handshake is done). Lowered, with a warning, to what the
+    /// process's open-files limit leaves descriptors for.
+    #[arg(long, env = "SPICE_API_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    api_max_connections: u64,
 }
 
 impl LeaseArgs {
@@ -334,6 +339,11 @@ fn crdgen(output: Option<PathBuf>, chart_template: Option<PathBuf>) -> anyhow::R
     }
 }
 
+/// Descriptors of the operator besides the engine API's connections (one each): the admin
+/// port's, and as many again for the API server connections (watches, the client's pool), the
+/// files it reads and the runtime's own.
+const ENGINE_API_FILES: spice_operator::open_files::Need = spice_operator::open_files::Need { per_connection: 1, reserved: 2 * admin::MAX_CONNECTIONS as u64 };
+
 async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>, api: ApiArgs, namespace: String, shutdown_grace: Duration) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let client = counting_client(metrics.clone()).await?;
@@ -364,8 +374,9 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let tcp = spice_operator::listener::bind(&api.api_addr, "--api-addr").await?;
         // The bound address: `[::]` may have fallen back to 0.0.0.0 on a node without IPv6.
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
-        // Engines hold a few connections each; a thousand at once is far past any of them.
-        let connections = spice_operator::listener::ConnectionLimit::new(1024, metrics.engine_connections_refused.clone());
+        // Engines hold a few connections each; the default thousand at once is far past any of them.
+        let max_connections = spice_operator::open_files::fit(api.api_max_connections as usize, ENGINE_API_FILES, "--api-max-connections", "connections");
+        let connections = spice_operator::listener::ConnectionLimit::new(max_connections, metrics.engine_connections_refused.clone());
         // The TLS handshake within 10 s, then each request head within 10 s: engines send at once.
         let within = Duration::from_secs(10);
         let listener = spice_operator::listener::tls(tcp, server_config, within, connections.clone())?;

@@ -398,3 +398,68 @@ async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
     assert_eq!(expiry(), Some(1_924_992_000), "2031-01-01T00:00:00Z");
     assert!(operator.log_text().contains("engine API certificate: using the renewed files"), "{}", operator.log_text());
 }
+
+/// The engine API holds at most `--api-max-connections` connections at once, fewer when the
+/// process's open-files limit leaves descriptors for fewer (lowered, with a warning that says
+/// so): one more is closed at once, before its TLS handshake, and counted; once a place is
+/// free the next client is served, and those already served never noticed.
+#[tokio::test]
+async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_files_limit_allow() {
+    use common::tls::{connect, localhost_cert, trusting};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = localhost_cert(2030);
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap(), "--api-max-connections", "3"];
+    // 2 × 256 descriptors are kept for the rest of the operator: 514 leave two for the engine API.
+    let operator = OperatorProcess::spawn_limited("engine-connection-limit", &kubeconfig, &args, Some((514, 514)));
+    let config = trusting(&[&cert]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = connect(addr, &config).await {
+        assert!(Instant::now() < deadline, "the engine API did not answer over TLS within 30 s: {e}\n{}", operator.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = operator.log_text();
+    assert!(log.contains("leaves descriptors for 2 connections only, fewer than --api-max-connections asks"), "no warning of the lowered limit:\n{log}");
+    let refused = || engine_counter(operator.admin_port, "spice_operator_engine_connections_refused_total");
+    let before = refused();
+
+    // The two places: one client mid-handshake (it sends nothing), one served and kept alive.
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut served = connect(addr, &config).await.expect("the second place");
+    async fn healthz(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut answer = vec![0; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut answer)).await.expect("an answer within 5 s").unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    }
+    let answer = healthz(&mut served).await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
+
+    // A third: closed at once, before its handshake, and counted.
+    let third = tokio::time::timeout(Duration::from_secs(5), connect(addr, &config)).await.expect("the third connection closed within 5 s");
+    assert!(third.is_err(), "a third connection was served beside two");
+    assert_eq!(refused(), before + 1);
+
+    // The silent client leaves: its place goes to the next client.
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut next = loop {
+        match connect(addr, &config).await {
+            Ok(tls) => break tls,
+            Err(e) => assert!(Instant::now() < deadline, "no place freed within 5 s of a client leaving: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(healthz(&mut next).await.starts_with("HTTP/1.1 200"));
+    assert!(healthz(&mut served).await.starts_with("HTTP/1.1 200"), "the kept-alive connection is still served");
+}
+
+/// A counter from the operator's /metrics (0 while it is not there yet).
+fn engine_counter(admin_port: u16, series: &str) -> u64 {
+    let text = http_get(admin_port, "/metrics").unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(0.0) as u64
+}

@@ -76,6 +76,7 @@ fn bad_values_fail_with_the_path_and_the_reason() {
         ("proxyPodMonitor.interval=often", "/proxyPodMonitor/interval"),
         ("proxyPodMonitor.enable=true", "additional properties 'enable' not allowed"),
         ("engineApi.authCacheSeconds=3600", "/engineApi/authCacheSeconds"),
+        ("engineApi.maxConnections=0", "/engineApi/maxConnections"),
     ] {
         let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", set]);
         let err = String::from_utf8_lossy(&out.stderr);

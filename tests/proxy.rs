@@ -583,7 +583,6 @@ impl ProxyProcess {
 
     /// With the base configuration (tickets signed with `KEY`) as `edit` leaves it.
     fn configured(open_files: Option<(u64, u64)>, edit: impl FnOnce(&mut ProxyConfig)) -> ProxyProcess {
-        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
         std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
@@ -595,15 +594,8 @@ impl ProxyProcess {
         std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"));
         cmd.args(["proxy", "--config"]).arg(&path).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        if let Some((soft, hard)) = open_files {
-            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
-            // SAFETY: setrlimit(2) is async-signal-safe, as code between fork and exec must be.
-            unsafe {
-                cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                });
-            }
+        if let Some(limit) = open_files {
+            common::limit_open_files(&mut cmd, limit);
         }
         let mut child = cmd.spawn().unwrap();
         let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());

@@ -237,9 +237,18 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     pub fn spawn(identity: &str, kubeconfig: &std::path::Path, extra: &[&str]) -> OperatorProcess {
+        Self::spawn_limited(identity, kubeconfig, extra, None)
+    }
+
+    /// As `spawn`, under the open-files limit `soft:hard` when given (as a container runtime sets it).
+    pub fn spawn_limited(identity: &str, kubeconfig: &std::path::Path, extra: &[&str], open_files: Option<(u64, u64)>) -> OperatorProcess {
         let admin_port = free_port();
         let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{identity}.log"));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_spice-operator"));
+        if let Some(limit) = open_files {
+            limit_open_files(&mut command, limit);
+        }
+        let child = command
             .args(["controller", "--admin-addr", &format!("127.0.0.1:{admin_port}"), "--lease-identity", identity])
             .args(["--lease-namespace", RELEASE_NAMESPACE, "--proxy-image", TEST_IMAGE])
             .args(extra)
@@ -282,6 +291,19 @@ impl Drop for OperatorProcess {
         if std::thread::panicking() {
             eprintln!("----- log of operator {} -----\n{}", self.identity, self.log_text());
         }
+    }
+}
+
+/// Starts `command` under the open-files limit `(soft, hard)`, as a container runtime may.
+pub fn limit_open_files(command: &mut std::process::Command, (soft, hard): (u64, u64)) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: setrlimit(2) is async-signal-safe, as code between fork and exec must be.
+    unsafe {
+        command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
     }
 }
 
