@@ -745,6 +745,34 @@ async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
     assert!(!warning.contains('\x1b'), "no colour codes in a log that is not a terminal: {warning:?}");
 }
 
+/// With a browser port, each tunnel place also has a browser connection waiting for its upgrade,
+/// so the open-files limit is shared out with one more descriptor a tunnel, and the browser port
+/// holds only as many connections as tunnels fit: under a hard limit of 256, (256 - 64 - 2 × 11)
+/// / 7 = 24. One more browser connection is answered 503 rather than left to meet EMFILE.
+#[tokio::test]
+async fn under_a_low_open_files_limit_the_browser_port_holds_as_many_connections_as_tunnels_fit() {
+    use spice_operator::proxy::config::Html5Config;
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let p = ProxyProcess::configured(Some((256, 256)), |c| {
+        let listen = web.to_string();
+        c.html5 = Some(Html5Config { listen, static_dir: "/nonexistent".into(), allowed_origins: vec![], tls: None, upstream_tls: None });
+    });
+    const FITS: usize = 24;
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_tunnel_limit"), FITS as u64);
+    let mut waiting = Vec::new();
+    for i in 0..FITS {
+        waiting.push(TcpStream::connect(web).await.unwrap_or_else(|e| panic!("browser connection {i}: {e}")));
+    }
+    // Each is taken in by the accept loop before the next test connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut one_more = TcpStream::connect(web).await.unwrap();
+    one_more.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), one_more.read_to_string(&mut answer)).await.expect("answered within 5 s").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("over capacity"), "{answer}");
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_html5_connections_refused_total"), 1);
+}
+
 #[tokio::test]
 async fn half_close_propagates_both_ways() {
     // The upstream reads until EOF, then answers and closes: only works if our EOF reaches it.

@@ -63,6 +63,8 @@ pub struct Shared {
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
     pub(crate) tunnels: Arc<Semaphore>,
+    /// Its size: `maxTunnels`, or fewer where the open-files limit leaves room for fewer.
+    pub(crate) tunnel_limit: usize,
     per_client: Mutex<HashMap<IpAddr, u32>>,
     /// Failed authentications per client (the same keys as `per_client`).
     auth_failures: AuthThrottle,
@@ -433,12 +435,13 @@ impl ProxyServer {
             None => None,
         };
         // The limit the open-files limit leaves room for, raised first if it can be.
-        let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize, listeners.len());
+        let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize, listeners.len(), html5.is_some());
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
             tunnels: Arc::new(Semaphore::new(tunnel_limit)),
+            tunnel_limit,
             creds: RwLock::new(creds),
             metrics,
             per_client: Mutex::new(HashMap::new()),
@@ -796,6 +799,7 @@ mod tests {
         Arc::new(Shared {
             allow: AllowList::new(vec![]),
             tunnels: Arc::new(Semaphore::new(10)),
+            tunnel_limit: 10,
             creds: RwLock::new(Credentials::default()),
             metrics: ProxyMetrics::default(),
             per_client: Mutex::new(HashMap::new()),

@@ -73,7 +73,8 @@ pub async fn serve(
     let local = PeerAddr { client: listener.local_addr()?, via: None };
     // Page requests and WebSocket handshakes at once, as many as tunnels (a bridge, once
     // upgraded, counts as a tunnel instead).
-    let limit = listener::ConnectionLimit::new(bridge.shared.cfg.limits.max_tunnels.max(1) as usize, bridge.shared.metrics.html5_connections_refused.clone());
+    // As many as there are tunnel places (the open-files limit counts one for each).
+    let limit = listener::ConnectionLimit::new(bridge.shared.tunnel_limit, bridge.shared.metrics.html5_connections_refused.clone());
     match (&html5.tls, proxy_protocol) {
         (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
