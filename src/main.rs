@@ -192,8 +192,8 @@ struct ApiArgs {
     #[arg(long, env = "SPICE_API_AUTH_CACHE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
     api_auth_cache_seconds: u64,
     /// Connections the engine API holds at once, TLS handshakes included; one more is closed
-    /// (answered 503 once its handshake is done). Lowered, with a warning, to what the
-    /// process's open-files limit leaves descriptors for.
+    /// before its handshake and counted. Lowered, with a warning, to what the process's
+    /// open-files limit leaves descriptors for.
     #[arg(long, env = "SPICE_API_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     api_max_connections: u64,
 }
