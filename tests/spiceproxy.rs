@@ -76,10 +76,8 @@ async fn create_builds_owned_children_and_reports_ready_url() {
     let ports = egress[0].ports.as_ref().unwrap();
     assert_eq!((ports[0].port.clone(), ports[0].end_port), (Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(5900)), Some(5999)));
 
-    // kwok runs the pods; the URL is a node address plus the node port. Ready comes with the
-    // first ready replica (it serves then), so wait for the rollout to complete too.
-    let complete = |conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| conds.iter().any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason == "Complete");
-    let status = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions) && complete(&st.conditions))).await;
+    // kwok runs the pods; the URL is a node address plus the node port.
+    let status = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_rolled_out(&st.conditions))).await;
     assert_eq!(status.ready_replicas, 2);
     assert_eq!(status.observed_generation, Some(1));
     let url = status.proxy_url.unwrap();
@@ -149,7 +147,8 @@ async fn pods_that_cannot_run_are_named_in_status_until_they_run() {
 
     // Once the pods may run anywhere, kwok runs them and the problem is gone from status.
     api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"nodeSelector": null}}))).await.unwrap();
-    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_ready(&st.conditions))).await;
+    // Until the rollout completes, the unschedulable pod of the version before is still there.
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| is_rolled_out(&st.conditions))).await;
     let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", "AsExpected"), "{degraded:?}");
     assert_eq!(st.proxy_url.as_deref(), Some("http://edge.example.com:3128"));

@@ -227,6 +227,12 @@ pub fn is_ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Conditi
     conds.iter().any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
+/// Ready with the rollout complete: Ready alone comes with the first ready replica, while pods of
+/// the version before (and their problems) may still be there.
+pub fn is_rolled_out(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    is_ready(conds) && conds.iter().any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason == "Complete")
+}
+
 /// The real `spice-operator controller` binary in the background, killed (SIGKILL) on drop.
 pub struct OperatorProcess {
     pub child: std::process::Child,
