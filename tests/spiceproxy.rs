@@ -189,12 +189,8 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
     let cfg = wait_for(&cms, "edge-config", T, |cm| Some(config_of(cm)).filter(|c| c.allowed_targets.len() == 2)).await;
     assert_eq!(cfg.allowed_targets[1].ports, vec![(5900, 5900)]);
-    let st = wait_for(&api, "edge", T, |s| {
-        // Ready says it serves; Progressing=False (Complete) that every replica runs the new template.
-        let complete = |st: &spice_operator::crd::SpiceProxyStatus| st.conditions.iter().any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason == "Complete");
-        s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_ready(&st.conditions) && complete(st) && st.ready_replicas == 3)
-    })
-    .await;
+    // Ready says it serves; Progressing=False (Complete) that every replica runs the new template.
+    let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_rolled_out(&st.conditions) && st.ready_replicas == 3)).await;
     assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
     // The rolled pods carry the extra label and annotation.
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns.name);
