@@ -75,7 +75,7 @@ pub struct Metrics {
     /// The notAfter of the certificate the engine API serves (0 while it serves none), for an
     /// alert before it expires.
     pub engine_api_cert_expiry: Gauge,
-    /// Engine API connections turned away because 1,024 were open.
+    /// Engine API connections turned away because `--api-max-connections` were open.
     pub engine_connections_refused: Counter,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
@@ -119,7 +119,7 @@ impl Default for Metrics {
         let engine_api_cert_expiry = Gauge::default();
         registry.register("engine_api_certificate_expiry_timestamp_seconds", "When the certificate the engine API serves expires (seconds since the epoch; 0 while it serves none)", engine_api_cert_expiry.clone());
         let engine_connections_refused = Counter::default();
-        registry.register("engine_connections_refused", "Engine API connections closed or answered 503 because 1,024 were open", engine_connections_refused.clone());
+        registry.register("engine_connections_refused", "Engine API connections closed or answered 503 because --api-max-connections (engineApi.maxConnections) were open", engine_connections_refused.clone());
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();

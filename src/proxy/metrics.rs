@@ -68,7 +68,7 @@ pub struct ProxyMetrics {
     pub tls_cert_expiry: Gauge,
     /// When the last hypervisor CA certificate (html5.upstreamTls) expires (0 without one).
     pub hypervisor_ca_expiry: Gauge,
-    /// Browser-port connections turned away because maxTunnels were open that were not bridges.
+    /// Browser-port connections turned away because as many were open, not yet bridges, as the tunnel limit.
     pub html5_connections_refused: Counter,
 }
 
@@ -108,7 +108,7 @@ impl Default for ProxyMetrics {
         let html5_connections_refused = Counter::default();
         registry.register(
             "html5_connections_refused",
-            "Browser-port connections closed or answered 503 because maxTunnels connections that were not bridges were open",
+            "Browser-port connections closed or answered 503 because as many connections that were not bridges were open as the tunnel limit (spice_proxy_tunnel_limit)",
             html5_connections_refused.clone(),
         );
         Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry, hypervisor_ca_expiry, html5_connections_refused }

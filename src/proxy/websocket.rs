@@ -71,9 +71,8 @@ pub async fn serve(
     let head_timeout = bridge.shared.cfg.limits.handshake_timeout();
     let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
     let local = PeerAddr { client: listener.local_addr()?, via: None };
-    // Page requests and WebSocket handshakes at once, as many as tunnels (a bridge, once
-    // upgraded, counts as a tunnel instead).
-    // As many as there are tunnel places (the open-files limit counts one for each).
+    // Page requests and WebSocket handshakes at once: as many as there are tunnel places (the
+    // open-files limit counts a descriptor for each); a bridge, once upgraded, is a tunnel instead.
     let limit = listener::ConnectionLimit::new(bridge.shared.tunnel_limit, bridge.shared.metrics.html5_connections_refused.clone());
     match (&html5.tls, proxy_protocol) {
         (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
@@ -132,7 +131,7 @@ where
                             let audit = Audit { event: "websocket", client: Some(client), ..Default::default() };
                             drop(log_refusal(&shared, audit, started, status, body.clone()));
                             if plain {
-                                let refusal = crate::http_answer::Refusal { status: status.as_u16(), body, retry_after: None };
+                                let refusal = crate::http_answer::refuse(status.as_u16(), body);
                                 let _ = stream.write_all(&crate::http_answer::response(crate::http_answer::Version::Http11, &refusal)).await;
                             }
                             return None;
