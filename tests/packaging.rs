@@ -87,6 +87,18 @@ fn bad_values_fail_with_the_path_and_the_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("serviceMonitor.enabled needs metrics.service.enabled"));
 }
 
+/// An engine API connection limit of 0 (which would refuse every engine) is refused where it is
+/// given, with a sentence naming the flag and the range, before the operator touches anything.
+#[test]
+fn the_operator_refuses_an_engine_api_connection_limit_out_of_range() {
+    for bad in ["0", "1000001", "lots"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spice-operator")).args(["controller", "--api-max-connections", bad]).env_remove("KUBECONFIG").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains(&format!("invalid value '{bad}' for '--api-max-connections")), "{bad}: {err}");
+    }
+}
+
 #[test]
 fn rendered_chart_wires_leader_election_rbac_and_monitoring() {
     let all = render(&["serviceMonitor.enabled=true"]);
@@ -95,7 +107,7 @@ fn rendered_chart_wires_leader_election_rbac_and_monitoring() {
     assert_eq!(deploy["spec"]["replicas"], Value::from(2));
     let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert!(args.contains(&"--leader-election=true") && args.contains(&"--lease-name=spice-operator-leader"), "{args:?}");
-    assert!(args.contains(&"--api-auth-cache-seconds=10"), "{args:?}");
+    assert!(args.contains(&"--api-auth-cache-seconds=10") && args.contains(&"--api-max-connections=1024"), "{args:?}");
     let role = find("Role");
     assert_eq!(role["rules"][1]["resourceNames"][0], Value::from("spice-operator-leader"));
     assert_eq!(find("ServiceMonitor")["spec"]["endpoints"][0]["port"], Value::from("metrics"));
