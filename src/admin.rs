@@ -32,7 +32,9 @@ const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// Serves until the process ends. `/readyz` answers 200 while `ready` says so, else 503 with the reason.
-pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> anyhow::Result<()> {
+/// A connection past `MAX_CONNECTIONS` is answered 503 and counted in `refused`: a probe that
+/// meets it fails, so the count tells why.
+pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, refused: prometheus_client::metrics::counter::Counter) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -51,10 +53,18 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness) -> 
             }),
         )
         .with_state(AdminState { metrics, ready });
-    crate::listener::serve(listener, app, HEAD_TIMEOUT, crate::listener::ConnectionLimit::new(MAX_CONNECTIONS, Default::default()), |_| (), std::future::pending()).await;
+    crate::listener::serve(listener, app, HEAD_TIMEOUT, crate::listener::ConnectionLimit::new(MAX_CONNECTIONS, refused), |_| (), std::future::pending()).await;
     Ok(())
 }
 
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     crate::listener::bind(addr, "admin").await
+}
+
+/// Registers the counter `serve` takes, as `admin_connections_refused` in `registry`.
+pub fn register_refused(registry: &mut prometheus_client::registry::Registry) -> prometheus_client::metrics::counter::Counter {
+    let refused = prometheus_client::metrics::counter::Counter::default();
+    let help = format!("Admin-port connections (probes, scrapes) closed or answered 503 because {MAX_CONNECTIONS} were open");
+    registry.register("admin_connections_refused", help, refused.clone());
+    refused
 }

@@ -390,6 +390,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
     };
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_refused = metrics.admin_connections_refused.clone();
     let encode = {
         let m = metrics.clone();
         Arc::new(move || m.encode())
@@ -402,7 +403,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
     });
     let admin_listener = admin::bind(&admin_addr.to_string()).await?;
     let admin_addr = admin_listener.local_addr()?; // what was bound, after any IPv4 fallback
-    let admin = tokio::spawn(admin::serve(admin_listener, encode, readiness));
+    let admin = tokio::spawn(admin::serve(admin_listener, encode, readiness, admin_refused));
     let mut stopping = stop_rx.clone();
     spice_operator::on_stop_signals(move || {
         tracing::info!(grace = ?shutdown_grace, "shutting down: finishing reconciles in flight");

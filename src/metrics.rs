@@ -77,6 +77,8 @@ pub struct Metrics {
     pub engine_api_cert_expiry: Gauge,
     /// Engine API connections turned away because `--api-max-connections` were open.
     pub engine_connections_refused: Counter,
+    /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
+    pub admin_connections_refused: Counter,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
@@ -120,6 +122,7 @@ impl Default for Metrics {
         registry.register("engine_api_certificate_expiry_timestamp_seconds", "When the certificate the engine API serves expires (seconds since the epoch; 0 while it serves none)", engine_api_cert_expiry.clone());
         let engine_connections_refused = Counter::default();
         registry.register("engine_connections_refused", "Engine API connections closed or answered 503 because --api-max-connections (engineApi.maxConnections) were open", engine_connections_refused.clone());
+        let admin_connections_refused = crate::admin::register_refused(&mut registry);
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
@@ -146,6 +149,7 @@ impl Default for Metrics {
             engine_reviews,
             engine_api_cert_expiry,
             engine_connections_refused,
+            admin_connections_refused,
             spiceproxy_ready,
             spiceproxy_degraded,
             spiceproxy_desired,
@@ -227,6 +231,13 @@ mod tests {
             ..Default::default()
         });
         DeserializeGuard(Ok(spx))
+    }
+
+    #[test]
+    fn admin_refusals_are_counted_under_the_operators_prefix() {
+        let metrics = Metrics::default();
+        metrics.admin_connections_refused.inc();
+        assert!(metrics.encode().lines().any(|l| l == "spice_operator_admin_connections_refused_total 1"), "{}", metrics.encode());
     }
 
     #[test]

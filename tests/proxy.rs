@@ -774,6 +774,33 @@ async fn under_a_low_open_files_limit_the_browser_port_holds_as_many_connections
 }
 
 #[tokio::test]
+async fn the_admin_port_answers_503_past_its_connection_limit_and_counts_it() {
+    let p = start(|c, _| c.auth_mode = AuthMode::None).await;
+    let mut held = Vec::new();
+    for i in 0..spice_operator::admin::MAX_CONNECTIONS {
+        held.push(TcpStream::connect(p.admin).await.unwrap_or_else(|e| panic!("admin connection {i}: {e}")));
+    }
+    // Each is taken in by the accept loop before the probe below.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = tokio::time::timeout(Duration::from_secs(5), http_get(p.admin, "/healthz")).await.expect("answered within 5 s");
+    assert!(probe.starts_with("HTTP/1.1 503") && probe.contains("over capacity"), "{probe}");
+    // One leaves: the next probe is served, and the scrape says why the one before failed.
+    drop(held.pop());
+    let (deadline, mut refused) = (Instant::now() + Duration::from_secs(5), 1);
+    let scrape = loop {
+        let scrape = http_get(p.admin, "/metrics").await;
+        if scrape.starts_with("HTTP/1.1 200") || Instant::now() > deadline {
+            break scrape;
+        }
+        refused += 1; // until the server has seen the close, scrapes are refused too
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert_eq!(metric(&scrape, "spice_proxy_admin_connections_refused_total"), refused, "{scrape}");
+    assert!(http_get(p.admin, "/healthz").await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
 async fn half_close_propagates_both_ways() {
     // The upstream reads until EOF, then answers and closes: only works if our EOF reaches it.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

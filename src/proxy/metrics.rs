@@ -70,6 +70,8 @@ pub struct ProxyMetrics {
     pub hypervisor_ca_expiry: Gauge,
     /// Browser-port connections turned away because as many were open, not yet bridges, as the tunnel limit.
     pub html5_connections_refused: Counter,
+    /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
+    pub admin_connections_refused: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -111,7 +113,25 @@ impl Default for ProxyMetrics {
             "Browser-port connections closed or answered 503 because as many connections that were not bridges were open as the tunnel limit (spice_proxy_tunnel_limit)",
             html5_connections_refused.clone(),
         );
-        Self { registry, active, tunnels, bytes, handshake, tunnels_ok, bytes_up, bytes_down, spliced, ends, auth_lockouts, tunnel_limit, tls_cert_expiry, hypervisor_ca_expiry, html5_connections_refused }
+        let admin_connections_refused = crate::admin::register_refused(&mut registry);
+        Self {
+            registry,
+            active,
+            tunnels,
+            bytes,
+            handshake,
+            tunnels_ok,
+            bytes_up,
+            bytes_down,
+            spliced,
+            ends,
+            auth_lockouts,
+            tunnel_limit,
+            tls_cert_expiry,
+            hypervisor_ca_expiry,
+            html5_connections_refused,
+            admin_connections_refused,
+        }
     }
 }
 

@@ -472,7 +472,7 @@ impl ProxyServer {
             let s = shared.clone();
             Arc::new(move || s.metrics.encode())
         };
-        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, crate::admin::ready_while(ready_rx, "draining")));
+        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, crate::admin::ready_while(ready_rx, "draining"), shared.metrics.admin_connections_refused.clone()));
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let reload_cert = shared.html5_cert.clone().map(|cert| {
             let s = shared.clone();
