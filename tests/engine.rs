@@ -425,11 +425,22 @@ async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_fi
     let log = operator.log_text();
     assert!(log.contains("leaves descriptors for 2 connections only, fewer than --api-max-connections asks"), "no warning of the lowered limit:\n{log}");
     let refused = || engine_counter(operator.admin_port, "spice_operator_engine_connections_refused_total");
-    let before = refused();
 
     // The two places: one client mid-handshake (it sends nothing), one served and kept alive.
-    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut served = connect(addr, &config).await.expect("the second place");
+    // The readiness probe's connection above frees its place once the server has seen it
+    // close, which may be after the next connect: until both places are taken by these two
+    // (none refused in between), try again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (before, silent, mut served) = loop {
+        let before = refused();
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        match connect(addr, &config).await {
+            Ok(served) if refused() == before => break (before, silent, served),
+            other => assert!(Instant::now() < deadline, "two places were not free within 5 s of the last probe: {:?}", other.err()),
+        }
+        drop(silent);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     async fn healthz(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
         tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
         let mut answer = vec![0; 1024];
