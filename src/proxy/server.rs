@@ -56,14 +56,34 @@ fn read_credentials(cfg: &ProxyConfig) -> anyhow::Result<Credentials> {
     }
 }
 
+/// The places for open tunnels, CONNECT and browser bridges alike, and how many there are.
+pub(crate) struct TunnelPlaces {
+    places: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl TunnelPlaces {
+    /// `limit`: `maxTunnels`, or fewer where the open-files limit leaves room for fewer.
+    pub(crate) fn new(limit: usize) -> Self {
+        Self { places: Arc::new(Semaphore::new(limit)), limit }
+    }
+
+    /// A place held until the permit drops, or None when all are taken.
+    pub(crate) fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.places.clone().try_acquire_owned().ok()
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
 pub struct Shared {
     pub(crate) cfg: ProxyConfig,
     allow: AllowList,
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
-    pub(crate) tunnels: Arc<Semaphore>,
-    /// Its size: `maxTunnels`, or fewer where the open-files limit leaves room for fewer.
-    pub(crate) tunnel_limit: usize,
+    pub(crate) tunnels: TunnelPlaces,
     per_client: Mutex<HashMap<IpAddr, u32>>,
     /// Failed authentications per client (the same keys as `per_client`).
     auth_failures: AuthThrottle,
@@ -439,8 +459,7 @@ impl ProxyServer {
         metrics.tunnel_limit.set(tunnel_limit as i64);
         let shared = Arc::new(Shared {
             allow: AllowList::new(cfg.allowed_targets.clone()),
-            tunnels: Arc::new(Semaphore::new(tunnel_limit)),
-            tunnel_limit,
+            tunnels: TunnelPlaces::new(tunnel_limit),
             creds: RwLock::new(creds),
             metrics,
             per_client: Mutex::new(HashMap::new()),
@@ -662,7 +681,7 @@ async fn serve_one(
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<Close, Refused> {
     let v10 = Version::Http10;
-    let Ok(_permit) = shared.tunnels.clone().try_acquire_owned() else {
+    let Some(_permit) = shared.tunnels.take() else {
         return Err((v10, refuse(503, AT_TUNNEL_LIMIT)));
     };
     // One deadline for the whole request: a PROXY protocol header, then the head.
@@ -797,8 +816,7 @@ mod tests {
         cfg.limits.max_tunnels_per_client = per_client;
         Arc::new(Shared {
             allow: AllowList::new(vec![]),
-            tunnels: Arc::new(Semaphore::new(10)),
-            tunnel_limit: 10,
+            tunnels: TunnelPlaces::new(10),
             creds: RwLock::new(Credentials::default()),
             metrics: ProxyMetrics::default(),
             per_client: Mutex::new(HashMap::new()),

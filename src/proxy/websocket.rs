@@ -73,7 +73,7 @@ pub async fn serve(
     let local = PeerAddr { client: listener.local_addr()?, via: None };
     // Page requests and WebSocket handshakes at once: as many as there are tunnel places (the
     // open-files limit counts a descriptor for each); a bridge, once upgraded, is a tunnel instead.
-    let limit = listener::ConnectionLimit::new(bridge.shared.tunnel_limit, bridge.shared.metrics.html5_connections_refused.clone());
+    let limit = listener::ConnectionLimit::new(bridge.shared.tunnels.limit(), bridge.shared.metrics.html5_connections_refused.clone());
     match (&html5.tls, proxy_protocol) {
         (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
@@ -234,7 +234,7 @@ async fn handle(
     };
     audit.target = Some(super::head::authority(&claims.host, port));
     audit.subject = Some(claims.subject.clone());
-    let Ok(permit) = bridge.shared.tunnels.clone().try_acquire_owned() else {
+    let Some(permit) = bridge.shared.tunnels.take() else {
         return log_refusal(&bridge.shared, audit, started, StatusCode::SERVICE_UNAVAILABLE, super::server::AT_TUNNEL_LIMIT.into());
     };
     let Some(slot) = ClientSlot::take_owned(&bridge.shared, peer_ip) else {
