@@ -9,6 +9,8 @@ KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
+# promtool checks and unit-tests the chart's alerting rules (the module's v0.316.0 is Prometheus 3.16.0).
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}
 
 CACHE=${SPICE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/spice-operator-tools}
 BIN="$CACHE/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
@@ -56,9 +58,12 @@ EOG
   done
 }
 
-build_simple() { # name module-require package
+build_simple() { # name module-require package [stamped]
   local name=$1 req=$2 pkg=$3
-  [[ -x "$BIN/$name" ]] && return 0
+  # The bin dir's name holds the versions of the first tools; one added later is "stamped":
+  # a file beside it names its version, so a new version is built into the same dir.
+  local stamp="$BIN/.$name-${req##*@}"
+  [[ -x "$BIN/$name" ]] && { [[ -z ${4:-} ]] || [[ -e $stamp ]]; } && return 0
   local dir="$CACHE/src/$name-${req##*@}"
   new_module "$dir" "spicetools/$name"
   cd "$dir"
@@ -68,6 +73,7 @@ build_simple() { # name module-require package
   log "building $name ${req##*@}"
   go build -trimpath -ldflags "-s -w" -o "$BIN/$name.tmp" "$pkg"
   mv "$BIN/$name.tmp" "$BIN/$name"
+  touch "$stamp"
 }
 
 # kwok simulates nothing without stages: take the upstream "fast" node and pod stages and
@@ -88,5 +94,6 @@ build_simple etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" go.etcd.io/etcd/serv
 build_simple kwok "sigs.k8s.io/kwok@$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 kwok_stages
 build_simple helm "helm.sh/helm/v3@$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+build_simple promtool "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/promtool stamped
 [[ $need_k8s == 1 ]] && build_kubernetes
 echo "$BIN"
