@@ -1,6 +1,6 @@
 //! What users install: the Helm chart (lint, schema, CRDs identical to `crds/`, rendered
 //! manifests pass the security check) and the Dockerfile (hadolint). No cluster needed;
-//! `make test` puts helm and hadolint on PATH.
+//! `make test` puts helm, promtool and hadolint on PATH.
 
 use std::path::Path;
 use std::process::Command;
@@ -77,6 +77,8 @@ fn bad_values_fail_with_the_path_and_the_reason() {
         ("proxyPodMonitor.enable=true", "additional properties 'enable' not allowed"),
         ("engineApi.authCacheSeconds=3600", "/engineApi/authCacheSeconds"),
         ("engineApi.maxConnections=0", "/engineApi/maxConnections"),
+        ("prometheusRule.tunnelsInUsePercent=101", "/prometheusRule/tunnelsInUsePercent"),
+        ("prometheusRule.tunnelsInUsePercent=0", "/prometheusRule/tunnelsInUsePercent"),
     ] {
         let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", set]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -277,6 +279,81 @@ fn the_prometheus_rule_alerts_on_exported_metrics() {
     }
     assert_eq!(render(&["prometheusRule.enabled=true", "prometheusRule.lockoutsPer15m=20"]).iter().find(|d| kind(d) == "PrometheusRule").unwrap()["spec"]["groups"][0]["rules"]
         .as_sequence().unwrap().iter().find(|r| r["alert"] == "SpiceProxyAuthLockouts").unwrap()["expr"], Value::from("increase(spice_proxy_auth_lockouts_total[15m]) > 20"));
+    let near_limit = |set: &[&str]| {
+        let all = render(&[&["prometheusRule.enabled=true"], set].concat());
+        let rule = all.iter().find(|d| kind(d) == "PrometheusRule").unwrap()["spec"]["groups"][0]["rules"].as_sequence().unwrap().iter().find(|r| r["alert"] == "SpiceProxyNearTunnelLimit").unwrap().clone();
+        rule["expr"].as_str().unwrap().to_string()
+    };
+    assert_eq!(near_limit(&[]), "100 * spice_proxy_active_tunnels / spice_proxy_tunnel_limit > 90");
+    assert_eq!(near_limit(&["prometheusRule.tunnelsInUsePercent=75"]), "100 * spice_proxy_active_tunnels / spice_proxy_tunnel_limit > 75");
+}
+
+/// Prometheus' own checker (promtool, built by `hack/tools.sh`) accepts the rendered rules (what
+/// the Prometheus Operator's admission webhook checks), and its rule unit tests show alerts firing
+/// on the series they are for, after their `for:`, with their annotations rendered, and not on
+/// others: a pod at 95 % of its tunnel places but not one at 50 %; a SpiceProxy not ready that
+/// should run but not one scaled to zero; an engine API that turned connections away.
+#[test]
+fn promtool_accepts_the_rules_and_the_alerts_fire_when_they_should() {
+    let all = render(&["prometheusRule.enabled=true"]);
+    let spec = &all.iter().find(|d| kind(d) == "PrometheusRule").expect("a PrometheusRule")["spec"];
+    let description = |alert: &str| {
+        let rule = spec["groups"][0]["rules"].as_sequence().unwrap().iter().find(|r| r["alert"] == alert).unwrap_or_else(|| panic!("no alert {alert}"));
+        serde_json::to_string(rule["annotations"]["description"].as_str().unwrap()).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(spec).unwrap()).unwrap();
+    let tests = format!(
+        r#"rule_files: [rules.yaml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - {{series: 'spice_proxy_active_tunnels{{namespace="consoles",pod="edge-1"}}', values: '95x10'}}
+      - {{series: 'spice_proxy_tunnel_limit{{namespace="consoles",pod="edge-1"}}', values: '100x10'}}
+      - {{series: 'spice_proxy_active_tunnels{{namespace="consoles",pod="edge-2"}}', values: '50x10'}}
+      - {{series: 'spice_proxy_tunnel_limit{{namespace="consoles",pod="edge-2"}}', values: '100x10'}}
+      - {{series: 'spice_operator_spiceproxy_ready{{namespace="consoles",name="edge"}}', values: '0x20'}}
+      - {{series: 'spice_operator_spiceproxy_desired_replicas{{namespace="consoles",name="edge"}}', values: '2x20'}}
+      - {{series: 'spice_operator_spiceproxy_ready{{namespace="consoles",name="parked"}}', values: '0x20'}}
+      - {{series: 'spice_operator_spiceproxy_desired_replicas{{namespace="consoles",name="parked"}}', values: '0x20'}}
+      - {{series: 'spice_operator_engine_connections_refused_total{{namespace="spice-operator-system",pod="op-1"}}', values: '0 0 0 3 3 3 3 3 3 3 3'}}
+      - {{series: 'spice_proxy_admin_connections_refused_total{{namespace="consoles",pod="edge-2"}}', values: '0x10'}}
+    alert_rule_test:
+      - {{eval_time: 4m, alertname: SpiceProxyNearTunnelLimit, exp_alerts: []}}
+      - eval_time: 6m
+        alertname: SpiceProxyNearTunnelLimit
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: consoles, pod: edge-1}}
+            exp_annotations:
+              summary: Proxy pod consoles/edge-1 holds 95 % of its tunnel places
+              description: {near}
+      - {{eval_time: 9m, alertname: SpiceProxyNotReady, exp_alerts: []}}
+      - eval_time: 11m
+        alertname: SpiceProxyNotReady
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: consoles, name: edge}}
+            exp_annotations:
+              summary: SpiceProxy consoles/edge has not been ready for 10 minutes
+              description: Consoles through it may fail. kubectl describe spx -n consoles edge says why (conditions and events).
+      - eval_time: 10m
+        alertname: SpiceConnectionsRefusedOverCapacity
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: spice-operator-system, pod: op-1}}
+            exp_annotations:
+              summary: Pod spice-operator-system/op-1 turned away 3 connections in 10 minutes over capacity
+              description: {refused}
+"#,
+        near = description("SpiceProxyNearTunnelLimit"),
+        refused = description("SpiceConnectionsRefusedOverCapacity"),
+    );
+    std::fs::write(dir.path().join("tests.yaml"), tests).unwrap();
+    let promtool = |args: &[&str]| {
+        let out = Command::new("promtool").args(args).current_dir(dir.path()).output().expect("promtool on PATH (run `make test`, which builds it: hack/tools.sh)");
+        assert!(out.status.success(), "promtool {args:?}:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    };
+    promtool(&["check", "rules", "rules.yaml"]);
+    promtool(&["test", "rules", "tests.yaml"]);
 }
 
 /// The operator's /metrics with one SpiceProxy and one policy in its caches (per-object series
