@@ -77,7 +77,7 @@ fn bad_values_fail_with_the_path_and_the_reason() {
         ("proxyPodMonitor.enable=true", "additional properties 'enable' not allowed"),
         ("engineApi.authCacheSeconds=3600", "/engineApi/authCacheSeconds"),
         ("engineApi.maxConnections=0", "/engineApi/maxConnections"),
-        ("prometheusRule.tunnelsInUsePercent=101", "/prometheusRule/tunnelsInUsePercent"),
+        ("prometheusRule.tunnelsInUsePercent=100", "/prometheusRule/tunnelsInUsePercent"),
         ("prometheusRule.tunnelsInUsePercent=0", "/prometheusRule/tunnelsInUsePercent"),
     ] {
         let out = helm(&["template", "x", CHART, "--kube-version", KUBE_VERSION, "--set", set]);
