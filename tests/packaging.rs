@@ -277,15 +277,21 @@ fn the_prometheus_rule_alerts_on_exported_metrics() {
         }
         assert!(r["annotations"]["summary"].as_str().is_some_and(|s| !s.contains("{{`")), "{r:?}");
     }
-    assert_eq!(render(&["prometheusRule.enabled=true", "prometheusRule.lockoutsPer15m=20"]).iter().find(|d| kind(d) == "PrometheusRule").unwrap()["spec"]["groups"][0]["rules"]
-        .as_sequence().unwrap().iter().find(|r| r["alert"] == "SpiceProxyAuthLockouts").unwrap()["expr"], Value::from("increase(spice_proxy_auth_lockouts_total[15m]) > 20"));
-    let near_limit = |set: &[&str]| {
-        let all = render(&[&["prometheusRule.enabled=true"], set].concat());
-        let rule = all.iter().find(|d| kind(d) == "PrometheusRule").unwrap()["spec"]["groups"][0]["rules"].as_sequence().unwrap().iter().find(|r| r["alert"] == "SpiceProxyNearTunnelLimit").unwrap().clone();
-        rule["expr"].as_str().unwrap().to_string()
-    };
+    assert_eq!(alert_rule(&["prometheusRule.lockoutsPer15m=20"], "SpiceProxyAuthLockouts")["expr"], Value::from("increase(spice_proxy_auth_lockouts_total[15m]) > 20"));
+    let near_limit = |set: &[&str]| alert_rule(set, "SpiceProxyNearTunnelLimit")["expr"].as_str().unwrap().to_string();
     assert_eq!(near_limit(&[]), "100 * spice_proxy_active_tunnels / spice_proxy_tunnel_limit > 90");
     assert_eq!(near_limit(&["prometheusRule.tunnelsInUsePercent=75"]), "100 * spice_proxy_active_tunnels / spice_proxy_tunnel_limit > 75");
+}
+
+/// The rule that raises `alert` in the PrometheusRule's spec.
+fn rule_named<'a>(spec: &'a Value, alert: &str) -> &'a Value {
+    spec["groups"][0]["rules"].as_sequence().unwrap().iter().find(|r| r["alert"] == alert).unwrap_or_else(|| panic!("no alert {alert}"))
+}
+
+/// The rule that raises `alert`, rendered with the PrometheusRule on and `set`.
+fn alert_rule(set: &[&str], alert: &str) -> Value {
+    let all = render(&[&["prometheusRule.enabled=true"], set].concat());
+    rule_named(&all.iter().find(|d| kind(d) == "PrometheusRule").expect("a PrometheusRule")["spec"], alert).clone()
 }
 
 /// Prometheus' own checker (promtool, built by `hack/tools.sh`) accepts the rendered rules (what
@@ -297,10 +303,7 @@ fn the_prometheus_rule_alerts_on_exported_metrics() {
 fn promtool_accepts_the_rules_and_the_alerts_fire_when_they_should() {
     let all = render(&["prometheusRule.enabled=true"]);
     let spec = &all.iter().find(|d| kind(d) == "PrometheusRule").expect("a PrometheusRule")["spec"];
-    let description = |alert: &str| {
-        let rule = spec["groups"][0]["rules"].as_sequence().unwrap().iter().find(|r| r["alert"] == alert).unwrap_or_else(|| panic!("no alert {alert}"));
-        serde_json::to_string(rule["annotations"]["description"].as_str().unwrap()).unwrap()
-    };
+    let description = |alert: &str| serde_json::to_string(rule_named(spec, alert)["annotations"]["description"].as_str().unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(spec).unwrap()).unwrap();
     let tests = format!(

@@ -16,7 +16,6 @@ use tokio::sync::{Semaphore, watch};
 use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
-use crate::http_answer::{Refusal, refuse, response};
 use super::metrics::{Outcome, ProxyMetrics};
 use super::proxy_protocol::{self, HeaderError, Origin};
 use super::sockopt::Keepalive;
@@ -24,6 +23,7 @@ use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::AuthMode;
+use crate::http_answer::{Refusal, refuse, response};
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
 #[derive(Default)]

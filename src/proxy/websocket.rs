@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::End;
+use crate::http_answer;
 use crate::listener::{self, Admitted};
 use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
 use super::server::{Audit, ClientSlot, Shared, Tracker};
@@ -131,8 +132,8 @@ where
                             let audit = Audit { event: "websocket", client: Some(client), ..Default::default() };
                             drop(log_refusal(&shared, audit, started, status, body.clone()));
                             if plain {
-                                let refusal = crate::http_answer::refuse(status.as_u16(), body);
-                                let _ = stream.write_all(&crate::http_answer::response(crate::http_answer::Version::Http11, &refusal)).await;
+                                let refusal = http_answer::refuse(status.as_u16(), body);
+                                let _ = stream.write_all(&http_answer::response(http_answer::Version::Http11, &refusal)).await;
                             }
                             return None;
                         }
