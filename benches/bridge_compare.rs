@@ -317,7 +317,7 @@ async fn main() {
         "allowedTargets": [{"cidr": "127.0.0.1/32", "ports": [[target.port(), target.port()]]}],
         "authMode": "Ticket", "keysDir": dir.path().join("keys"),
         "limits": {"maxTunnels": 20000, "maxTunnelsPerClient": 20000, "idleTimeoutSeconds": 3600,
-                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0},
+                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0, "shutdownDelaySeconds": 0},
         "html5": {"listen": format!("127.0.0.1:{p}"), "staticDir": "/usr/share/spice-html5"}
     }).to_string()).unwrap();
     let claims = spice_operator::proxy::ticket::Claims { host: "127.0.0.1".into(), ports: vec![target.port()], expires: spice_operator::proxy::ticket::now() + 3600, subject: "bench".into() };

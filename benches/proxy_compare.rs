@@ -359,7 +359,7 @@ fn ours(name: &'static str, bin: &str, target: SocketAddr, dir: &std::path::Path
         "allowedTargets": [{"cidr": format!("{}/32", target.ip()), "ports": [[target.port(), target.port()]]}],
         "authMode": "None", "keysDir": null, "basicDir": null,
         "limits": {"maxTunnels": 20000, "maxTunnelsPerClient": 20000, "idleTimeoutSeconds": 3600,
-                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0}
+                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0, "shutdownDelaySeconds": 0}
     }).to_string()).unwrap();
     spawn(name, Kind::Connect, p, target, Command::new(bin).args(["proxy", "--config"]).arg(&cfg))
 }

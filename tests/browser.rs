@@ -56,7 +56,7 @@ fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<Strin
         "allowedTargets": [{"cidr": "127.0.0.1/32", "ports": [[spice_port, spice_port]]}],
         "authMode": "Ticket", "keysDir": dir.path().join("keys"),
         "limits": {"maxTunnels": 100, "maxTunnelsPerClient": 50, "idleTimeoutSeconds": 3600,
-                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1},
+                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1, "shutdownDelaySeconds": 0},
         "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5", "tls": tls, "upstreamTls": upstream}
     });
     let file = dir.path().join("config.json");

@@ -42,7 +42,8 @@ fn base_config(dir: &std::path::Path) -> ProxyConfig {
         auth_mode: AuthMode::Ticket,
         keys_dir: Some(dir.join("keys").to_string_lossy().into()),
         basic_dir: None,
-        limits: ProxyLimits::default(),
+        // Stopped proxies close their listeners at once; the shutdown delay has its own test.
+        limits: ProxyLimits { shutdown_delay_seconds: 0, ..ProxyLimits::default() },
         data_path: DataPath::Splice,
         html5: None,
         // Two threads, whatever this machine has: tunnels spread over both listeners.
@@ -1199,6 +1200,38 @@ async fn drain_keeps_open_tunnels_working_then_closes_them_at_the_deadline() {
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed at the deadline").ok();
     assert!(started.elapsed() < Duration::from_secs(4));
     tokio::time::timeout(Duration::from_secs(5), p.done).await.unwrap().unwrap().unwrap();
+}
+
+/// Kube-proxy and load balancers go on sending new connections to a stopping pod for a while:
+/// for the shutdown delay they still get tunnels, though the pod reports not ready at once.
+#[tokio::test]
+async fn a_stopping_proxy_still_accepts_tunnels_for_the_shutdown_delay_while_not_ready() {
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.auth_mode = AuthMode::None;
+        c.limits.shutdown_delay_seconds = 2;
+        c.limits.drain_seconds = 30;
+    })
+    .await;
+    let (mut before, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200);
+    p.stop.send(true).unwrap();
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = http_get(p.admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("draining"), "not ready from the stop signal on: {ready}");
+    // A client sent here after the stop signal is served, as every tunnel open before it.
+    let (mut during, status, _) = request(p.addr, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
+    assert_eq!(status, 200, "a tunnel asked for within the shutdown delay");
+    echo_roundtrip(&mut during, b"opened after the stop signal").await;
+    echo_roundtrip(&mut before, b"opened before it").await;
+    assert!(stopped.elapsed() < Duration::from_secs(2), "the checks above took the whole delay: {:?}", stopped.elapsed());
+    // After the delay the listener closes; the open tunnels drain.
+    common::refuses_after_the_delay(p.addr, stopped, Duration::from_secs(2)).await;
+    echo_roundtrip(&mut during, b"draining").await;
+    echo_roundtrip(&mut before, b"draining too").await;
+    drop((before, during));
+    tokio::time::timeout(Duration::from_secs(5), p.done).await.expect("exits once the last tunnel closed").unwrap().unwrap();
 }
 
 #[tokio::test]

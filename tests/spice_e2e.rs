@@ -30,7 +30,7 @@ fn proxy(dir: &Path, mode: &str, spice_port: u16) -> (Kill, u16, u16, std::sync:
         "authMode": mode, "keysDir": dir.join("keys"),
         "basicDir": if mode == "Basic" { Some(dir.join("basic")) } else { None },
         "limits": {"maxTunnels": 100, "maxTunnelsPerClient": 50, "idleTimeoutSeconds": 3600,
-                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1}
+                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1, "shutdownDelaySeconds": 0}
     });
     let file = dir.join(format!("{mode}.json"));
     std::fs::write(&file, cfg.to_string()).unwrap();

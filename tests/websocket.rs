@@ -63,7 +63,8 @@ async fn start_edited(idle: i32, drain: i32, tls: Option<(String, String)>, edit
         auth_mode: AuthMode::Ticket,
         keys_dir: Some(dir.path().join("keys").to_string_lossy().into()),
         basic_dir: None,
-        limits: ProxyLimits { idle_timeout_seconds: idle, drain_seconds: drain, ..ProxyLimits::default() },
+        // Stopped bridges close their listener at once; the shutdown delay has its own test.
+        limits: ProxyLimits { idle_timeout_seconds: idle, drain_seconds: drain, shutdown_delay_seconds: 0, ..ProxyLimits::default() },
         data_path: DataPath::Splice,
         html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()], tls, upstream_tls: None }),
         workers: None,
@@ -660,6 +661,32 @@ async fn drain_keeps_open_bridges_until_the_deadline_then_closes_them_with_1001(
     }
     assert_eq!(code, Some(CloseCode::Away));
     tokio::time::timeout(Duration::from_secs(10), b.done).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_stopping_bridge_still_accepts_browsers_for_the_shutdown_delay() {
+    let b = start_edited(600, 30, None, |c| c.limits.shutdown_delay_seconds = 2).await;
+    let (up, _) = echo().await;
+    let t = token(up.port(), VALID, KEY);
+    let _ = b.stop.send(true);
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ws = open(&b, &format!("?token={t}"), None).await.expect("a browser sent here within the shutdown delay is bridged");
+    ws.send(Message::binary(b"after the stop signal".to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"after the stop signal"),
+        other => panic!("{other:?}"),
+    }
+    assert!(stopped.elapsed() < Duration::from_secs(2), "the checks above took the whole delay: {:?}", stopped.elapsed());
+    common::refuses_after_the_delay(b.web, stopped, Duration::from_secs(2)).await;
+    // The bridge opened within the delay drains like any other.
+    ws.send(Message::binary(b"draining".to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"draining"),
+        other => panic!("{other:?}"),
+    }
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(5), b.done).await.expect("exits once the last bridge closed").unwrap().unwrap();
 }
 
 #[tokio::test]

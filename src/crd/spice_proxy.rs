@@ -386,10 +386,19 @@ pub struct ProxyLimits {
     #[serde(default = "d_head")]
     #[schemars(range(min = 1, max = 300))]
     pub handshake_timeout_seconds: i32,
-    /// Time open tunnels get to finish when a pod stops.
+    /// Time open tunnels get to finish when a pod stops (counted from the end of the
+    /// shutdown delay).
     #[serde(default = "d_drain")]
     #[schemars(range(min = 0, max = 86400))]
     pub drain_seconds: i32,
+    /// Time a stopping pod goes on accepting new tunnels while it already reports not ready.
+    /// Kube-proxy on every node and an external load balancer learn of a pod's removal some
+    /// time after the pod itself: connections they send meanwhile (a console opening its
+    /// display channel after its main one, a reconnect) would be refused if the proxy stopped
+    /// listening at once. Then it stops accepting and drains for `drainSeconds`.
+    #[serde(default = "d_shutdown_delay")]
+    #[schemars(range(min = 0, max = 300))]
+    pub shutdown_delay_seconds: i32,
     /// Time after which a peer that went away without closing (a client's laptop asleep or off
     /// the network, a crashed hypervisor) ends its tunnel: TCP keepalive probes it after
     /// silence, and data it leaves unacknowledged this long closes the tunnel too. Probes come
@@ -444,6 +453,9 @@ fn d_head() -> i32 {
 fn d_drain() -> i32 {
     60
 }
+fn d_shutdown_delay() -> i32 {
+    5
+}
 fn d_dead_peer() -> i32 {
     120
 }
@@ -471,6 +483,10 @@ impl ProxyLimits {
     }
     pub fn drain(&self) -> Duration {
         seconds_at_least(self.drain_seconds, 0)
+    }
+    /// Clamped like the schema: 0 to 300 s.
+    pub fn shutdown_delay(&self) -> Duration {
+        seconds_at_least(self.shutdown_delay_seconds.min(300), 0)
     }
     /// Clamped to the schema's range (`DEAD_PEER_MIN_SECONDS`..=`DEAD_PEER_MAX_SECONDS`).
     pub fn dead_peer_timeout(&self) -> Duration {
@@ -503,6 +519,7 @@ impl Default for ProxyLimits {
             connect_timeout_seconds: d_connect(),
             handshake_timeout_seconds: d_head(),
             drain_seconds: d_drain(),
+            shutdown_delay_seconds: d_shutdown_delay(),
             dead_peer_timeout_seconds: d_dead_peer(),
             half_closed_timeout_seconds: d_half_closed(),
             max_auth_failures_per_client: d_auth_failures(),
@@ -571,11 +588,14 @@ mod tests {
     fn limits_from_an_unvalidated_file_are_clamped_to_something_usable() {
         // A config file the schema never saw may hold 0 or negative values: a zero timeout
         // would refuse every client at once, a negative drain would wrap to centuries.
-        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, dead_peer_timeout_seconds: 0, half_closed_timeout_seconds: -3, ..Default::default() };
+        let l = ProxyLimits { idle_timeout_seconds: 0, connect_timeout_seconds: -5, handshake_timeout_seconds: 0, drain_seconds: -1, shutdown_delay_seconds: -2, dead_peer_timeout_seconds: 0, half_closed_timeout_seconds: -3, ..Default::default() };
         assert_eq!(l.idle_timeout(), Duration::from_secs(1));
         assert_eq!(l.connect_timeout(), Duration::from_secs(1));
         assert_eq!(l.handshake_timeout(), Duration::from_secs(1));
         assert_eq!(l.drain(), Duration::ZERO);
+        assert_eq!(l.shutdown_delay(), Duration::ZERO);
+        assert_eq!(ProxyLimits { shutdown_delay_seconds: 100_000, ..Default::default() }.shutdown_delay(), Duration::from_secs(300));
+        assert_eq!(ProxyLimits::default().shutdown_delay(), Duration::from_secs(5));
         assert_eq!(l.dead_peer_timeout(), Duration::from_secs(10));
         assert_eq!(ProxyLimits { dead_peer_timeout_seconds: i32::MAX, ..Default::default() }.dead_peer_timeout(), Duration::from_secs(3600));
         assert_eq!(l.half_closed_timeout(), Duration::from_secs(1));

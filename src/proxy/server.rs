@@ -482,8 +482,9 @@ impl ProxyServer {
         self.html5.as_ref().map(|l| l.local_addr().expect("bound listener"))
     }
 
-    /// Serves until `shutdown` flips to true, then drains: stops accepting, fails readiness,
-    /// lets open tunnels finish until the drain deadline, then closes what is left.
+    /// Serves until `shutdown` flips to true, then stops: fails readiness at once, goes on
+    /// accepting for the shutdown delay, then stops accepting and lets open tunnels finish
+    /// until the drain deadline, then closes what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let ProxyServer { shared, listeners, admin, html5 } = self;
         let (ready_tx, ready_rx) = watch::channel(true);
@@ -506,9 +507,11 @@ impl ProxyServer {
             })
         });
         let (cancel_tx, cancel_rx) = watch::channel(false);
+        // Flips once the shutdown delay after the stop signal is over: then the listeners close.
+        let (stop_accepting_tx, stop_accepting) = watch::channel(false);
         let tracker = Tracker::new();
         let html5_task = html5.map(|l| {
-            let mut stop = shutdown.clone();
+            let mut stop = stop_accepting.clone();
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
@@ -519,7 +522,7 @@ impl ProxyServer {
         let (done_tx, done_rx) = watch::channel(false);
         let mut workers = Vec::with_capacity(listeners.len());
         for (i, listener) in listeners.into_iter().enumerate() {
-            let (shared, tracker, cancel, stop, mut done) = (shared.clone(), tracker.clone(), cancel_rx.clone(), shutdown.clone(), done_rx.clone());
+            let (shared, tracker, cancel, stop, mut done) = (shared.clone(), tracker.clone(), cancel_rx.clone(), stop_accepting.clone(), done_rx.clone());
             // I/O and timers only: enable_all would also run the child-process driver, which
             // looks for orphaned children on every park (seen in profiles of the set-up path).
             let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
@@ -535,6 +538,14 @@ impl ProxyServer {
         }
         let _ = shutdown.wait_for(|s| *s).await;
         let _ = ready_tx.send(false);
+        // Not ready, but still accepting: kube-proxy and load balancers go on sending new
+        // connections here until they learn the pod is going, and those must not be refused.
+        let delay = shared.cfg.limits.shutdown_delay();
+        if !delay.is_zero() {
+            tracing::info!(?delay, "stopping: not ready, still accepting for the shutdown delay");
+            tokio::time::sleep(delay).await;
+        }
+        let _ = stop_accepting_tx.send(true);
         if let Some(t) = html5_task {
             // Stops accepting at once (the bridges already open are tracked below).
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;

@@ -368,3 +368,17 @@ pub async fn generated_proxy(client: &Client, ns: &str, name: &str, listen: u16)
     }
     (proxy, admin, audit, dir)
 }
+
+/// Waits until `addr` refuses connections and checks that this came at the end of a stop's
+/// shutdown delay (`delay` after `stopped`): not before it (then new clients would have been
+/// refused too early), and within 3 s after it.
+pub async fn refuses_after_the_delay(addr: std::net::SocketAddr, stopped: Instant, delay: Duration) {
+    let closed_at = loop {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            break stopped.elapsed();
+        }
+        assert!(stopped.elapsed() < delay + Duration::from_secs(3), "{addr} still accepted {:?} after the stop, with a delay of {delay:?}", stopped.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(closed_at + Duration::from_millis(100) >= delay, "{addr} stopped accepting {closed_at:?} after the stop, before the {delay:?} delay");
+}

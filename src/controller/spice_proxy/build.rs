@@ -362,8 +362,8 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
                     volumes: Some(volumes),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    // Covers the proxy's drain deadline so open tunnels can finish.
-                    termination_grace_period_seconds: Some(i64::from(spec.limits.drain_seconds) + 10),
+                    // Covers the proxy's shutdown delay and drain deadline so open tunnels can finish.
+                    termination_grace_period_seconds: Some(i64::from(spec.limits.shutdown_delay_seconds) + i64::from(spec.limits.drain_seconds) + 10),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),

@@ -46,7 +46,8 @@ fn build_makes_a_hardened_owned_deployment_and_service() {
     assert_eq!(ctr.args.as_deref().unwrap(), ["proxy", "--config", "/etc/spice-proxy/config/config.json", "--log-json"]);
     let sc = ctr.security_context.as_ref().unwrap();
     assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
-    assert_eq!(pod.termination_grace_period_seconds, Some(70));
+    // The default shutdown delay (5 s) and drain (60 s), and 10 s to spare.
+    assert_eq!(pod.termination_grace_period_seconds, Some(75));
     assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
     let svc = c.service.spec.unwrap();
     assert_eq!((svc.type_.as_deref(), svc.ports.unwrap()[0].port), (Some("ClusterIP"), 3128));
