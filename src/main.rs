@@ -196,6 +196,12 @@ struct ApiArgs {
     /// open-files limit leaves descriptors for.
     #[arg(long, env = "SPICE_API_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     api_max_connections: u64,
+    /// Time a stopping replica goes on serving the engine API while /readyz already fails, so
+    /// engines that kube-proxy still sends here meanwhile are answered, not refused (the chart
+    /// sets 5); then it stops accepting and finishes the requests in flight. Must be shorter
+    /// than --shutdown-grace-seconds, which bounds the whole stop.
+    #[arg(long, env = "SPICE_API_SHUTDOWN_DELAY_SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=300))]
+    api_shutdown_delay_seconds: u64,
 }
 
 impl LeaseArgs {
@@ -279,6 +285,12 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             init_tracing(log_json);
             let namespace = lease.lease_namespace.clone();
             let grace = Duration::from_secs(shutdown_grace_seconds);
+            if api.api_addr != "off" && api.api_shutdown_delay_seconds >= shutdown_grace_seconds {
+                anyhow::bail!(
+                    "--api-shutdown-delay-seconds ({}) must be shorter than --shutdown-grace-seconds ({shutdown_grace_seconds}), which bounds the whole stop",
+                    api.api_shutdown_delay_seconds
+                );
+            }
             run_controller(Settings { proxy_image }, admin_addr, lease.settings(), api, namespace, grace).await
         }
         Command::RotateKey { namespace, spiceproxy, min_stage_seconds } => rotate_key(&namespace, &spiceproxy, min_stage_seconds).await,
@@ -347,6 +359,7 @@ const ENGINE_API_FILES: spice_operator::open_files::Need = spice_operator::open_
 async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Option<LeaseSettings>, api: ApiArgs, namespace: String, shutdown_grace: Duration) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let client = counting_client(metrics.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
     // The engine API's watch caches, on every replica: until they are filled the replica is not ready.
     let engine_caches = (api.api_addr != "off").then(|| Caches::start(client.clone(), metrics.clone()));
     let engine_api = if let Some(caches) = engine_caches.clone() {
@@ -381,24 +394,36 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let within = Duration::from_secs(10);
         let listener = spice_operator::listener::tls(tcp, server_config, within, connections.clone())?;
         let router = spice_operator::engine::api::router(client.clone(), caches, metrics.clone(), Duration::from_secs(api.api_auth_cache_seconds));
-        tokio::spawn(async move {
-            spice_operator::listener::serve(listener, router, within, connections, |_| (), futures::future::pending()).await;
+        // Served on after the stop signal for the delay (not ready by then), then no new
+        // connections; requests in flight finish.
+        let mut stopping = stop_rx.clone();
+        let delay = Duration::from_secs(api.api_shutdown_delay_seconds);
+        let stop_accepting = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            if !delay.is_zero() {
+                tracing::info!(?delay, "stopping: not ready, the engine API still serving for its shutdown delay");
+                tokio::time::sleep(delay).await;
+            }
+        };
+        Some(tokio::spawn(async move {
+            spice_operator::listener::serve(listener, router, within, connections, |_| (), stop_accepting).await;
             anyhow::Ok(())
-        })
+        }))
     } else {
-        tokio::spawn(futures::future::pending::<anyhow::Result<()>>())
+        None
     };
     let (ready_tx, ready_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
     let admin_refused = metrics.admin_connections_refused.clone();
     let encode = {
         let m = metrics.clone();
         Arc::new(move || m.encode())
     };
     let synced = admin::ready_while(ready_rx, "caches not synced yet");
+    let stop_seen = stop_rx.clone();
     let readiness: admin::Readiness = Arc::new(move || {
         let engine = engine_caches.as_ref().map_or(Ok(()), Caches::filled);
-        let why: Vec<String> = [synced(), engine].into_iter().filter_map(Result::err).collect();
+        let stopping = if *stop_seen.borrow() { Err("stopping".to_string()) } else { Ok(()) };
+        let why: Vec<String> = [stopping, synced(), engine].into_iter().filter_map(Result::err).collect();
         if why.is_empty() { Ok(()) } else { Err(why.join("; ")) }
     });
     let admin_listener = admin::bind(&admin_addr.to_string()).await?;
@@ -437,12 +462,23 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let _ = stopping.wait_for(|s| *s).await;
         tokio::time::sleep(shutdown_grace).await;
     };
+    // After the stop signal reconciles end (and the Lease is released) at once, the engine API
+    // after its shutdown delay and the requests in flight: the process ends when both have. A
+    // lost Lease (an error) ends it at once.
+    let work = async move {
+        let engine_api = async move {
+            match engine_api {
+                Some(task) => task.await?,
+                None => Ok(()),
+            }
+        };
+        futures::future::try_join(reconcile, engine_api).await.map(|_| ())
+    };
     tokio::select! {
-        res = reconcile => res,
+        res = work => res,
         res = admin => res?,
-        res = engine_api => res?,
         _ = grace_over => {
-            tracing::warn!(grace = ?shutdown_grace, "reconciles or the Lease release did not finish within the shutdown grace; exiting without them");
+            tracing::warn!(grace = ?shutdown_grace, "reconciles, the Lease release or engine API requests did not finish within the shutdown grace; exiting without them");
             Ok(())
         }
     }

@@ -405,14 +405,10 @@ async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
 /// free the next client is served, and those already served never noticed.
 #[tokio::test]
 async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_files_limit_allow() {
-    use common::tls::{connect, localhost_cert, trusting};
+    use common::tls::{connect, trusting};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = localhost_cert(2030);
-    std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (dir, cert, addr) = engine_api_files();
     let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap(), "--api-max-connections", "3"];
     // 2 × 256 descriptors are kept for the rest of the operator: 514 leave two for the engine API.
     let operator = OperatorProcess::spawn_limited("engine-connection-limit", &kubeconfig, &args, Some((514, 514)));
@@ -467,6 +463,70 @@ async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_fi
     };
     assert!(healthz(&mut next).await.starts_with("HTTP/1.1 200"));
     assert!(healthz(&mut served).await.starts_with("HTTP/1.1 200"), "the kept-alive connection is still served");
+}
+
+/// A stopping replica (a rollout, a drained node) fails /readyz at once, but kube-proxy goes on
+/// sending engines to it until it learns of that: for `--api-shutdown-delay-seconds` the
+/// engine API still answers new connections, then it stops accepting and the process exits 0.
+#[tokio::test]
+async fn a_stopping_operator_serves_the_engine_api_for_its_shutdown_delay_while_not_ready() {
+    use common::tls::{connect, trusting};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
+    let (dir, cert, addr) = engine_api_files();
+    let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap(), "--api-shutdown-delay-seconds", "3"];
+    let mut operator = OperatorProcess::spawn("engine-shutdown-delay", &kubeconfig, &args);
+    let config = trusting(&[&cert]);
+    let ready = |port| http_get(port, "/readyz").unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(operator.admin_port) != "ready\n" {
+        assert!(Instant::now() < deadline, "not ready within 30 s: {:?}\n{}", ready(operator.admin_port), operator.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let healthz = |config| async move {
+        let mut tls = connect(addr, &config).await?;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+        // Read up to the body, not to the close: a close without TLS close_notify is an error.
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !answer.ends_with(b"ok\n") {
+            match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut chunk)).await? {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+        std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    operator.signal("TERM");
+    let stopped = Instant::now();
+    while !ready(operator.admin_port).contains("stopping") {
+        assert!(stopped.elapsed() < Duration::from_secs(1), "/readyz did not fail within 1 s of SIGTERM: {:?}", ready(operator.admin_port));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = healthz(config.clone()).await.expect("an engine sent here after SIGTERM, within the delay, is answered");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
+    assert!(stopped.elapsed() < Duration::from_secs(3), "the checks above took the whole delay: {:?}", stopped.elapsed());
+    refuses_after_the_delay(addr, stopped, Duration::from_secs(3)).await;
+    let status = loop {
+        if let Some(status) = operator.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM:\n{}", operator.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", operator.log_text());
+    assert!(operator.log_text().contains("the engine API still serving for its shutdown delay"), "{}", operator.log_text());
+}
+
+/// What `--api-tls-dir` reads (tls.crt and tls.key for localhost, valid until 2030) in a new
+/// directory, the certificate, and a free loopback address for the engine API.
+fn engine_api_files() -> (tempfile::TempDir, rcgen::Certificate, std::net::SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = common::tls::localhost_cert(2030);
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    (dir, cert, std::net::SocketAddr::from(([127, 0, 0, 1], free_port())))
 }
 
 /// A counter from the operator's /metrics (0 while it is not there yet).

@@ -77,6 +77,7 @@ fn bad_values_fail_with_the_path_and_the_reason() {
         ("proxyPodMonitor.enable=true", "additional properties 'enable' not allowed"),
         ("engineApi.authCacheSeconds=3600", "/engineApi/authCacheSeconds"),
         ("engineApi.maxConnections=0", "/engineApi/maxConnections"),
+        ("engineApi.shutdownDelaySeconds=20", "/engineApi/shutdownDelaySeconds"),
         ("prometheusRule.tunnelsInUsePercent=100", "/prometheusRule/tunnelsInUsePercent"),
         ("prometheusRule.tunnelsInUsePercent=0", "/prometheusRule/tunnelsInUsePercent"),
     ] {
@@ -101,6 +102,20 @@ fn the_operator_refuses_an_engine_api_connection_limit_out_of_range() {
     }
 }
 
+/// A shutdown delay the shutdown grace cannot hold (the stop would be cut off before the engine
+/// API finished its requests) is refused with a sentence, before the operator touches anything.
+#[test]
+fn the_operator_refuses_a_shutdown_delay_its_shutdown_grace_cannot_hold() {
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_spice-operator")).arg("controller").args(args).env_remove("KUBECONFIG").output().unwrap();
+    let out = run(&["--api-shutdown-delay-seconds", "20"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--api-shutdown-delay-seconds (20) must be shorter than --shutdown-grace-seconds (20), which bounds the whole stop"), "{err}");
+    let out = run(&["--api-shutdown-delay-seconds", "301"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value '301' for '--api-shutdown-delay-seconds"));
+}
+
 #[test]
 fn rendered_chart_wires_leader_election_rbac_and_monitoring() {
     let all = render(&["serviceMonitor.enabled=true"]);
@@ -110,6 +125,7 @@ fn rendered_chart_wires_leader_election_rbac_and_monitoring() {
     let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert!(args.contains(&"--leader-election=true") && args.contains(&"--lease-name=spice-operator-leader"), "{args:?}");
     assert!(args.contains(&"--api-auth-cache-seconds=10") && args.contains(&"--api-max-connections=1024"), "{args:?}");
+    assert!(args.contains(&"--api-shutdown-delay-seconds=5"), "{args:?}");
     let role = find("Role");
     assert_eq!(role["rules"][1]["resourceNames"][0], Value::from("spice-operator-leader"));
     assert_eq!(find("ServiceMonitor")["spec"]["endpoints"][0]["port"], Value::from("metrics"));
