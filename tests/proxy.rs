@@ -1209,7 +1209,7 @@ async fn a_stopping_proxy_still_accepts_tunnels_for_the_shutdown_delay_while_not
     let up = echo_server().await;
     let p = start(|c, _| {
         c.auth_mode = AuthMode::None;
-        c.limits.shutdown_delay_seconds = 2;
+        c.limits.shutdown_delay_seconds = 3;
         c.limits.drain_seconds = 30;
     })
     .await;
@@ -1225,9 +1225,9 @@ async fn a_stopping_proxy_still_accepts_tunnels_for_the_shutdown_delay_while_not
     assert_eq!(status, 200, "a tunnel asked for within the shutdown delay");
     echo_roundtrip(&mut during, b"opened after the stop signal").await;
     echo_roundtrip(&mut before, b"opened before it").await;
-    assert!(stopped.elapsed() < Duration::from_secs(2), "the checks above took the whole delay: {:?}", stopped.elapsed());
+    assert!(stopped.elapsed() < Duration::from_secs(3), "the checks above took the whole delay: {:?}", stopped.elapsed());
     // After the delay the listener closes; the open tunnels drain.
-    common::refuses_after_the_delay(p.addr, stopped, Duration::from_secs(2)).await;
+    common::refuses_after_the_delay(p.addr, stopped, Duration::from_secs(3)).await;
     echo_roundtrip(&mut during, b"draining").await;
     echo_roundtrip(&mut before, b"draining too").await;
     drop((before, during));
