@@ -528,6 +528,7 @@ impl ProxyServer {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
             workers.push(std::thread::Builder::new().name(format!("connect-{i}")).spawn(move || {
                 runtime.block_on(async move {
+                    tokio::spawn(keep_a_timer_armed(sentinel_period(&shared.cfg.limits)));
                     match TcpListener::from_std(listener) {
                         Ok(l) => accept_loop(shared, l, tracker, cancel, stop).await,
                         Err(e) => tracing::error!(error = %e, "cannot register a listener"),
@@ -595,6 +596,23 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, kee
         out.push(socket.listen(1024)?.into_std()?);
     }
     Ok(out)
+}
+
+/// How often a worker's sentinel timer falls due: before any timer a tunnel arms (its idle
+/// timer, and its half-closed one when a side ends), at most every 30 s.
+fn sentinel_period(limits: &crate::crd::ProxyLimits) -> Duration {
+    (limits.half_closed_timeout().min(limits.idle_timeout()) / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// Keeps one timer armed on a worker that falls due before any a tunnel arms. tokio's timer
+/// wakes its own driver (an eventfd write, then one more return from epoll_wait) whenever a
+/// timer is armed that falls due before every other: on a worker whose only timers are its
+/// tunnels' idle timers, that was each new tunnel's and each half-closed one's, two per
+/// tunnel. It costs a wake-up every `period`.
+async fn keep_a_timer_armed(period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+    }
 }
 
 /// One worker's accept loop: every tunnel it accepts runs on this worker's thread.
@@ -870,6 +888,19 @@ mod tests {
         let (upstream, _) = s.connect(&[hypervisor.local_addr().unwrap()]).await.expect("connected");
         assert_eq!(rustix::net::sockopt::tcp_keepcnt(&upstream).unwrap(), 9);
         assert_nodelay_and_keepalive(&upstream, Duration::from_secs(600), "upstream side");
+    }
+
+    #[test]
+    fn the_sentinel_timer_falls_due_before_any_timer_a_tunnel_arms() {
+        let limits = |half_closed: i32, idle: i32| ProxyLimits { half_closed_timeout_seconds: half_closed, idle_timeout_seconds: idle, ..Default::default() };
+        assert_eq!(sentinel_period(&ProxyLimits::default()), Duration::from_secs(30), "defaults: half-closed 60 s, idle 3600 s");
+        assert_eq!(sentinel_period(&limits(10, 3600)), Duration::from_secs(5));
+        assert_eq!(sentinel_period(&limits(600, 301)), Duration::from_secs(30), "at most 30 s");
+        assert_eq!(sentinel_period(&limits(1, 3600)), Duration::from_secs(1), "at least 1 s");
+        for (half_closed, idle) in [(7, 400), (60, 3600), (3, 301), (900, 900)] {
+            let l = limits(half_closed, idle);
+            assert!(sentinel_period(&l) < l.half_closed_timeout().min(l.idle_timeout()), "{half_closed} {idle}");
+        }
     }
 
     #[test]
