@@ -266,19 +266,35 @@ async fn connect_within(addr: SocketAddr, timeout: Duration, keepalive: Keepaliv
     let socket = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
     rustix::net::sockopt::set_tcp_nodelay(&socket, true)?;
     keepalive.apply(&socket)?;
-    // Whether the handshake has finished, either way; SO_ERROR below says which way.
-    let settled = match rustix::net::connect(&socket, &addr) {
-        Ok(()) => true,
+    enum Handshake {
+        Connected,
+        /// Finished, but maybe refused: SO_ERROR says.
+        Settled,
+        Pending,
+    }
+    let handshake = match rustix::net::connect(&socket, &addr) {
+        Ok(()) => Handshake::Connected,
         Err(rustix::io::Errno::INPROGRESS) => {
             let mut fds = [PollFd::new(&socket, PollFlags::OUT)];
             // A failed poll (EINTR) only means waiting for the event loop's answer instead.
-            poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|ready| ready == 1)
+            match poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })) {
+                // Writable with no error or hang-up: connected (a refusal sets POLLERR).
+                Ok(1) if fds[0].revents() == PollFlags::OUT => Handshake::Connected,
+                Ok(1) => Handshake::Settled,
+                _ => Handshake::Pending,
+            }
         }
         Err(e) => return Err(e.into()),
     };
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    if !settled && tokio::time::timeout(timeout, stream.writable()).await.is_err() {
-        return Ok(None);
+    match handshake {
+        Handshake::Connected => return Ok(Some(stream)),
+        Handshake::Settled => {}
+        Handshake::Pending => {
+            if tokio::time::timeout(timeout, stream.writable()).await.is_err() {
+                return Ok(None);
+            }
+        }
     }
     match stream.take_error()? {
         Some(e) => Err(e),
