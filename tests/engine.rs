@@ -406,7 +406,6 @@ async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
 #[tokio::test]
 async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_files_limit_allow() {
     use common::tls::{connect, trusting};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
     let (dir, cert, addr) = engine_api_files();
     let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap(), "--api-max-connections", "3"];
@@ -437,12 +436,6 @@ async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_fi
         drop(silent);
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    async fn healthz(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
-        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
-        let mut answer = vec![0; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut answer)).await.expect("an answer within 5 s").unwrap();
-        String::from_utf8_lossy(&answer[..n]).into_owned()
-    }
     let answer = healthz(&mut served).await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
 
@@ -471,7 +464,6 @@ async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_fi
 #[tokio::test]
 async fn a_stopping_operator_serves_the_engine_api_for_its_shutdown_delay_while_not_ready() {
     use common::tls::{connect, trusting};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
     let (dir, cert, addr) = engine_api_files();
     let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap(), "--api-shutdown-delay-seconds", "5"];
@@ -483,28 +475,14 @@ async fn a_stopping_operator_serves_the_engine_api_for_its_shutdown_delay_while_
         assert!(Instant::now() < deadline, "not ready within 30 s: {:?}\n{}", ready(operator.admin_port), operator.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let healthz = |config| async move {
-        let mut tls = connect(addr, &config).await?;
-        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
-        // Read up to the body, not to the close: a close without TLS close_notify is an error.
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !answer.ends_with(b"ok\n") {
-            match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut chunk)).await? {
-                Ok(0) => break,
-                Ok(n) => answer.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(e),
-            }
-        }
-        std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
-    };
     operator.signal("TERM");
     let stopped = Instant::now();
     while !ready(operator.admin_port).contains("stopping") {
         assert!(stopped.elapsed() < Duration::from_secs(2), "/readyz did not fail within 2 s of SIGTERM: {:?}", ready(operator.admin_port));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let answer = healthz(config.clone()).await.expect("an engine sent here after SIGTERM, within the delay, is answered");
+    let mut tls = connect(addr, &config).await.expect("an engine sent here after SIGTERM, within the delay, is answered");
+    let answer = healthz(&mut tls).await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
     assert!(stopped.elapsed() < Duration::from_secs(5), "the checks above took the whole delay: {:?}", stopped.elapsed());
     refuses_after_the_delay(addr, stopped, Duration::from_secs(5)).await;
@@ -517,6 +495,15 @@ async fn a_stopping_operator_serves_the_engine_api_for_its_shutdown_delay_while_
     };
     assert!(status.success(), "{status}:\n{}", operator.log_text());
     assert!(operator.log_text().contains("the engine API still serving for its shutdown delay"), "{}", operator.log_text());
+}
+
+/// GET /healthz on an engine API connection (kept alive): the answer, head and body.
+async fn healthz(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut answer = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut answer)).await.expect("an answer within 5 s").unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
 }
 
 /// What `--api-tls-dir` reads (tls.crt and tls.key for localhost, valid until 2030) in a new
