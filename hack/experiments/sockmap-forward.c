@@ -1,8 +1,8 @@
 // An experiment, not part of the product: a fixed-target TCP forwarder (like HAProxy `mode tcp`)
 // whose data path is a BPF sockhash redirect (sk_skb verdict, bpf_sk_redirect_hash), so bytes go
 // from one socket's receive path to the other's send path inside the kernel and never reach a
-// pipe or user space. It measured about half of HAProxy's forced-splice throughput (README,
-// "Proxy benchmark"), so the proxy does not use it.
+// pipe or user space. It measured about half of HAProxy's forced-splice throughput (docs/proxy-benchmark.md,
+// "Not met: throughput"), so the proxy does not use it.
 //
 //   gcc -O2 -o /tmp/sockmap-forward hack/experiments/sockmap-forward.c -lpthread
 //   BENCH_SOCKMAP=/tmp/sockmap-forward BENCH_PEERS=haproxy,spice-operator,sockmap make bench-proxy

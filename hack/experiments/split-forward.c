@@ -1,4 +1,4 @@
-// Experiment (README, "Not met: throughput"): a fixed-target forwarder in which every direction
+// Experiment (docs/proxy-benchmark.md, "Not met: throughput"): a fixed-target forwarder in which every direction
 // has two threads, one splicing socket -> pipe, the other pipe -> socket, so the pipe is a queue
 // between them and reading the next bytes overlaps with sending the last ones. Not adopted: it
 // costs more CPU per GiB than one thread doing both in turn and moves no more bytes.

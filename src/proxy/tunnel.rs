@@ -311,7 +311,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64, acti
                 // saving. Raising its SO_RCVLOWAT for the wait stopped those wake-ups, but made
                 // the kernel acknowledge every segment and close the window, and the update that
                 // reopened it sent the sender's queued segments inside this process's splice
-                // call: 6-7 % more CPU per GiB, not less (README, proxy benchmark).
+                // call: 6-7 % more CPU per GiB, not less (docs/proxy-benchmark.md).
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(SpliceError::Io(e)),
             }
