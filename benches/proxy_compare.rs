@@ -2,7 +2,8 @@
 //! (`make bench-proxy`, which installs haproxy, squid and tinyproxy from Debian):
 //! direct (the limit), HAProxy 2.6 `mode tcp` with splice forced both ways to a fixed target,
 //! squid, tinyproxy and ours. Measures 1- and 8-stream throughput in the display direction
-//! (server → client), proxy CPU seconds per GiB, tunnel setup rate, CPU per tunnel (the peer's,
+//! (server → client), proxy CPU seconds per GiB (and the load generator's: what the peer's way of
+//! moving bytes costs the two ends), tunnel setup rate, CPU per tunnel (the peer's,
 //! and the load generator's with the targets, which is the same code for every peer: a
 //! CONNECT exchange shows up there) and p99 setup latency, 64-byte echo p99, and RSS per idle
 //! tunnel with 2,000 tunnels open. Medians of 3 runs (throughput and set-up), taken in rounds
@@ -178,9 +179,11 @@ fn rss_kib(pid: u32) -> u64 {
         .sum()
 }
 
-async fn throughput(peer: &Peer, streams: u64, total: u64) -> (f64, f64) {
+/// Gbit/s, the peer's CPU seconds per GiB, and the load generator's and target's (sender and
+/// receiver: what the peer's way of moving bytes costs the two ends, on the same CPUs).
+async fn throughput(peer: &Peer, streams: u64, total: u64) -> (f64, f64, f64) {
     let pid = peer.child.as_ref().map(|c| c.id());
-    let cpu0 = cpu_seconds(pid);
+    let (cpu0, own0) = (cpu_seconds(pid), own_cpu_seconds());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..streams {
@@ -203,8 +206,9 @@ async fn throughput(peer: &Peer, streams: u64, total: u64) -> (f64, f64) {
     }
     assert_eq!(got, total, "{}: bytes lost", peer.name);
     let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu0;
-    (total as f64 * 8.0 / secs / 1e9, cpu / (total as f64 / GIB as f64))
+    let (cpu, own) = (cpu_seconds(pid) - cpu0, own_cpu_seconds() - own0);
+    let gib = total as f64 / GIB as f64;
+    (total as f64 * 8.0 / secs / 1e9, cpu / gib, own / gib)
 }
 
 /// Set-up rate, p99 set-up latency, the peer's CPU µs per tunnel, and the load generator's
@@ -370,6 +374,7 @@ struct Figures {
     one: Vec<f64>,
     eight: Vec<f64>,
     cpu: Vec<f64>,
+    client_cpu: Vec<f64>,
     rates: Vec<f64>,
     p99s: Vec<f64>,
     setup_cpus: Vec<f64>,
@@ -394,12 +399,14 @@ async fn main() {
     // BENCH_GIB=0 skips the throughput runs (set-up, echo and memory only).
     for _ in 0..if per_run == 0 { 0 } else { ROUNDS } {
         for (peer, f) in peers.iter().zip(&mut figures) {
-            let (g, c) = throughput(peer, 1, per_run).await;
+            let (g, c, own) = throughput(peer, 1, per_run).await;
             f.one.push(g);
             f.cpu.push(c);
-            let (g, c) = throughput(peer, 8, per_run).await;
+            f.client_cpu.push(own);
+            let (g, c, own) = throughput(peer, 8, per_run).await;
             f.eight.push(g);
             f.cpu.push(c);
+            f.client_cpu.push(own);
         }
     }
     for _ in 0..ROUNDS {
@@ -412,8 +419,8 @@ async fn main() {
         }
     }
     println!("loopback, {} GiB per throughput run in the display direction, medians of {ROUNDS} rounds\n", per_run / GIB);
-    println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | setups/s | CPU µs/setup | client CPU µs/setup | p99 setup ms | echo p99 µs | RSS KiB per idle tunnel |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | client CPU s/GiB | setups/s | CPU µs/setup | client CPU µs/setup | p99 setup ms | echo p99 µs | RSS KiB per idle tunnel |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (peer, f) in peers.iter().zip(figures) {
         let echo = echo_p99(peer).await;
         let rss = idle_rss(peer).await.map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into());
@@ -421,6 +428,7 @@ async fn main() {
             Some(_) => (format!("{:.2}", median(f.cpu)), format!("{:.0}", median(f.setup_cpus))),
             None => ("-".into(), "-".into()),
         };
-        println!("| {} | {:.1} | {:.1} | {} | {:.0} | {} | {:.0} | {:.2} | {:.0} | {} |", peer.name, median(f.one), median(f.eight), cpu, median(f.rates), setup_cpu, median(f.client_cpus), median(f.p99s), echo, rss);
+        let client_cpu = if f.client_cpu.is_empty() { "-".into() } else { format!("{:.2}", median(f.client_cpu)) };
+        println!("| {} | {:.1} | {:.1} | {} | {} | {:.0} | {} | {:.0} | {:.2} | {:.0} | {} |", peer.name, median(f.one), median(f.eight), cpu, client_cpu, median(f.rates), setup_cpu, median(f.client_cpus), median(f.p99s), echo, rss);
     }
 }
