@@ -536,6 +536,8 @@ async fn invalid_specs_are_rejected_at_admission_with_a_clear_message() {
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {authFailureWindowSeconds: 0}", "greater than or equal to 1"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {maxAuthFailuresPerClient: -1}", "greater than or equal to 0"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {shutdownDelaySeconds: 301}", "less than or equal to 300"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {clientSendBufferBytes: 16777217}", "less than or equal to 16777216"),
+        ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  limits: {clientSendBufferBytes: -1}", "greater than or equal to 0"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: ClusterIP, nodePort: 30000}", "nodePort needs service type"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {externalTrafficPolicy: Local}", "externalTrafficPolicy needs service type NodePort or LoadBalancer"),
         ("allowedTargets: [{cidr: 10.0.0.0/8, ports: [{from: 5900}]}]\n  service: {type: NodePort, externalTrafficPolicy: Local}", "Local with type NodePort needs externalAddress"),

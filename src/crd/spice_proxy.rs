@@ -427,6 +427,17 @@ pub struct ProxyLimits {
     #[serde(default = "d_auth_window")]
     #[schemars(range(min = 1, max = 86400))]
     pub auth_failure_window_seconds: i32,
+    /// Send buffer of each tunnel's socket toward the SPICE client (SO_SNDBUF, which the kernel
+    /// doubles for its bookkeeping), in bytes; 0 (the default) leaves it to the kernel's
+    /// autotuning, up to `net.ipv4.tcp_wmem`'s maximum (often 4 MiB). A size bounds what waits
+    /// in the kernel for a slow client: display updates queued there (4 MiB is seconds of lag
+    /// on a link of a few Mbit/s) and socket memory, which counts against the pod's memory
+    /// limit. It also bounds a display channel to one buffer per round trip (256 KiB: about
+    /// 80 Mbit/s at 50 ms), and costs the proxy more wake-ups per GiB. The kernel grants at
+    /// most `net.core.wmem_max` (208 KiB unless the node raised it); the proxy logs what it got.
+    #[serde(default = "d_client_send_buffer")]
+    #[schemars(range(min = 0, max = 16777216))]
+    pub client_send_buffer_bytes: i32,
 }
 
 /// The range of `deadPeerTimeoutSeconds`, for the schema, the controller's validation and the
@@ -468,6 +479,14 @@ fn d_auth_failures() -> i32 {
 fn d_auth_window() -> i32 {
     300
 }
+fn d_client_send_buffer() -> i32 {
+    CLIENT_SEND_BUFFER_DEFAULT
+}
+
+/// 0, the kernel's autotuning: a fixed size cost the proxy more CPU per GiB in the benchmark
+/// (docs/proxy-benchmark.md, "A fixed client send buffer").
+pub const CLIENT_SEND_BUFFER_DEFAULT: i32 = 0;
+pub const CLIENT_SEND_BUFFER_MAX: i32 = 16 * 1024 * 1024;
 
 /// The limits as durations. The proxy also reads its config from a file that the CRD schema
 /// never validated, so each is clamped to the smallest value that still means something.
@@ -504,6 +523,11 @@ impl ProxyLimits {
     pub fn half_closed_timeout(&self) -> Duration {
         seconds_at_least(self.half_closed_timeout_seconds, 1).min(self.idle_timeout())
     }
+    /// `None`: the kernel's autotuning (0, or a negative value in a hand-written file).
+    /// Clamped like the schema: at most 16 MiB.
+    pub fn client_send_buffer(&self) -> Option<u32> {
+        (self.client_send_buffer_bytes > 0).then(|| self.client_send_buffer_bytes.min(CLIENT_SEND_BUFFER_MAX) as u32)
+    }
 }
 
 fn seconds_at_least(seconds: i32, min: i32) -> Duration {
@@ -524,6 +548,7 @@ impl Default for ProxyLimits {
             half_closed_timeout_seconds: d_half_closed(),
             max_auth_failures_per_client: d_auth_failures(),
             auth_failure_window_seconds: d_auth_window(),
+            client_send_buffer_bytes: d_client_send_buffer(),
         }
     }
 }
@@ -607,5 +632,9 @@ mod tests {
         assert_eq!(d.idle_timeout(), Duration::from_secs(d.idle_timeout_seconds as u64));
         assert!(d.idle_timeout() > Duration::from_secs(300), "SPICE pings inputs and cursor only every 300 s");
         assert_eq!(d.handshake_timeout(), Duration::from_secs(10));
+        assert_eq!(d.client_send_buffer(), None, "the kernel's autotuning by default");
+        assert_eq!(ProxyLimits { client_send_buffer_bytes: 262_144, ..Default::default() }.client_send_buffer(), Some(262_144));
+        assert_eq!(ProxyLimits { client_send_buffer_bytes: -1, ..Default::default() }.client_send_buffer(), None);
+        assert_eq!(ProxyLimits { client_send_buffer_bytes: i32::MAX, ..Default::default() }.client_send_buffer(), Some(16 << 20));
     }
 }

@@ -446,7 +446,18 @@ impl ProxyServer {
         let creds = read_credentials(&cfg)?;
         let defer = cfg.limits.handshake_timeout().as_secs() as u32;
         let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
-        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let send_buffer = cfg.limits.client_send_buffer();
+        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive, send_buffer).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        if let Some(asked) = send_buffer {
+            // The kernel grants twice the ask (half for its bookkeeping), at most twice
+            // net.core.wmem_max: say what the clients' sockets really get.
+            let granted = rustix::net::sockopt::socket_send_buffer_size(&listeners[0])?;
+            if granted < 2 * asked as usize {
+                tracing::warn!(asked, granted, "client send buffer: the kernel granted less than asked (net.core.wmem_max); clients get the smaller buffer");
+            } else {
+                tracing::info!(asked, granted, "client send buffer");
+            }
+        }
         let admin = crate::admin::bind(&cfg.admin_listen).await?;
         let (mut html5_cert, mut hypervisor_tls) = (None, None);
         let html5 = match &cfg.html5 {
@@ -586,13 +597,13 @@ impl ProxyServer {
 
 /// Binds `workers` listeners (default: one per CPU this process may use) to one address with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
-/// Accepted sockets inherit TCP_NODELAY and the client keepalive from the listener (no
-/// setsockopt per tunnel), and TCP_DEFER_ACCEPT hands a connection over only once its
-/// request has arrived, so a tunnel starts with its head already readable: no wake-up just
-/// to find nothing to read.
+/// Accepted sockets inherit TCP_NODELAY, the client keepalive and the send buffer
+/// (`send_buffer`; absent: autotuned) from the listener (no setsockopt per tunnel), and
+/// TCP_DEFER_ACCEPT hands a connection over only once its request has arrived, so a tunnel
+/// starts with its head already readable: no wake-up just to find nothing to read.
 /// A client that sends nothing is handed over after about `defer_secs` all the same, and
 /// then meets the handshake timeout.
-async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive) -> std::io::Result<Vec<std::net::TcpListener>> {
+async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive, send_buffer: Option<u32>) -> std::io::Result<Vec<std::net::TcpListener>> {
     let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).clamp(1, 64);
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     for _ in 0..n {
@@ -605,6 +616,9 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, kee
             socket.set_reuseaddr(true)?;
             socket.set_reuseport(true)?;
             socket.set_nodelay(true)?;
+            if let Some(bytes) = send_buffer {
+                socket.set_send_buffer_size(bytes)?;
+            }
             super::sockopt::set_defer_accept(socket, defer_secs)?;
             keepalive.apply(socket)
         })
@@ -886,14 +900,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_clients_inherit_nodelay_and_the_keepalive_from_the_listener() {
+    async fn accepted_clients_inherit_nodelay_the_keepalive_and_the_send_buffer_from_the_listener() {
         let dead_peer = Duration::from_secs(ProxyLimits::default().dead_peer_timeout_seconds as u64);
-        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(dead_peer)).await.unwrap();
+        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(dead_peer), Some(64 * 1024)).await.unwrap();
         let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         client.write_all(b"x").await.unwrap(); // TCP_DEFER_ACCEPT hands over only once data came
         let (accepted, _) = listener.accept().await.unwrap();
         assert_nodelay_and_keepalive(&accepted, dead_peer, "client side");
+        // Linux doubles what it grants (and 64 KiB is below every node's net.core.wmem_max).
+        assert_eq!(rustix::net::sockopt::socket_send_buffer_size(&accepted).unwrap(), 128 * 1024, "the send buffer asked for");
+    }
+
+    #[tokio::test]
+    async fn the_configured_client_send_buffer_reaches_every_listener() {
+        let cfg = |limits: serde_json::Value| -> ProxyConfig {
+            serde_json::from_value(serde_json::json!({
+                "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "None", "limits": limits, "workers": 2,
+            }))
+            .unwrap()
+        };
+        let server = ProxyServer::bind(cfg(serde_json::json!({"clientSendBufferBytes": 65536}))).await.unwrap();
+        for l in &server.listeners {
+            assert_eq!(rustix::net::sockopt::socket_send_buffer_size(l).unwrap(), 128 * 1024);
+        }
+        // Left to the kernel by default: the listener keeps its starting size, never twice an ask.
+        let server = ProxyServer::bind(cfg(serde_json::json!({}))).await.unwrap();
+        let fresh = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let unset = rustix::net::sockopt::socket_send_buffer_size(&fresh).unwrap();
+        for l in &server.listeners {
+            assert_eq!(rustix::net::sockopt::socket_send_buffer_size(l).unwrap(), unset);
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_send_buffer_size_the_kernel_autotunes_the_client_side() {
+        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(Duration::from_secs(120)), None).await.unwrap();
+        let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        client.write_all(b"x").await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        // Unlocked, the kernel sizes it from the connection (on loopback's 64 KiB segments,
+        // past net.ipv4.tcp_wmem's starting figure at once) up to tcp_wmem's maximum.
+        let wmem: Vec<usize> = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap().split_whitespace().map(|v| v.parse().unwrap()).collect();
+        let got = rustix::net::sockopt::socket_send_buffer_size(&accepted).unwrap();
+        assert!(got > wmem[1] && got <= wmem[2], "autotuned within tcp_wmem {wmem:?}: {got}");
     }
 
     #[tokio::test]

@@ -90,6 +90,9 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if !(1..=86_400).contains(&spec.limits.auth_failure_window_seconds) {
         problems.push(format!("limits.authFailureWindowSeconds {} is outside 1-86400", spec.limits.auth_failure_window_seconds));
     }
+    if !(0..=CLIENT_SEND_BUFFER_MAX).contains(&spec.limits.client_send_buffer_bytes) {
+        problems.push(format!("limits.clientSendBufferBytes {} is outside 0 (the kernel's autotuning) to {CLIENT_SEND_BUFFER_MAX}", spec.limits.client_send_buffer_bytes));
+    }
     if let Some(h) = &spec.html5 {
         if spec.auth.mode != AuthMode::Ticket {
             problems.push("html5 needs auth mode Ticket: the token in the browser console URL names the VM".into());

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use super::{Context, Error, Result, backoff_key, publish_transitions, retry_after_failure, status_patch_params, trigger};
 use crate::conditions;
-use crate::crd::{AuthMode, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, IpFamilyPolicy, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
+use crate::crd::{AuthMode, CLIENT_SEND_BUFFER_MAX, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS, IpFamilyPolicy, ServiceType, SpiceProxy, SpiceProxySpec, SpiceProxyStatus, TrafficPolicy};
 use crate::labels;
 use crate::listener::ANY;
 use crate::managed_fields;
