@@ -433,8 +433,9 @@ pub struct ProxyLimits {
     /// in the kernel for a slow client: display updates queued there (4 MiB is seconds of lag
     /// on a link of a few Mbit/s) and socket memory, which counts against the pod's memory
     /// limit. It also bounds a display channel to one buffer per round trip (256 KiB: about
-    /// 80 Mbit/s at 50 ms), and costs the proxy more wake-ups per GiB. The kernel grants at
-    /// most `net.core.wmem_max` (208 KiB unless the node raised it); the proxy logs what it got.
+    /// 80 Mbit/s at 50 ms), and costs the proxy more wake-ups per GiB. An ask above
+    /// `net.core.wmem_max` (208 KiB unless the node raised it) is cut to it; the proxy logs what
+    /// it got.
     #[serde(default = "d_client_send_buffer")]
     #[schemars(range(min = 0, max = 16777216))]
     pub client_send_buffer_bytes: i32,

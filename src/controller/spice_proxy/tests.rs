@@ -211,7 +211,8 @@ fn validate_reports_every_problem() {
     assert_eq!(validate(&s.spec).unwrap_err(), ["limits.maxAuthFailuresPerClient -1 must be 0 (off) or more", "limits.authFailureWindowSeconds 0 is outside 1-86400"]);
     s.spec.limits.max_auth_failures_per_client = 0;
     s.spec.limits.auth_failure_window_seconds = 86_400;
-    assert!(validate(&s.spec).is_ok(), "0 is off, a day is the longest window");    let mut s = spx(BASIC);
+    assert!(validate(&s.spec).is_ok(), "0 is off, a day is the longest window");
+    let mut s = spx(BASIC);
     s.spec.limits.client_send_buffer_bytes = 16 * 1024 * 1024 + 1;
     assert_eq!(validate(&s.spec).unwrap_err(), ["limits.clientSendBufferBytes 16777217 is outside 0 (the kernel's autotuning) to 16777216"]);
     s.spec.limits.client_send_buffer_bytes = -1;
