@@ -427,8 +427,8 @@ pub struct ProxyLimits {
     #[serde(default = "d_auth_window")]
     #[schemars(range(min = 1, max = 86400))]
     pub auth_failure_window_seconds: i32,
-    /// Send buffer of each tunnel's socket toward the SPICE client (SO_SNDBUF, which the kernel
-    /// doubles for its bookkeeping), in bytes; 0 (the default) leaves it to the kernel's
+    /// Send buffer of each tunnel's socket toward the SPICE client, native or browser (SO_SNDBUF,
+    /// which the kernel doubles for its bookkeeping), in bytes; 0 (the default) leaves it to the kernel's
     /// autotuning, up to `net.ipv4.tcp_wmem`'s maximum (often 4 MiB). A size bounds what waits
     /// in the kernel for a slow client: display updates queued there (4 MiB is seconds of lag
     /// on a link of a few Mbit/s) and socket memory, which counts against the pod's memory

@@ -474,8 +474,12 @@ impl ProxyServer {
                     hypervisor_tls = Some(ca);
                 }
                 let l = crate::listener::bind(&h.listen, "html5").await?;
-                // Browsers sit behind the same NATs and load balancers as SPICE clients.
+                // Browsers sit behind the same NATs and load balancers as SPICE clients, and
+                // a slow one queues display updates as a native client does.
                 keepalive.apply(&l)?;
+                if let Some(bytes) = send_buffer {
+                    rustix::net::sockopt::set_socket_send_buffer_size(&l, bytes as usize)?;
+                }
                 Some(l)
             }
             None => None,
@@ -914,23 +918,26 @@ mod tests {
 
     #[tokio::test]
     async fn the_configured_client_send_buffer_reaches_every_listener() {
+        let keys = tempfile::tempdir().unwrap();
+        std::fs::write(keys.path().join(ticket::CURRENT_KEY), b"0123456789abcdef0123456789abcdef").unwrap();
         let cfg = |limits: serde_json::Value| -> ProxyConfig {
             serde_json::from_value(serde_json::json!({
-                "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "None", "limits": limits, "workers": 2,
+                "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "Ticket",
+                "keysDir": keys.path(), "limits": limits, "workers": 2, "html5": {"listen": "127.0.0.1:0"},
             }))
             .unwrap()
         };
+        let send_buffer = |server: &ProxyServer| -> Vec<usize> {
+            let html5 = server.html5.as_ref().expect("the browser port is configured");
+            server.listeners.iter().map(|l| rustix::net::sockopt::socket_send_buffer_size(l).unwrap()).chain([rustix::net::sockopt::socket_send_buffer_size(html5).unwrap()]).collect()
+        };
         let server = ProxyServer::bind(cfg(serde_json::json!({"clientSendBufferBytes": 65536}))).await.unwrap();
-        for l in &server.listeners {
-            assert_eq!(rustix::net::sockopt::socket_send_buffer_size(l).unwrap(), 128 * 1024);
-        }
-        // Left to the kernel by default: the listener keeps its starting size, never twice an ask.
+        assert_eq!(send_buffer(&server), [128 * 1024; 3], "both CONNECT listeners and the browser port");
+        // Left to the kernel by default: the listeners keep their starting size, never twice an ask.
         let server = ProxyServer::bind(cfg(serde_json::json!({}))).await.unwrap();
         let fresh = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let unset = rustix::net::sockopt::socket_send_buffer_size(&fresh).unwrap();
-        for l in &server.listeners {
-            assert_eq!(rustix::net::sockopt::socket_send_buffer_size(l).unwrap(), unset);
-        }
+        assert_eq!(send_buffer(&server), [unset; 3]);
     }
 
     #[tokio::test]
