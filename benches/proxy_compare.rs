@@ -336,12 +336,14 @@ fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
     out.push(spawn("tinyproxy", Kind::Connect, p, target, Command::new("tinyproxy").args(["-d", "-c"]).arg(&cfg)));
 
     let bin = std::env::var("SPICE_OPERATOR_BIN").unwrap_or_else(|_| "target/release/spice-operator".into());
-    out.push(ours("spice-operator", &bin, targets[4], dir));
+    out.push(ours("spice-operator", &bin, targets[4], dir, serde_json::json!({})));
     let mut extra = targets[5..].iter();
     // A second build of ours in the same rounds: an A/B comparison that the noise between
     // separate runs cannot blur.
     if let Ok(bin) = std::env::var("BENCH_B_BIN") {
-        out.push(ours("ours-b", &bin, *extra.next().unwrap(), dir));
+        // BENCH_B_CLIENT_SOCKET='{"congestionControl":"cubic"}': ours-b with other client sockets.
+        let client_socket = std::env::var("BENCH_B_CLIENT_SOCKET").map(|v| serde_json::from_str(&v).expect("BENCH_B_CLIENT_SOCKET is JSON")).unwrap_or_else(|_| serde_json::json!({}));
+        out.push(ours("ours-b", &bin, *extra.next().unwrap(), dir, client_socket));
     }
     if let Ok(proto) = std::env::var("BENCH_SOCKMAP") {
         let target = *extra.next().unwrap();
@@ -353,7 +355,8 @@ fn peers(dir: &std::path::Path, targets: &[SocketAddr]) -> Vec<Peer> {
 
 /// Our proxy, configured as the operator renders it but with no authentication and limits no
 /// benchmark reaches.
-fn ours(name: &'static str, bin: &str, target: SocketAddr, dir: &std::path::Path) -> Peer {
+/// `client_socket`: the configuration's `clientSocket` (send buffer, congestion control).
+fn ours(name: &'static str, bin: &str, target: SocketAddr, dir: &std::path::Path, client_socket: serde_json::Value) -> Peer {
     let p = free_port();
     let admin = free_port();
     let cfg = dir.join(format!("{name}.json"));
@@ -363,7 +366,8 @@ fn ours(name: &'static str, bin: &str, target: SocketAddr, dir: &std::path::Path
         "allowedTargets": [{"cidr": format!("{}/32", target.ip()), "ports": [[target.port(), target.port()]]}],
         "authMode": "None", "keysDir": null, "basicDir": null,
         "limits": {"maxTunnels": 20000, "maxTunnelsPerClient": 20000, "idleTimeoutSeconds": 3600,
-                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0, "shutdownDelaySeconds": 0}
+                   "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 0, "shutdownDelaySeconds": 0},
+        "clientSocket": client_socket
     }).to_string()).unwrap();
     spawn(name, Kind::Connect, p, target, Command::new(bin).args(["proxy", "--config"]).arg(&cfg))
 }

@@ -44,6 +44,7 @@ fn base_config(dir: &std::path::Path) -> ProxyConfig {
         basic_dir: None,
         // Stopped proxies close their listeners at once; the shutdown delay has its own test.
         limits: ProxyLimits { shutdown_delay_seconds: 0, ..ProxyLimits::default() },
+        client_socket: Default::default(),
         data_path: DataPath::Splice,
         html5: None,
         // Two threads, whatever this machine has: tunnels spread over both listeners.

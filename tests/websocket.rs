@@ -65,6 +65,7 @@ async fn start_edited(idle: i32, drain: i32, tls: Option<(String, String)>, edit
         basic_dir: None,
         // Stopped bridges close their listener at once; the shutdown delay has its own test.
         limits: ProxyLimits { idle_timeout_seconds: idle, drain_seconds: drain, shutdown_delay_seconds: 0, ..ProxyLimits::default() },
+        client_socket: Default::default(),
         data_path: DataPath::Splice,
         html5: Some(Html5Config { listen: "127.0.0.1:0".into(), static_dir: pages.to_string_lossy().into(), allowed_origins: vec!["https://portal.example.com".into()], tls, upstream_tls: None }),
         workers: None,

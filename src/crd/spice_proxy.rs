@@ -58,6 +58,11 @@ pub struct SpiceProxySpec {
     #[serde(default)]
     pub limits: ProxyLimits,
 
+    /// The TCP sockets toward clients: send buffer and congestion control (default: the
+    /// node's).
+    #[serde(default)]
+    pub client_socket: ClientSocketSpec,
+
     /// The browser console path: spice-html5 pages and a WebSocket bridge on their own port,
     /// like OpenStack's spicehtml5proxy. Absent: off. Needs auth mode Ticket (the token in
     /// the console URL names the VM).
@@ -427,18 +432,6 @@ pub struct ProxyLimits {
     #[serde(default = "d_auth_window")]
     #[schemars(range(min = 1, max = 86400))]
     pub auth_failure_window_seconds: i32,
-    /// Send buffer of each tunnel's socket toward the SPICE client, native or browser (SO_SNDBUF,
-    /// which the kernel doubles for its bookkeeping), in bytes; 0 (the default) leaves it to the kernel's
-    /// autotuning, up to `net.ipv4.tcp_wmem`'s maximum (often 4 MiB). A size bounds what waits
-    /// in the kernel for a slow client: display updates queued there (4 MiB is seconds of lag
-    /// on a link of a few Mbit/s) and socket memory, which counts against the pod's memory
-    /// limit. It also bounds a display channel to one buffer per round trip (256 KiB: about
-    /// 80 Mbit/s at 50 ms), and costs the proxy more wake-ups per GiB. An ask above
-    /// `net.core.wmem_max` (208 KiB unless the node raised it) is cut to it; the proxy logs what
-    /// it got.
-    #[serde(default = "d_client_send_buffer")]
-    #[schemars(range(min = 0, max = 16777216))]
-    pub client_send_buffer_bytes: i32,
 }
 
 /// The range of `deadPeerTimeoutSeconds`, for the schema, the controller's validation and the
@@ -480,14 +473,45 @@ fn d_auth_failures() -> i32 {
 fn d_auth_window() -> i32 {
     300
 }
-fn d_client_send_buffer() -> i32 {
-    CLIENT_SEND_BUFFER_DEFAULT
+pub const CLIENT_SEND_BUFFER_MAX: i32 = 16 * 1024 * 1024;
+
+/// The TCP sockets toward SPICE clients, native (CONNECT) and browser alike. Both settings
+/// default to the node's own choice; they are set on the listening sockets, which accepted
+/// ones inherit, so they cost nothing per tunnel. Measured in docs/proxy-benchmark.md.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSocketSpec {
+    /// Send buffer of each client socket (SO_SNDBUF, which the kernel doubles for its
+    /// bookkeeping), in bytes; 0 (the default) leaves it to the kernel's autotuning, up to
+    /// `net.ipv4.tcp_wmem`'s maximum (often 4 MiB). A size bounds what waits in the kernel for a
+    /// slow client: display updates queued there (4 MiB is seconds of lag on a link of a few
+    /// Mbit/s) and socket memory, which counts against the pod's memory limit. It also bounds a
+    /// display channel to one buffer per round trip (256 KiB: about 80 Mbit/s at 50 ms), and
+    /// cost the proxy more CPU per GiB in the benchmark. An ask above `net.core.wmem_max`
+    /// (208 KiB unless the node raised it) is cut to it; the proxy logs what it got.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16777216))]
+    pub send_buffer_bytes: i32,
+    /// TCP congestion control of the client sockets, such as `cubic` or `bbr`; absent: the
+    /// node's (`net.ipv4.tcp_congestion_control`). The sending side's algorithm decides how
+    /// display data is paced toward clients. `bbr` paces on timers unless the interface has the
+    /// `fq` qdisc (a pod's usually has none), which in the benchmark cost the proxy and the
+    /// clients' host CPU and halved one stream's rate; `cubic` does not pace. An unprivileged
+    /// proxy may only choose what `net.ipv4.tcp_allowed_congestion_control` lists (`reno` and
+    /// `cubic` unless the node added others); another name stops it at start with a sentence
+    /// saying so, which the SpiceProxy's status then shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9_]{0,14}$"))]
+    pub congestion_control: Option<String>,
 }
 
-/// 0, the kernel's autotuning: a fixed size cost the proxy more CPU per GiB in the benchmark
-/// (docs/proxy-benchmark.md, "A fixed client send buffer").
-pub const CLIENT_SEND_BUFFER_DEFAULT: i32 = 0;
-pub const CLIENT_SEND_BUFFER_MAX: i32 = 16 * 1024 * 1024;
+impl ClientSocketSpec {
+    /// `None`: the kernel's autotuning (0, or a negative value in a hand-written file).
+    /// Clamped like the schema: at most 16 MiB.
+    pub fn send_buffer(&self) -> Option<u32> {
+        (self.send_buffer_bytes > 0).then(|| self.send_buffer_bytes.min(CLIENT_SEND_BUFFER_MAX) as u32)
+    }
+}
 
 /// The limits as durations. The proxy also reads its config from a file that the CRD schema
 /// never validated, so each is clamped to the smallest value that still means something.
@@ -524,11 +548,6 @@ impl ProxyLimits {
     pub fn half_closed_timeout(&self) -> Duration {
         seconds_at_least(self.half_closed_timeout_seconds, 1).min(self.idle_timeout())
     }
-    /// `None`: the kernel's autotuning (0, or a negative value in a hand-written file).
-    /// Clamped like the schema: at most 16 MiB.
-    pub fn client_send_buffer(&self) -> Option<u32> {
-        (self.client_send_buffer_bytes > 0).then(|| self.client_send_buffer_bytes.min(CLIENT_SEND_BUFFER_MAX) as u32)
-    }
 }
 
 fn seconds_at_least(seconds: i32, min: i32) -> Duration {
@@ -549,7 +568,6 @@ impl Default for ProxyLimits {
             half_closed_timeout_seconds: d_half_closed(),
             max_auth_failures_per_client: d_auth_failures(),
             auth_failure_window_seconds: d_auth_window(),
-            client_send_buffer_bytes: d_client_send_buffer(),
         }
     }
 }
@@ -607,7 +625,7 @@ impl SpiceProxy {
 
 #[cfg(test)]
 mod tests {
-    use super::ProxyLimits;
+    use super::{ClientSocketSpec, ProxyLimits};
     use std::time::Duration;
 
     #[test]
@@ -633,9 +651,10 @@ mod tests {
         assert_eq!(d.idle_timeout(), Duration::from_secs(d.idle_timeout_seconds as u64));
         assert!(d.idle_timeout() > Duration::from_secs(300), "SPICE pings inputs and cursor only every 300 s");
         assert_eq!(d.handshake_timeout(), Duration::from_secs(10));
-        assert_eq!(d.client_send_buffer(), None, "the kernel's autotuning by default");
-        assert_eq!(ProxyLimits { client_send_buffer_bytes: 262_144, ..Default::default() }.client_send_buffer(), Some(262_144));
-        assert_eq!(ProxyLimits { client_send_buffer_bytes: -1, ..Default::default() }.client_send_buffer(), None);
-        assert_eq!(ProxyLimits { client_send_buffer_bytes: i32::MAX, ..Default::default() }.client_send_buffer(), Some(16 << 20));
+        let socket = |bytes: i32| ClientSocketSpec { send_buffer_bytes: bytes, ..Default::default() }.send_buffer();
+        assert_eq!(ClientSocketSpec::default().send_buffer(), None, "the kernel's autotuning by default");
+        assert_eq!(socket(262_144), Some(262_144));
+        assert_eq!(socket(-1), None);
+        assert_eq!(socket(i32::MAX), Some(16 << 20));
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::tunnel::DataPath;
-use crate::crd::{AuthMode, ProxyLimits};
+use crate::crd::{AuthMode, ClientSocketSpec, ProxyLimits};
 
 pub const CONFIG_DIR: &str = "/etc/spice-proxy/config";
 pub const CONFIG_FILE: &str = "config.json";
@@ -26,6 +26,9 @@ pub struct ProxyConfig {
     /// Directory with `username` and `password` (mode Basic).
     pub basic_dir: Option<String>,
     pub limits: ProxyLimits,
+    /// Send buffer and congestion control of the sockets toward clients.
+    #[serde(default)]
+    pub client_socket: ClientSocketSpec,
     #[serde(default)]
     pub data_path: DataPath,
     /// The browser path (spice-html5 pages + WebSocket bridge); absent: off.

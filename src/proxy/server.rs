@@ -22,7 +22,7 @@ use super::sockopt::Keepalive;
 use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
-use crate::crd::AuthMode;
+use crate::crd::{AuthMode, ClientSocketSpec};
 use crate::http_answer::{Refusal, refuse, response};
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
@@ -446,9 +446,12 @@ impl ProxyServer {
         let creds = read_credentials(&cfg)?;
         let defer = cfg.limits.handshake_timeout().as_secs() as u32;
         let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
-        let send_buffer = cfg.limits.client_send_buffer();
-        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive, send_buffer).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-        if let Some(asked) = send_buffer {
+        let client_socket = cfg.client_socket.clone();
+        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive, &client_socket).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        if let Some(cc) = &client_socket.congestion_control {
+            tracing::info!(congestion_control = %cc, "client sockets' congestion control");
+        }
+        if let Some(asked) = client_socket.send_buffer() {
             // The kernel grants twice the ask (half for its bookkeeping), at most twice
             // net.core.wmem_max: say what the clients' sockets really get.
             let granted = rustix::net::sockopt::socket_send_buffer_size(&listeners[0])?;
@@ -477,9 +480,7 @@ impl ProxyServer {
                 // Browsers sit behind the same NATs and load balancers as SPICE clients, and
                 // a slow one queues display updates as a native client does.
                 keepalive.apply(&l)?;
-                if let Some(bytes) = send_buffer {
-                    rustix::net::sockopt::set_socket_send_buffer_size(&l, bytes as usize)?;
-                }
+                apply_client_socket(&l, &client_socket)?;
                 Some(l)
             }
             None => None,
@@ -599,15 +600,34 @@ impl ProxyServer {
     }
 }
 
+/// The send buffer and congestion control of `clientSocket`, on a listener whose accepted
+/// sockets inherit them. A congestion control the kernel refuses is named in the error: an
+/// unprivileged process may only choose what net.ipv4.tcp_allowed_congestion_control lists.
+fn apply_client_socket(listener: &impl std::os::fd::AsFd, client_socket: &ClientSocketSpec) -> std::io::Result<()> {
+    if let Some(bytes) = client_socket.send_buffer() {
+        rustix::net::sockopt::set_socket_send_buffer_size(listener, bytes as usize)?;
+    }
+    if let Some(cc) = &client_socket.congestion_control {
+        rustix::net::sockopt::set_tcp_congestion(listener, cc).map_err(|e| {
+            let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap_or_default();
+            std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!("clientSocket.congestionControl {cc:?}: the kernel refused it ({e}); this node allows {:?} (net.ipv4.tcp_allowed_congestion_control)", allowed.trim()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Binds `workers` listeners (default: one per CPU this process may use) to one address with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
-/// Accepted sockets inherit TCP_NODELAY, the client keepalive and the send buffer
-/// (`send_buffer`; absent: autotuned) from the listener (no setsockopt per tunnel), and
+/// Accepted sockets inherit TCP_NODELAY, the client keepalive, the send buffer and the
+/// congestion control (`client_socket`) from the listener (no setsockopt per tunnel), and
 /// TCP_DEFER_ACCEPT hands a connection over only once its request has arrived, so a tunnel
 /// starts with its head already readable: no wake-up just to find nothing to read.
 /// A client that sends nothing is handed over after about `defer_secs` all the same, and
 /// then meets the handshake timeout.
-async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive, send_buffer: Option<u32>) -> std::io::Result<Vec<std::net::TcpListener>> {
+async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive, client_socket: &ClientSocketSpec) -> std::io::Result<Vec<std::net::TcpListener>> {
     let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).clamp(1, 64);
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     for _ in 0..n {
@@ -620,9 +640,7 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, kee
             socket.set_reuseaddr(true)?;
             socket.set_reuseport(true)?;
             socket.set_nodelay(true)?;
-            if let Some(bytes) = send_buffer {
-                socket.set_send_buffer_size(bytes)?;
-            }
+            apply_client_socket(socket, client_socket)?;
             super::sockopt::set_defer_accept(socket, defer_secs)?;
             keepalive.apply(socket)
         })
@@ -906,7 +924,8 @@ mod tests {
     #[tokio::test]
     async fn accepted_clients_inherit_nodelay_the_keepalive_and_the_send_buffer_from_the_listener() {
         let dead_peer = Duration::from_secs(ProxyLimits::default().dead_peer_timeout_seconds as u64);
-        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(dead_peer), Some(64 * 1024)).await.unwrap();
+        let client_socket = ClientSocketSpec { send_buffer_bytes: 64 * 1024, congestion_control: Some("reno".into()) };
+        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(dead_peer), &client_socket).await.unwrap();
         let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         client.write_all(b"x").await.unwrap(); // TCP_DEFER_ACCEPT hands over only once data came
@@ -914,16 +933,26 @@ mod tests {
         assert_nodelay_and_keepalive(&accepted, dead_peer, "client side");
         // Linux doubles what it grants (and 64 KiB is below every node's net.core.wmem_max).
         assert_eq!(rustix::net::sockopt::socket_send_buffer_size(&accepted).unwrap(), 128 * 1024, "the send buffer asked for");
+        // reno: built into every kernel, and allowed to unprivileged processes.
+        assert_eq!(rustix::net::sockopt::tcp_congestion(&accepted).unwrap(), "reno");
     }
 
     #[tokio::test]
-    async fn the_configured_client_send_buffer_reaches_every_listener() {
+    async fn a_congestion_control_the_kernel_refuses_stops_the_proxy_with_a_sentence() {
+        let client_socket = ClientSocketSpec { congestion_control: Some("nosuchcc".into()), ..Default::default() };
+        let err = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(Duration::from_secs(120)), &client_socket).await.unwrap_err();
+        assert!(err.to_string().starts_with("clientSocket.congestionControl \"nosuchcc\": the kernel refused it"), "{err}");
+        assert!(err.to_string().contains("net.ipv4.tcp_allowed_congestion_control"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_configured_client_socket_reaches_every_listener() {
         let keys = tempfile::tempdir().unwrap();
         std::fs::write(keys.path().join(ticket::CURRENT_KEY), b"0123456789abcdef0123456789abcdef").unwrap();
-        let cfg = |limits: serde_json::Value| -> ProxyConfig {
+        let cfg = |client_socket: serde_json::Value| -> ProxyConfig {
             serde_json::from_value(serde_json::json!({
-                "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "Ticket",
-                "keysDir": keys.path(), "limits": limits, "workers": 2, "html5": {"listen": "127.0.0.1:0"},
+                "listen": "127.0.0.1:0", "adminListen": "127.0.0.1:0", "allowedTargets": [], "authMode": "Ticket", "limits": {},
+                "keysDir": keys.path(), "clientSocket": client_socket, "workers": 2, "html5": {"listen": "127.0.0.1:0"},
             }))
             .unwrap()
         };
@@ -931,8 +960,12 @@ mod tests {
             let html5 = server.html5.as_ref().expect("the browser port is configured");
             server.listeners.iter().map(|l| rustix::net::sockopt::socket_send_buffer_size(l).unwrap()).chain([rustix::net::sockopt::socket_send_buffer_size(html5).unwrap()]).collect()
         };
-        let server = ProxyServer::bind(cfg(serde_json::json!({"clientSendBufferBytes": 65536}))).await.unwrap();
+        let server = ProxyServer::bind(cfg(serde_json::json!({"sendBufferBytes": 65536, "congestionControl": "reno"}))).await.unwrap();
         assert_eq!(send_buffer(&server), [128 * 1024; 3], "both CONNECT listeners and the browser port");
+        let html5 = server.html5.as_ref().unwrap();
+        for cc in server.listeners.iter().map(|l| rustix::net::sockopt::tcp_congestion(l).unwrap()).chain([rustix::net::sockopt::tcp_congestion(html5).unwrap()]) {
+            assert_eq!(cc, "reno");
+        }
         // Left to the kernel by default: the listeners keep their starting size, never twice an ask.
         let server = ProxyServer::bind(cfg(serde_json::json!({}))).await.unwrap();
         let fresh = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -942,7 +975,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_send_buffer_size_the_kernel_autotunes_the_client_side() {
-        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(Duration::from_secs(120)), None).await.unwrap();
+        let listeners = bind_workers("127.0.0.1:0", Some(1), 5, Keepalive::within(Duration::from_secs(120)), &ClientSocketSpec::default()).await.unwrap();
         let listener = TcpListener::from_std(listeners.into_iter().next().unwrap()).unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         client.write_all(b"x").await.unwrap();

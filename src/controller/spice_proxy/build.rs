@@ -90,8 +90,14 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
     if !(1..=86_400).contains(&spec.limits.auth_failure_window_seconds) {
         problems.push(format!("limits.authFailureWindowSeconds {} is outside 1-86400", spec.limits.auth_failure_window_seconds));
     }
-    if !(0..=CLIENT_SEND_BUFFER_MAX).contains(&spec.limits.client_send_buffer_bytes) {
-        problems.push(format!("limits.clientSendBufferBytes {} is outside 0 (the kernel's autotuning) to {CLIENT_SEND_BUFFER_MAX}", spec.limits.client_send_buffer_bytes));
+    if !(0..=CLIENT_SEND_BUFFER_MAX).contains(&spec.client_socket.send_buffer_bytes) {
+        problems.push(format!("clientSocket.sendBufferBytes {} is outside 0 (the kernel's autotuning) to {CLIENT_SEND_BUFFER_MAX}", spec.client_socket.send_buffer_bytes));
+    }
+    if let Some(cc) = &spec.client_socket.congestion_control {
+        let name_ok = (1..=15).contains(&cc.len()) && cc.starts_with(|c: char| c.is_ascii_lowercase()) && cc.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !name_ok {
+            problems.push(format!("clientSocket.congestionControl {cc:?} is not a congestion control name such as cubic or bbr"));
+        }
     }
     if let Some(h) = &spec.html5 {
         if spec.auth.mode != AuthMode::Ticket {
@@ -236,6 +242,7 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         keys_dir: Some(pc::KEYS_DIR.into()),
         basic_dir: spec.auth.credentials_secret.as_ref().map(|_| pc::BASIC_DIR.into()),
         limits: spec.limits.clone(),
+        client_socket: spec.client_socket.clone(),
         data_path: Default::default(),
         html5: spec.html5.as_ref().map(|h| pc::Html5Config {
             listen: format!("{}:{}", ANY, pc::HTML5_PORT),

@@ -213,12 +213,18 @@ fn validate_reports_every_problem() {
     s.spec.limits.auth_failure_window_seconds = 86_400;
     assert!(validate(&s.spec).is_ok(), "0 is off, a day is the longest window");
     let mut s = spx(BASIC);
-    s.spec.limits.client_send_buffer_bytes = 16 * 1024 * 1024 + 1;
-    assert_eq!(validate(&s.spec).unwrap_err(), ["limits.clientSendBufferBytes 16777217 is outside 0 (the kernel's autotuning) to 16777216"]);
-    s.spec.limits.client_send_buffer_bytes = -1;
-    assert_eq!(validate(&s.spec).unwrap_err().len(), 1);
-    s.spec.limits.client_send_buffer_bytes = 0;
-    assert!(validate(&s.spec).is_ok(), "0: the kernel's autotuning");
+    s.spec.client_socket.send_buffer_bytes = 16 * 1024 * 1024 + 1;
+    s.spec.client_socket.congestion_control = Some("Cubic; rm".into());
+    assert_eq!(validate(&s.spec).unwrap_err(), [
+        "clientSocket.sendBufferBytes 16777217 is outside 0 (the kernel's autotuning) to 16777216",
+        "clientSocket.congestionControl \"Cubic; rm\" is not a congestion control name such as cubic or bbr",
+    ]);
+    s.spec.client_socket.send_buffer_bytes = -1;
+    s.spec.client_socket.congestion_control = Some("a_name_of_16_ch".to_string() + "x");
+    assert_eq!(validate(&s.spec).unwrap_err().len(), 2);
+    s.spec.client_socket.send_buffer_bytes = 0;
+    s.spec.client_socket.congestion_control = Some("cubic".into());
+    assert!(validate(&s.spec).is_ok(), "0: the kernel's autotuning; cubic is a name");
 }
 
 #[test]
