@@ -473,6 +473,8 @@ fn d_auth_failures() -> i32 {
 fn d_auth_window() -> i32 {
     300
 }
+/// The largest `clientSocket.sendBufferBytes`, for the schema, the controller's validation and
+/// the proxy's clamp alike.
 pub const CLIENT_SEND_BUFFER_MAX: i32 = 16 * 1024 * 1024;
 
 /// The TCP sockets toward SPICE clients, native (CONNECT) and browser alike. Both settings
@@ -490,7 +492,7 @@ pub struct ClientSocketSpec {
     /// cost the proxy more CPU per GiB in the benchmark. An ask above `net.core.wmem_max`
     /// (208 KiB unless the node raised it) is cut to it; the proxy logs what it got.
     #[serde(default)]
-    #[schemars(range(min = 0, max = 16777216))]
+    #[schemars(range(min = 0, max = CLIENT_SEND_BUFFER_MAX))]
     pub send_buffer_bytes: i32,
     /// TCP congestion control of the client sockets, such as `cubic` or `bbr`; absent: the
     /// node's (`net.ipv4.tcp_congestion_control`). The sending side's algorithm decides how

@@ -446,8 +446,8 @@ impl ProxyServer {
         let creds = read_credentials(&cfg)?;
         let defer = cfg.limits.handshake_timeout().as_secs() as u32;
         let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
-        let client_socket = cfg.client_socket.clone();
-        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive, &client_socket).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let client_socket = &cfg.client_socket;
+        let listeners = bind_workers(&cfg.listen, cfg.workers, defer, keepalive, client_socket).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         if let Some(cc) = &client_socket.congestion_control {
             tracing::info!(congestion_control = %cc, "client sockets' congestion control");
         }
@@ -480,7 +480,7 @@ impl ProxyServer {
                 // Browsers sit behind the same NATs and load balancers as SPICE clients, and
                 // a slow one queues display updates as a native client does.
                 keepalive.apply(&l)?;
-                apply_client_socket(&l, &client_socket)?;
+                super::sockopt::apply_client_socket(&l, client_socket)?;
                 Some(l)
             }
             None => None,
@@ -600,25 +600,6 @@ impl ProxyServer {
     }
 }
 
-/// The send buffer and congestion control of `clientSocket`, on a listener whose accepted
-/// sockets inherit them. A congestion control the kernel refuses is named in the error: an
-/// unprivileged process may only choose what net.ipv4.tcp_allowed_congestion_control lists.
-fn apply_client_socket(listener: &impl std::os::fd::AsFd, client_socket: &ClientSocketSpec) -> std::io::Result<()> {
-    if let Some(bytes) = client_socket.send_buffer() {
-        rustix::net::sockopt::set_socket_send_buffer_size(listener, bytes as usize)?;
-    }
-    if let Some(cc) = &client_socket.congestion_control {
-        rustix::net::sockopt::set_tcp_congestion(listener, cc).map_err(|e| {
-            let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap_or_default();
-            std::io::Error::new(
-                std::io::Error::from(e).kind(),
-                format!("clientSocket.congestionControl {cc:?}: the kernel refused it ({e}); this node allows {:?} (net.ipv4.tcp_allowed_congestion_control)", allowed.trim()),
-            )
-        })?;
-    }
-    Ok(())
-}
-
 /// Binds `workers` listeners (default: one per CPU this process may use) to one address with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it.
 /// Accepted sockets inherit TCP_NODELAY, the client keepalive, the send buffer and the
@@ -640,7 +621,7 @@ async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, kee
             socket.set_reuseaddr(true)?;
             socket.set_reuseport(true)?;
             socket.set_nodelay(true)?;
-            apply_client_socket(socket, client_socket)?;
+            super::sockopt::apply_client_socket(socket, client_socket)?;
             super::sockopt::set_defer_accept(socket, defer_secs)?;
             keepalive.apply(socket)
         })

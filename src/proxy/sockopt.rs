@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rustix::net::sockopt;
 
-use crate::crd::{DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS};
+use crate::crd::{ClientSocketSpec, DEAD_PEER_MAX_SECONDS, DEAD_PEER_MIN_SECONDS};
 
 fn set_int(socket: &impl AsFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: a descriptor borrowed for the call and a pointer to a c_int that outlives it,
@@ -22,6 +22,25 @@ fn set_int(socket: &impl AsFd, level: libc::c_int, name: libc::c_int, value: lib
 /// about `secs`).
 pub fn set_defer_accept(listener: &impl AsFd, secs: u32) -> io::Result<()> {
     set_int(listener, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs.min(i32::MAX as u32) as libc::c_int)
+}
+
+/// The send buffer and congestion control of `clientSocket`, on a listener whose accepted
+/// sockets inherit them. A congestion control the kernel refuses is named in the error: an
+/// unprivileged process may only choose what net.ipv4.tcp_allowed_congestion_control lists.
+pub fn apply_client_socket(listener: &impl AsFd, client_socket: &ClientSocketSpec) -> io::Result<()> {
+    if let Some(bytes) = client_socket.send_buffer() {
+        sockopt::set_socket_send_buffer_size(listener, bytes as usize)?;
+    }
+    if let Some(cc) = &client_socket.congestion_control {
+        sockopt::set_tcp_congestion(listener, cc).map_err(|e| {
+            let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap_or_default();
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("clientSocket.congestionControl {cc:?}: the kernel refused it ({e}); this node allows {:?} (net.ipv4.tcp_allowed_congestion_control)", allowed.trim()),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// TCP keepalive and a user timeout, on both sides of a tunnel: how a peer that went away
