@@ -415,7 +415,7 @@ fn own_network() -> String {
             assert!(lo.is_ok_and(|s| s.success()), "ip link set lo up failed in the benchmark's network namespace (needs iproute2)");
             std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").expect("widening the port range");
             if let Ok(cc) = std::env::var("BENCH_CONGESTION") {
-                std::fs::write("/proc/sys/net/ipv4/tcp_congestion_control", &cc).unwrap_or_else(|e| panic!("BENCH_CONGESTION={cc}: {e} (the kernel offers {})", sysctl("ipv4/tcp_available_congestion_control")));
+                std::fs::write("/proc/sys/net/ipv4/tcp_congestion_control", &cc).unwrap_or_else(|e| panic!("BENCH_CONGESTION={cc}: {e} (the kernel offers {})", sysctl("ipv4/tcp_available_congestion_control").replace('-', ", ")));
             }
             format!("a network namespace of its own, local ports {}, congestion control {}", sysctl("ipv4/ip_local_port_range"), sysctl("ipv4/tcp_congestion_control"))
         }

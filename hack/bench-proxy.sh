@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-proxy`: the CONNECT proxy against HAProxy (forced splice), squid and tinyproxy,
-# all from Debian, in one run on loopback.
+# all from Debian, in one run on loopback (as root: in a network namespace of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
