@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for p in haproxy squid tinyproxy; do command -v "$p" >/dev/null || command -v "/usr/sbin/$p" >/dev/null || need+=("$p"); done
+# `ip` brings up loopback in the benchmark's own network namespace.
+command -v ip >/dev/null || command -v /usr/sbin/ip >/dev/null || need+=(iproute2)
 if [[ ${#need[@]} -gt 0 ]]; then
   SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
