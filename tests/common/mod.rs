@@ -323,8 +323,30 @@ pub fn connect_from(source: &str, to: std::net::SocketAddr) -> std::io::Result<t
     tokio::net::TcpStream::from_std(std_stream)
 }
 
+/// A port on 127.0.0.1 free now, for a process a test starts, which binds it a moment later.
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`, 32768-60999 by default)
+/// rather than by binding port 0: every outgoing connection (the control plane's own, the
+/// tests running in parallel) takes its source port from that range, and one of them took a
+/// port handed out that way before the proxy could listen on it (a CI run of 2026-12-06).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    // Above the ports services commonly use; a random start, so parallel tests rarely meet.
+    let (low, high) = (20000u16, ephemeral_low.max(20001));
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+        let port = low + (h.finish() % u64::from(high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {low} and {high} in 1000 tries");
 }
 
 /// A plain HTTP/1.0 GET on loopback; the body, or None when nothing answers.

@@ -78,12 +78,14 @@ pub fn unique_colours(png: &Path) -> usize {
 }
 
 /// `spice-operator proxy --config FILE`, its audit lines (stdout, those naming a target) on a channel.
+/// A proxy that exits before it listens fails the test with its own error (kept beside `config`).
 pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiver<String>) {
+    let stderr_file = config.with_extension("stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_spice-operator"))
         .args(["proxy", "--config"])
         .arg(config)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
@@ -94,7 +96,14 @@ pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiv
             let _ = tx.send(line);
         }
     });
-    wait_port(port, "the proxy");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the proxy exited ({status}) before listening on {port}: {}", std::fs::read_to_string(&stderr_file).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "the proxy did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     (Kill(child), rx)
 }
 
