@@ -400,7 +400,8 @@ const ROUNDS: usize = 3;
 /// Moves this process into a network namespace of its own (see the top of the file) and
 /// describes the network the run had, for the table's heading.
 fn own_network() -> String {
-    let sysctl = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/{name}")).map(|v| v.split_whitespace().collect::<Vec<_>>().join("-")).unwrap_or_else(|_| "?".into());
+    // A sysctl's words joined by `sep` (a port range's two ends, a list of algorithms).
+    let sysctl = |name: &str, sep: &str| std::fs::read_to_string(format!("/proc/sys/net/{name}")).map(|v| v.split_whitespace().collect::<Vec<_>>().join(sep)).unwrap_or_else(|_| "?".into());
     let entered = if std::env::var("BENCH_NETNS").as_deref() == Ok("0") {
         Err("BENCH_NETNS=0".to_string())
     } else {
@@ -415,14 +416,14 @@ fn own_network() -> String {
             assert!(lo.is_ok_and(|s| s.success()), "ip link set lo up failed in the benchmark's network namespace (needs iproute2)");
             std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").expect("widening the port range");
             if let Ok(cc) = std::env::var("BENCH_CONGESTION") {
-                std::fs::write("/proc/sys/net/ipv4/tcp_congestion_control", &cc).unwrap_or_else(|e| panic!("BENCH_CONGESTION={cc}: {e} (the kernel offers {})", sysctl("ipv4/tcp_available_congestion_control").replace('-', ", ")));
+                std::fs::write("/proc/sys/net/ipv4/tcp_congestion_control", &cc).unwrap_or_else(|e| panic!("BENCH_CONGESTION={cc}: {e} (the kernel offers {})", sysctl("ipv4/tcp_available_congestion_control", ", ")));
             }
-            format!("a network namespace of its own, local ports {}, congestion control {}", sysctl("ipv4/ip_local_port_range"), sysctl("ipv4/tcp_congestion_control"))
+            format!("a network namespace of its own, local ports {}, congestion control {}", sysctl("ipv4/ip_local_port_range", "-"), sysctl("ipv4/tcp_congestion_control", ""))
         }
         Err(why) => {
             assert!(std::env::var_os("BENCH_CONGESTION").is_none(), "BENCH_CONGESTION only applies in the benchmark's own network namespace ({why})");
             let tw = std::fs::read_to_string("/proc/net/sockstat").ok().and_then(|s| s.lines().find(|l| l.starts_with("TCP:")).and_then(|l| l.split_whitespace().skip_while(|w| *w != "tw").nth(1).map(str::to_string))).unwrap_or_else(|| "?".into());
-            format!("the caller's network namespace ({why}): local ports {}, congestion control {}, {tw} TIME_WAIT entries at the start, so set-up rates depend on earlier runs", sysctl("ipv4/ip_local_port_range"), sysctl("ipv4/tcp_congestion_control"))
+            format!("the caller's network namespace ({why}): local ports {}, congestion control {}, {tw} TIME_WAIT entries at the start, so set-up rates depend on earlier runs", sysctl("ipv4/ip_local_port_range", "-"), sysctl("ipv4/tcp_congestion_control", ""))
         }
     }
 }

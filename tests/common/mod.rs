@@ -330,8 +330,6 @@ pub fn connect_from(source: &str, to: std::net::SocketAddr) -> std::io::Result<t
 /// port handed out that way before the proxy could listen on it (a CI run of 2026-12-06).
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
     let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
@@ -339,9 +337,9 @@ pub fn free_port() -> u16 {
     // Above the ports services commonly use; a random start, so parallel tests rarely meet.
     let (low, high) = (20000u16, ephemeral_low.max(20001));
     for _ in 0..1000 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
-        let port = low + (h.finish() % u64::from(high - low)) as u16;
+        // Every RandomState has keys of its own: a random number without a crate for it.
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let port = low + (random % u64::from(high - low)) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

@@ -18,8 +18,17 @@ impl Drop for Kill {
 }
 
 pub fn wait_port(port: u16, what: &str) {
+    wait_listening(port, what, || None);
+}
+
+/// Waits up to 20 s for `port` to accept; `gone` says why the process behind it has ended
+/// (then there is nothing to wait for), or `None` while it runs.
+fn wait_listening(port: u16, what: &str, mut gone: impl FnMut() -> Option<String>) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(why) = gone() {
+            panic!("{what} exited before listening on {port}: {why}");
+        }
         assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -96,14 +105,10 @@ pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiv
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the proxy exited ({status}) before listening on {port}: {}", std::fs::read_to_string(&stderr_file).unwrap_or_default());
-        }
-        assert!(Instant::now() < deadline, "the proxy did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(port, "the proxy", || {
+        let status = child.try_wait().unwrap()?;
+        Some(format!("{status}, {}", std::fs::read_to_string(&stderr_file).unwrap_or_default()))
+    });
     (Kill(child), rx)
 }
 
