@@ -22,9 +22,7 @@ trap cleanup EXIT INT TERM
 export KUBECONFIG="$DIR/kubeconfig"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/ >/dev/null
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port)
-API_PORT=$(free_port)
+{ read -r PORT; read -r API_PORT; } < <("$HACK_DIR/ports.sh" 2)
 RUST_LOG=warn target/release/spice-operator controller --admin-addr "127.0.0.1:$PORT" --api-addr "127.0.0.1:$API_PORT" > "$DIR/operator.log" 2>&1 &
 OP=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done

@@ -37,9 +37,7 @@ export KUBECONFIG="$STATE/kubeconfig"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/ >/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ADMIN_PORT=$(free_port)
-API_PORT=$(free_port)
+{ read -r ADMIN_PORT; read -r API_PORT; } < <("$HACK_DIR/ports.sh" 2)
 echo "== running the operator (log: $STATE/operator.log, metrics: http://127.0.0.1:$ADMIN_PORT/metrics, engine API: https://127.0.0.1:$API_PORT)"
 "target/$PROFILE/spice-operator" controller --admin-addr "127.0.0.1:$ADMIN_PORT" --api-addr "127.0.0.1:$API_PORT" \
   --proxy-image "spice-operator:0.1.0" --shutdown-grace-seconds 5 > "$STATE/operator.log" 2>&1 &

@@ -38,8 +38,6 @@ alive_or_die() { # name: fail fast with the logs when a component exited
   kill -0 "$pid" 2>/dev/null || { log "$1 exited"; dump; exit 1; }
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
 start_bg() { # name cmd...
   local name=$1; shift
   "$@" > "$DIR/logs/$name.log" 2>&1 &
@@ -94,7 +92,8 @@ start() {
   stop
   rm -rf "$DIR/etcd" "$DIR/logs"; mkdir -p "$DIR/logs"
   [[ -f "$DIR/pki/sa.pub" ]] || certs
-  local etcd_port peer_port api_port; etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+  local etcd_port peer_port api_port kwok_port
+  { read -r etcd_port; read -r peer_port; read -r api_port; read -r kwok_port; } < <("$HERE/ports.sh" 4)
   local pki="$DIR/pki"
   start_bg etcd "$BIN/etcd" --data-dir "$DIR/etcd" --name local \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -122,7 +121,7 @@ start() {
   start_bg kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$DIR/kubeconfig" --leader-elect=false --secure-port 0 --v 0
   start_bg kwok "$BIN/kwok" --config "$BIN/kwok-stages.yaml" --kubeconfig "$DIR/kubeconfig" --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake --cidr 10.244.0.0/16 \
-    --node-ip 127.0.0.1 --server-address "127.0.0.1:$(free_port)"
+    --node-ip 127.0.0.1 --server-address "127.0.0.1:$kwok_port"
   for n in 1 2; do
     kubectl apply -f - >/dev/null <<EON
 apiVersion: v1

@@ -1242,7 +1242,7 @@ async fn the_proxy_binary_drains_on_sigterm_and_exits_at_once_on_a_second() {
     let mut cfg = base_config(dir.path());
     cfg.auth_mode = AuthMode::None;
     cfg.limits.drain_seconds = 60;
-    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     cfg.listen = listen.to_string();
     let path = dir.path().join("proxy.json");
     std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
