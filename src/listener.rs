@@ -230,6 +230,16 @@ async fn over_capacity<Io: AsyncWrite + Unpin>(mut io: Io) {
     .await;
 }
 
+/// Waits out a server's shutdown delay, saying so (`serving`: what goes on meanwhile). After the
+/// stop signal a server stays reachable, not ready, until Services and load balancers have
+/// stopped sending it new connections, which must not be refused.
+pub async fn sleep_shutdown_delay(delay: Duration, serving: &str) {
+    if !delay.is_zero() {
+        tracing::info!(?delay, "stopping: not ready, {serving} for its shutdown delay");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,3 +268,4 @@ mod tests {
         }
     }
 }
+

@@ -400,10 +400,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         let delay = Duration::from_secs(api.api_shutdown_delay_seconds);
         let stop_accepting = async move {
             let _ = stopping.wait_for(|s| *s).await;
-            if !delay.is_zero() {
-                tracing::info!(?delay, "stopping: not ready, the engine API still serving for its shutdown delay");
-                tokio::time::sleep(delay).await;
-            }
+            spice_operator::listener::sleep_shutdown_delay(delay, "the engine API still serving").await;
         };
         Some(tokio::spawn(async move {
             spice_operator::listener::serve(listener, router, within, connections, |_| (), stop_accepting).await;

@@ -573,11 +573,7 @@ impl ProxyServer {
         let _ = ready_tx.send(false);
         // Not ready, but still accepting: kube-proxy and load balancers go on sending new
         // connections here until they learn the pod is going, and those must not be refused.
-        let delay = shared.cfg.limits.shutdown_delay();
-        if !delay.is_zero() {
-            tracing::info!(?delay, "stopping: not ready, still accepting for the shutdown delay");
-            tokio::time::sleep(delay).await;
-        }
+        crate::listener::sleep_shutdown_delay(shared.cfg.limits.shutdown_delay(), "still accepting").await;
         let _ = stop_accepting_tx.send(true);
         if let Some(t) = html5_task {
             // Stops accepting at once (the bridges already open are tracked below).
