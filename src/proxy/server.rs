@@ -571,8 +571,6 @@ impl ProxyServer {
         }
         let _ = shutdown.wait_for(|s| *s).await;
         let _ = ready_tx.send(false);
-        // Not ready, but still accepting: kube-proxy and load balancers go on sending new
-        // connections here until they learn the pod is going, and those must not be refused.
         crate::listener::sleep_shutdown_delay(shared.cfg.limits.shutdown_delay(), "still accepting").await;
         let _ = stop_accepting_tx.send(true);
         if let Some(t) = html5_task {
