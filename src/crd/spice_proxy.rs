@@ -515,9 +515,18 @@ impl ClientSocketSpec {
     }
 }
 
-/// The limits as durations. The proxy also reads its config from a file that the CRD schema
-/// never validated, so each is clamped to the smallest value that still means something.
+/// The limits as durations and counts. The proxy also reads its config from a file that the CRD
+/// schema never validated, so each is clamped to the smallest value that still means something.
 impl ProxyLimits {
+    /// At least 1, as the schema says.
+    pub fn tunnel_limit(&self) -> usize {
+        self.max_tunnels.max(1) as usize
+    }
+    /// At least 1, as the schema says: a negative count cast as it is would wrap to about four
+    /// billion, no per-client limit at all.
+    pub fn per_client_tunnel_limit(&self) -> u32 {
+        self.max_tunnels_per_client.max(1) as u32
+    }
     pub fn idle_timeout(&self) -> Duration {
         seconds_at_least(self.idle_timeout_seconds, 1)
     }
@@ -658,5 +667,10 @@ mod tests {
         assert_eq!(socket(262_144), Some(262_144));
         assert_eq!(socket(-1), None);
         assert_eq!(socket(i32::MAX), Some(16 << 20));
+        let counts = ProxyLimits { max_tunnels: -1, max_tunnels_per_client: -1, ..Default::default() };
+        assert_eq!((counts.tunnel_limit(), counts.per_client_tunnel_limit()), (1, 1), "a negative count is no limit at all");
+        let zero = ProxyLimits { max_tunnels: 0, max_tunnels_per_client: 0, ..Default::default() };
+        assert_eq!((zero.tunnel_limit(), zero.per_client_tunnel_limit()), (1, 1));
+        assert_eq!((d.tunnel_limit(), d.per_client_tunnel_limit()), (10_000, 256));
     }
 }

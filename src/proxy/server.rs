@@ -339,7 +339,7 @@ impl<'a> ClientSlot<'a> {
         let key = client_key(ip);
         let mut map = shared.per_client.lock().expect("per-client lock");
         let n = map.entry(key).or_insert(0);
-        if *n >= shared.cfg.limits.max_tunnels_per_client as u32 {
+        if *n >= shared.cfg.limits.per_client_tunnel_limit() {
             return None;
         }
         *n += 1;
@@ -486,7 +486,7 @@ impl ProxyServer {
             None => None,
         };
         // The limit the open-files limit leaves room for, raised first if it can be.
-        let tunnel_limit = super::open_files::fit(cfg.limits.max_tunnels.max(1) as usize, listeners.len(), html5.is_some());
+        let tunnel_limit = super::open_files::fit(cfg.limits.tunnel_limit(), listeners.len(), html5.is_some());
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         let shared = Arc::new(Shared {
