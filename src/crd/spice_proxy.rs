@@ -668,7 +668,7 @@ mod tests {
         assert_eq!(socket(-1), None);
         assert_eq!(socket(i32::MAX), Some(16 << 20));
         let counts = ProxyLimits { max_tunnels: -1, max_tunnels_per_client: -1, ..Default::default() };
-        assert_eq!((counts.tunnel_limit(), counts.per_client_tunnel_limit()), (1, 1), "a negative count is no limit at all");
+        assert_eq!((counts.tunnel_limit(), counts.per_client_tunnel_limit()), (1, 1), "a negative count must not wrap into no limit at all");
         let zero = ProxyLimits { max_tunnels: 0, max_tunnels_per_client: 0, ..Default::default() };
         assert_eq!((zero.tunnel_limit(), zero.per_client_tunnel_limit()), (1, 1));
         assert_eq!((d.tunnel_limit(), d.per_client_tunnel_limit()), (10_000, 256));
