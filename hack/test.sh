@@ -23,6 +23,19 @@ cargo test --lib --test crd_drift --test packaging --test proxy --test websocket
 echo "== the fuzz targets still build against the library (\`make fuzz\` runs them)"
 cargo check --quiet --manifest-path fuzz/Cargo.toml
 
+# The README promises the oldest Rust in Cargo.toml's `rust-version`; a promise nobody builds
+# with breaks unnoticed the first time a newer feature slips in.
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+echo "== everything still builds with Rust $msrv (Cargo.toml's rust-version, the README's minimum)"
+if command -v rustup >/dev/null; then
+  rustup toolchain install "$msrv" --profile minimal --no-self-update >/dev/null
+  CARGO_TARGET_DIR="$ROOT_DIR/target/msrv" cargo +"$msrv" check --quiet --locked --all-targets
+elif [[ "${CI:-}" == true ]]; then
+  echo "error: rustup is needed to check the minimum Rust $msrv" >&2; exit 1
+else
+  echo "skipped: no rustup to install Rust $msrv (CI runs this check)" >&2
+fi
+
 CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spice-test-cluster.XXXXXX")
 cleanup() {
   local rc=$?
