@@ -1076,7 +1076,11 @@ fn metric(text: &str, name: &str) -> u64 {
 /// Waits (up to 2 s) for a series to reach `want`: a peer sees its socket close a moment
 /// before the proxy counts the tunnel's end.
 async fn assert_metric_reaches(admin: SocketAddr, name: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    assert_metric_reaches_within(admin, name, want, Duration::from_secs(2)).await
+}
+
+async fn assert_metric_reaches_within(admin: SocketAddr, name: &str, want: u64, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
         let got = metric(&http_get(admin, "/metrics").await, name);
         if got == want {
@@ -1280,6 +1284,91 @@ async fn the_proxy_binary_drains_on_sigterm_and_exits_at_once_on_a_second() {
     assert_eq!(status.code(), Some(1), "a second signal exits with status 1");
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await.expect("the tunnel is closed with the process");
+}
+
+/// The kubelet updates a mounted ConfigMap in place. A changed allow-list applies without a
+/// restart (a rollout would end every open console after the drain deadline), the tunnels to a
+/// target it no longer lists are closed and audited, the others go on, and a file that cannot
+/// be used changes nothing.
+#[tokio::test]
+async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no_longer_lists() {
+    let (dropped, kept, added) = (echo_server().await, echo_server().await, echo_server_on("127.0.0.2:0").await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(dir.path());
+    cfg.auth_mode = AuthMode::None;
+    let (port, admin_port) = (free_port(), free_port());
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.admin_listen = format!("127.0.0.1:{admin_port}");
+    let rule = |ip: &str, port: u16| AllowedTarget { cidr: format!("{ip}/32").parse().unwrap(), ports: vec![(port, port)] };
+    cfg.allowed_targets = vec![rule("127.0.0.1", dropped.port()), rule("127.0.0.1", kept.port())];
+    // As the kubelet lays out a ConfigMap volume: config.json -> ..data/config.json, and
+    // ..data -> a directory per version, swapped with one rename.
+    let volume = dir.path().join("config");
+    std::fs::create_dir(&volume).unwrap();
+    let publish = |cfg: &ProxyConfig, version: u32| {
+        let versioned = volume.join(format!("..v{version}"));
+        std::fs::create_dir(&versioned).unwrap();
+        std::fs::write(versioned.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+        std::os::unix::fs::symlink(format!("..v{version}"), volume.join("..data_tmp")).unwrap();
+        std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+    };
+    publish(&cfg, 1);
+    std::os::unix::fs::symlink("..data/config.json", volume.join("config.json")).unwrap();
+    let (_proxy, audit) = proxy_process(&volume.join("config.json"), port);
+    let (addr, admin) = (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin_port)));
+    let open = |target: SocketAddr| async move { request(addr, spice_gtk_head(&target.to_string(), "").as_bytes()).await };
+
+    let (mut to_dropped, status, _) = open(dropped).await;
+    assert_eq!(status, 200);
+    let (mut to_kept, status, _) = open(kept).await;
+    assert_eq!(status, 200);
+    let (mut s, status, _) = open(added).await;
+    assert_eq!(status, 403, "{}", body(&mut s).await);
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_allow_list_rules"), 2);
+
+    // A new hypervisor, one target gone; a setting read only at start changes too, which
+    // the operator rolls the pods for: it changes nothing here.
+    cfg.allowed_targets = vec![rule("127.0.0.1", kept.port()), rule("127.0.0.2", added.port())];
+    cfg.limits.idle_timeout_seconds += 60;
+    publish(&cfg, 2);
+    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
+    let mut to_added = loop {
+        let (mut s, status, _) = open(added).await;
+        if status == 200 {
+            break s;
+        }
+        let b = body(&mut s).await;
+        assert!(status == 403 && Instant::now() < deadline, "the new allow-list was not in use within {within:?}: {status} {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    echo_roundtrip(&mut to_added, b"a target just added").await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), to_dropped.read_to_end(&mut rest)).await.expect("the tunnel to the target taken off is closed").unwrap();
+    echo_roundtrip(&mut to_kept, b"a target still listed").await;
+    let (mut s, status, _) = open(dropped).await;
+    assert_eq!(status, 403, "{}", body(&mut s).await);
+    assert_metric_reaches(admin, "spice_proxy_tunnel_ends_total{reason=\"revoked\"}", 1).await;
+    let text = http_get(admin, "/metrics").await;
+    assert_eq!(metric(&text, "spice_proxy_allow_list_reloads_total{outcome=\"applied\"}"), 1);
+    assert_eq!(metric(&text, "spice_proxy_allow_list_rules"), 2);
+    let closed = std::iter::from_fn(|| audit.recv_timeout(Duration::from_secs(5)).ok())
+        .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap())
+        .find(|l| l["close"] == "target taken off the allow-list")
+        .expect("an audit line for the closed tunnel");
+    assert_eq!(closed["target"], dropped.to_string());
+
+    // An empty allow-list (the schema refuses one; a hand edit of the ConfigMap might not) is
+    // refused: the list in use stays, and so do its tunnels.
+    cfg.allowed_targets.clear();
+    publish(&cfg, 3);
+    assert_metric_reaches_within(admin, "spice_proxy_allow_list_reloads_total{outcome=\"refused\"}", 1, within).await;
+    let (mut s, status, _) = open(added).await;
+    assert_eq!(status, 200);
+    echo_roundtrip(&mut s, b"still allowed").await;
+    echo_roundtrip(&mut to_added, b"still open").await;
+    echo_roundtrip(&mut to_kept, b"still open too").await;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_allow_list_rules"), 2);
 }
 
 /// The error that ends the process is also written to the termination-message file Kubernetes

@@ -73,7 +73,9 @@ async fn start_edited(idle: i32, drain: i32, tls: Option<(String, String)>, edit
     };
     let mut cfg = cfg;
     edit(&mut cfg);
-    let server = ProxyServer::bind(cfg).await.unwrap();
+    // As the proxy binary does: the allow-list is read again from the file as it changes.
+    std::fs::write(dir.path().join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let server = ProxyServer::bind(cfg).await.unwrap().reloading_allow_list_from(dir.path().join("config.json"));
     let (web, admin) = (server.html5_addr().unwrap(), server.admin_addr());
     let (stop, rx) = watch::channel(false);
     let done = tokio::spawn(server.run(rx));
@@ -662,6 +664,51 @@ async fn drain_keeps_open_bridges_until_the_deadline_then_closes_them_with_1001(
     }
     assert_eq!(code, Some(CloseCode::Away));
     tokio::time::timeout(Duration::from_secs(10), b.done).await.unwrap().unwrap().unwrap();
+}
+
+/// One series from the admin port's /metrics.
+async fn metric(admin: SocketAddr, series: &str) -> u64 {
+    let text = raw(admin, "GET /metrics HTTP/1.0\r\n\r\n").await;
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no {series} in {text}"))
+}
+
+/// A new allow-list without a bridge's hypervisor ends the bridge with Close 1008 (policy),
+/// as it ends a CONNECT tunnel; a file that cannot be parsed changes nothing.
+#[tokio::test]
+async fn a_bridge_to_a_target_taken_off_the_allow_list_is_closed_with_1008() {
+    let b = start(600, 30).await;
+    let (up, _) = echo().await;
+    let mut ws = open(&b, &format!("?token={}", token(up.port(), VALID, KEY)), None).await.unwrap();
+    let config = b.dir.path().join("config.json");
+    let mut cfg: ProxyConfig = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let replace = |text: String| {
+        std::fs::write(b.dir.path().join("config.json.new"), text).unwrap();
+        std::fs::rename(b.dir.path().join("config.json.new"), &config).unwrap();
+    };
+    replace("{\"half\": \"written".into());
+    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
+    while metric(b.admin, "spice_proxy_allow_list_reloads_total{outcome=\"refused\"}").await == 0 {
+        assert!(Instant::now() < deadline, "the changed file was not read within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ws.send(Message::binary(b"still allowed".to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"still allowed"),
+        other => panic!("{other:?}"),
+    }
+    cfg.allowed_targets = vec![AllowedTarget { cidr: "127.0.0.1/32".parse().unwrap(), ports: vec![(up.port() + 1, up.port() + 1)] }];
+    replace(serde_json::to_string(&cfg).unwrap());
+    let mut close = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(within, ws.next()).await {
+        if let Message::Close(f) = m {
+            close = f.map(|f| (f.code, f.reason.to_string()));
+        }
+    }
+    assert_eq!(close, Some((CloseCode::Policy, "target no longer allowed".to_string())));
+    assert_eq!(metric(b.admin, "spice_proxy_tunnel_ends_total{reason=\"revoked\"}").await, 1);
+    let (status, body) = refused_with(open(&b, &format!("?token={}", token(up.port(), VALID, KEY)), None).await);
+    assert_eq!(status, 403, "{body}");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::config::AllowedTarget;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AllowList {
     rules: Vec<AllowedTarget>,
 }

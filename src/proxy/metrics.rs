@@ -25,17 +25,20 @@ pub enum End {
     Idle,
     HalfClosed,
     Drained,
+    /// A new allow-list no longer listed the target.
+    Revoked,
     Error,
 }
 
 impl End {
-    const ALL: [End; 5] = [End::Finished, End::Idle, End::HalfClosed, End::Drained, End::Error];
+    const ALL: [End; 6] = [End::Finished, End::Idle, End::HalfClosed, End::Drained, End::Revoked, End::Error];
     fn label(self) -> &'static str {
         match self {
             End::Finished => "finished",
             End::Idle => "idle",
             End::HalfClosed => "half_closed",
             End::Drained => "drained",
+            End::Revoked => "revoked",
             End::Error => "error",
         }
     }
@@ -72,6 +75,10 @@ pub struct ProxyMetrics {
     pub html5_connections_refused: Counter,
     /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
     pub admin_connections_refused: Counter,
+    /// Changed configuration files read while running: allow-lists applied or refused.
+    pub allow_list_reloads: Family<Outcome, Counter>,
+    /// Rules in the allow-list in use.
+    pub allow_list_rules: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -93,7 +100,7 @@ impl Default for ProxyMetrics {
         let bytes_up = bytes.get_or_create(&Direction { direction: "up" }).clone();
         let bytes_down = bytes.get_or_create(&Direction { direction: "down" }).clone();
         let ended = Family::<Ending, Counter>::default();
-        registry.register("tunnel_ends", "Tunnels that were open, by why they ended: finished, idle, half_closed, drained, error", ended.clone());
+        registry.register("tunnel_ends", "Tunnels that were open, by why they ended: finished, idle, half_closed, drained, revoked (target taken off the allow-list), error", ended.clone());
         let ends = End::ALL.map(|end| ended.get_or_create(&Ending { reason: end.label() }).clone());
         let auth_lockouts = Counter::default();
         registry.register("auth_lockouts", "Clients locked out (429) after too many failed authentications", auth_lockouts.clone());
@@ -114,6 +121,18 @@ impl Default for ProxyMetrics {
             html5_connections_refused.clone(),
         );
         let admin_connections_refused = crate::admin::register_refused(&mut registry);
+        let allow_list_reloads = Family::<Outcome, Counter>::default();
+        // Both series from the start, so an alert on refusals has a zero to compare with.
+        for outcome in ["applied", "refused"] {
+            let _ = allow_list_reloads.get_or_create(&Outcome { outcome });
+        }
+        registry.register(
+            "allow_list_reloads",
+            "Changed allow-lists read from the configuration file while running, by outcome: applied, or refused (the file could not be used; the allow-list in use stays)",
+            allow_list_reloads.clone(),
+        );
+        let allow_list_rules = Gauge::default();
+        registry.register("allow_list_rules", "Rules in the allow-list in use", allow_list_rules.clone());
         Self {
             registry,
             active,
@@ -131,6 +150,8 @@ impl Default for ProxyMetrics {
             hypervisor_ca_expiry,
             html5_connections_refused,
             admin_connections_refused,
+            allow_list_reloads,
+            allow_list_rules,
         }
     }
 }

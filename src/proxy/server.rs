@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -79,8 +80,10 @@ impl TunnelPlaces {
 }
 
 pub struct Shared {
+    /// The configuration the replica started with (its allow-list as first read).
     pub(crate) cfg: ProxyConfig,
-    allow: AllowList,
+    /// The allow-list in use: the configuration file's, read again as its ConfigMap changes.
+    allow: RwLock<AllowList>,
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
     pub(crate) tunnels: TunnelPlaces,
@@ -205,16 +208,20 @@ impl Shared {
                 Err(_) => return Err(refuse(504, format!("resolving {host} timed out"))),
             },
         };
-        let allowed: Vec<SocketAddr> = resolved
-            .iter()
-            .filter(|a| self.allow.permits(a.ip(), a.port()))
-            .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
-            .collect();
+        let allowed: Vec<SocketAddr> = {
+            let allow = self.allow.read().expect("allow-list lock");
+            resolved.iter().filter(|a| allow.permits(a.ip(), a.port())).map(|a| SocketAddr::new(canonical(a.ip()), a.port())).collect()
+        };
         if allowed.is_empty() {
             let shown: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
             return Err(refuse(403, format!("target {} ({}) is not on the allow-list", head::authority(host, port), shown.join(", "))));
         }
         Ok(allowed)
+    }
+
+    /// Whether the allow-list in use still permits an open tunnel's target.
+    fn still_permits(&self, target: SocketAddr) -> bool {
+        self.allow.read().expect("allow-list lock").permits(target.ip(), target.port())
     }
 
     /// Ticket keys (current first), as last read from the key Secret.
@@ -439,6 +446,8 @@ pub struct ProxyServer {
     admin: TcpListener,
     /// The browser path (page server + WebSocket bridge), when configured.
     html5: Option<TcpListener>,
+    /// The configuration file whose allow-list is read again as it changes.
+    config_file: Option<PathBuf>,
 }
 
 impl ProxyServer {
@@ -489,8 +498,9 @@ impl ProxyServer {
         let tunnel_limit = super::open_files::fit(cfg.limits.tunnel_limit(), listeners.len(), html5.is_some());
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
+        metrics.allow_list_rules.set(cfg.allowed_targets.len() as i64);
         let shared = Arc::new(Shared {
-            allow: AllowList::new(cfg.allowed_targets.clone()),
+            allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
             tunnels: TunnelPlaces::new(tunnel_limit),
             creds: RwLock::new(creds),
             metrics,
@@ -501,7 +511,13 @@ impl ProxyServer {
             hypervisor_tls,
             cfg,
         });
-        Ok(Self { shared, listeners, admin, html5 })
+        Ok(Self { shared, listeners, admin, html5, config_file: None })
+    }
+
+    /// Reads the allow-list from `path` again as it changes (see `reload_allow_list`).
+    pub fn reloading_allow_list_from(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -518,7 +534,7 @@ impl ProxyServer {
     /// accepting for the shutdown delay, then stops accepting and lets open tunnels finish
     /// until the drain deadline, then closes what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let ProxyServer { shared, listeners, admin, html5 } = self;
+        let ProxyServer { shared, listeners, admin, html5, config_file } = self;
         let (ready_tx, ready_rx) = watch::channel(true);
         let encode = {
             let s = shared.clone();
@@ -538,7 +554,10 @@ impl ProxyServer {
                 s.metrics.hypervisor_ca_expiry.set(read.not_after);
             })
         });
+        // True once the drain deadline passed; a new allow-list also notifies its receivers
+        // (with the value unchanged), so every open tunnel checks its target again.
         let (cancel_tx, cancel_rx) = watch::channel(false);
+        let reload_allow = config_file.map(|path| tokio::spawn(reload_allow_list(shared.clone(), path, cancel_tx.clone())));
         // Flips once the shutdown delay after the stop signal is over: then the listeners close.
         let (stop_accepting_tx, stop_accepting) = watch::channel(false);
         let tracker = Tracker::new();
@@ -589,6 +608,7 @@ impl ProxyServer {
         let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
         admin_task.abort();
         reload.abort();
+        reload_allow.into_iter().for_each(|r| r.abort());
         reload_cert.into_iter().chain(reload_hypervisor_ca).for_each(|r| r.abort());
         Ok(())
     }
@@ -673,6 +693,86 @@ async fn reload_credentials(shared: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "keeping the previous credentials"),
         }
     }
+}
+
+/// What ends an open tunnel or bridge from outside: the drain deadline, or an allow-list that
+/// no longer lists its target. A new allow-list notifies `cancel` without changing it.
+pub(crate) async fn drained_or_revoked(cancel: &mut watch::Receiver<bool>, shared: &Shared, target: Option<SocketAddr>) -> Close {
+    loop {
+        if *cancel.borrow_and_update() {
+            return Close::Drained;
+        }
+        if target.is_some_and(|t| !shared.still_permits(t)) {
+            return Close::Revoked;
+        }
+        if cancel.changed().await.is_err() {
+            return Close::Drained;
+        }
+    }
+}
+
+/// The kubelet updates a ConfigMap volume in place (within about a minute): a changed
+/// allow-list applies to the next tunnels without a restart, since a rollout would end every
+/// open console, and open tunnels to targets it no longer lists are closed. The other settings
+/// apply when the pod restarts (the operator rolls the pods for them), so a file that changes
+/// them only says so. A file that cannot be used changes nothing.
+async fn reload_allow_list(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<bool>) {
+    // Nothing read yet: the first read compares the file's list with the one in use, so a
+    // change between the start and this task's first read is not missed.
+    let mut last: Option<Vec<u8>> = None;
+    let mut last_error = None;
+    loop {
+        tokio::time::sleep(crate::tls::RELOAD_EVERY).await;
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the configuration again; keeping the allow-list in use");
+                    last_error = Some(e);
+                }
+                continue;
+            }
+        };
+        last_error = None;
+        if last.as_deref() == Some(&text[..]) {
+            continue;
+        }
+        last = Some(text.clone());
+        match changed_allow_list(&text, &shared.cfg) {
+            Ok((targets, restart_needed)) => {
+                if restart_needed {
+                    tracing::info!("settings other than allowedTargets changed: they apply when this pod restarts");
+                }
+                let rules = targets.len();
+                let mut allow = shared.allow.write().expect("allow-list lock");
+                let changed = *allow != AllowList::new(targets.clone());
+                *allow = AllowList::new(targets);
+                drop(allow);
+                if changed {
+                    shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
+                    shared.metrics.allow_list_rules.set(rules as i64);
+                    tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
+                    nudge.send_modify(|_| {});
+                }
+            }
+            Err(e) => {
+                shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "refused" }).inc();
+                tracing::warn!(path = %path.display(), error = %e, "changed configuration not usable; keeping the allow-list in use");
+            }
+        }
+    }
+}
+
+/// The allow-list of a changed configuration file, and whether it changes anything else
+/// (which needs a restart). Never an empty list: that would refuse every console.
+fn changed_allow_list(text: &[u8], running: &ProxyConfig) -> anyhow::Result<(Vec<super::config::AllowedTarget>, bool)> {
+    let mut new: ProxyConfig = serde_json::from_slice(text).map_err(|e| anyhow::anyhow!("invalid proxy configuration: {e}"))?;
+    if new.allowed_targets.is_empty() {
+        anyhow::bail!("allowedTargets is empty");
+    }
+    let targets = std::mem::replace(&mut new.allowed_targets, running.allowed_targets.clone());
+    Ok((targets, new != *running))
 }
 
 /// Counts spawned tunnel tasks so a drain can wait for them. Its `spawn` wraps the future in
@@ -779,10 +879,7 @@ async fn serve_one(
     let activity = Activity::default();
     let limits = &shared.cfg.limits;
     let timeouts = tunnel::Timeouts { idle: limits.idle_timeout(), half_closed: limits.half_closed_timeout() };
-    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, timeouts, &activity, async {
-        let _ = cancel.wait_for(|c| *c).await;
-    })
-    .await;
+    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, timeouts, &activity, drained_or_revoked(cancel, shared, audit.upstream)).await;
     shared.metrics.active.dec();
     let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
     shared.metrics.bytes_up.inc_by(up);
@@ -835,7 +932,7 @@ pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
     if cfg.allowed_targets.is_empty() {
         anyhow::bail!("allowedTargets is empty: refusing to run an open proxy");
     }
-    let server = ProxyServer::bind(cfg).await?;
+    let server = ProxyServer::bind(cfg).await?.reloading_allow_list_from(path);
     tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "proxy serving");
     let (tx, rx) = watch::channel(false);
     // Open tunnels drain until the deadline, or until a second signal.
@@ -871,7 +968,7 @@ mod tests {
         .unwrap();
         cfg.limits.max_tunnels_per_client = per_client;
         Arc::new(Shared {
-            allow: AllowList::new(vec![]),
+            allow: RwLock::new(AllowList::new(vec![])),
             tunnels: TunnelPlaces::new(10),
             creds: RwLock::new(Credentials::default()),
             metrics: ProxyMetrics::default(),
@@ -882,6 +979,31 @@ mod tests {
             hypervisor_tls: None,
             cfg,
         })
+    }
+
+    #[test]
+    fn a_changed_file_gives_its_allow_list_and_says_whether_a_restart_is_needed() {
+        let running: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "listen": "0.0.0.0:3128", "adminListen": "0.0.0.0:9090", "authMode": "Ticket", "limits": {},
+            "allowedTargets": [{"cidr": "10.0.0.0/24", "ports": [[5900, 5999]]}],
+        }))
+        .unwrap();
+        let file = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(&running).unwrap();
+            edit(&mut v);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let wider = file(&|v| v["allowedTargets"].as_array_mut().unwrap().push(serde_json::json!({"cidr": "10.1.0.0/24", "ports": [[5900, 5900]]})));
+        let (targets, restart) = changed_allow_list(&wider, &running).unwrap();
+        assert_eq!(targets.len(), 2);
+        assert!(!restart, "only the allow-list changed");
+        let (targets, restart) = changed_allow_list(&file(&|v| v["limits"]["idleTimeoutSeconds"] = 7200.into()), &running).unwrap();
+        assert_eq!(targets, running.allowed_targets);
+        assert!(restart, "the idle timeout is read at start only");
+        let empty = changed_allow_list(&file(&|v| v["allowedTargets"] = serde_json::json!([])), &running).unwrap_err();
+        assert_eq!(empty.to_string(), "allowedTargets is empty");
+        let garbled = changed_allow_list(b"{\"listen\": ", &running).unwrap_err();
+        assert!(garbled.to_string().starts_with("invalid proxy configuration: "), "{garbled}");
     }
 
     /// TCP_NODELAY, and the keepalive and user timeout that find a dead peer within `dead_peer`.

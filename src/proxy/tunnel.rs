@@ -152,6 +152,8 @@ pub enum Close {
     HalfClosedIdle,
     /// The drain deadline of a stopping proxy passed.
     Drained,
+    /// A new allow-list no longer lists the target.
+    Revoked,
     Error(String),
     /// The client went away before sending a complete request (a port probe, say).
     NoRequest,
@@ -164,6 +166,7 @@ impl Close {
             Close::Idle => "idle timeout",
             Close::HalfClosedIdle => "half-closed timeout",
             Close::Drained => "drain deadline",
+            Close::Revoked => "target taken off the allow-list",
             Close::Error(e) => e,
             Close::NoRequest => "client closed before sending a request",
         }
@@ -176,6 +179,7 @@ impl Close {
             Close::Idle => Some(End::Idle),
             Close::HalfClosedIdle => Some(End::HalfClosed),
             Close::Drained => Some(End::Drained),
+            Close::Revoked => Some(End::Revoked),
             Close::Error(_) => Some(End::Error),
             Close::NoRequest => None,
         }
@@ -186,7 +190,7 @@ impl Close {
 /// timeout once half-closed), or `cancel` resolves. The caller closes both sockets as soon as
 /// it returns: when both directions ended, that close is what sends the FIN of the direction
 /// that ended second.
-pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, timeouts: Timeouts, activity: &Activity, cancel: impl Future<Output = ()>) -> Close {
+pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, timeouts: Timeouts, activity: &Activity, cancel: impl Future<Output = Close>) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained
     // (no extra read just to see EAGAIN), and they cost no allocation.
@@ -208,7 +212,7 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
             Err(e) => Close::Error(format!("io error: {e}")),
         },
         quiet = activity.idle(timeouts) => quiet,
-        _ = cancel => Close::Drained,
+        close = cancel => close,
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::End;
+use super::tunnel::Close;
 use crate::http_answer;
 use crate::listener::{self, Admitted};
 use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
@@ -425,6 +426,7 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     };
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut cancel = bridge.cancel.clone();
+    let target = audit.upstream;
     let (end, close) = loop {
         tokio::select! {
             msg = tokio::time::timeout(idle, ws_rx.next()) => match msg {
@@ -472,9 +474,14 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
                     }
                 }
             },
-            _ = async { let _ = cancel.wait_for(|c| *c).await; } => {
-                let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "proxy shutting down".into() }))).await;
-                break (End::Drained, "drain deadline");
+            why = super::server::drained_or_revoked(&mut cancel, shared, target) => {
+                // The audit line says what the tunnel's would; the browser gets a Close code.
+                let (code, reason, end, close) = match why {
+                    Close::Revoked => (close_code::POLICY, "target no longer allowed", End::Revoked, "target taken off the allow-list"),
+                    _ => (close_code::AWAY, "proxy shutting down", End::Drained, "drain deadline"),
+                };
+                let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                break (end, close);
             }
         }
     };
