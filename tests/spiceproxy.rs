@@ -164,42 +164,64 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     let (client, ns, api) = edge_proxy("spx-change").await;
     wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-    let hash_before = deploys.get("edge").await.unwrap().spec.template.metadata.unwrap().annotations.unwrap()
-        ["console.spice-operator.io/config-hash"].clone();
+    let config_hash = |d: &Deployment| d.spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["console.spice-operator.io/config-hash"].clone();
+    let before = deploys.get("edge").await.unwrap();
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns.name);
+    let running_pods = || async {
+        let list = pods.list(&kube::api::ListParams::default().labels("app.kubernetes.io/instance=edge")).await.unwrap().items;
+        let mut uids: Vec<String> = list.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).filter_map(|p| p.metadata.uid).collect();
+        uids.sort();
+        uids
+    };
+    let pods_before = running_pods().await;
+    assert_eq!(pods_before.len(), 2, "{pods_before:?}");
 
+    // A new hypervisor network reaches the ConfigMap, which running replicas read again, and
+    // the egress NetworkPolicy; the pod template stays, so no rollout ends open consoles.
+    let patch = json!({"spec": {"allowedTargets": [
+        {"cidr": "10.20.0.0/16", "ports": [{"from": 5900, "to": 5999}]},
+        {"cidr": "192.0.2.0/24", "ports": [{"from": 5900}]}
+    ]}});
+    let updated = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    assert_eq!(updated.metadata.generation, Some(2));
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let cfg = wait_for(&cms, "edge-config", T, |cm| Some(config_of(cm)).filter(|c| c.allowed_targets.len() == 2)).await;
+    assert_eq!(cfg.allowed_targets[1].ports, vec![(5900, 5900)]);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(&policies, "edge-egress", T, |p| (p.spec.as_ref()?.egress.as_ref()?.len() == 3).then_some(())).await;
+    wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(2) && is_rolled_out(&st.conditions))).await;
+    // (The Deployment's generation moves: the API server counts its annotations, and the
+    // applied-set digest among them changed. Its template is what rolls pods.)
+    let after = wait_for(&deploys, "edge", T, |d| (d.status.as_ref()?.observed_generation == d.metadata.generation).then(|| d.clone())).await;
+    assert_eq!(serde_json::to_value(&after.spec.template).unwrap(), serde_json::to_value(&before.spec.template).unwrap(), "an allow-list change must not roll the pods");
+    assert_eq!(config_hash(&after), config_hash(&before));
+    assert_eq!(running_pods().await, pods_before, "the same pods serve on");
+
+    // Everything else that reaches the pods rolls them: a setting the proxy reads only at
+    // start (the idle timeout) through the config hash, labels and annotations directly.
     let patch = json!({"spec": {
         "replicas": 3,
         "podLabels": {"team": "vdi"},
         "podAnnotations": {"example.com/owner": "console-team"},
         "service": {"type": "NodePort", "port": 4000},
-        "allowedTargets": [
-            {"cidr": "10.20.0.0/16", "ports": [{"from": 5900, "to": 5999}]},
-            {"cidr": "192.0.2.0/24", "ports": [{"from": 5900}]}
-        ]
+        "limits": {"idleTimeoutSeconds": 7200}
     }});
     let updated = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let generation = updated.metadata.generation.unwrap();
-    assert_eq!(generation, 2);
+    assert_eq!(generation, 3);
 
     let d = wait_for(&deploys, "edge", T, |d| (d.spec.replicas == Some(3)).then(|| d.clone())).await;
-    let hash_after = d.spec.template.metadata.unwrap().annotations.unwrap()["console.spice-operator.io/config-hash"].clone();
-    assert_ne!(hash_before, hash_after, "a new allow-list must roll the pods");
+    assert_ne!(config_hash(&d), config_hash(&before), "a new idle timeout must roll the pods");
     let svc = Api::<Service>::namespaced(client.clone(), &ns.name);
     wait_for(&svc, "edge", T, |s| (s.spec.as_ref()?.ports.as_ref()?[0].port == 4000).then_some(())).await;
-    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
-    let cfg = wait_for(&cms, "edge-config", T, |cm| Some(config_of(cm)).filter(|c| c.allowed_targets.len() == 2)).await;
-    assert_eq!(cfg.allowed_targets[1].ports, vec![(5900, 5900)]);
     // Ready says it serves; Progressing=False (Complete) that every replica runs the new template.
     let st = wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(generation) && is_rolled_out(&st.conditions) && st.ready_replicas == 3)).await;
     assert!(st.conditions.iter().all(|c| c.observed_generation == Some(generation)));
     // The rolled pods carry the extra label and annotation.
-    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns.name);
     let labelled = pods.list(&kube::api::ListParams::default().labels("team=vdi,app.kubernetes.io/instance=edge")).await.unwrap().items;
     let running: Vec<_> = labelled.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
     assert_eq!(running.len(), 3, "{:?}", labelled.iter().map(|p| p.metadata.name.clone()).collect::<Vec<_>>());
     assert!(running.iter().all(|p| p.annotations().get("example.com/owner").map(String::as_str) == Some("console-team")));
-    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
-    wait_for(&policies, "edge-egress", T, |p| (p.spec.as_ref()?.egress.as_ref()?.len() == 3).then_some(())).await;
 
     // Turning the NetworkPolicy off deletes it.
     api.patch("edge", &PatchParams::default(), &Patch::Merge(json!({"spec": {"networkPolicy": {"enabled": false}}}))).await.unwrap();

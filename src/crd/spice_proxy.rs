@@ -47,6 +47,8 @@ pub struct SpiceProxySpec {
     pub external_address: Option<ExternalAddress>,
 
     /// Hypervisor targets tunnels may reach. Required and non-empty: the proxy is never open.
+    /// A change rolls no pods: running replicas use it within about a minute (the kubelet's
+    /// ConfigMap sync) and close open tunnels to targets it no longer lists.
     #[schemars(length(min = 1, max = 256))]
     pub allowed_targets: Vec<TargetRule>,
 

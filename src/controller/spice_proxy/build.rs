@@ -272,8 +272,13 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
     let labels = labels::proxy_labels(&name);
     let meta = |n: String| ObjectMeta { name: Some(n), namespace: ns.clone(), labels: Some(labels.clone()), ..Default::default() };
 
-    let config_json = serde_json::to_string_pretty(&proxy_config(spec))?;
-    let config_hash = format!("{:x}", Sha256::digest(config_json.as_bytes()));
+    let config = proxy_config(spec);
+    let config_json = serde_json::to_string_pretty(&config)?;
+    // The pods roll when the configuration changes, except for the allow-list: running
+    // replicas read it again from the mounted ConfigMap, and a rollout would end every open
+    // console (after the drain deadline) just to add a hypervisor network.
+    let restart_config = ProxyConfig { allowed_targets: Vec::new(), ..config };
+    let config_hash = format!("{:x}", Sha256::digest(serde_json::to_vec(&restart_config)?));
     let config_map = ConfigMap {
         metadata: meta(config_map_name(&name)),
         data: Some(BTreeMap::from([(pc::CONFIG_FILE.to_string(), config_json)])),

@@ -60,13 +60,21 @@ fn build_makes_a_hardened_owned_deployment_and_service() {
 }
 
 #[test]
-fn config_change_changes_the_pod_template_hash() {
+fn a_config_change_rolls_the_pods_unless_only_the_allow_list_changed() {
     let a = spx(BASIC);
-    let mut b = a.clone();
-    b.spec.allowed_targets.push(TargetRule { cidr: "10.9.0.0/24".into(), ports: vec![PortRange { from: 5900, to: None }] });
     let hash = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.metadata.unwrap().annotations.unwrap()[labels::CONFIG_HASH].clone();
-    assert_ne!(hash(&a), hash(&b));
+    let config = |s: &SpiceProxy| build(s, "i").unwrap().config_map.data.unwrap()["config.json"].clone();
     assert_eq!(hash(&a), hash(&a.clone()));
+    // A new hypervisor network: in the ConfigMap, which running replicas read again, and
+    // not in the pod template, so no open console is ended by a rollout.
+    let mut wider = a.clone();
+    wider.spec.allowed_targets.push(TargetRule { cidr: "10.9.0.0/24".into(), ports: vec![PortRange { from: 5900, to: None }] });
+    assert_ne!(config(&a), config(&wider));
+    assert_eq!(hash(&a), hash(&wider), "an allow-list change must not roll the pods");
+    // Anything else the replicas read only at start rolls them.
+    let mut longer = a.clone();
+    longer.spec.limits.idle_timeout_seconds += 60;
+    assert_ne!(hash(&a), hash(&longer));
 }
 
 #[test]
