@@ -187,9 +187,9 @@ impl Close {
 }
 
 /// Runs the tunnel until both directions end, either fails, it idles out (with the shorter
-/// timeout once half-closed), or `cancel` resolves. The caller closes both sockets as soon as
-/// it returns: when both directions ended, that close is what sends the FIN of the direction
-/// that ended second.
+/// timeout once half-closed), or `cancel` resolves with its reason (the drain deadline, or a
+/// revoked target). The caller closes both sockets as soon as it returns: when both
+/// directions ended, that close is what sends the FIN of the direction that ended second.
 pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, timeouts: Timeouts, activity: &Activity, cancel: impl Future<Output = Close>) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained
