@@ -1301,19 +1301,11 @@ async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no
     cfg.admin_listen = format!("127.0.0.1:{admin_port}");
     let rule = |ip: &str, port: u16| AllowedTarget { cidr: format!("{ip}/32").parse().unwrap(), ports: vec![(port, port)] };
     cfg.allowed_targets = vec![rule("127.0.0.1", dropped.port()), rule("127.0.0.1", kept.port())];
-    // As the kubelet lays out a ConfigMap volume: config.json -> ..data/config.json, and
-    // ..data -> a directory per version, swapped with one rename.
+    // As the kubelet lays out and updates a ConfigMap volume.
     let volume = dir.path().join("config");
     std::fs::create_dir(&volume).unwrap();
-    let publish = |cfg: &ProxyConfig, version: u32| {
-        let versioned = volume.join(format!("..v{version}"));
-        std::fs::create_dir(&versioned).unwrap();
-        std::fs::write(versioned.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
-        std::os::unix::fs::symlink(format!("..v{version}"), volume.join("..data_tmp")).unwrap();
-        std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
-    };
+    let publish = |cfg: &ProxyConfig, version: u32| common::publish_config_volume(&volume, version, &serde_json::to_string_pretty(cfg).unwrap()).unwrap();
     publish(&cfg, 1);
-    std::os::unix::fs::symlink("..data/config.json", volume.join("config.json")).unwrap();
     let (_proxy, audit) = proxy_process(&volume.join("config.json"), port);
     let (addr, admin) = (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin_port)));
     let open = |target: SocketAddr| async move { request(addr, spice_gtk_head(&target.to_string(), "").as_bytes()).await };

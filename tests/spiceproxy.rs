@@ -228,6 +228,76 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     wait_gone(&policies, "edge-egress", T).await;
 }
 
+/// An allow-list change all the way: the SpiceProxy, the operator's ConfigMap, the mounted file
+/// (followed here as the kubelet follows it), and a running proxy, which closes the tunnel to
+/// the target taken off and lets tunnels through to the one added, with no restart.
+/// (Multi-threaded: the follower runs while the test waits in blocking reads.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_change_reaches_a_running_proxy_without_a_restart() {
+    use std::io::{Read, Write};
+    shared_operator();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "spx-allow").await;
+    // Two hypervisors' SPICE ports, echoing what they get.
+    let echo = |ip: &str| {
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut copy = conn.try_clone().unwrap();
+                    let _ = std::io::copy(&mut conn, &mut copy);
+                });
+            }
+        });
+        addr
+    };
+    let (taken_off, added) = (echo("127.0.0.1"), echo("127.0.0.2"));
+    let api: Api<SpiceProxy> = Api::namespaced(client.clone(), &ns.name);
+    let yaml = format!(
+        "apiVersion: console.spice-operator.io/v1alpha1\nkind: SpiceProxy\nmetadata: {{name: edge, namespace: {}}}\nspec:\n  externalAddress: {{host: edge.example.com}}\n  auth: {{mode: None}}\n  allowedTargets: [{{cidr: 127.0.0.1/32, ports: [{{from: {}}}]}}]\n",
+        ns.name,
+        taken_off.port()
+    );
+    api.create(&PostParams::default(), &spx(&yaml)).await.unwrap();
+    wait_for(&api, "edge", T, |s| s.status.as_ref().filter(|st| is_ready(&st.conditions)).map(|_| ())).await;
+    let listen = free_port();
+    let (_proxy, admin, audit, _dir) = generated_proxy(&client, &ns.name, "edge", listen).await;
+    let tunnel = |target: std::net::SocketAddr| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "CONNECT {target} HTTP/1.0\r\nHost: {target}\r\n\r\n").unwrap();
+        let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        (String::from_utf8_lossy(&head).into_owned(), s)
+    };
+    let (head, mut open) = tunnel(taken_off);
+    assert!(head.starts_with("HTTP/1.0 200"), "the listed target: {head}");
+    open.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    assert!(tunnel(added).0.starts_with("HTTP/1.0 403"), "a target not listed yet");
+
+    let changed = std::time::Instant::now();
+    let patch = json!({"spec": {"allowedTargets": [{"cidr": "127.0.0.2/32", "ports": [{"from": added.port()}]}]}});
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    // The operator's apply, the follower's poll and the proxy's 10 s re-read.
+    open.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut rest = Vec::new();
+    let ended = open.read_to_end(&mut rest);
+    assert!(ended.is_ok() && rest.is_empty(), "the tunnel to the target taken off is closed: {ended:?} {rest:?}");
+    eprintln!("the tunnel was closed {:?} after the change", changed.elapsed());
+    let (head, _) = tunnel(added);
+    assert!(head.starts_with("HTTP/1.0 200"), "the target added: {head}");
+    let revoked = http_get(admin, "/metrics").unwrap().lines().find_map(|l| l.strip_prefix("spice_proxy_tunnel_ends_total{reason=\"revoked\"} ")?.parse::<u64>().ok());
+    assert_eq!(revoked, Some(1));
+    let line = std::iter::from_fn(|| audit.recv_timeout(Duration::from_secs(5)).ok()).find(|l| l.contains("target taken off the allow-list"));
+    assert!(line.is_some_and(|l| l.contains(&taken_off.to_string())), "an audit line names the closed tunnel's target");
+}
+
 /// The scale subresource: `kubectl scale` and a HorizontalPodAutoscaler (kube-controller-manager's
 /// own) drive the replicas as on a Deployment, within the schema's limits.
 #[tokio::test]

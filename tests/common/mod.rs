@@ -360,33 +360,75 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// A proxy process run from the ConfigMap and key Secret the operator generated for SpiceProxy
 /// `name` (what its pods run), listening on loopback `listen`; returns it with its admin port,
-/// its audit lines and the directory holding its files.
+/// its audit lines and the directory holding its files. The ConfigMap is mounted as the
+/// kubelet mounts it and followed as the kubelet follows it: a change reaches the file.
 pub async fn generated_proxy(client: &Client, ns: &str, name: &str, listen: u16) -> (spice::Kill, u16, std::sync::mpsc::Receiver<String>, tempfile::TempDir) {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{name}-config")).await.unwrap();
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let config_map = format!("{name}-config");
+    let generated = |cm: ConfigMap| cm.data.unwrap_or_default().remove("config.json").unwrap_or_default();
+    let mut first = generated(config_maps.get(&config_map).await.unwrap());
     let keys = Api::<Secret>::namespaced(client.clone(), ns).get(&format!("{name}-keys")).await.unwrap().data.unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["config.json"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Every key of the Secret, as its mount in a pod would show them (current, previous, next).
     for (slot, key) in keys {
         std::fs::write(dir.path().join(slot), key.0).unwrap();
     }
-    let admin = free_port();
-    config["listen"] = format!("127.0.0.1:{listen}").into();
-    config["adminListen"] = format!("127.0.0.1:{admin}").into();
-    config["keysDir"] = dir.path().to_str().unwrap().into();
-    if config.get("html5").is_some_and(|h| !h.is_null()) {
-        config["html5"]["listen"] = format!("127.0.0.1:{}", free_port()).into();
-    }
-    let file = dir.path().join("config.json");
-    std::fs::write(&file, config.to_string()).unwrap();
-    let (proxy, audit) = spice::proxy_process(&file, listen);
+    let (admin, html5) = (free_port(), free_port());
+    let keys_dir = dir.path().to_str().unwrap().to_string();
+    // The pod's listen addresses and mount paths, moved to loopback ports and this directory.
+    let here = move |generated: &str| {
+        let mut config: serde_json::Value = serde_json::from_str(generated).unwrap();
+        config["listen"] = format!("127.0.0.1:{listen}").into();
+        config["adminListen"] = format!("127.0.0.1:{admin}").into();
+        config["keysDir"] = keys_dir.clone().into();
+        if config.get("html5").is_some_and(|h| !h.is_null()) {
+            config["html5"]["listen"] = format!("127.0.0.1:{html5}").into();
+        }
+        config.to_string()
+    };
+    let volume = dir.path().join("config");
+    std::fs::create_dir(&volume).unwrap();
+    publish_config_volume(&volume, 1, &here(&first)).unwrap();
+    let (proxy, audit) = spice::proxy_process(&volume.join("config.json"), listen);
+    tokio::spawn(async move {
+        for version in 2.. {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Ok(cm) = config_maps.get(&config_map).await else { continue };
+                let text = generated(cm);
+                if text != first {
+                    first = text;
+                    break;
+                }
+            }
+            // Fails only once the test is over and its directory gone.
+            if publish_config_volume(&volume, version, &here(&first)).is_err() {
+                return;
+            }
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(admin, "/readyz").is_none() {
         assert!(Instant::now() < deadline, "proxy from the generated config did not become ready");
         std::thread::sleep(Duration::from_millis(50));
     }
     (proxy, admin, audit, dir)
+}
+
+/// Writes `config.json` into `volume` as the kubelet lays out a ConfigMap volume: the file is
+/// a link to `..data/config.json`, and `..data` a link to a directory per version, swapped
+/// with one rename, so a reader never sees half a file.
+pub fn publish_config_volume(volume: &std::path::Path, version: u32, text: &str) -> std::io::Result<()> {
+    let versioned = format!("..v{version}");
+    std::fs::create_dir(volume.join(&versioned))?;
+    std::fs::write(volume.join(&versioned).join("config.json"), text)?;
+    std::os::unix::fs::symlink(&versioned, volume.join("..data_tmp"))?;
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data"))?;
+    match std::os::unix::fs::symlink("..data/config.json", volume.join("config.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Waits until `addr` refuses connections and checks that this came at the end of a stop's
