@@ -702,6 +702,8 @@ pub(crate) async fn drained_or_revoked(cancel: &mut watch::Receiver<bool>, share
         if *cancel.borrow_and_update() {
             return Close::Drained;
         }
+        // Also before the first wait: marking the channel seen above may swallow a new list
+        // that came after the handshake's own check.
         if target.is_some_and(|t| !shared.still_permits(t)) {
             return Close::Revoked;
         }
@@ -745,10 +747,13 @@ async fn reload_allow_list(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sen
                     tracing::info!("settings other than allowedTargets changed: they apply when this pod restarts");
                 }
                 let rules = targets.len();
-                let mut allow = shared.allow.write().expect("allow-list lock");
-                let changed = *allow != AllowList::new(targets.clone());
-                *allow = AllowList::new(targets);
-                drop(allow);
+                let new = AllowList::new(targets);
+                let changed = {
+                    let mut allow = shared.allow.write().expect("allow-list lock");
+                    let changed = *allow != new;
+                    *allow = new;
+                    changed
+                };
                 if changed {
                     shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
                     shared.metrics.allow_list_rules.set(rules as i64);
