@@ -12,6 +12,7 @@ pub mod listener;
 pub mod log_queue;
 pub mod managed_fields;
 pub mod metrics;
+pub mod mounted;
 pub mod open_files;
 pub mod proxy;
 pub mod resolve;

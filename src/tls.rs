@@ -6,15 +6,10 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-/// How often mounted files are read again. The kubelet takes up to a minute or so to update a
-/// Secret volume; this adds little to that.
-pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
 
 /// The one crypto provider: aws-lc-rs, whose defaults offer X25519MLKEM768 first.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -23,10 +18,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 type Parse<T> = Box<dyn Fn(&[String]) -> anyhow::Result<T> + Send + Sync>;
 
-/// What a set of files parses into, read again every `RELOAD_EVERY`. Users of the value take
-/// the current one per connection: new connections get a renewal, open ones keep theirs. A
-/// change that does not parse (a half-written update, a key that does not fit) is logged and
-/// the previous value kept, so a bad renewal never leaves a server without a certificate.
+/// What a set of files parses into, read again as they change. Users of the value take the
+/// current one per connection: new connections get a renewal, open ones keep theirs. A change
+/// that does not parse (a half-written update, a key that does not fit) is logged and the
+/// previous value kept, so a bad renewal never leaves a server without a certificate.
 pub struct Reloading<T> {
     files: Vec<PathBuf>,
     parse: Parse<T>,
@@ -56,34 +51,37 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     /// Reads the files again: true when they changed and the new value is used from now on; an
     /// error keeps the previous value.
     pub fn reload(&self) -> anyhow::Result<bool> {
-        let texts = read_all(&self.files)?;
+        self.use_texts(&read_all(&self.files)?)
+    }
+
+    fn use_texts(&self, texts: &[String]) -> anyhow::Result<bool> {
         if self.current.read().unwrap_or_else(PoisonError::into_inner).texts == texts {
             return Ok(false);
         }
-        let value = (self.parse)(&texts).with_context(|| names(&self.files))?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Current { texts, value: Arc::new(value) };
+        let value = (self.parse)(texts).with_context(|| names(&self.files))?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Current { texts: texts.to_vec(), value: Arc::new(value) };
         Ok(true)
     }
 
     /// Gives `on_change` the value read so far (for an expiry gauge, say), then spawns a task
-    /// that reloads every `RELOAD_EVERY` and gives it each new value; abort the task to stop.
+    /// that reloads the files as they change (`crate::mounted::follow`) and gives it each new
+    /// value; abort the task to stop.
     pub fn keep_reloading(self: &Arc<Self>, what: &'static str, on_change: impl Fn(&T) + Send + 'static) -> tokio::task::JoinHandle<()> {
         on_change(&self.current());
-        tokio::spawn(self.clone().reload_every_interval(what, on_change))
-    }
-
-    async fn reload_every_interval(self: Arc<Self>, what: &'static str, on_change: impl Fn(&T) + Send + 'static) {
-        loop {
-            tokio::time::sleep(RELOAD_EVERY).await;
-            match self.reload() {
-                Ok(true) => {
-                    tracing::info!(files = %names(&self.files), "{what}: using the renewed files");
-                    on_change(&self.current());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let files = this.files.clone();
+            let read = move || read_all(&files);
+            // Moved in: a borrow held across the loop's awaits would need `on_change: Sync`.
+            let apply = move |texts: &Vec<String>| {
+                if this.use_texts(texts)? {
+                    tracing::info!(files = %names(&this.files), "{what}: using the renewed files");
+                    on_change(&this.current());
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "{what}: keeping what was read before"),
-            }
-        }
+                Ok(())
+            };
+            crate::mounted::follow(what, read, apply).await
+        })
     }
 }
 

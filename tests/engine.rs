@@ -389,7 +389,7 @@ async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
     assert_eq!(first, *old.der());
     assert_eq!(expiry(), Some(1_893_456_000), "2030-01-01T00:00:00Z");
     renew_in_place(dir.path(), &renewed, &renewed_key);
-    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(10);
     let deadline = Instant::now() + within;
     while served(&connect(addr, &config).await.unwrap()) != *renewed.der() {
         assert!(Instant::now() < deadline, "the renewed certificate was not served within {within:?}:\n{}", operator.log_text());

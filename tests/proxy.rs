@@ -1323,7 +1323,7 @@ async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no
     cfg.allowed_targets = vec![rule("127.0.0.1", kept.port()), rule("127.0.0.2", added.port())];
     cfg.limits.idle_timeout_seconds += 60;
     publish(&cfg, 2);
-    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(5);
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
     let deadline = Instant::now() + within;
     let mut to_added = loop {
         let (mut s, status, _) = open(added).await;

@@ -463,7 +463,7 @@ async fn a_rotated_hypervisor_ca_is_trusted_without_a_restart() {
     // The rotation: both CAs, the file replaced whole, as the kubelet updates a Secret volume.
     std::fs::write(ca_dir.path().join("ca.crt.next"), old_ca.pem() + &new_ca.pem()).unwrap();
     std::fs::rename(ca_dir.path().join("ca.crt.next"), &ca_file).unwrap();
-    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(10);
     let deadline = Instant::now() + within;
     let mut ws = loop {
         match open(&b, &format!("?token={console}"), None).await {
@@ -686,7 +686,7 @@ async fn a_bridge_to_a_target_taken_off_the_allow_list_is_closed_with_1008() {
         std::fs::rename(b.dir.path().join("config.json.new"), &config).unwrap();
     };
     replace("{\"half\": \"written".into());
-    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(5);
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
     let deadline = Instant::now() + within;
     while metric(b.admin, "spice_proxy_allow_list_reloads_total{outcome=\"refused\"}").await == 0 {
         assert!(Instant::now() < deadline, "the changed file was not read within {within:?}");
@@ -793,7 +793,7 @@ async fn a_renewed_browser_certificate_is_served_without_a_restart() {
     assert_eq!(served(&open), *old.der());
     assert_eq!(expiry().await, 1_893_456_000, "2030-01-01T00:00:00Z");
     renew_in_place(b.dir.path(), &renewed, &renewed_key);
-    let within = spice_operator::tls::RELOAD_EVERY + Duration::from_secs(10);
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(10);
     let deadline = Instant::now() + within;
     while served(&connect(b.web, &config).await.unwrap()) != *renewed.der() {
         assert!(Instant::now() < deadline, "the renewed certificate was not served within {within:?} of the files changing");

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,7 +28,7 @@ use crate::crd::{AuthMode, ClientSocketSpec};
 use crate::http_answer::{Refusal, refuse, response};
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
-#[derive(Default)]
+#[derive(Default, Clone, PartialEq)]
 struct Credentials {
     /// Ticket keys: current first, then previous and next (rotation).
     keys: Vec<Vec<u8>>,
@@ -686,13 +687,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tracker: Tracke
 /// Secret volumes are updated in place by the kubelet: pick up rotated keys without a restart.
 /// (Not `crate::tls::Reloading`: a missing previous or next key is normal here, not an error.)
 async fn reload_credentials(shared: Arc<Shared>) {
-    loop {
-        tokio::time::sleep(crate::tls::RELOAD_EVERY).await;
-        match read_credentials(&shared.cfg) {
-            Ok(c) => *shared.creds.write().expect("credentials lock") = c,
-            Err(e) => tracing::warn!(error = %e, "keeping the previous credentials"),
+    let apply = |read: &Credentials| {
+        let mut creds = shared.creds.write().expect("credentials lock");
+        if *creds != *read {
+            *creds = read.clone();
+            tracing::info!(ticket_keys = read.keys.len(), basic = read.basic.is_some(), "using the changed credentials");
         }
-    }
+        Ok(())
+    };
+    crate::mounted::follow("credentials", || read_credentials(&shared.cfg), apply).await
 }
 
 /// What ends an open tunnel or bridge from outside: the drain deadline, or an allow-list that
@@ -719,54 +722,32 @@ pub(crate) async fn drained_or_revoked(cancel: &mut watch::Receiver<bool>, share
 /// apply when the pod restarts (the operator rolls the pods for them), so a file that changes
 /// them only says so. A file that cannot be used changes nothing.
 async fn reload_allow_list(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<bool>) {
-    // Nothing read yet: the first read compares the file's list with the one in use, so a
-    // change between the start and this task's first read is not missed.
-    let mut last: Option<Vec<u8>> = None;
-    let mut last_error = None;
-    loop {
-        tokio::time::sleep(crate::tls::RELOAD_EVERY).await;
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                let e = e.to_string();
-                if last_error.as_ref() != Some(&e) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read the configuration again; keeping the allow-list in use");
-                    last_error = Some(e);
-                }
-                continue;
-            }
-        };
-        last_error = None;
-        if last.as_deref() == Some(&text[..]) {
-            continue;
+    let read = || std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()));
+    // The first read is compared with the list in use, so a change between the start and the
+    // first read is not missed.
+    let apply = |text: &Vec<u8>| {
+        let (targets, restart_needed) = changed_allow_list(text, &shared.cfg).inspect_err(|_| {
+            shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "refused" }).inc();
+        })?;
+        if restart_needed {
+            tracing::info!("settings other than allowedTargets changed: they apply when this pod restarts");
         }
-        last = Some(text.clone());
-        match changed_allow_list(&text, &shared.cfg) {
-            Ok((targets, restart_needed)) => {
-                if restart_needed {
-                    tracing::info!("settings other than allowedTargets changed: they apply when this pod restarts");
-                }
-                let rules = targets.len();
-                let new = AllowList::new(targets);
-                let changed = {
-                    let mut allow = shared.allow.write().expect("allow-list lock");
-                    let changed = *allow != new;
-                    *allow = new;
-                    changed
-                };
-                if changed {
-                    shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
-                    shared.metrics.allow_list_rules.set(rules as i64);
-                    tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
-                    nudge.send_modify(|_| {});
-                }
+        let rules = targets.len();
+        let new = AllowList::new(targets);
+        {
+            let mut allow = shared.allow.write().expect("allow-list lock");
+            if *allow == new {
+                return Ok(());
             }
-            Err(e) => {
-                shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "refused" }).inc();
-                tracing::warn!(path = %path.display(), error = %e, "changed configuration not usable; keeping the allow-list in use");
-            }
+            *allow = new;
         }
-    }
+        shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
+        shared.metrics.allow_list_rules.set(rules as i64);
+        tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
+        nudge.send_modify(|_| {});
+        Ok(())
+    };
+    crate::mounted::follow("allow-list", read, apply).await
 }
 
 /// The allow-list of a changed configuration file, and whether it changes anything else
