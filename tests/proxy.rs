@@ -396,6 +396,96 @@ async fn key_rotation_accepts_current_previous_and_next_only() {
     assert_eq!(status, 407);
 }
 
+/// Waits until `status` answers `want`, within a re-read of mounted files and some slack.
+async fn answers_within_a_reread<F: std::future::Future<Output = u16>>(what: &str, want: u16, status: impl Fn() -> F) {
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
+    loop {
+        let got = status().await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {got} after {within:?}, not {want}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Checks that `status` answers `want` throughout a re-read of mounted files.
+async fn answers_throughout_a_reread<F: std::future::Future<Output = u16>>(what: &str, want: u16, status: impl Fn() -> F) {
+    let until = Instant::now() + spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert_eq!(status().await, want, "{what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Ticket keys come from a Secret volume the kubelet updates in place: a running proxy follows
+/// `rotate-key`'s two steps (stage a next key, promote it keeping the previous one), then the
+/// retirement of the old key, without a restart and without refusing a ticket signed with a
+/// key that is meant to be accepted; a Secret left with no usable key changes nothing.
+#[tokio::test]
+async fn a_key_rotation_applies_to_a_running_proxy() {
+    let up = echo_server().await;
+    let (old, new) = (KEY, &b"a-new-key-a-new-key-a-new-key-32"[..]);
+    let mut keys = std::path::PathBuf::new();
+    let p = start(|c, dir| {
+        keys = dir.join("keys-volume");
+        std::fs::create_dir(&keys).unwrap();
+        common::publish_volume(&keys, 1, &[("current", old)]).unwrap();
+        c.keys_dir = Some(keys.to_string_lossy().into());
+        // Tickets signed with a key not (or no longer) accepted are guesses: polling with them
+        // must not lock the test out.
+        c.limits.max_auth_failures_per_client = 0;
+    })
+    .await;
+    let addr = p.addr;
+    let status = |key: &'static [u8]| async move {
+        let t = ticket_for("127.0.0.1", &[up.port()], VALID, key);
+        request(addr, spice_gtk_head(&up.to_string(), &basic("u", &t)).as_bytes()).await.1
+    };
+    assert_eq!((status(old).await, status(new).await), (200, 407));
+
+    common::publish_volume(&keys, 2, &[("current", old), ("next", new)]).unwrap();
+    answers_within_a_reread("a staged key", 200, || status(new)).await;
+    assert_eq!(status(old).await, 200);
+
+    common::publish_volume(&keys, 3, &[("current", new), ("previous", old)]).unwrap();
+    answers_throughout_a_reread("the promoted key", 200, || status(new)).await;
+    answers_throughout_a_reread("the previous key", 200, || status(old)).await;
+
+    common::publish_volume(&keys, 4, &[("current", new)]).unwrap();
+    answers_within_a_reread("a retired key", 407, || status(old)).await;
+    assert_eq!(status(new).await, 200);
+
+    // Auth mode Ticket with no key would refuse every console: the keys in use stay.
+    common::publish_volume(&keys, 5, &[]).unwrap();
+    answers_throughout_a_reread("the key in use after an empty Secret", 200, || status(new)).await;
+    assert_eq!(status(old).await, 407);
+}
+
+/// Basic credentials come from a Secret volume too: a changed password applies to a running
+/// proxy, and the old one is refused from then on.
+#[tokio::test]
+async fn changed_basic_credentials_apply_to_a_running_proxy() {
+    let up = echo_server().await;
+    let mut volume = std::path::PathBuf::new();
+    let p = start(|c, dir| {
+        volume = dir.join("basic-volume");
+        std::fs::create_dir(&volume).unwrap();
+        common::publish_volume(&volume, 1, &[("username", b"spice"), ("password", b"s3cret")]).unwrap();
+        c.auth_mode = AuthMode::Basic;
+        c.basic_dir = Some(volume.to_string_lossy().into());
+        c.limits.max_auth_failures_per_client = 0;
+    })
+    .await;
+    let addr = p.addr;
+    let status = |password: &'static str| async move { request(addr, spice_gtk_head(&up.to_string(), &basic("spice", password)).as_bytes()).await.1 };
+    assert_eq!((status("s3cret").await, status("n3w").await), (200, 407));
+    common::publish_volume(&volume, 2, &[("username", b"spice"), ("password", b"n3w")]).unwrap();
+    answers_within_a_reread("the new password", 200, || status("n3w")).await;
+    assert_eq!(status("s3cret").await, 407);
+}
+
 #[tokio::test]
 async fn slowloris_gets_408_and_limits_give_503() {
     let up = echo_server().await;

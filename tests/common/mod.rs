@@ -416,19 +416,38 @@ pub async fn generated_proxy(client: &Client, ns: &str, name: &str, listen: u16)
     (proxy, admin, audit, dir)
 }
 
-/// Writes `config.json` into `volume` as the kubelet lays out a ConfigMap volume: the file is
-/// a link to `..data/config.json`, and `..data` a link to a directory per version, swapped
-/// with one rename, so a reader never sees half a file.
+/// Writes `config.json` into `volume` as the kubelet lays out a ConfigMap volume
+/// (`publish_volume`).
 pub fn publish_config_volume(volume: &std::path::Path, version: u32, text: &str) -> std::io::Result<()> {
+    publish_volume(volume, version, &[("config.json", text.as_bytes())])
+}
+
+/// Writes `files` into `volume` as the kubelet lays out and updates a ConfigMap or Secret
+/// volume: each file is a link to `..data/<name>`, and `..data` a link to a directory per
+/// version, swapped with one rename, so a reader never sees half an update; links to files the
+/// new version no longer has are removed.
+pub fn publish_volume(volume: &std::path::Path, version: u32, files: &[(&str, &[u8])]) -> std::io::Result<()> {
     let versioned = format!("..v{version}");
     std::fs::create_dir(volume.join(&versioned))?;
-    std::fs::write(volume.join(&versioned).join("config.json"), text)?;
+    for (name, bytes) in files {
+        std::fs::write(volume.join(&versioned).join(name), bytes)?;
+    }
     std::os::unix::fs::symlink(&versioned, volume.join("..data_tmp"))?;
     std::fs::rename(volume.join("..data_tmp"), volume.join("..data"))?;
-    match std::os::unix::fs::symlink("..data/config.json", volume.join("config.json")) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
-        _ => Ok(()),
+    for (name, _) in files {
+        match std::os::unix::fs::symlink(format!("..data/{name}"), volume.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
     }
+    for entry in std::fs::read_dir(volume)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with("..") && !files.iter().any(|(f, _)| *f == name) {
+            std::fs::remove_file(volume.join(&*name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until `addr` refuses connections and checks that this came at the end of a stop's
