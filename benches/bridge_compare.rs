@@ -18,6 +18,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
+mod common;
+use common::{StreamEnd, cpu_seconds, family, free_port, median, own_cpu_seconds, target_server, wait_listening};
+
 const GIB: u64 = 1 << 30;
 const HELD: usize = 2000;
 
@@ -35,57 +38,6 @@ impl Drop for Peer {
             let _ = c.wait();
         }
     }
-}
-
-/// The same target as the CONNECT benchmark: 'S' streams n bytes, 'E' echoes 64-byte
-/// messages, anything else greets with one byte and holds.
-async fn target_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut cmd = [0u8; 9];
-                if s.read_exact(&mut cmd).await.is_err() {
-                    return;
-                }
-                let n = u64::from_le_bytes(cmd[1..9].try_into().unwrap());
-                match cmd[0] {
-                    b'S' => {
-                        let buf = vec![0x5au8; 1 << 20];
-                        let mut left = n;
-                        while left > 0 {
-                            let k = left.min(buf.len() as u64) as usize;
-                            if s.write_all(&buf[..k]).await.is_err() {
-                                return;
-                            }
-                            left -= k as u64;
-                        }
-                        // The client hangs up once it has everything: a close racing the last
-                        // bytes would measure a bridge's shutdown, not its throughput.
-                        let mut b = [0u8; 1];
-                        let _ = s.read(&mut b).await;
-                    }
-                    b'E' => {
-                        let mut b = [0u8; 64];
-                        while s.read_exact(&mut b).await.is_ok() {
-                            if s.write_all(&b).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    _ => {
-                        let _ = s.write_all(b"G").await;
-                        let mut b = [0u8; 1];
-                        let _ = s.read(&mut b).await;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// One connection, either plain TCP or a WebSocket through a bridge.
@@ -150,38 +102,6 @@ impl Conn {
     }
 }
 
-fn family(pid: u32) -> Vec<u32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let parent = out[i];
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-                let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-                if ppid == parent && !out.contains(&p) {
-                    out.push(p);
-                }
-            }
-        }
-        i += 1;
-    }
-    out
-}
-
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    family(pid)
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .map(|stat| {
-            let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-            // utime + stime + cutime + cstime: websockify's finished children count too.
-            (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap() + f[13].parse::<f64>().unwrap() + f[14].parse::<f64>().unwrap()) / 100.0
-        })
-        .sum()
-}
-
 /// Proportional set size of the process and its children, KiB.
 fn pss_kib(pid: u32) -> u64 {
     family(pid)
@@ -191,9 +111,11 @@ fn pss_kib(pid: u32) -> u64 {
         .sum()
 }
 
-async fn throughput(peer: &Peer, target: SocketAddr, streams: u64, total: u64) -> (f64, f64) {
+/// Gbit/s, the bridge's CPU seconds per GiB, and the load generator's and target's (the
+/// browser's end and the hypervisor's: what the bridge's framing costs them, on the same CPUs).
+async fn throughput(peer: &Peer, target: SocketAddr, streams: u64, total: u64) -> (f64, f64, f64) {
     let pid = peer.child.as_ref().map(|c| c.id());
-    let cpu0 = cpu_seconds(pid);
+    let (cpu0, own0) = (cpu_seconds(pid), own_cpu_seconds());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..streams {
@@ -207,7 +129,9 @@ async fn throughput(peer: &Peer, target: SocketAddr, streams: u64, total: u64) -
     }
     assert_eq!(got, total, "{}: bytes lost", peer.name);
     let secs = started.elapsed().as_secs_f64();
-    (total as f64 * 8.0 / secs / 1e9, (cpu_seconds(pid) - cpu0) / (total as f64 / GIB as f64))
+    let (cpu, own) = (cpu_seconds(pid) - cpu0, own_cpu_seconds() - own0);
+    let gib = total as f64 / GIB as f64;
+    (total as f64 * 8.0 / secs / 1e9, cpu / gib, own / gib)
 }
 
 async fn setup(peer: &Peer, target: SocketAddr) -> (f64, f64) {
@@ -278,22 +202,9 @@ async fn held(peer: &Peer, target: SocketAddr) -> Option<(usize, f64)> {
     Some((n, after.saturating_sub(before) as f64 / n.max(1) as f64))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn(name: &'static str, port: u16, url: String, cmd: &mut Command) -> Peer {
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{name}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{name} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(port, name);
     Peer { name, url: Some(url), child: Some(child) }
 }
 
@@ -301,7 +212,7 @@ fn spawn(name: &'static str, port: u16, url: String, cmd: &mut Command) -> Peer 
 async fn main() {
     let per_run: u64 = std::env::var("BENCH_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1) * GIB;
     let dir = tempfile::tempdir().unwrap();
-    let target = target_server().await;
+    let target = target_server(TcpListener::bind("127.0.0.1:0").await.unwrap(), StreamEnd::HoldUntilClientCloses);
     let mut peers = vec![Peer { name: "direct (TCP)", url: None, child: None }];
 
     let p = free_port();
@@ -326,17 +237,17 @@ async fn main() {
     peers.push(spawn("spice-operator", p, format!("ws://127.0.0.1:{p}/websockify?token={token}"), Command::new(bin).args(["proxy", "--config"]).arg(&cfg)));
 
     println!("loopback, {} GiB per throughput run in the display direction, medians of 3\n", per_run / GIB);
-    println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | setups/s | p99 setup ms | echo p99 µs | connections held (of {HELD}) | PSS KiB per connection |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| peer | 1 stream Gbit/s | 8 streams Gbit/s | CPU s/GiB | client CPU s/GiB | setups/s | p99 setup ms | echo p99 µs | connections held (of {HELD}) | PSS KiB per connection |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for peer in &peers {
-        let (mut one, mut eight, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut one, mut eight, mut cpu, mut client_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
-            let (g, c) = throughput(peer, target, 1, per_run).await;
-            one.push(g);
-            cpu.push(c);
-            let (g, c) = throughput(peer, target, 8, per_run).await;
-            eight.push(g);
-            cpu.push(c);
+            for (streams, gbits) in [(1, &mut one), (8, &mut eight)] {
+                let (g, c, own) = throughput(peer, target, streams, per_run).await;
+                gbits.push(g);
+                cpu.push(c);
+                client_cpu.push(own);
+            }
         }
         let (rate, p99) = setup(peer, target).await;
         let echo = echo_p99(peer, target).await;
@@ -345,6 +256,6 @@ async fn main() {
             None => ("-".into(), "-".into()),
         };
         let cpu = if peer.child.is_some() { format!("{:.2}", median(cpu)) } else { "-".into() };
-        println!("| {} | {:.1} | {:.1} | {} | {:.0} | {:.2} | {:.0} | {} | {} |", peer.name, median(one), median(eight), cpu, rate, p99, echo, n, pss);
+        println!("| {} | {:.1} | {:.1} | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} | {} |", peer.name, median(one), median(eight), cpu, median(client_cpu), rate, p99, echo, n, pss);
     }
 }

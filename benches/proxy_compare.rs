@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+use common::{StreamEnd, cpu_seconds, family, free_port, median, own_cpu_seconds, target_server, wait_listening};
+
 const GIB: u64 = 1 << 30;
 const IDLE_TUNNELS: usize = 2000;
 
@@ -73,56 +76,8 @@ async fn target_servers(count: u8) -> Vec<SocketAddr> {
                 Err(_) => continue 'port, // taken at one of the addresses: try another port
             }
         }
-        return listeners.into_iter().map(target_server).collect();
+        return listeners.into_iter().map(|l| target_server(l, StreamEnd::Shutdown)).collect();
     }
-}
-
-/// What the target does with a connection, chosen by the first byte the client sends.
-fn target_server(l: TcpListener) -> SocketAddr {
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut cmd = [0u8; 9];
-                if s.read_exact(&mut cmd).await.is_err() {
-                    return;
-                }
-                let n = u64::from_le_bytes(cmd[1..9].try_into().unwrap());
-                match cmd[0] {
-                    b'S' => {
-                        // stream n bytes to the client (the display direction)
-                        let buf = vec![0x5au8; 1 << 20];
-                        let mut left = n;
-                        while left > 0 {
-                            let k = left.min(buf.len() as u64) as usize;
-                            if s.write_all(&buf[..k]).await.is_err() {
-                                return;
-                            }
-                            left -= k as u64;
-                        }
-                        let _ = s.shutdown().await;
-                    }
-                    b'E' => {
-                        let mut b = [0u8; 64];
-                        while s.read_exact(&mut b).await.is_ok() {
-                            if s.write_all(&b).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    _ => {
-                        // greet, then hold the connection until the client goes
-                        let _ = s.write_all(b"G").await;
-                        let mut b = [0u8; 1];
-                        let _ = s.read(&mut b).await;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 async fn open(peer: &Peer, cmd: u8, n: u64) -> TcpStream {
@@ -148,39 +103,6 @@ async fn open(peer: &Peer, cmd: u8, n: u64) -> TcpStream {
     c[1..].copy_from_slice(&n.to_le_bytes());
     s.write_all(&c).await.unwrap();
     s
-}
-
-/// User plus system CPU seconds from a `/proc/.../stat` file; `None` once the process is gone.
-fn stat_cpu_seconds(path: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    Some((fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?) / 100.0)
-}
-
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    family(pid).iter().filter_map(|p| stat_cpu_seconds(&format!("/proc/{p}/stat"))).sum()
-}
-
-/// CPU seconds of this process alone: the load generator and the targets, the same for every
-/// peer, so what a peer's protocol costs its clients shows as a difference here.
-fn own_cpu_seconds() -> f64 {
-    stat_cpu_seconds("/proc/self/stat").expect("own /proc stat")
-}
-
-/// The process and its children (squid and tinyproxy work in child processes).
-fn family(pid: u32) -> Vec<u32> {
-    let mut out = vec![pid];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-            if ppid == pid {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -292,26 +214,6 @@ async fn idle_rss(peer: &Peer) -> Option<f64> {
     let after = rss_kib(pid);
     drop(held);
     Some(after.saturating_sub(before) as f64 / IDLE_TUNNELS as f64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{name} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn spawn(name: &'static str, kind: Kind, port: u16, target: SocketAddr, cmd: &mut Command) -> Peer {
