@@ -16,14 +16,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::metrics::End;
 use super::tunnel::Close;
@@ -41,6 +46,9 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 /// Most bytes read from the hypervisor into one frame for the browser. The buffer exists only
 /// while data is in flight, so an idle console costs nothing here.
 const READ_CHUNK: usize = 256 * 1024;
+/// Room in front of the hypervisor's bytes for the frame header (at most 2 bytes and a 64-bit
+/// length), so a frame goes to the browser from the buffer it was read into.
+const HEADROOM: usize = 10;
 /// The WebSocket layer's read buffer (browser → hypervisor: input events, acks; it grows for a
 /// bigger message). tungstenite zero-fills its whole read buffer, so its size is resident
 /// memory per connection: 128 KiB by default.
@@ -192,15 +200,18 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
     let wants_upgrade = headers.get(header::UPGRADE).is_some() || uri.path() == "/websockify";
     if !wants_upgrade {
         return page(&bridge.static_dir, &method, uri.path()).await;
     }
-    let upgrade = match upgrade {
-        Ok(u) => u,
-        Err(rejection) => return refuse(StatusCode::BAD_REQUEST, format!("not a WebSocket handshake: {}", rejection.body_text())),
+    let accept = match accept_key(&method, request.version(), &headers) {
+        Ok(a) => a,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, format!("not a WebSocket handshake: {why}")),
+    };
+    let Some(on_upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(StatusCode::BAD_REQUEST, "not a WebSocket handshake: this connection cannot be upgraded");
     };
     let started = Instant::now();
     let peer_ip = super::allow::canonical(peer.ip());
@@ -271,19 +282,62 @@ async fn handle(
     };
     bridge.shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     let b = bridge.clone();
-    upgrade
-        .protocols(["binary"])
-        .max_message_size(MAX_MESSAGE)
-        .max_frame_size(MAX_MESSAGE)
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| async move {
-            let tracker = b.tracker.clone();
-            tracker.spawn(async move {
-                let _held = (permit, slot);
-                run(&b, socket, upstream, audit, started).await;
-            });
-        })
+    bridge.tracker.spawn(async move {
+        let _held = (permit, slot);
+        // Resolves once the 101 below is written; fails if the browser went away before.
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_MESSAGE))
+            .max_frame_size(Some(MAX_MESSAGE))
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(0);
+        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        run(&b, socket, upstream, audit, started).await;
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    if offers_binary(&headers) {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("binary"));
+    }
+    response
+}
+
+/// The `Sec-WebSocket-Accept` answer to an upgrade request, or why the request is not a
+/// WebSocket handshake (RFC 6455 4.2.1): a GET over HTTP/1.1 with `Connection: upgrade`,
+/// `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a key.
+fn accept_key(method: &Method, version: Version, headers: &HeaderMap) -> Result<String, String> {
+    if method != Method::GET {
+        return Err(format!("the method must be GET, not {method}"));
+    }
+    if version != Version::HTTP_11 {
+        return Err(format!("the request must be HTTP/1.1, not {version:?}"));
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("the Connection header does not include upgrade".into());
+    }
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("the Upgrade header is not websocket".into());
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return Err("Sec-WebSocket-Version must be 13".into());
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or("the Sec-WebSocket-Key header is missing")?;
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// spice-html5 asks for the `binary` subprotocol (websockify's name for raw bytes); it is
+/// answered only when asked for, as a browser refuses a subprotocol it did not offer.
+fn offers_binary(headers: &HeaderMap) -> bool {
+    has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "binary")
 }
 
 fn log_refusal(shared: &Shared, mut audit: Audit, started: Instant, status: StatusCode, body: String) -> Response {
@@ -364,15 +418,59 @@ async fn page(dir: &Path, method: &Method, path: &str) -> Response {
     r
 }
 
-/// Waits for the hypervisor to send, then reads what is there into a fresh buffer handed on
-/// without a copy. None at EOF.
-async fn read_chunk(up: &tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Option<axum::body::Bytes>> {
+/// Bytes from the hypervisor behind room for their frame header: what the browser gets as one
+/// binary frame, written from this buffer. (tungstenite would copy each payload into its write
+/// buffer first: a fifth of the bridge's CPU time at one stream.)
+struct Chunk(BytesMut);
+
+impl Chunk {
+    fn new(capacity: usize) -> Chunk {
+        let mut buf = BytesMut::with_capacity(HEADROOM + capacity);
+        buf.put_bytes(0, HEADROOM);
+        Chunk(buf)
+    }
+
+    fn payload_len(&self) -> usize {
+        self.0.len() - HEADROOM
+    }
+
+    /// The frame: an unmasked, final binary frame header (RFC 6455 5.2) and the payload.
+    fn framed(&mut self) -> &[u8] {
+        let (header, used) = frame_header(self.payload_len());
+        let start = HEADROOM - used;
+        self.0[start..HEADROOM].copy_from_slice(&header[..used]);
+        &self.0[start..]
+    }
+}
+
+/// The header of a final binary frame from a server (never masked) carrying `len` bytes,
+/// and how many of its bytes are used: 2, 4 or 10.
+fn frame_header(len: usize) -> ([u8; HEADROOM], usize) {
+    let mut header = [0u8; HEADROOM];
+    header[0] = 0x82; // FIN, opcode 2 (binary)
+    let used = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (header, used)
+}
+
+/// Waits for the hypervisor to send, then reads what is there into a fresh buffer. None at EOF.
+async fn read_chunk(up: &tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Option<Chunk>> {
     loop {
         up.readable().await?;
-        let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
-        match up.try_read_buf(&mut buf) {
+        let mut chunk = Chunk::new(READ_CHUNK);
+        match up.try_read_buf(&mut chunk.0) {
             Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(buf.freeze())),
+            Ok(_) => return Ok(Some(chunk)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
@@ -391,15 +489,14 @@ enum UpReader {
 }
 
 impl UpReader {
-    async fn read_chunk(&mut self) -> std::io::Result<Option<axum::body::Bytes>> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Chunk>> {
         match self {
             UpReader::Plain(r) => read_chunk(r).await,
             UpReader::Tls(r) => {
-                use tokio::io::AsyncReadExt;
-                let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
-                match r.read_buf(&mut buf).await? {
+                let mut chunk = Chunk::new(64 * 1024);
+                match r.read_buf(&mut chunk.0).await? {
                     0 => Ok(None),
-                    _ => Ok(Some(buf.freeze())),
+                    _ => Ok(Some(chunk)),
                 }
             }
         }
@@ -409,11 +506,13 @@ impl UpReader {
 /// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
 /// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
 /// write side; upstream EOF sends Close 1000.
-async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
+/// The browser's WebSocket, on the connection hyper hands over after the 101.
+type BrowserSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
     let idle = shared.cfg.limits.idle_timeout();
-    let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut up_r, mut up_w): (UpReader, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) = match upstream {
         Upstream::Plain(s) => {
             let (r, w) = s.into_split();
@@ -427,16 +526,18 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut cancel = bridge.cancel.clone();
     let target = audit.upstream;
+    // A frame to the browser cut short (it stopped reading, or went): nothing more may follow.
+    let mut torn = false;
     let (end, close) = loop {
         tokio::select! {
-            msg = tokio::time::timeout(idle, ws_rx.next()) => match msg {
+            msg = tokio::time::timeout(idle, ws.next()) => match msg {
                 Err(_) => break (End::Idle, "idle timeout"),
                 Ok(None) => break (End::Error, "client gone"),
                 Ok(Some(Err(e))) => {
                     // Say why before hanging up: 1009 for an oversized message, 1002 otherwise.
-                    let too_big = e.into_inner().downcast::<tokio_tungstenite::tungstenite::Error>().is_ok_and(|e| matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
-                    let (code, reason) = if too_big { (close_code::SIZE, "message too big") } else { (close_code::PROTOCOL, "protocol error") };
-                    let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))).await;
+                    let too_big = matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_));
+                    let (code, reason) = if too_big { (CloseCode::Size, "message too big") } else { (CloseCode::Protocol, "protocol error") };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))).await;
                     break (End::Error, reason);
                 }
                 Ok(Some(Ok(Message::Binary(data)))) => {
@@ -446,7 +547,7 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
                     }
                 }
                 Ok(Some(Ok(Message::Text(_)))) => {
-                    let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::UNSUPPORTED, reason: "SPICE over WebSocket is binary".into() }))).await;
+                    let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Unsupported, reason: "SPICE over WebSocket is binary".into() }))).await;
                     break (End::Error, "text frame");
                 }
                 Ok(Some(Ok(Message::Close(_)))) => {
@@ -460,33 +561,48 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
             read = tokio::time::timeout(idle, up_r.read_chunk()) => match read {
                 Err(_) => break (End::Idle, "idle timeout"),
                 Ok(Err(_)) | Ok(Ok(None)) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), ws_tx.send(Message::Close(Some(CloseFrame { code: close_code::NORMAL, reason: "upstream closed".into() })))).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "upstream closed".into() })))).await;
                     break (End::Finished, "upstream closed");
                 }
-                Ok(Ok(Some(chunk))) => {
-                    bytes_down += chunk.len() as u64;
+                Ok(Ok(Some(mut chunk))) => {
+                    bytes_down += chunk.payload_len() as u64;
                     // A browser that stops reading stalls this send, and so the reads from
                     // the hypervisor: nothing piles up here. Past the idle timeout it is gone.
-                    match tokio::time::timeout(idle, ws_tx.send(Message::Binary(chunk))).await {
+                    // A control frame the WebSocket layer could not finish (a pong) goes first.
+                    let sent = tokio::time::timeout(idle, async {
+                        ws.flush().await.map_err(std::io::Error::other)?;
+                        ws.get_mut().write_all(chunk.framed()).await
+                    });
+                    match sent.await {
                         Ok(Ok(())) => {}
-                        Ok(Err(_)) => break (End::Error, "client gone"),
-                        Err(_) => break (End::Error, "client stopped reading"),
+                        Ok(Err(_)) => {
+                            torn = true;
+                            break (End::Error, "client gone");
+                        }
+                        Err(_) => {
+                            torn = true;
+                            break (End::Error, "client stopped reading");
+                        }
                     }
                 }
             },
             why = super::server::drained_or_revoked(&mut cancel, shared, target) => {
                 // The audit line says what the tunnel's would; the browser gets a Close code.
                 let (code, reason, end, close) = match why {
-                    Close::Revoked => (close_code::POLICY, "target no longer allowed", End::Revoked, "target taken off the allow-list"),
-                    _ => (close_code::AWAY, "proxy shutting down", End::Drained, "drain deadline"),
+                    Close::Revoked => (CloseCode::Policy, "target no longer allowed", End::Revoked, "target taken off the allow-list"),
+                    _ => (CloseCode::Away, "proxy shutting down", End::Drained, "drain deadline"),
                 };
-                let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                let _ = ws.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
                 break (end, close);
             }
         }
     };
     // Lets the WebSocket layer send its answer to a client's Close before the socket drops.
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws_tx.close()).await;
+    if !torn {
+        // (The sink's close, which flushes that answer; `WebSocketStream::close` sends a Close
+        // and fails once the browser's has arrived.)
+        let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut ws)).await;
+    }
     // Counted before the active gauge drops, so a bridge no longer active has its end counted.
     shared.metrics.ended(end);
     shared.metrics.active.dec();
@@ -501,3 +617,53 @@ async fn run(bridge: &Bridge, socket: WebSocket, upstream: Upstream, mut audit: 
     audit.emit();
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::WebSocket;
+
+    #[test]
+    fn a_chunk_reaches_a_websocket_client_as_one_binary_message_of_its_bytes() {
+        // Each length a header can have: 7 bits, 16 bits, 64 bits, and their edges.
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, READ_CHUNK] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut chunk = Chunk::new(len);
+            chunk.0.extend_from_slice(&payload);
+            assert_eq!(chunk.payload_len(), len);
+            let wire = chunk.framed().to_vec();
+            let mut client = WebSocket::from_raw_socket(std::io::Cursor::new(wire), Role::Client, None);
+            match client.read() {
+                Ok(Message::Binary(got)) => assert!(got[..] == payload[..], "{len} bytes: payload changed"),
+                other => panic!("{len} bytes: {other:?}"),
+            }
+            // The whole frame was one message: nothing left over.
+            assert!(client.read().is_err(), "{len} bytes: more than one frame");
+        }
+    }
+
+    #[test]
+    fn the_upgrade_is_answered_as_rfc_6455_says_and_anything_else_is_named() {
+        let handshake = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(*name, HeaderValue::from_static(value));
+            }
+            h
+        };
+        let good = [("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")];
+        // The worked example of RFC 6455 section 1.3.
+        assert_eq!(accept_key(&Method::GET, Version::HTTP_11, &handshake(&good)).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let refused = |method: Method, version: Version, pairs: &[(&'static str, &'static str)]| accept_key(&method, version, &handshake(pairs)).unwrap_err();
+        assert!(refused(Method::POST, Version::HTTP_11, &good).contains("GET"));
+        assert!(refused(Method::GET, Version::HTTP_10, &good).contains("HTTP/1.1"));
+        assert!(refused(Method::GET, Version::HTTP_11, &[good[1], good[2], good[3], ("connection", "keep-alive")]).contains("Connection"));
+        assert!(refused(Method::GET, Version::HTTP_11, &[good[0], good[2], good[3], ("upgrade", "h2c")]).contains("Upgrade"));
+        assert!(refused(Method::GET, Version::HTTP_11, &[good[0], good[1], good[3], ("sec-websocket-version", "8")]).contains("Sec-WebSocket-Version"));
+        assert!(refused(Method::GET, Version::HTTP_11, &good[..3]).contains("Sec-WebSocket-Key"));
+        // The subprotocol is named back only when the browser offered it.
+        assert!(offers_binary(&handshake(&[("sec-websocket-protocol", "base64, binary")])));
+        assert!(!offers_binary(&handshake(&[("sec-websocket-protocol", "base64")])));
+        assert!(!offers_binary(&HeaderMap::new()));
+    }
+}
