@@ -571,7 +571,10 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
                     // A control frame the WebSocket layer could not finish (a pong) goes first.
                     let sent = tokio::time::timeout(idle, async {
                         ws.flush().await.map_err(std::io::Error::other)?;
-                        ws.get_mut().write_all(chunk.framed()).await
+                        let browser = ws.get_mut();
+                        browser.write_all(chunk.framed()).await?;
+                        // With TLS to the browser the last records may wait in the session.
+                        browser.flush().await
                     });
                     match sent.await {
                         Ok(Ok(())) => {}
