@@ -503,12 +503,12 @@ impl UpReader {
     }
 }
 
-/// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
-/// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
-/// write side; upstream EOF sends Close 1000.
 /// The browser's WebSocket, on the connection hyper hands over after the 101.
 type BrowserSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// Moves bytes both ways until either side closes, the idle timeout passes, or the drain
+/// deadline cancels the bridge. Closing is propagated: a WebSocket Close shuts the upstream's
+/// write side; upstream EOF sends Close 1000.
 async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
