@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 mod common;
-use common::{StreamEnd, cpu_seconds, family, free_port, median, own_cpu_seconds, target_server, wait_listening};
+use common::{StreamEnd, cpu_seconds, family_kib, free_port, median, own_cpu_seconds, target_server, wait_listening};
 
 const GIB: u64 = 1 << 30;
 const HELD: usize = 2000;
@@ -104,11 +104,7 @@ impl Conn {
 
 /// Proportional set size of the process and its children, KiB.
 fn pss_kib(pid: u32) -> u64 {
-    family(pid)
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
-        .filter_map(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .sum()
+    family_kib(pid, "smaps_rollup", "Pss:")
 }
 
 /// Gbit/s, the bridge's CPU seconds per GiB, and the load generator's and target's (the

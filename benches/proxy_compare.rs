@@ -34,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
-use common::{StreamEnd, cpu_seconds, family, free_port, median, own_cpu_seconds, target_server, wait_listening};
+use common::{StreamEnd, cpu_seconds, family_kib, free_port, median, own_cpu_seconds, target_server, wait_listening};
 
 const GIB: u64 = 1 << 30;
 const IDLE_TUNNELS: usize = 2000;
@@ -106,11 +106,7 @@ async fn open(peer: &Peer, cmd: u8, n: u64) -> TcpStream {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    family(pid)
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .sum()
+    family_kib(pid, "status", "VmRSS:")
 }
 
 /// Gbit/s, the peer's CPU seconds per GiB, and the load generator's and target's (sender and

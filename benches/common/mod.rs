@@ -94,8 +94,18 @@ pub fn own_cpu_seconds() -> f64 {
     user + system
 }
 
+/// A KiB figure summed over the process and all its descendants: `field` (e.g. `VmRSS:`) of
+/// each one's `/proc/PID/<file>` (e.g. `status`).
+pub fn family_kib(pid: u32, file: &str, field: &str) -> u64 {
+    family(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/{file}")).ok())
+        .filter_map(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .sum()
+}
+
 /// The process and all its descendants.
-pub fn family(pid: u32) -> Vec<u32> {
+fn family(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
     let mut i = 0;
     while i < out.len() {
