@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -63,28 +64,80 @@ pub struct Admitted<Io, Addr> {
     local: Addr,
 }
 
+/// A number of places with a limit that may change while places are held: a lower limit
+/// turns new takers away until enough places are given back, and takes none from their holders.
+/// (A semaphore cannot shrink below what is held.)
+#[derive(Clone)]
+pub struct Places(Arc<PlaceCount>);
+
+struct PlaceCount {
+    taken: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// One place, given back on drop.
+pub struct Place(Arc<PlaceCount>);
+
+impl Places {
+    /// `limit`: at least 1.
+    pub fn new(limit: usize) -> Self {
+        Places(Arc::new(PlaceCount { taken: AtomicUsize::new(0), limit: AtomicUsize::new(limit.max(1)) }))
+    }
+
+    /// A place, or None when as many are taken as the limit.
+    pub fn take(&self) -> Option<Place> {
+        let limit = self.0.limit.load(Ordering::Relaxed);
+        self.0.taken.fetch_update(Ordering::Acquire, Ordering::Relaxed, |taken| (taken < limit).then_some(taken + 1)).ok()?;
+        Some(Place(self.0.clone()))
+    }
+
+    pub fn limit(&self) -> usize {
+        self.0.limit.load(Ordering::Relaxed)
+    }
+
+    /// At least 1. Places held beyond a lower limit stay held.
+    pub fn set_limit(&self, limit: usize) {
+        self.0.limit.store(limit.max(1), Ordering::Relaxed);
+    }
+
+    pub fn taken(&self) -> usize {
+        self.0.taken.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// How many connections one server holds at once, from accept (its admission included) to close;
 /// one more is closed at once (answered 503 when it can be read) and counted in `refused`.
 /// Shared by `Admitted` and `serve`, each holding a place in turn, so admissions and requests are
 /// counted together.
 #[derive(Clone)]
 pub struct ConnectionLimit {
-    places: Arc<tokio::sync::Semaphore>,
+    places: Places,
     refused: prometheus_client::metrics::counter::Counter,
 }
 
 impl ConnectionLimit {
     pub fn new(max: usize, refused: prometheus_client::metrics::counter::Counter) -> Self {
-        Self { places: Arc::new(tokio::sync::Semaphore::new(max.max(1))), refused }
+        Self { places: Places::new(max), refused }
     }
 
     /// A place for one more connection, or None (counted) when all are taken.
-    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let place = self.places.clone().try_acquire_owned().ok();
+    fn take(&self) -> Option<Place> {
+        let place = self.places.take();
         if place.is_none() {
             self.refused.inc();
         }
         place
+    }
+
+    /// A new limit for the connections accepted from now on (at least 1).
+    pub fn set_limit(&self, max: usize) {
+        self.places.set_limit(max);
     }
 }
 
@@ -266,5 +319,25 @@ mod tests {
             let peer = accepted.unwrap().1.ip();
             assert_eq!(crate::proxy::allow::canonical(peer).to_string(), client, "{client} arrives as {peer}");
         }
+    }
+
+    #[test]
+    fn a_lower_limit_turns_new_takers_away_and_keeps_the_places_held() {
+        let places = Places::new(2);
+        let (a, b) = (places.take().unwrap(), places.take().unwrap());
+        assert!(places.take().is_none(), "at the limit");
+        places.set_limit(3);
+        let c = places.take().expect("a raised limit has room at once");
+        places.set_limit(1);
+        assert_eq!(places.taken(), 3, "nothing held is taken back");
+        drop(a);
+        assert!(places.take().is_none(), "two held, limit 1");
+        drop((b, c));
+        let d = places.take().expect("room once enough were given back");
+        assert!(places.take().is_none());
+        drop(d);
+        assert_eq!(places.taken(), 0);
+        places.set_limit(0);
+        assert_eq!(places.limit(), 1, "at least one place");
     }
 }

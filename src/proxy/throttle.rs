@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Clients tracked at most: a bound on memory (about 64 bytes each) however many addresses an
@@ -37,19 +38,33 @@ impl Entry {
 
 pub struct AuthThrottle {
     /// 0: off.
-    max: u32,
-    window: Duration,
+    max: AtomicU32,
+    /// The window in milliseconds (both change with the proxy's live limits).
+    window_ms: AtomicU64,
     clients: Mutex<HashMap<IpAddr, Entry>>,
 }
 
 impl AuthThrottle {
     pub fn new(max: u32, window: Duration) -> Self {
-        Self { max, window, clients: Mutex::new(HashMap::new()) }
+        let t = Self { max: AtomicU32::new(0), window_ms: AtomicU64::new(0), clients: Mutex::new(HashMap::new()) };
+        t.set_limits(max, window);
+        t
+    }
+
+    /// New limits for the failures counted from now on; a client locked out stays locked for
+    /// the time it was given.
+    pub fn set_limits(&self, max: u32, window: Duration) {
+        self.max.store(max, Ordering::Relaxed);
+        self.window_ms.store(window.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms.load(Ordering::Relaxed))
     }
 
     /// How long `client` is still refused, if it is.
     pub fn locked(&self, client: IpAddr, now: Instant) -> Option<Duration> {
-        if self.max == 0 {
+        if self.max.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut clients = self.clients.lock().expect("throttle lock");
@@ -63,24 +78,25 @@ impl AuthThrottle {
 
     /// Counts a failed attempt; true when it locks the client out.
     pub fn failed(&self, client: IpAddr, now: Instant) -> bool {
-        if self.max == 0 {
+        let (max, window) = (self.max.load(Ordering::Relaxed), self.window());
+        if max == 0 {
             return false;
         }
         let mut clients = self.clients.lock().expect("throttle lock");
         if !clients.contains_key(&client) && clients.len() >= MAX_TRACKED {
-            make_room(&mut clients, now, self.window);
+            make_room(&mut clients, now, window);
             if clients.len() >= MAX_TRACKED {
                 return false; // every tracked client is locked out: this one goes uncounted
             }
         }
         let fresh = Entry { since: now, failures: 0, locked_until: None };
         let e = clients.entry(client).or_insert(fresh);
-        if !e.live(now, self.window) {
+        if !e.live(now, window) {
             *e = fresh; // the window (or the lock) passed: counting starts again
         }
         e.failures = e.failures.saturating_add(1);
-        if e.failures >= self.max && e.locked_until.is_none() {
-            e.locked_until = Some(now + self.window);
+        if e.failures >= max && e.locked_until.is_none() {
+            e.locked_until = Some(now + window);
             return true;
         }
         false
@@ -164,6 +180,24 @@ mod tests {
         }
         assert_eq!(t.locked(ip("192.0.2.1"), now), None);
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_failures_counted_next_and_a_lockout_keeps_its_time() {
+        let t = AuthThrottle::new(3, WINDOW);
+        let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+        let t0 = Instant::now();
+        assert!(!t.failed(a, t0));
+        t.set_limits(2, Duration::from_secs(60));
+        assert!(t.failed(a, t0), "the second failure reaches the new limit");
+        assert_eq!(t.locked(a, t0), Some(Duration::from_secs(60)), "locked for the new window");
+        t.set_limits(0, WINDOW);
+        for _ in 0..10 {
+            assert!(!t.failed(b, t0), "off: never locks");
+        }
+        assert_eq!(t.locked(a, t0), None, "off: no one is refused");
+        t.set_limits(2, WINDOW);
+        assert_eq!(t.locked(a, t0 + Duration::from_secs(59)), Some(Duration::from_secs(1)), "turned on again, the lockout keeps its end");
     }
 
     #[test]
