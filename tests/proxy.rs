@@ -1375,6 +1375,41 @@ async fn the_proxy_binary_drains_on_sigterm_and_exits_at_once_on_a_second() {
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await.expect("the tunnel is closed with the process");
 }
 
+/// A proxy process (auth None, on free ports) whose configuration file is in a ConfigMap
+/// volume, which the test updates as the kubelet does.
+struct VolumeProxy {
+    volume: std::path::PathBuf,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    audit: std::sync::mpsc::Receiver<String>,
+    _proxy: Kill,
+    _dir: tempfile::TempDir,
+}
+
+impl VolumeProxy {
+    /// Starts with `base_config` as `edit` leaves it; returns the configuration to edit later.
+    fn start(edit: impl FnOnce(&mut ProxyConfig)) -> (Self, ProxyConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = base_config(dir.path());
+        cfg.auth_mode = AuthMode::None;
+        let (port, admin_port) = (free_port(), free_port());
+        cfg.listen = format!("127.0.0.1:{port}");
+        cfg.admin_listen = format!("127.0.0.1:{admin_port}");
+        edit(&mut cfg);
+        let volume = dir.path().join("config");
+        std::fs::create_dir(&volume).unwrap();
+        common::publish_config_volume(&volume, 1, &serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        let (proxy, audit) = proxy_process(&volume.join("config.json"), port);
+        let (addr, admin) = (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin_port)));
+        (VolumeProxy { volume, addr, admin, audit, _proxy: proxy, _dir: dir }, cfg)
+    }
+
+    /// Publishes `cfg` as the volume's `version`th content.
+    fn publish(&self, cfg: &ProxyConfig, version: u32) {
+        common::publish_config_volume(&self.volume, version, &serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    }
+}
+
 /// The kubelet updates a mounted ConfigMap in place. A changed allow-list applies without a
 /// restart (a rollout would end every open console after the drain deadline), the tunnels to a
 /// target it no longer lists are closed and audited, the others go on, and a file that cannot
@@ -1382,21 +1417,10 @@ async fn the_proxy_binary_drains_on_sigterm_and_exits_at_once_on_a_second() {
 #[tokio::test]
 async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no_longer_lists() {
     let (dropped, kept, added) = (echo_server().await, echo_server().await, echo_server_on("127.0.0.2:0").await);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = base_config(dir.path());
-    cfg.auth_mode = AuthMode::None;
-    let (port, admin_port) = (free_port(), free_port());
-    cfg.listen = format!("127.0.0.1:{port}");
-    cfg.admin_listen = format!("127.0.0.1:{admin_port}");
     let rule = |ip: &str, port: u16| AllowedTarget { cidr: format!("{ip}/32").parse().unwrap(), ports: vec![(port, port)] };
-    cfg.allowed_targets = vec![rule("127.0.0.1", dropped.port()), rule("127.0.0.1", kept.port())];
-    // As the kubelet lays out and updates a ConfigMap volume.
-    let volume = dir.path().join("config");
-    std::fs::create_dir(&volume).unwrap();
-    let publish = |cfg: &ProxyConfig, version: u32| common::publish_config_volume(&volume, version, &serde_json::to_string_pretty(cfg).unwrap()).unwrap();
-    publish(&cfg, 1);
-    let (_proxy, audit) = proxy_process(&volume.join("config.json"), port);
-    let (addr, admin) = (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin_port)));
+    let (p, mut cfg) = VolumeProxy::start(|cfg| cfg.allowed_targets = vec![rule("127.0.0.1", dropped.port()), rule("127.0.0.1", kept.port())]);
+    let publish = |cfg: &ProxyConfig, version: u32| p.publish(cfg, version);
+    let (addr, admin, audit) = (p.addr, p.admin, &p.audit);
     let open = |target: SocketAddr| async move { request(addr, spice_gtk_head(&target.to_string(), "").as_bytes()).await };
 
     let (mut to_dropped, status, _) = open(dropped).await;
@@ -1431,7 +1455,7 @@ async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no
     assert_eq!(status, 403, "{}", body(&mut s).await);
     assert_metric_reaches(admin, "spice_proxy_tunnel_ends_total{reason=\"revoked\"}", 1).await;
     let text = http_get(admin, "/metrics").await;
-    assert_eq!(metric(&text, "spice_proxy_allow_list_reloads_total{outcome=\"applied\"}"), 1);
+    assert_eq!(metric(&text, "spice_proxy_config_reloads_total{outcome=\"applied\"}"), 1);
     assert_eq!(metric(&text, "spice_proxy_allow_list_rules"), 2);
     let closed = std::iter::from_fn(|| audit.recv_timeout(Duration::from_secs(5)).ok())
         .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap())
@@ -1443,13 +1467,86 @@ async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no
     // refused: the list in use stays, and so do its tunnels.
     cfg.allowed_targets.clear();
     publish(&cfg, 3);
-    assert_metric_reaches_within(admin, "spice_proxy_allow_list_reloads_total{outcome=\"refused\"}", 1, within).await;
+    assert_metric_reaches_within(admin, "spice_proxy_config_reloads_total{outcome=\"refused\"}", 1, within).await;
     let (mut s, status, _) = open(added).await;
     assert_eq!(status, 200);
     echo_roundtrip(&mut s, b"still allowed").await;
     echo_roundtrip(&mut to_added, b"still open").await;
     echo_roundtrip(&mut to_kept, b"still open too").await;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_allow_list_rules"), 2);
+}
+
+/// Raising a full proxy's limits must not end every open console, so the live limits apply
+/// without a restart as the allow-list does: to the tunnels opened from then on. A lowered
+/// limit turns new tunnels away until enough have closed, and ends none; open tunnels keep the
+/// idle timeout they were opened with.
+#[tokio::test]
+async fn changed_limits_apply_to_the_next_tunnels_without_a_restart_and_end_no_open_one() {
+    let up = echo_server().await;
+    let (p, mut cfg) = VolumeProxy::start(|cfg| cfg.limits.max_tunnels = 1);
+    let publish = |cfg: &ProxyConfig, version: u32| p.publish(cfg, version);
+    let (addr, admin, audit) = (p.addr, p.admin, &p.audit);
+    let head_text = spice_gtk_head(&up.to_string(), "");
+    let head = head_text.as_bytes();
+    let open = || async { request(addr, head).await };
+    let refused_for = |why: &'static str| async move {
+        let (mut s, status, _) = request(addr, head).await;
+        let b = body(&mut s).await;
+        assert!(status == 503 && b.contains(why), "want 503 {why}: {status} {b}");
+    };
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+
+    let (mut a, status, _) = open().await;
+    assert_eq!(status, 200);
+    refused_for("tunnel limit").await;
+
+    // Raised: the second tunnel opens once the replica has read the file; the per-client
+    // limit, lowered in the same change, applies as well.
+    cfg.limits.max_tunnels = 3;
+    cfg.limits.max_tunnels_per_client = 2;
+    publish(&cfg, 2);
+    let deadline = Instant::now() + within;
+    let mut b = loop {
+        let (mut s, status, _) = open().await;
+        if status == 200 {
+            break s;
+        }
+        let why = body(&mut s).await;
+        assert!(status == 503 && Instant::now() < deadline, "the raised limit was not in use within {within:?}: {status} {why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    refused_for("too many tunnels from your address").await;
+    let text = http_get(admin, "/metrics").await;
+    assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), 3);
+    assert_eq!(metric(&text, "spice_proxy_config_reloads_total{outcome=\"applied\"}"), 1);
+
+    // Lowered below the tunnels open, with a short idle timeout: both stay open, and past the
+    // new idle timeout too (they keep the one they were opened with).
+    cfg.limits.max_tunnels = 1;
+    cfg.limits.idle_timeout_seconds = 2;
+    publish(&cfg, 3);
+    assert_metric_reaches_within(admin, "spice_proxy_config_reloads_total{outcome=\"applied\"}", 2, within).await;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), 1);
+    refused_for("tunnel limit").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    echo_roundtrip(&mut a, b"open before the limit was lowered").await;
+    echo_roundtrip(&mut b, b"and this one too").await;
+    // One closed: one is still open, the limit's worth.
+    drop(a);
+    assert_metric_reaches(admin, "spice_proxy_active_tunnels", 1).await;
+    refused_for("tunnel limit").await;
+    drop(b);
+    assert_metric_reaches(admin, "spice_proxy_active_tunnels", 0).await;
+    // A tunnel opened now has the new idle timeout.
+    let (mut c, status, _) = open().await;
+    assert_eq!(status, 200);
+    let opened = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("closed at the new idle timeout").unwrap();
+    assert!(opened.elapsed() >= Duration::from_millis(1900), "closed after {:?}, before its idle timeout", opened.elapsed());
+    let lines: Vec<serde_json::Value> = std::iter::from_fn(|| audit.recv_timeout(Duration::from_secs(2)).ok()).map(|l| serde_json::from_str(&l).unwrap()).collect();
+    let closes: Vec<&str> = lines.iter().filter(|l| l["outcome"] == "ok").map(|l| l["close"].as_str().unwrap()).collect();
+    assert_eq!(closes.iter().filter(|c| **c == "idle timeout").count(), 1, "only the tunnel opened after the change idles out: {closes:?}");
 }
 
 /// The error that ends the process is also written to the termination-message file Kubernetes

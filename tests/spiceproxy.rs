@@ -176,42 +176,47 @@ async fn spec_change_updates_children_and_advances_observed_generation() {
     let pods_before = running_pods().await;
     assert_eq!(pods_before.len(), 2, "{pods_before:?}");
 
-    // A new hypervisor network reaches the ConfigMap, which running replicas read again, and
-    // the egress NetworkPolicy; the pod template stays, so no rollout ends open consoles.
-    let patch = json!({"spec": {"allowedTargets": [
-        {"cidr": "10.20.0.0/16", "ports": [{"from": 5900, "to": 5999}]},
-        {"cidr": "192.0.2.0/24", "ports": [{"from": 5900}]}
-    ]}});
+    // A new hypervisor network and raised limits reach the ConfigMap, which running replicas
+    // read again, and the network the egress NetworkPolicy; the pod template stays, so no
+    // rollout ends open consoles.
+    let patch = json!({"spec": {
+        "allowedTargets": [
+            {"cidr": "10.20.0.0/16", "ports": [{"from": 5900, "to": 5999}]},
+            {"cidr": "192.0.2.0/24", "ports": [{"from": 5900}]}
+        ],
+        "limits": {"maxTunnels": 20000, "idleTimeoutSeconds": 7200}
+    }});
     let updated = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     assert_eq!(updated.metadata.generation, Some(2));
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
     let cfg = wait_for(&cms, "edge-config", T, |cm| Some(config_of(cm)).filter(|c| c.allowed_targets.len() == 2)).await;
     assert_eq!(cfg.allowed_targets[1].ports, vec![(5900, 5900)]);
+    assert_eq!((cfg.limits.max_tunnels, cfg.limits.idle_timeout_seconds), (20000, 7200));
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
     wait_for(&policies, "edge-egress", T, |p| (p.spec.as_ref()?.egress.as_ref()?.len() == 3).then_some(())).await;
     wait_for(&api, "edge", T, |s| s.status.clone().filter(|st| st.observed_generation == Some(2) && is_rolled_out(&st.conditions))).await;
     // (The Deployment's generation moves: the API server counts its annotations, and the
     // applied-set digest among them changed. Its template is what rolls pods.)
     let after = wait_for(&deploys, "edge", T, |d| (d.status.as_ref()?.observed_generation == d.metadata.generation).then(|| d.clone())).await;
-    assert_eq!(serde_json::to_value(&after.spec.template).unwrap(), serde_json::to_value(&before.spec.template).unwrap(), "an allow-list change must not roll the pods");
+    assert_eq!(serde_json::to_value(&after.spec.template).unwrap(), serde_json::to_value(&before.spec.template).unwrap(), "an allow-list or live-limit change must not roll the pods");
     assert_eq!(config_hash(&after), config_hash(&before));
     assert_eq!(running_pods().await, pods_before, "the same pods serve on");
 
     // Everything else that reaches the pods rolls them: a setting the proxy reads only at
-    // start (the idle timeout) through the config hash, labels and annotations directly.
+    // start (the dead-peer timeout) through the config hash, labels and annotations directly.
     let patch = json!({"spec": {
         "replicas": 3,
         "podLabels": {"team": "vdi"},
         "podAnnotations": {"example.com/owner": "console-team"},
         "service": {"type": "NodePort", "port": 4000},
-        "limits": {"idleTimeoutSeconds": 7200}
+        "limits": {"deadPeerTimeoutSeconds": 300}
     }});
     let updated = api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let generation = updated.metadata.generation.unwrap();
     assert_eq!(generation, 3);
 
     let d = wait_for(&deploys, "edge", T, |d| (d.spec.replicas == Some(3)).then(|| d.clone())).await;
-    assert_ne!(config_hash(&d), config_hash(&before), "a new idle timeout must roll the pods");
+    assert_ne!(config_hash(&d), config_hash(&before), "a new dead-peer timeout must roll the pods");
     let svc = Api::<Service>::namespaced(client.clone(), &ns.name);
     wait_for(&svc, "edge", T, |s| (s.spec.as_ref()?.ports.as_ref()?[0].port == 4000).then_some(())).await;
     // Ready says it serves; Progressing=False (Complete) that every replica runs the new template.

@@ -75,7 +75,7 @@ async fn start_edited(idle: i32, drain: i32, tls: Option<(String, String)>, edit
     edit(&mut cfg);
     // As the proxy binary does: the allow-list is read again from the file as it changes.
     std::fs::write(dir.path().join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
-    let server = ProxyServer::bind(cfg).await.unwrap().reloading_allow_list_from(dir.path().join("config.json"));
+    let server = ProxyServer::bind(cfg).await.unwrap().reloading_config_from(dir.path().join("config.json"));
     let (web, admin) = (server.html5_addr().unwrap(), server.admin_addr());
     let (stop, rx) = watch::channel(false);
     let done = tokio::spawn(server.run(rx));
@@ -688,7 +688,7 @@ async fn a_bridge_to_a_target_taken_off_the_allow_list_is_closed_with_1008() {
     replace("{\"half\": \"written".into());
     let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
     let deadline = Instant::now() + within;
-    while metric(b.admin, "spice_proxy_allow_list_reloads_total{outcome=\"refused\"}").await == 0 {
+    while metric(b.admin, "spice_proxy_config_reloads_total{outcome=\"refused\"}").await == 0 {
         assert!(Instant::now() < deadline, "the changed file was not read within {within:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

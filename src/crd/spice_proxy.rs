@@ -56,7 +56,12 @@ pub struct SpiceProxySpec {
     #[serde(default)]
     pub auth: AuthSpec,
 
-    /// Limits and timeouts of every proxy replica.
+    /// Limits and timeouts of every proxy replica. A change of maxTunnels,
+    /// maxTunnelsPerClient, idleTimeoutSeconds, halfClosedTimeoutSeconds,
+    /// connectTimeoutSeconds, maxAuthFailuresPerClient or authFailureWindowSeconds rolls no
+    /// pods: running replicas use it within about a minute, for the tunnels opened from then
+    /// on (open tunnels beyond a lowered limit stay open). A change of the others rolls the
+    /// pods.
     #[serde(default)]
     pub limits: ProxyLimits,
 
@@ -367,7 +372,7 @@ pub struct AuthSpec {
 }
 
 /// Limits and timeouts; every one has a default that is safe for SPICE.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyLimits {
     /// Concurrent tunnels per replica.
@@ -560,6 +565,27 @@ impl ProxyLimits {
     /// Never longer than the idle timeout, which applies to every tunnel.
     pub fn half_closed_timeout(&self) -> Duration {
         seconds_at_least(self.half_closed_timeout_seconds, 1).min(self.idle_timeout())
+    }
+}
+
+impl ProxyLimits {
+    /// These limits with the ones a running proxy takes from a changed configuration file
+    /// replaced by `changed`'s: the tunnel limits, the idle, half-closed and connect timeouts
+    /// and the authentication throttle. The others are read at start: the dead-peer and
+    /// handshake timeouts are set on the listening sockets, the drain and shutdown delay make
+    /// the pod's grace period. Listed here, so a new limit is read at start until it is
+    /// listed.
+    pub fn with_live_settings_of(self, changed: &ProxyLimits) -> ProxyLimits {
+        ProxyLimits {
+            max_tunnels: changed.max_tunnels,
+            max_tunnels_per_client: changed.max_tunnels_per_client,
+            idle_timeout_seconds: changed.idle_timeout_seconds,
+            half_closed_timeout_seconds: changed.half_closed_timeout_seconds,
+            connect_timeout_seconds: changed.connect_timeout_seconds,
+            max_auth_failures_per_client: changed.max_auth_failures_per_client,
+            auth_failure_window_seconds: changed.auth_failure_window_seconds,
+            ..self
+        }
     }
 }
 

@@ -91,6 +91,15 @@ fn default_html5_dir() -> String {
     HTML5_DIR.into()
 }
 
+impl ProxyConfig {
+    /// This configuration without what a running replica takes from a changed file (the
+    /// allow-list and the live limits, blanked to their defaults): a change to what is left
+    /// needs a restart, which the operator rolls the pods for.
+    pub fn read_at_start(&self) -> ProxyConfig {
+        ProxyConfig { allowed_targets: Vec::new(), limits: self.limits.with_live_settings_of(&ProxyLimits::default()), ..self.clone() }
+    }
+}
+
 /// One allow-list entry: CIDR and inclusive port ranges.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

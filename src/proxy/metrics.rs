@@ -75,8 +75,9 @@ pub struct ProxyMetrics {
     pub html5_connections_refused: Counter,
     /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
     pub admin_connections_refused: Counter,
-    /// Changed configuration files read while running: allow-lists applied or refused.
-    pub allow_list_reloads: Family<Outcome, Counter>,
+    /// Changed configuration files read while running: applied (their allow-list or live
+    /// limits) or refused.
+    pub config_reloads: Family<Outcome, Counter>,
     /// Rules in the allow-list in use.
     pub allow_list_rules: Gauge,
 }
@@ -121,15 +122,15 @@ impl Default for ProxyMetrics {
             html5_connections_refused.clone(),
         );
         let admin_connections_refused = crate::admin::register_refused(&mut registry);
-        let allow_list_reloads = Family::<Outcome, Counter>::default();
+        let config_reloads = Family::<Outcome, Counter>::default();
         // Both series from the start, so an alert on refusals has a zero to compare with.
         for outcome in ["applied", "refused"] {
-            let _ = allow_list_reloads.get_or_create(&Outcome { outcome });
+            let _ = config_reloads.get_or_create(&Outcome { outcome });
         }
         registry.register(
-            "allow_list_reloads",
-            "Changed allow-lists read from the configuration file while running, by outcome: applied, or refused (the file could not be used; the allow-list in use stays)",
-            allow_list_reloads.clone(),
+            "config_reloads",
+            "Changed configuration files read while running, by outcome: applied (a new allow-list or new live limits in use), or refused (the file could not be used; what is in use stays)",
+            config_reloads.clone(),
         );
         let allow_list_rules = Gauge::default();
         registry.register("allow_list_rules", "Rules in the allow-list in use", allow_list_rules.clone());
@@ -150,7 +151,7 @@ impl Default for ProxyMetrics {
             hypervisor_ca_expiry,
             html5_connections_refused,
             admin_connections_refused,
-            allow_list_reloads,
+            config_reloads,
             allow_list_rules,
         }
     }

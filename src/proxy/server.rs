@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
@@ -24,7 +24,8 @@ use super::sockopt::Keepalive;
 use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
-use crate::crd::{AuthMode, ClientSocketSpec};
+use crate::crd::{AuthMode, ClientSocketSpec, ProxyLimits};
+use crate::listener::{ConnectionLimit, Places};
 use crate::http_answer::{Refusal, refuse, response};
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
@@ -58,36 +59,23 @@ fn read_credentials(cfg: &ProxyConfig) -> anyhow::Result<Credentials> {
     }
 }
 
-/// The places for open tunnels, CONNECT and browser bridges alike, and how many there are.
-pub(crate) struct TunnelPlaces {
-    places: Arc<Semaphore>,
-    limit: usize,
-}
-
-impl TunnelPlaces {
-    /// `limit`: `maxTunnels`, or fewer where the open-files limit leaves room for fewer.
-    pub(crate) fn new(limit: usize) -> Self {
-        Self { places: Arc::new(Semaphore::new(limit)), limit }
-    }
-
-    /// A place held until the permit drops, or None when all are taken.
-    pub(crate) fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.places.clone().try_acquire_owned().ok()
-    }
-
-    pub(crate) fn limit(&self) -> usize {
-        self.limit
-    }
-}
-
 pub struct Shared {
-    /// The configuration the replica started with (its allow-list as first read).
+    /// The configuration the replica started with (its allow-list and limits as first read).
     pub(crate) cfg: ProxyConfig,
     /// The allow-list in use: the configuration file's, read again as its ConfigMap changes.
     allow: RwLock<AllowList>,
+    /// The limits in use: `cfg.limits` with the live ones (`ProxyLimits::with_live_settings_of`)
+    /// as the configuration file last gave them.
+    limits: RwLock<ProxyLimits>,
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
-    pub(crate) tunnels: TunnelPlaces,
+    /// Open tunnels, CONNECT and browser bridges alike: `maxTunnels`, or fewer where the
+    /// open-files limit leaves room for fewer.
+    pub(crate) tunnels: Places,
+    /// Browser-port connections not (yet) bridges: as many as there are tunnel places.
+    pub(crate) html5_connections: ConnectionLimit,
+    /// Worker threads, for the descriptors a new tunnel limit needs.
+    workers: usize,
     per_client: Mutex<HashMap<IpAddr, u32>>,
     /// Failed authentications per client (the same keys as `per_client`).
     auth_failures: AuthThrottle,
@@ -145,6 +133,11 @@ struct Identity {
 }
 
 impl Shared {
+    /// The limits in use (see `limits`).
+    pub(crate) fn limits(&self) -> ProxyLimits {
+        *self.limits.read().expect("limits lock")
+    }
+
     /// 429 while `client` is locked out after too many failed authentications.
     pub(crate) fn auth_lockout(&self, client: IpAddr) -> Option<Refusal> {
         let left = self.auth_failures.locked(client_key(client), Instant::now())?;
@@ -157,8 +150,9 @@ impl Shared {
         let key = client_key(client);
         if self.auth_failures.failed(key, Instant::now()) {
             self.metrics.auth_lockouts.inc();
-            let window = self.cfg.limits.auth_failure_window();
-            tracing::warn!(client = %key, ?window, "locked out after {} failed authentications", self.cfg.limits.max_auth_failures());
+            let limits = self.limits();
+            let window = limits.auth_failure_window();
+            tracing::warn!(client = %key, ?window, "locked out after {} failed authentications", limits.max_auth_failures());
         }
     }
 
@@ -203,7 +197,7 @@ impl Shared {
     pub(crate) async fn allowed_addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
         let resolved: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => match tokio::time::timeout(self.cfg.limits.connect_timeout(), tokio::net::lookup_host((host, port))).await {
+            Err(_) => match tokio::time::timeout(self.limits().connect_timeout(), tokio::net::lookup_host((host, port))).await {
                 Ok(Ok(addrs)) => addrs.collect(),
                 Ok(Err(e)) => return Err(refuse(502, format!("cannot resolve {host}: {e}"))),
                 Err(_) => return Err(refuse(504, format!("resolving {host} timed out"))),
@@ -232,7 +226,7 @@ impl Shared {
 
     pub(crate) async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
         let mut last = refuse(502, "no address to connect to");
-        let timeout = self.cfg.limits.connect_timeout();
+        let timeout = self.limits().connect_timeout();
         for addr in addrs {
             // Connect to exactly the address that was checked: no second lookup, no rebinding.
             match connect_within(*addr, timeout, self.keepalive).await {
@@ -347,7 +341,7 @@ impl<'a> ClientSlot<'a> {
         let key = client_key(ip);
         let mut map = shared.per_client.lock().expect("per-client lock");
         let n = map.entry(key).or_insert(0);
-        if *n >= shared.cfg.limits.per_client_tunnel_limit() {
+        if *n >= shared.limits().per_client_tunnel_limit() {
             return None;
         }
         *n += 1;
@@ -447,7 +441,7 @@ pub struct ProxyServer {
     admin: TcpListener,
     /// The browser path (page server + WebSocket bridge), when configured.
     html5: Option<TcpListener>,
-    /// The configuration file whose allow-list is read again as it changes.
+    /// The configuration file whose allow-list and live limits are read again as it changes.
     config_file: Option<PathBuf>,
 }
 
@@ -500,9 +494,13 @@ impl ProxyServer {
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         metrics.allow_list_rules.set(cfg.allowed_targets.len() as i64);
+        let html5_connections = ConnectionLimit::new(tunnel_limit, metrics.html5_connections_refused.clone());
         let shared = Arc::new(Shared {
             allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
-            tunnels: TunnelPlaces::new(tunnel_limit),
+            limits: RwLock::new(cfg.limits),
+            tunnels: Places::new(tunnel_limit),
+            html5_connections,
+            workers: listeners.len(),
             creds: RwLock::new(creds),
             metrics,
             per_client: Mutex::new(HashMap::new()),
@@ -515,8 +513,9 @@ impl ProxyServer {
         Ok(Self { shared, listeners, admin, html5, config_file: None })
     }
 
-    /// Reads the allow-list from `path` again as it changes (see `reload_allow_list`).
-    pub fn reloading_allow_list_from(mut self, path: impl Into<PathBuf>) -> Self {
+    /// Reads the allow-list and the live limits from `path` again as it changes (see
+    /// `reload_config`).
+    pub fn reloading_config_from(mut self, path: impl Into<PathBuf>) -> Self {
         self.config_file = Some(path.into());
         self
     }
@@ -558,7 +557,7 @@ impl ProxyServer {
         // True once the drain deadline passed; a new allow-list also notifies its receivers
         // (with the value unchanged), so every open tunnel checks its target again.
         let (cancel_tx, cancel_rx) = watch::channel(false);
-        let reload_allow = config_file.map(|path| tokio::spawn(reload_allow_list(shared.clone(), path, cancel_tx.clone())));
+        let reload_config = config_file.map(|path| tokio::spawn(reload_config(shared.clone(), path, cancel_tx.clone())));
         // Flips once the shutdown delay after the stop signal is over: then the listeners close.
         let (stop_accepting_tx, stop_accepting) = watch::channel(false);
         let tracker = Tracker::new();
@@ -580,7 +579,7 @@ impl ProxyServer {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
             workers.push(std::thread::Builder::new().name(format!("connect-{i}")).spawn(move || {
                 runtime.block_on(async move {
-                    tokio::spawn(keep_a_timer_armed(sentinel_period(&shared.cfg.limits)));
+                    tokio::spawn(keep_a_timer_armed(shared.clone()));
                     match TcpListener::from_std(listener) {
                         Ok(l) => accept_loop(shared, l, tracker, cancel, stop).await,
                         Err(e) => tracing::error!(error = %e, "cannot register a listener"),
@@ -591,13 +590,13 @@ impl ProxyServer {
         }
         let _ = shutdown.wait_for(|s| *s).await;
         let _ = ready_tx.send(false);
-        crate::listener::sleep_shutdown_delay(shared.cfg.limits.shutdown_delay(), "still accepting").await;
+        crate::listener::sleep_shutdown_delay(shared.limits().shutdown_delay(), "still accepting").await;
         let _ = stop_accepting_tx.send(true);
         if let Some(t) = html5_task {
             // Stops accepting at once (the bridges already open are tracked below).
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        let deadline = shared.cfg.limits.drain();
+        let deadline = shared.limits().drain();
         tracker.close(); // `wait` resolves once the tracker is closed and empty
         tracing::info!(open = tracker.len(), ?deadline, "draining");
         if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
@@ -609,7 +608,7 @@ impl ProxyServer {
         let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
         admin_task.abort();
         reload.abort();
-        reload_allow.into_iter().for_each(|r| r.abort());
+        reload_config.into_iter().for_each(|r| r.abort());
         reload_cert.into_iter().chain(reload_hypervisor_ca).for_each(|r| r.abort());
         Ok(())
     }
@@ -656,10 +655,10 @@ fn sentinel_period(limits: &crate::crd::ProxyLimits) -> Duration {
 /// wakes its own driver (an eventfd write, then one more return from epoll_wait) whenever a
 /// timer is armed that falls due before every other: on a worker whose only timers are its
 /// tunnels' idle timers, that was each new tunnel's and each half-closed one's, two per
-/// tunnel. It costs a wake-up every `period`.
-async fn keep_a_timer_armed(period: Duration) {
+/// tunnel. It costs a wake-up every period, which follows the limits in use.
+async fn keep_a_timer_armed(shared: Arc<Shared>) {
     loop {
-        tokio::time::sleep(period).await;
+        tokio::time::sleep(sentinel_period(&shared.limits())).await;
     }
 }
 
@@ -717,48 +716,99 @@ pub(crate) async fn drained_or_revoked(cancel: &mut watch::Receiver<bool>, share
 }
 
 /// The kubelet updates a ConfigMap volume in place (within about a minute): a changed
-/// allow-list applies to the next tunnels without a restart, since a rollout would end every
-/// open console, and open tunnels to targets it no longer lists are closed. The other settings
-/// apply when the pod restarts (the operator rolls the pods for them), so a file that changes
-/// them only says so. A file that cannot be used changes nothing.
-async fn reload_allow_list(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<bool>) {
+/// allow-list and changed live limits (`ProxyLimits::with_live_settings_of`) apply to the next
+/// tunnels without a restart, since a rollout would end every open console. Open tunnels to
+/// targets the new list does not name are closed; open tunnels beyond a lowered limit stay.
+/// The other settings apply when the pod restarts (the operator rolls the pods for them), so a
+/// file that changes them only says so. A file that cannot be used changes nothing.
+async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<bool>) {
     let read = || std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()));
-    // The first read is compared with the list in use, so a change between the start and the
+    // The first read is compared with what is in use, so a change between the start and the
     // first read is not missed.
     let apply = |text: &Vec<u8>| {
-        let (targets, restart_needed) = changed_allow_list(text, &shared.cfg).inspect_err(|_| {
-            shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "refused" }).inc();
+        let new = changed_config(text, &shared.cfg).inspect_err(|_| {
+            shared.metrics.config_reloads.get_or_create(&Outcome { outcome: "refused" }).inc();
         })?;
-        if restart_needed {
-            tracing::info!("settings other than allowedTargets changed: they apply when this pod restarts");
+        if new.restart_needed {
+            tracing::info!("settings that are read at start changed: they apply when this pod restarts");
         }
-        let rules = targets.len();
-        let new = AllowList::new(targets);
-        {
-            let mut allow = shared.allow.write().expect("allow-list lock");
-            if *allow == new {
-                return Ok(());
-            }
-            *allow = new;
+        let allow_list_changed = shared.use_allow_list(new.allowed_targets);
+        let limits_changed = shared.use_limits(new.limits);
+        if allow_list_changed || limits_changed {
+            shared.metrics.config_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
         }
-        shared.metrics.allow_list_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
-        shared.metrics.allow_list_rules.set(rules as i64);
-        tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
-        nudge.send_modify(|_| {});
+        if allow_list_changed {
+            nudge.send_modify(|_| {});
+        }
         Ok(())
     };
-    crate::mounted::follow("allow-list", read, apply).await
+    crate::mounted::follow("configuration file", read, apply).await
 }
 
-/// The allow-list of a changed configuration file, and whether it changes anything else
-/// (which needs a restart). Never an empty list: that would refuse every console.
-fn changed_allow_list(text: &[u8], running: &ProxyConfig) -> anyhow::Result<(Vec<super::config::AllowedTarget>, bool)> {
-    let mut new: ProxyConfig = serde_json::from_slice(text).map_err(|e| anyhow::anyhow!("invalid proxy configuration: {e}"))?;
+/// What a running replica takes from a changed configuration file.
+struct Changed {
+    allowed_targets: Vec<super::config::AllowedTarget>,
+    /// The limits in use, with the file's live ones.
+    limits: ProxyLimits,
+    /// Whether the file also changes settings read at start.
+    restart_needed: bool,
+}
+
+/// What of a changed configuration file applies at once, and whether it changes anything
+/// else (which needs a restart). Never an empty allow-list: that would refuse every console.
+fn changed_config(text: &[u8], running: &ProxyConfig) -> anyhow::Result<Changed> {
+    let new: ProxyConfig = serde_json::from_slice(text).map_err(|e| anyhow::anyhow!("invalid proxy configuration: {e}"))?;
     if new.allowed_targets.is_empty() {
         anyhow::bail!("allowedTargets is empty");
     }
-    let targets = std::mem::replace(&mut new.allowed_targets, running.allowed_targets.clone());
-    Ok((targets, new != *running))
+    let restart_needed = new.read_at_start() != running.read_at_start();
+    Ok(Changed { limits: running.limits.with_live_settings_of(&new.limits), allowed_targets: new.allowed_targets, restart_needed })
+}
+
+impl Shared {
+    /// Puts `targets` to use for the next tunnels; false when they are the list in use.
+    fn use_allow_list(&self, targets: Vec<super::config::AllowedTarget>) -> bool {
+        let rules = targets.len();
+        let new = AllowList::new(targets);
+        {
+            let mut allow = self.allow.write().expect("allow-list lock");
+            if *allow == new {
+                return false;
+            }
+            *allow = new;
+        }
+        self.metrics.allow_list_rules.set(rules as i64);
+        tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
+        true
+    }
+
+    /// Puts `limits` to use for the next tunnels; false when they are the limits in use.
+    fn use_limits(&self, limits: ProxyLimits) -> bool {
+        {
+            let mut in_use = self.limits.write().expect("limits lock");
+            if *in_use == limits {
+                return false;
+            }
+            *in_use = limits;
+        }
+        // As at start: no more tunnels than the open-files limit leaves descriptors for.
+        let tunnel_limit = super::open_files::fit(limits.tunnel_limit(), self.workers, self.cfg.html5.is_some());
+        self.tunnels.set_limit(tunnel_limit);
+        self.html5_connections.set_limit(tunnel_limit);
+        self.metrics.tunnel_limit.set(tunnel_limit as i64);
+        self.auth_failures.set_limits(limits.max_auth_failures(), limits.auth_failure_window());
+        tracing::info!(
+            tunnel_limit,
+            per_client = limits.per_client_tunnel_limit(),
+            idle = ?limits.idle_timeout(),
+            half_closed = ?limits.half_closed_timeout(),
+            connect = ?limits.connect_timeout(),
+            auth_failures = limits.max_auth_failures(),
+            auth_failure_window = ?limits.auth_failure_window(),
+            "new limits in use for the next tunnels; open tunnels keep theirs"
+        );
+        true
+    }
 }
 
 /// Counts spawned tunnel tasks so a drain can wait for them. Its `spawn` wraps the future in
@@ -827,7 +877,7 @@ async fn serve_one(
         return Err((v10, refuse(503, AT_TUNNEL_LIMIT)));
     };
     // One deadline for the whole request: a PROXY protocol header, then the head.
-    let deadline = tokio::time::Instant::from_std(started) + shared.cfg.limits.handshake_timeout();
+    let deadline = tokio::time::Instant::from_std(started) + shared.limits().handshake_timeout();
     let (client_ip, early) = match &shared.cfg.proxy_protocol {
         None => (peer_ip, Vec::with_capacity(512)),
         Some(pp) => {
@@ -836,7 +886,7 @@ async fn serve_one(
             }
             // Boxed like the handshake below: its buffer must not stay in every tunnel's task.
             match tokio::time::timeout_at(deadline, Box::pin(read_proxy_header(client))).await {
-                Err(_) => return Err((v10, refuse(408, format!("PROXY protocol header not received within {:?}", shared.cfg.limits.handshake_timeout())))),
+                Err(_) => return Err((v10, refuse(408, format!("PROXY protocol header not received within {:?}", shared.limits().handshake_timeout())))),
                 Ok(Err(_) | Ok(None)) => return Ok(Close::NoRequest),
                 Ok(Ok(Some(Err(e)))) => return Err((v10, refuse(400, e.to_string()))),
                 Ok(Ok(Some(Ok((origin, rest))))) => match origin {
@@ -863,7 +913,7 @@ async fn serve_one(
     shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     shared.metrics.active.inc();
     let activity = Activity::default();
-    let limits = &shared.cfg.limits;
+    let limits = shared.limits();
     let timeouts = tunnel::Timeouts { idle: limits.idle_timeout(), half_closed: limits.half_closed_timeout() };
     let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, timeouts, &activity, drained_or_revoked(cancel, shared, audit.upstream)).await;
     shared.metrics.active.dec();
@@ -880,7 +930,7 @@ async fn serve_one(
 /// `None` when the client went away without a request.
 async fn handshake(shared: &Shared, client: &mut TcpStream, client_ip: IpAddr, audit: &mut Audit, early: Vec<u8>, deadline: tokio::time::Instant) -> Result<Option<TcpStream>, Refused> {
     let v10 = Version::Http10;
-    let head_timeout = shared.cfg.limits.handshake_timeout();
+    let head_timeout = shared.limits().handshake_timeout();
     let (head, leftover) = match tokio::time::timeout_at(deadline, read_head(client, early)).await {
         Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
         Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(None),
@@ -918,7 +968,7 @@ pub async fn run_from_file(path: &str) -> anyhow::Result<()> {
     if cfg.allowed_targets.is_empty() {
         anyhow::bail!("allowedTargets is empty: refusing to run an open proxy");
     }
-    let server = ProxyServer::bind(cfg).await?.reloading_allow_list_from(path);
+    let server = ProxyServer::bind(cfg).await?.reloading_config_from(path);
     tracing::info!(listen = %server.local_addr(), admin = %server.admin_addr(), "proxy serving");
     let (tx, rx) = watch::channel(false);
     // Open tunnels drain until the deadline, or until a second signal.
@@ -953,11 +1003,15 @@ mod tests {
         }))
         .unwrap();
         cfg.limits.max_tunnels_per_client = per_client;
+        let metrics = ProxyMetrics::default();
         Arc::new(Shared {
             allow: RwLock::new(AllowList::new(vec![])),
-            tunnels: TunnelPlaces::new(10),
+            limits: RwLock::new(cfg.limits),
+            tunnels: Places::new(10),
+            html5_connections: ConnectionLimit::new(10, metrics.html5_connections_refused.clone()),
+            workers: 1,
             creds: RwLock::new(Credentials::default()),
-            metrics: ProxyMetrics::default(),
+            metrics,
             per_client: Mutex::new(HashMap::new()),
             auth_failures: AuthThrottle::new(cfg.limits.max_auth_failures(), cfg.limits.auth_failure_window()),
             keepalive: Keepalive::within(cfg.limits.dead_peer_timeout()),
@@ -968,7 +1022,7 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_file_gives_its_allow_list_and_says_whether_a_restart_is_needed() {
+    fn a_changed_file_gives_its_allow_list_and_live_limits_and_says_whether_a_restart_is_needed() {
         let running: ProxyConfig = serde_json::from_value(serde_json::json!({
             "listen": "0.0.0.0:3128", "adminListen": "0.0.0.0:9090", "authMode": "Ticket", "limits": {},
             "allowedTargets": [{"cidr": "10.0.0.0/24", "ports": [[5900, 5999]]}],
@@ -979,16 +1033,37 @@ mod tests {
             edit(&mut v);
             serde_json::to_vec(&v).unwrap()
         };
-        let wider = file(&|v| v["allowedTargets"].as_array_mut().unwrap().push(serde_json::json!({"cidr": "10.1.0.0/24", "ports": [[5900, 5900]]})));
-        let (targets, restart) = changed_allow_list(&wider, &running).unwrap();
-        assert_eq!(targets.len(), 2);
-        assert!(!restart, "only the allow-list changed");
-        let (targets, restart) = changed_allow_list(&file(&|v| v["limits"]["idleTimeoutSeconds"] = 7200.into()), &running).unwrap();
-        assert_eq!(targets, running.allowed_targets);
-        assert!(restart, "the idle timeout is read at start only");
-        let empty = changed_allow_list(&file(&|v| v["allowedTargets"] = serde_json::json!([])), &running).unwrap_err();
+        let wider = changed_config(&file(&|v| v["allowedTargets"].as_array_mut().unwrap().push(serde_json::json!({"cidr": "10.1.0.0/24", "ports": [[5900, 5900]]}))), &running).unwrap();
+        assert_eq!(wider.allowed_targets.len(), 2);
+        assert_eq!(wider.limits, running.limits);
+        assert!(!wider.restart_needed, "only the allow-list changed");
+        // Every live limit at once: all of them apply, none needs a restart.
+        let live = [
+            ("maxTunnels", 5),
+            ("maxTunnelsPerClient", 2),
+            ("idleTimeoutSeconds", 7200),
+            ("halfClosedTimeoutSeconds", 30),
+            ("connectTimeoutSeconds", 3),
+            ("maxAuthFailuresPerClient", 0),
+            ("authFailureWindowSeconds", 60),
+        ];
+        let raised = changed_config(&file(&|v| live.iter().for_each(|(k, n)| v["limits"][k] = (*n).into())), &running).unwrap();
+        assert!(!raised.restart_needed, "live limits only");
+        assert_eq!(raised.allowed_targets, running.allowed_targets);
+        let l = raised.limits;
+        let got = [l.max_tunnels, l.max_tunnels_per_client, l.idle_timeout_seconds, l.half_closed_timeout_seconds, l.connect_timeout_seconds, l.max_auth_failures_per_client, l.auth_failure_window_seconds];
+        assert_eq!(got.to_vec(), live.iter().map(|(_, n)| *n).collect::<Vec<_>>());
+        // Each limit read at start: a restart, and the limit in use stays as it was.
+        for key in ["deadPeerTimeoutSeconds", "handshakeTimeoutSeconds", "drainSeconds", "shutdownDelaySeconds"] {
+            let c = changed_config(&file(&|v| v["limits"][key] = 42.into()), &running).unwrap();
+            assert!(c.restart_needed, "{key} is read at start");
+            assert_eq!(c.limits, running.limits, "{key} must not change the limits in use");
+        }
+        let other = changed_config(&file(&|v| v["authMode"] = "Basic".into()), &running).unwrap();
+        assert!(other.restart_needed, "the auth mode is read at start");
+        let empty = changed_config(&file(&|v| v["allowedTargets"] = serde_json::json!([])), &running).err().unwrap();
         assert_eq!(empty.to_string(), "allowedTargets is empty");
-        let garbled = changed_allow_list(b"{\"listen\": ", &running).unwrap_err();
+        let garbled = changed_config(b"{\"listen\": ", &running).err().unwrap();
         assert!(garbled.to_string().starts_with("invalid proxy configuration: "), "{garbled}");
     }
 

@@ -78,12 +78,12 @@ pub async fn serve(
     let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme });
     let app = axum::Router::new().fallback(handle).with_state(bridge.clone());
     // A page request or WebSocket handshake within the same time as a CONNECT request head.
-    let head_timeout = bridge.shared.cfg.limits.handshake_timeout();
+    let head_timeout = bridge.shared.limits().handshake_timeout();
     let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
     let local = PeerAddr { client: listener.local_addr()?, via: None };
     // Page requests and WebSocket handshakes at once: as many as there are tunnel places (the
     // open-files limit counts a descriptor for each); a bridge, once upgraded, is a tunnel instead.
-    let limit = listener::ConnectionLimit::new(bridge.shared.tunnels.limit(), bridge.shared.metrics.html5_connections_refused.clone());
+    let limit = bridge.shared.html5_connections.clone();
     match (&html5.tls, proxy_protocol) {
         (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
@@ -122,7 +122,7 @@ where
     H: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = std::io::Result<Io>> + Send + 'static,
 {
-    let limit = shared.cfg.limits.handshake_timeout();
+    let limit = shared.limits().handshake_timeout();
     let handshake = Arc::new(handshake);
     move |mut stream, peer| {
         let (shared, pp, handshake) = (shared.clone(), proxy_protocol.clone(), handshake.clone());
@@ -272,7 +272,7 @@ async fn handle(
                 Err(_) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("{} is not a name TLS can check", claims.host)),
             };
             // A tls-port that accepts and never answers holds a tunnel slot only this long.
-            let limit = bridge.shared.cfg.limits.connect_timeout();
+            let limit = bridge.shared.limits().connect_timeout();
             match tokio::time::timeout(limit, connector.connect(name, upstream)).await {
                 Ok(Ok(tls)) => Upstream::Tls(Box::new(tls)),
                 Ok(Err(e)) => return log_refusal(&bridge.shared, audit, started, StatusCode::BAD_GATEWAY, format!("TLS to the hypervisor failed: {e}")),
@@ -512,7 +512,7 @@ type BrowserSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
-    let idle = shared.cfg.limits.idle_timeout();
+    let idle = shared.limits().idle_timeout();
     let (mut up_r, mut up_w): (UpReader, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) = match upstream {
         Upstream::Plain(s) => {
             let (r, w) = s.into_split();

@@ -241,7 +241,7 @@ pub fn proxy_config(spec: &SpiceProxySpec) -> ProxyConfig {
         auth_mode: spec.auth.mode,
         keys_dir: Some(pc::KEYS_DIR.into()),
         basic_dir: spec.auth.credentials_secret.as_ref().map(|_| pc::BASIC_DIR.into()),
-        limits: spec.limits.clone(),
+        limits: spec.limits,
         client_socket: spec.client_socket.clone(),
         data_path: Default::default(),
         html5: spec.html5.as_ref().map(|h| pc::Html5Config {
@@ -274,11 +274,12 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
 
     let config = proxy_config(spec);
     let config_json = serde_json::to_string_pretty(&config)?;
-    // The pods roll when the configuration changes, except for the allow-list: running
-    // replicas read it again from the mounted ConfigMap, and a rollout would end every open
-    // console (after the drain deadline) just to add a hypervisor network.
-    let restart_config = ProxyConfig { allowed_targets: Vec::new(), ..config };
-    let config_hash = format!("{:x}", Sha256::digest(serde_json::to_vec(&restart_config)?));
+    // The pods roll when the configuration changes, except for the allow-list and the live
+    // limits: running replicas read them again from the mounted ConfigMap, and a rollout would
+    // end every open console (after the drain deadline) just to add a hypervisor network or
+    // raise a limit. (Live limits are blanked to their defaults, so a spec with default limits
+    // keeps the hash it had before they were live: upgrading the operator rolls no pods.)
+    let config_hash = format!("{:x}", Sha256::digest(serde_json::to_vec(&config.read_at_start())?));
     let config_map = ConfigMap {
         metadata: meta(config_map_name(&name)),
         data: Some(BTreeMap::from([(pc::CONFIG_FILE.to_string(), config_json)])),

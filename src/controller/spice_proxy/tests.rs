@@ -1,5 +1,6 @@
 use super::*;
-use crate::crd::{ExternalAddress, PortRange, TargetRule};
+use crate::crd::{ExternalAddress, PortRange, ProxyLimits, TargetRule};
+use crate::proxy::config::ProxyConfig;
 use k8s_openapi::api::apps::v1::DeploymentStatus;
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
@@ -60,7 +61,7 @@ fn build_makes_a_hardened_owned_deployment_and_service() {
 }
 
 #[test]
-fn a_config_change_rolls_the_pods_unless_only_the_allow_list_changed() {
+fn a_config_change_rolls_the_pods_unless_only_the_allow_list_or_live_limits_changed() {
     let a = spx(BASIC);
     let hash = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.metadata.unwrap().annotations.unwrap()[labels::CONFIG_HASH].clone();
     let config = |s: &SpiceProxy| build(s, "i").unwrap().config_map.data.unwrap()["config.json"].clone();
@@ -71,10 +72,34 @@ fn a_config_change_rolls_the_pods_unless_only_the_allow_list_changed() {
     wider.spec.allowed_targets.push(TargetRule { cidr: "10.9.0.0/24".into(), ports: vec![PortRange { from: 5900, to: None }] });
     assert_ne!(config(&a), config(&wider));
     assert_eq!(hash(&a), hash(&wider), "an allow-list change must not roll the pods");
+    // The same for each limit the replicas read again.
+    let live: [fn(&mut ProxyLimits); 7] = [
+        |l| l.max_tunnels += 1,
+        |l| l.max_tunnels_per_client += 1,
+        |l| l.idle_timeout_seconds += 60,
+        |l| l.half_closed_timeout_seconds += 1,
+        |l| l.connect_timeout_seconds += 1,
+        |l| l.max_auth_failures_per_client += 1,
+        |l| l.auth_failure_window_seconds += 1,
+    ];
+    for (i, change) in live.iter().enumerate() {
+        let mut raised = a.clone();
+        change(&mut raised.spec.limits);
+        assert_ne!(config(&a), config(&raised), "live limit {i} reaches the ConfigMap");
+        assert_eq!(hash(&a), hash(&raised), "live limit {i} must not roll the pods");
+    }
     // Anything else the replicas read only at start rolls them.
-    let mut longer = a.clone();
-    longer.spec.limits.idle_timeout_seconds += 60;
-    assert_ne!(hash(&a), hash(&longer));
+    let read_at_start: [fn(&mut ProxyLimits); 4] = [|l| l.dead_peer_timeout_seconds += 1, |l| l.handshake_timeout_seconds += 1, |l| l.drain_seconds += 1, |l| l.shutdown_delay_seconds += 1];
+    for (i, change) in read_at_start.iter().enumerate() {
+        let mut changed = a.clone();
+        change(&mut changed.spec.limits);
+        assert_ne!(hash(&a), hash(&changed), "limit {i} read at start must roll the pods");
+    }
+    // With default limits the hash is what it was before limits applied live (the
+    // configuration without its allow-list), so upgrading the operator rolls no pods.
+    let cfg = proxy_config(&a.spec);
+    let before = format!("{:x}", sha2::Sha256::digest(serde_json::to_vec(&ProxyConfig { allowed_targets: Vec::new(), ..cfg }).unwrap()));
+    assert_eq!(hash(&a), before);
 }
 
 #[test]
