@@ -138,6 +138,13 @@ impl Shared {
         *self.limits.read().expect("limits lock")
     }
 
+    /// The timeouts of a tunnel opened now, which it keeps. (Only they, not the whole limits,
+    /// so the tunnel's task does not carry a copy of the limits while it runs.)
+    fn tunnel_timeouts(&self) -> tunnel::Timeouts {
+        let limits = self.limits();
+        tunnel::Timeouts { idle: limits.idle_timeout(), half_closed: limits.half_closed_timeout() }
+    }
+
     /// 429 while `client` is locked out after too many failed authentications.
     pub(crate) fn auth_lockout(&self, client: IpAddr) -> Option<Refusal> {
         let left = self.auth_failures.locked(client_key(client), Instant::now())?;
@@ -913,9 +920,7 @@ async fn serve_one(
     shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     shared.metrics.active.inc();
     let activity = Activity::default();
-    let limits = shared.limits();
-    let timeouts = tunnel::Timeouts { idle: limits.idle_timeout(), half_closed: limits.half_closed_timeout() };
-    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, timeouts, &activity, drained_or_revoked(cancel, shared, audit.upstream)).await;
+    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, shared.tunnel_timeouts(), &activity, drained_or_revoked(cancel, shared, audit.upstream)).await;
     shared.metrics.active.dec();
     let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
     shared.metrics.bytes_up.inc_by(up);
