@@ -672,6 +672,47 @@ async fn metric(admin: SocketAddr, series: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no {series} in {text}"))
 }
 
+/// Adding an engine portal's origin must not end every open console with a rollout: the
+/// allowed origins apply to the next handshakes, and open bridges go on whatever the list.
+#[tokio::test]
+async fn a_changed_list_of_origins_applies_to_the_next_consoles_without_a_restart() {
+    let b = start(600, 30).await;
+    let (up, _) = echo().await;
+    let console = format!("?token={}", token(up.port(), VALID, KEY));
+    let (portal, engine) = ("https://portal.example.com", "https://engine.example.com");
+    let mut ws = open(&b, &console, Some(portal)).await.unwrap();
+    let (code, body) = refused_with(open(&b, &console, Some(engine)).await);
+    assert_eq!(code, 403, "{body}");
+    // The engine's origin in, the portal's out.
+    let config = b.dir.path().join("config.json");
+    let mut cfg: ProxyConfig = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    cfg.html5.as_mut().unwrap().allowed_origins = vec![engine.into()];
+    std::fs::write(b.dir.path().join("config.json.new"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    std::fs::rename(b.dir.path().join("config.json.new"), &config).unwrap();
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
+    let _from_the_engine = loop {
+        match open(&b, &console, Some(engine)).await {
+            Ok(ws) => break ws,
+            Err(e) => {
+                let (code, body) = refused_with(Err(e));
+                assert!(code == 403 && Instant::now() < deadline, "the new origins were not in use within {within:?}: {code} {body}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let (code, body) = refused_with(open(&b, &console, Some(portal)).await);
+    assert!(code == 403 && body.contains("cross-origin"), "{code} {body}");
+    assert_eq!(metric(b.admin, "spice_proxy_config_reloads_total{outcome=\"applied\"}").await, 1);
+    // The console opened from the portal goes on.
+    ws.send(Message::binary(b"opened from an origin no longer listed".to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], b"opened from an origin no longer listed"),
+        other => panic!("{other:?}"),
+    }
+    let _ = b.stop.send(true);
+}
+
 /// A new allow-list without a bridge's hypervisor ends the bridge with Close 1008 (policy),
 /// as it ends a CONNECT tunnel; a file that cannot be parsed changes nothing.
 #[tokio::test]

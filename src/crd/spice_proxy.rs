@@ -248,7 +248,8 @@ pub struct Html5Spec {
     #[schemars(range(min = 1, max = 65535))]
     pub external_port: Option<i32>,
     /// Origins, besides the console page's own, whose pages may open the WebSocket
-    /// (e.g. an engine portal embedding the console). Anything else gets 403.
+    /// (e.g. an engine portal embedding the console). Anything else gets 403. A change rolls
+    /// no pods: running replicas use it within about a minute, for the next consoles opened.
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub allowed_origins: Vec<String>,

@@ -93,10 +93,21 @@ fn default_html5_dir() -> String {
 
 impl ProxyConfig {
     /// This configuration without what a running replica takes from a changed file (the
-    /// allow-list and the live limits, blanked to their defaults): a change to what is left
-    /// needs a restart, which the operator rolls the pods for.
+    /// allow-list, the live limits and the browser port's allowed origins, blanked to their
+    /// defaults): a change to what is left needs a restart, which the operator rolls the pods
+    /// for.
     pub fn read_at_start(&self) -> ProxyConfig {
-        ProxyConfig { allowed_targets: Vec::new(), limits: self.limits.with_live_settings_of(&ProxyLimits::default()), ..self.clone() }
+        ProxyConfig {
+            allowed_targets: Vec::new(),
+            limits: self.limits.with_live_settings_of(&ProxyLimits::default()),
+            html5: self.html5.clone().map(|h| Html5Config { allowed_origins: Vec::new(), ..h }),
+            ..self.clone()
+        }
+    }
+
+    /// The origins besides its own whose pages may open the browser port's WebSocket.
+    pub fn allowed_origins(&self) -> &[String] {
+        self.html5.as_ref().map_or(&[], |h| &h.allowed_origins)
     }
 }
 

@@ -67,6 +67,8 @@ pub struct Shared {
     /// The limits in use: `cfg.limits` with the live ones (`ProxyLimits::with_live_settings_of`)
     /// as the configuration file last gave them.
     limits: RwLock<ProxyLimits>,
+    /// The browser port's allowed origins in use, as the configuration file last gave them.
+    origins: RwLock<Vec<String>>,
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
     /// Open tunnels, CONNECT and browser bridges alike: `maxTunnels`, or fewer where the
@@ -505,6 +507,7 @@ impl ProxyServer {
         let shared = Arc::new(Shared {
             allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
             limits: RwLock::new(cfg.limits),
+            origins: RwLock::new(cfg.allowed_origins().to_vec()),
             tunnels: Places::new(tunnel_limit),
             html5_connections,
             workers: listeners.len(),
@@ -741,7 +744,8 @@ async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<
         }
         let allow_list_changed = shared.use_allow_list(new.allowed_targets);
         let limits_changed = shared.use_limits(new.limits);
-        if allow_list_changed || limits_changed {
+        let origins_changed = shared.use_origins(new.allowed_origins);
+        if allow_list_changed || limits_changed || origins_changed {
             shared.metrics.config_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
         }
         if allow_list_changed {
@@ -757,6 +761,7 @@ struct Changed {
     allowed_targets: Vec<super::config::AllowedTarget>,
     /// The limits in use, with the file's live ones.
     limits: ProxyLimits,
+    allowed_origins: Vec<String>,
     /// Whether the file also changes settings read at start.
     restart_needed: bool,
 }
@@ -769,7 +774,7 @@ fn changed_config(text: &[u8], running: &ProxyConfig) -> anyhow::Result<Changed>
         anyhow::bail!("allowedTargets is empty");
     }
     let restart_needed = new.read_at_start() != running.read_at_start();
-    Ok(Changed { limits: running.limits.with_live_settings_of(&new.limits), allowed_targets: new.allowed_targets, restart_needed })
+    Ok(Changed { limits: running.limits.with_live_settings_of(&new.limits), allowed_origins: new.allowed_origins().to_vec(), allowed_targets: new.allowed_targets, restart_needed })
 }
 
 impl Shared {
@@ -787,6 +792,22 @@ impl Shared {
         self.metrics.allow_list_rules.set(rules as i64);
         tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
         true
+    }
+
+    /// Puts `origins` to use for the next WebSocket handshakes; false when they are in use.
+    fn use_origins(&self, origins: Vec<String>) -> bool {
+        let mut in_use = self.origins.write().expect("origins lock");
+        if *in_use == origins {
+            return false;
+        }
+        tracing::info!(?origins, "new allowed origins in use for the browser port");
+        *in_use = origins;
+        true
+    }
+
+    /// Whether a WebSocket handshake's `Origin` may open a console (see `websocket::check_origin`).
+    pub(crate) fn check_origin(&self, headers: &axum::http::HeaderMap, scheme: &str) -> Result<(), String> {
+        super::websocket::check_origin(headers, scheme, &self.origins.read().expect("origins lock"))
     }
 
     /// Puts `limits` to use for the next tunnels; false when they are the limits in use.
@@ -1012,6 +1033,7 @@ mod tests {
         Arc::new(Shared {
             allow: RwLock::new(AllowList::new(vec![])),
             limits: RwLock::new(cfg.limits),
+            origins: RwLock::new(Vec::new()),
             tunnels: Places::new(10),
             html5_connections: ConnectionLimit::new(10, metrics.html5_connections_refused.clone()),
             workers: 1,
@@ -1027,7 +1049,7 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_file_gives_its_allow_list_and_live_limits_and_says_whether_a_restart_is_needed() {
+    fn a_changed_file_gives_its_allow_list_live_limits_and_origins_and_says_whether_a_restart_is_needed() {
         let running: ProxyConfig = serde_json::from_value(serde_json::json!({
             "listen": "0.0.0.0:3128", "adminListen": "0.0.0.0:9090", "authMode": "Ticket", "limits": {},
             "allowedTargets": [{"cidr": "10.0.0.0/24", "ports": [[5900, 5999]]}],
@@ -1064,6 +1086,15 @@ mod tests {
             assert!(c.restart_needed, "{key} is read at start");
             assert_eq!(c.limits, running.limits, "{key} must not change the limits in use");
         }
+        // The browser port's allowed origins apply at once too; the port itself is read at start.
+        let mut browser = running.clone();
+        browser.html5 = Some(serde_json::from_value(serde_json::json!({"listen": "0.0.0.0:6082", "allowedOrigins": ["https://a.example"]})).unwrap());
+        let mut more = serde_json::to_value(&browser).unwrap();
+        more["html5"]["allowedOrigins"] = serde_json::json!(["https://a.example", "https://b.example"]);
+        let c = changed_config(&serde_json::to_vec(&more).unwrap(), &browser).unwrap();
+        assert!(!c.restart_needed, "origins only");
+        assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
+        assert!(changed_config(&serde_json::to_vec(&browser).unwrap(), &running).unwrap().restart_needed, "a browser port added");
         let other = changed_config(&file(&|v| v["authMode"] = "Basic".into()), &running).unwrap();
         assert!(other.restart_needed, "the auth mode is read at start");
         let empty = changed_config(&file(&|v| v["allowedTargets"] = serde_json::json!([])), &running).err().unwrap();

@@ -59,7 +59,6 @@ struct Bridge {
     tracker: Tracker,
     cancel: tokio::sync::watch::Receiver<bool>,
     static_dir: PathBuf,
-    allowed_origins: Vec<String>,
     /// "https" when the browser side is TLS: the only scheme a same-origin page can have.
     scheme: &'static str,
 }
@@ -75,7 +74,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let html5 = shared.cfg.html5.clone().expect("serve is only called with html5 configured");
     let scheme = if html5.tls.is_some() { "https" } else { "http" };
-    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), allowed_origins: html5.allowed_origins, scheme });
+    let bridge = Arc::new(Bridge { shared, tracker, cancel, static_dir: html5.static_dir.into(), scheme });
     let app = axum::Router::new().fallback(handle).with_state(bridge.clone());
     // A page request or WebSocket handshake within the same time as a CONNECT request head.
     let head_timeout = bridge.shared.limits().handshake_timeout();
@@ -216,7 +215,7 @@ async fn handle(
     let started = Instant::now();
     let peer_ip = super::allow::canonical(peer.ip());
     let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), via, ..Default::default() };
-    if let Err(why) = check_origin(&headers, bridge.scheme, &bridge.allowed_origins) {
+    if let Err(why) = bridge.shared.check_origin(&headers, bridge.scheme) {
         return log_refusal(&bridge.shared, audit, started, StatusCode::FORBIDDEN, why);
     }
     let Some(token) = token(&uri, &headers) else {

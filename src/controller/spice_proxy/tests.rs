@@ -61,7 +61,7 @@ fn build_makes_a_hardened_owned_deployment_and_service() {
 }
 
 #[test]
-fn a_config_change_rolls_the_pods_unless_only_the_allow_list_or_live_limits_changed() {
+fn a_config_change_rolls_the_pods_unless_only_the_allow_list_live_limits_or_origins_changed() {
     let a = spx(BASIC);
     let hash = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.metadata.unwrap().annotations.unwrap()[labels::CONFIG_HASH].clone();
     let config = |s: &SpiceProxy| build(s, "i").unwrap().config_map.data.unwrap()["config.json"].clone();
@@ -88,6 +88,13 @@ fn a_config_change_rolls_the_pods_unless_only_the_allow_list_or_live_limits_chan
         assert_ne!(config(&a), config(&raised), "live limit {i} reaches the ConfigMap");
         assert_eq!(hash(&a), hash(&raised), "live limit {i} must not roll the pods");
     }
+    // And for the browser port's allowed origins; turning the browser port on rolls them.
+    let portal = spx(&format!("{BASIC}  html5: {{allowedOrigins: [\"https://portal.example.com\"]}}\n"));
+    let mut two_portals = portal.clone();
+    two_portals.spec.html5.as_mut().unwrap().allowed_origins.push("https://engine.example.com".into());
+    assert_ne!(config(&portal), config(&two_portals));
+    assert_eq!(hash(&portal), hash(&two_portals), "an allowed origin must not roll the pods");
+    assert_ne!(hash(&a), hash(&portal), "the browser port is read at start");
     // Anything else the replicas read only at start rolls them.
     let read_at_start: [fn(&mut ProxyLimits); 4] = [|l| l.dead_peer_timeout_seconds += 1, |l| l.handshake_timeout_seconds += 1, |l| l.drain_seconds += 1, |l| l.shutdown_delay_seconds += 1];
     for (i, change) in read_at_start.iter().enumerate() {
