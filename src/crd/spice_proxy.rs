@@ -567,9 +567,7 @@ impl ProxyLimits {
     pub fn half_closed_timeout(&self) -> Duration {
         seconds_at_least(self.half_closed_timeout_seconds, 1).min(self.idle_timeout())
     }
-}
 
-impl ProxyLimits {
     /// These limits with the ones a running proxy takes from a changed configuration file
     /// replaced by `changed`'s: the tunnel limits, the idle, half-closed and connect timeouts
     /// and the authentication throttle. The others are read at start: the dead-peer and

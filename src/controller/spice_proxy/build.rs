@@ -274,11 +274,12 @@ pub fn build(spx: &SpiceProxy, image: &str) -> Result<Children> {
 
     let config = proxy_config(spec);
     let config_json = serde_json::to_string_pretty(&config)?;
-    // The pods roll when the configuration changes, except for the allow-list and the live
-    // limits: running replicas read them again from the mounted ConfigMap, and a rollout would
-    // end every open console (after the drain deadline) just to add a hypervisor network or
-    // raise a limit. (Live limits are blanked to their defaults, so a spec with default limits
-    // keeps the hash it had before they were live: upgrading the operator rolls no pods.)
+    // The pods roll when the configuration changes, except for the allow-list, the live
+    // limits and the allowed origins: running replicas read them again from the mounted
+    // ConfigMap, and a rollout would end every open console (after the drain deadline) just to
+    // add a hypervisor network, raise a limit or list a portal. (They are blanked to their
+    // defaults, so a spec that leaves them so keeps the hash it had before they were live:
+    // upgrading the operator rolls no pods.)
     let config_hash = format!("{:x}", Sha256::digest(serde_json::to_vec(&config.read_at_start())?));
     let config_map = ConfigMap {
         metadata: meta(config_map_name(&name)),
