@@ -34,6 +34,19 @@ struct Bridge {
     dir: tempfile::TempDir,
 }
 
+impl Bridge {
+    /// The configuration file the proxy reads again as it changes.
+    fn config(&self) -> ProxyConfig {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("config.json")).unwrap()).unwrap()
+    }
+
+    /// Replaces that file in one step (a rename), as the kubelet swaps a ConfigMap volume's files.
+    fn replace_config(&self, text: &str) {
+        std::fs::write(self.dir.path().join("config.json.new"), text).unwrap();
+        std::fs::rename(self.dir.path().join("config.json.new"), self.dir.path().join("config.json")).unwrap();
+    }
+}
+
 async fn start(idle: i32, drain: i32) -> Bridge {
     start_with(idle, drain, None).await
 }
@@ -684,11 +697,9 @@ async fn a_changed_list_of_origins_applies_to_the_next_consoles_without_a_restar
     let (code, body) = refused_with(open(&b, &console, Some(engine)).await);
     assert_eq!(code, 403, "{body}");
     // The engine's origin in, the portal's out.
-    let config = b.dir.path().join("config.json");
-    let mut cfg: ProxyConfig = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let mut cfg = b.config();
     cfg.html5.as_mut().unwrap().allowed_origins = vec![engine.into()];
-    std::fs::write(b.dir.path().join("config.json.new"), serde_json::to_string(&cfg).unwrap()).unwrap();
-    std::fs::rename(b.dir.path().join("config.json.new"), &config).unwrap();
+    b.replace_config(&serde_json::to_string(&cfg).unwrap());
     let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
     let deadline = Instant::now() + within;
     let _from_the_engine = loop {
@@ -720,13 +731,8 @@ async fn a_bridge_to_a_target_taken_off_the_allow_list_is_closed_with_1008() {
     let b = start(600, 30).await;
     let (up, _) = echo().await;
     let mut ws = open(&b, &format!("?token={}", token(up.port(), VALID, KEY)), None).await.unwrap();
-    let config = b.dir.path().join("config.json");
-    let mut cfg: ProxyConfig = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    let replace = |text: String| {
-        std::fs::write(b.dir.path().join("config.json.new"), text).unwrap();
-        std::fs::rename(b.dir.path().join("config.json.new"), &config).unwrap();
-    };
-    replace("{\"half\": \"written".into());
+    let mut cfg = b.config();
+    b.replace_config("{\"half\": \"written");
     let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
     let deadline = Instant::now() + within;
     while metric(b.admin, "spice_proxy_config_reloads_total{outcome=\"refused\"}").await == 0 {
@@ -739,7 +745,7 @@ async fn a_bridge_to_a_target_taken_off_the_allow_list_is_closed_with_1008() {
         other => panic!("{other:?}"),
     }
     cfg.allowed_targets = vec![AllowedTarget { cidr: "127.0.0.1/32".parse().unwrap(), ports: vec![(up.port() + 1, up.port() + 1)] }];
-    replace(serde_json::to_string(&cfg).unwrap());
+    b.replace_config(&serde_json::to_string(&cfg).unwrap());
     let mut close = None;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(within, ws.next()).await {
         if let Message::Close(f) = m {

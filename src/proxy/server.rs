@@ -956,9 +956,8 @@ async fn serve_one(
 /// `None` when the client went away without a request.
 async fn handshake(shared: &Shared, client: &mut TcpStream, client_ip: IpAddr, audit: &mut Audit, early: Vec<u8>, deadline: tokio::time::Instant) -> Result<Option<TcpStream>, Refused> {
     let v10 = Version::Http10;
-    let head_timeout = shared.limits().handshake_timeout();
     let (head, leftover) = match tokio::time::timeout_at(deadline, read_head(client, early)).await {
-        Err(_) => return Err((v10, refuse(408, format!("request head not received within {head_timeout:?}")))),
+        Err(_) => return Err((v10, refuse(408, format!("request head not received within {:?}", shared.limits().handshake_timeout())))),
         Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(None),
         Ok(Ok(HeadRead::TooLarge)) => return Err((v10, refuse(400, format!("request head larger than {MAX_HEAD} bytes")))),
         Ok(Ok(HeadRead::Head(h, rest))) => (h, rest),
