@@ -1476,6 +1476,20 @@ async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_allow_list_rules"), 2);
 }
 
+/// A tunnel through `proxy` once it is no longer refused 503, trying until `within`.
+async fn opened_within(proxy: SocketAddr, head: &[u8], within: Duration, what: &str) -> TcpStream {
+    let deadline = Instant::now() + within;
+    loop {
+        let (mut s, status, _) = request(proxy, head).await;
+        if status == 200 {
+            return s;
+        }
+        let why = body(&mut s).await;
+        assert!(status == 503 && Instant::now() < deadline, "{what}: not opened within {within:?}: {status} {why}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Raising a full proxy's limits must not end every open console, so the live limits apply
 /// without a restart as the allow-list does: to the tunnels opened from then on. A lowered
 /// limit turns new tunnels away until enough have closed, and ends none; open tunnels keep the
@@ -1483,7 +1497,11 @@ async fn a_changed_allow_list_applies_without_a_restart_and_closes_tunnels_it_no
 #[tokio::test]
 async fn changed_limits_apply_to_the_next_tunnels_without_a_restart_and_end_no_open_one() {
     let up = echo_server().await;
-    let (p, mut cfg) = VolumeProxy::start(|cfg| cfg.limits.max_tunnels = 1);
+    let (p, mut cfg) = VolumeProxy::start(|cfg| {
+        cfg.limits.max_tunnels = 1;
+        // The listener defers a connection without a request this long (TCP_DEFER_ACCEPT).
+        cfg.limits.handshake_timeout_seconds = 2;
+    });
     let publish = |cfg: &ProxyConfig, version: u32| p.publish(cfg, version);
     let (addr, admin, audit) = (p.addr, p.admin, &p.audit);
     let head_text = spice_gtk_head(&up.to_string(), "");
@@ -1496,8 +1514,9 @@ async fn changed_limits_apply_to_the_next_tunnels_without_a_restart_and_end_no_o
     };
     let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
 
-    let (mut a, status, _) = open().await;
-    assert_eq!(status, 200);
+    // The start's readiness probe (a connection without a request) holds the one place until
+    // the proxy has taken it in, up to the listener's deferral, and read its end.
+    let mut a = opened_within(addr, head, Duration::from_secs(5), "the first tunnel").await;
     refused_for("tunnel limit").await;
 
     // Raised: the second tunnel opens once the replica has read the file; the per-client
@@ -1505,16 +1524,7 @@ async fn changed_limits_apply_to_the_next_tunnels_without_a_restart_and_end_no_o
     cfg.limits.max_tunnels = 3;
     cfg.limits.max_tunnels_per_client = 2;
     publish(&cfg, 2);
-    let deadline = Instant::now() + within;
-    let mut b = loop {
-        let (mut s, status, _) = open().await;
-        if status == 200 {
-            break s;
-        }
-        let why = body(&mut s).await;
-        assert!(status == 503 && Instant::now() < deadline, "the raised limit was not in use within {within:?}: {status} {why}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let mut b = opened_within(addr, head, within, "the raised limit").await;
     refused_for("too many tunnels from your address").await;
     let text = http_get(admin, "/metrics").await;
     assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), 3);
