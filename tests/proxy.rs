@@ -1492,10 +1492,10 @@ async fn opened_within(proxy: SocketAddr, head: &[u8], within: Duration, what: &
 
 /// Raising a full proxy's limits must not end every open console, so the live limits apply
 /// without a restart as the allow-list does: to the tunnels opened from then on. A lowered
-/// limit turns new tunnels away until enough have closed, and ends none; open tunnels keep the
-/// idle timeout they were opened with.
+/// limit turns new tunnels away until enough have closed, and ends none; a lowered idle
+/// timeout applies to open tunnels too.
 #[tokio::test]
-async fn changed_limits_apply_to_the_next_tunnels_without_a_restart_and_end_no_open_one() {
+async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_tunnel() {
     let up = echo_server().await;
     let (p, mut cfg) = VolumeProxy::start(|cfg| {
         cfg.limits.max_tunnels = 1;
@@ -1530,33 +1530,101 @@ async fn changed_limits_apply_to_the_next_tunnels_without_a_restart_and_end_no_o
     assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), 3);
     assert_eq!(metric(&text, "spice_proxy_config_reloads_total{outcome=\"applied\"}"), 1);
 
-    // Lowered below the tunnels open, with a short idle timeout: both stay open, and past the
-    // new idle timeout too (they keep the one they were opened with).
+    // Lowered below the tunnels open, with a short idle timeout: both stay open while busy,
+    // past the new idle timeout too (a lowered limit ends no tunnel).
     cfg.limits.max_tunnels = 1;
     cfg.limits.idle_timeout_seconds = 2;
     publish(&cfg, 3);
-    assert_metric_reaches_within(admin, "spice_proxy_config_reloads_total{outcome=\"applied\"}", 2, within).await;
+    busy_until_applied(admin, 2, within, &mut [&mut a, &mut b]).await;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), 1);
     refused_for("tunnel limit").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    echo_roundtrip(&mut a, b"open before the limit was lowered").await;
-    echo_roundtrip(&mut b, b"and this one too").await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        echo_roundtrip(&mut a, b"open before the limit was lowered").await;
+        echo_roundtrip(&mut b, b"and this one too").await;
+    }
     // One closed: one is still open, the limit's worth.
     drop(a);
     assert_metric_reaches(admin, "spice_proxy_active_tunnels", 1).await;
     refused_for("tunnel limit").await;
-    drop(b);
+    // Quiet from now on, the open one idles out at the new timeout.
+    let quiet = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut rest)).await.expect("the open tunnel closed at the new idle timeout").unwrap();
+    assert!(quiet.elapsed() >= Duration::from_millis(1900), "closed after {:?} of quiet, before the idle timeout", quiet.elapsed());
     assert_metric_reaches(admin, "spice_proxy_active_tunnels", 0).await;
-    // A tunnel opened now has the new idle timeout.
+    // A tunnel opened now has it as well.
     let (mut c, status, _) = open().await;
     assert_eq!(status, 200);
     let opened = Instant::now();
-    let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("closed at the new idle timeout").unwrap();
     assert!(opened.elapsed() >= Duration::from_millis(1900), "closed after {:?}, before its idle timeout", opened.elapsed());
     let lines: Vec<serde_json::Value> = std::iter::from_fn(|| audit.recv_timeout(Duration::from_secs(2)).ok()).map(|l| serde_json::from_str(&l).unwrap()).collect();
     let closes: Vec<&str> = lines.iter().filter(|l| l["outcome"] == "ok").map(|l| l["close"].as_str().unwrap()).collect();
-    assert_eq!(closes.iter().filter(|c| **c == "idle timeout").count(), 1, "only the tunnel opened after the change idles out: {closes:?}");
+    assert_eq!(closes.iter().filter(|c| **c == "idle timeout").count(), 2, "the tunnel left quiet and the one opened after the change idle out: {closes:?}");
+}
+
+/// Keeps `tunnels` (to echoing upstreams) busy until the replica has applied `files` changed
+/// configuration files: a lowered idle timeout would end them when it is read.
+async fn busy_until_applied(admin: SocketAddr, files: u64, within: Duration, tunnels: &mut [&mut TcpStream]) {
+    let deadline = Instant::now() + within;
+    while metric(&http_get(admin, "/metrics").await, "spice_proxy_config_reloads_total{outcome=\"applied\"}") < files {
+        assert!(Instant::now() < deadline, "the changed file was not applied within {within:?}");
+        for t in tunnels.iter_mut() {
+            echo_roundtrip(t, b"busy").await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// An admin who raises the idle timeout because consoles are being cut saves the consoles open
+/// now, not only the next ones; a lowered half-closed timeout ends an open half-closed tunnel
+/// quiet for longer, without a restart.
+#[tokio::test]
+async fn open_tunnels_follow_changed_idle_and_half_closed_timeouts() {
+    let up = echo_server().await;
+    // An upstream that echoes until our EOF and then holds its side open, saying nothing.
+    let holding = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let holding_addr = holding.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = holding.accept().await.unwrap();
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    });
+    let (p, mut cfg) = VolumeProxy::start(|cfg| {
+        cfg.limits.idle_timeout_seconds = 3;
+        cfg.limits.half_closed_timeout_seconds = 3;
+    });
+    let (addr, admin) = (p.addr, p.admin);
+    let applied = "spice_proxy_config_reloads_total{outcome=\"applied\"}";
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+    let mut echoing = opened_within(addr, spice_gtk_head(&up.to_string(), "").as_bytes(), Duration::from_secs(5), "the echoing tunnel").await;
+    let mut held = opened_within(addr, spice_gtk_head(&holding_addr.to_string(), "").as_bytes(), Duration::from_secs(5), "the held tunnel").await;
+
+    // Raised: both are kept busy until the replica has read the file, then stay quiet for
+    // twice the old idle timeout and are still open.
+    cfg.limits.idle_timeout_seconds = 600;
+    cfg.limits.half_closed_timeout_seconds = 600;
+    p.publish(&cfg, 2);
+    busy_until_applied(admin, 1, within, &mut [&mut echoing, &mut held]).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    echo_roundtrip(&mut echoing, b"open past the old idle timeout").await;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_active_tunnels"), 2);
+
+    // Half-closed by the client, the held tunnel stays open for the raised half-closed
+    // timeout; lowered below the time it has been quiet, it ends once the file is read.
+    held.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    assert!(tokio::time::timeout(Duration::from_secs(4), held.read_to_end(&mut rest)).await.is_err(), "the half-closed tunnel ended before its raised timeout");
+    cfg.limits.half_closed_timeout_seconds = 2;
+    p.publish(&cfg, 3);
+    tokio::time::timeout(within, held.read_to_end(&mut rest)).await.expect("the open half-closed tunnel ended at the lowered timeout").unwrap();
+    assert_eq!(metric(&http_get(admin, "/metrics").await, applied), 2, "it ended when the replica read the lowered timeout");
+    assert_metric_reaches(admin, "spice_proxy_tunnel_ends_total{reason=\"half_closed\"}", 1).await;
+    // The other, not half-closed, keeps the raised idle timeout.
+    echo_roundtrip(&mut echoing, b"still open").await;
+    assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_ends_total{reason=\"idle\"}"), 0);
 }
 
 /// The error that ends the process is also written to the termination-message file Kubernetes

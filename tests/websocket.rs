@@ -685,6 +685,15 @@ async fn metric(admin: SocketAddr, series: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no {series} in {text}"))
 }
 
+/// Sends `what` as one binary message and expects it back from the echoing hypervisor.
+async fn echoes(ws: &mut Ws, what: &[u8]) {
+    ws.send(Message::binary(what.to_vec())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("an echo").unwrap().unwrap() {
+        Message::Binary(d) => assert_eq!(&d[..], what),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Adding an engine portal's origin must not end every open console with a rollout: the
 /// allowed origins apply to the next handshakes, and open bridges go on whatever the list.
 #[tokio::test]
@@ -716,11 +725,44 @@ async fn a_changed_list_of_origins_applies_to_the_next_consoles_without_a_restar
     assert!(code == 403 && body.contains("cross-origin"), "{code} {body}");
     assert_eq!(metric(b.admin, "spice_proxy_config_reloads_total{outcome=\"applied\"}").await, 1);
     // The console opened from the portal goes on.
-    ws.send(Message::binary(b"opened from an origin no longer listed".to_vec())).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
-        Message::Binary(d) => assert_eq!(&d[..], b"opened from an origin no longer listed"),
-        other => panic!("{other:?}"),
+    echoes(&mut ws, b"opened from an origin no longer listed").await;
+    let _ = b.stop.send(true);
+}
+
+/// A changed idle timeout applies to open browser consoles as to CONNECT tunnels, counted from
+/// their last message: raised, it keeps a console the old one would end; lowered below the
+/// time a console has been quiet, it ends that console when the replica reads the file.
+#[tokio::test]
+async fn open_bridges_follow_a_changed_idle_timeout() {
+    let b = start(3, 30).await;
+    let (up, _) = echo().await;
+    let mut ws = open(&b, &format!("?token={}", token(up.port(), VALID, KEY)), None).await.unwrap();
+    let applied = "spice_proxy_config_reloads_total{outcome=\"applied\"}";
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+    let mut cfg = b.config();
+    cfg.limits.idle_timeout_seconds = 600;
+    b.replace_config(&serde_json::to_string(&cfg).unwrap());
+    let deadline = Instant::now() + within;
+    // Busy until the replica has read it: the old timeout would end a console quiet for 3 s.
+    while metric(b.admin, applied).await == 0 {
+        assert!(Instant::now() < deadline, "the raised idle timeout was not in use within {within:?}");
+        echoes(&mut ws, b"busy").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    echoes(&mut ws, b"open past the old idle timeout").await;
+
+    cfg.limits.idle_timeout_seconds = 2;
+    b.replace_config(&serde_json::to_string(&cfg).unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Quiet for 3 s by the time the replica reads the file: it ends the console then.
+    let mut closed = false;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(within, ws.next()).await {
+        closed |= matches!(m, Message::Close(_));
+    }
+    assert!(closed, "the console was not closed at the lowered idle timeout");
+    assert_eq!(metric(b.admin, applied).await, 2, "it was closed when the replica read the lowered timeout");
+    assert_eq!(metric(b.admin, "spice_proxy_tunnel_ends_total{reason=\"idle\"}").await, 1);
     let _ = b.stop.send(true);
 }
 
@@ -739,11 +781,7 @@ async fn a_bridge_to_a_target_taken_off_the_allow_list_is_closed_with_1008() {
         assert!(Instant::now() < deadline, "the changed file was not read within {within:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    ws.send(Message::binary(b"still allowed".to_vec())).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap() {
-        Message::Binary(d) => assert_eq!(&d[..], b"still allowed"),
-        other => panic!("{other:?}"),
-    }
+    echoes(&mut ws, b"still allowed").await;
     cfg.allowed_targets = vec![AllowedTarget { cidr: "127.0.0.1/32".parse().unwrap(), ports: vec![(up.port() + 1, up.port() + 1)] }];
     b.replace_config(&serde_json::to_string(&cfg).unwrap());
     let mut close = None;

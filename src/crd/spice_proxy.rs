@@ -60,7 +60,8 @@ pub struct SpiceProxySpec {
     /// maxTunnelsPerClient, idleTimeoutSeconds, halfClosedTimeoutSeconds,
     /// connectTimeoutSeconds, maxAuthFailuresPerClient or authFailureWindowSeconds rolls no
     /// pods: running replicas use it within about a minute, for the tunnels opened from then
-    /// on (open tunnels beyond a lowered limit stay open). A change of the others rolls the
+    /// on (open tunnels beyond a lowered limit stay open); the two idle timeouts apply to open
+    /// tunnels as well, counted from their last activity. A change of the others rolls the
     /// pods.
     #[serde(default)]
     pub limits: ProxyLimits,

@@ -140,8 +140,8 @@ impl Shared {
         *self.limits.read().expect("limits lock")
     }
 
-    /// The timeouts of a tunnel opened now, which it keeps. (Only they, not the whole limits,
-    /// so the tunnel's task does not carry a copy of the limits while it runs.)
+    /// The timeouts that apply to open tunnels now. (Only they, read when needed: the
+    /// tunnel's task carries no copy of the limits while it runs.)
     fn tunnel_timeouts(&self) -> tunnel::Timeouts {
         let limits = self.limits();
         tunnel::Timeouts { idle: limits.idle_timeout(), half_closed: limits.half_closed_timeout() }
@@ -708,27 +708,41 @@ async fn reload_credentials(shared: Arc<Shared>) {
 }
 
 /// What ends an open tunnel or bridge from outside: the drain deadline, or an allow-list that
-/// no longer lists its target. A new allow-list notifies `cancel` without changing it.
-pub(crate) async fn drained_or_revoked(cancel: &mut watch::Receiver<bool>, shared: &Shared, target: Option<SocketAddr>) -> Close {
-    loop {
-        if *cancel.borrow_and_update() {
-            return Close::Drained;
+/// no longer lists its target; and the timeouts in use, which a changed configuration file may
+/// change. A new file notifies `cancel` without changing it.
+pub(crate) struct FromOutside<'a> {
+    pub(crate) cancel: &'a mut watch::Receiver<bool>,
+    pub(crate) shared: &'a Shared,
+    pub(crate) target: Option<SocketAddr>,
+}
+
+impl tunnel::Outside for FromOutside<'_> {
+    fn timeouts(&self) -> tunnel::Timeouts {
+        self.shared.tunnel_timeouts()
+    }
+
+    fn ends(&mut self) -> Option<Close> {
+        // Marks the channel seen, so the check of the target must follow: a new list that
+        // came after the handshake's own check is then not missed.
+        if *self.cancel.borrow_and_update() {
+            return Some(Close::Drained);
         }
-        // Also before the first wait: marking the channel seen above may swallow a new list
-        // that came after the handshake's own check.
-        if target.is_some_and(|t| !shared.still_permits(t)) {
-            return Close::Revoked;
+        self.target.is_some_and(|t| !self.shared.still_permits(t)).then_some(Close::Revoked)
+    }
+
+    async fn changed(&mut self) -> Option<Close> {
+        if self.cancel.changed().await.is_err() {
+            return Some(Close::Drained);
         }
-        if cancel.changed().await.is_err() {
-            return Close::Drained;
-        }
+        self.ends()
     }
 }
 
 /// The kubelet updates a ConfigMap volume in place (within about a minute): a changed
-/// allow-list and changed live limits (`ProxyLimits::with_live_settings_of`) apply to the next
-/// tunnels without a restart, since a rollout would end every open console. Open tunnels to
-/// targets the new list does not name are closed; open tunnels beyond a lowered limit stay.
+/// allow-list and changed live limits (`ProxyLimits::with_live_settings_of`) apply without a
+/// restart, since a rollout would end every open console. Open tunnels to targets the new list
+/// does not name are closed; open tunnels beyond a lowered limit stay; changed idle and
+/// half-closed timeouts apply to open tunnels too, counted from their last activity.
 /// The other settings apply when the pod restarts (the operator rolls the pods for them), so a
 /// file that changes them only says so. A file that cannot be used changes nothing.
 async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<bool>) {
@@ -748,7 +762,9 @@ async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<
         if allow_list_changed || limits_changed || origins_changed {
             shared.metrics.config_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
         }
-        if allow_list_changed {
+        // Open tunnels check their target against the new list, and re-plan their idle
+        // timeouts with the new limits.
+        if allow_list_changed || limits_changed {
             nudge.send_modify(|_| {});
         }
         Ok(())
@@ -833,7 +849,7 @@ impl Shared {
             connect = ?limits.connect_timeout(),
             auth_failures = limits.max_auth_failures(),
             auth_failure_window = ?limits.auth_failure_window(),
-            "new limits in use for the next tunnels; open tunnels keep theirs"
+            "new limits in use: timeouts for open tunnels too, the others for the next tunnels"
         );
         true
     }
@@ -941,7 +957,7 @@ async fn serve_one(
     shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     shared.metrics.active.inc();
     let activity = Activity::default();
-    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, shared.tunnel_timeouts(), &activity, drained_or_revoked(cancel, shared, audit.upstream)).await;
+    let close = tunnel::run(client, &mut upstream, shared.cfg.data_path, &activity, &mut FromOutside { cancel, shared, target: audit.upstream }).await;
     shared.metrics.active.dec();
     let (up, down) = (activity.up.load(Ordering::Relaxed), activity.down.load(Ordering::Relaxed));
     shared.metrics.bytes_up.inc_by(up);

@@ -186,11 +186,24 @@ impl Close {
     }
 }
 
+/// What may end an open tunnel, or change its timeouts, from outside it: a draining proxy,
+/// a changed configuration file.
+pub trait Outside {
+    /// The timeouts that apply now.
+    fn timeouts(&self) -> Timeouts;
+    /// Why the tunnel must end already, if it must.
+    fn ends(&mut self) -> Option<Close>;
+    /// Waits for the next change outside, then says why the tunnel must end, or `None` when
+    /// it goes on (with the timeouts read anew).
+    fn changed(&mut self) -> impl Future<Output = Option<Close>>;
+}
+
 /// Runs the tunnel until both directions end, either fails, it idles out (with the shorter
-/// timeout once half-closed), or `cancel` resolves with its reason (the drain deadline, or a
-/// revoked target). The caller closes both sockets as soon as it returns: when both
-/// directions ended, that close is what sends the FIN of the direction that ended second.
-pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, timeouts: Timeouts, activity: &Activity, cancel: impl Future<Output = Close>) -> Close {
+/// timeout once half-closed), or `outside` ends it (the drain deadline, or a revoked target).
+/// A change of the timeouts applies to it at once, counted from its last activity. The
+/// caller closes both sockets as soon as it returns: when both directions ended, that close
+/// is what sends the FIN of the direction that ended second.
+pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPath, activity: &Activity, outside: &mut impl Outside) -> Close {
     activity.touch();
     // Borrowed halves: reads through them learn from a short read that the socket is drained
     // (no extra read just to see EAGAIN), and they cost no allocation.
@@ -211,8 +224,25 @@ pub async fn run(client: &mut TcpStream, upstream: &mut TcpStream, mode: DataPat
             Ok(((), ())) => Close::Finished,
             Err(e) => Close::Error(format!("io error: {e}")),
         },
-        quiet = activity.idle(timeouts) => quiet,
-        close = cancel => close,
+        ended = watch(activity, outside) => ended,
+    }
+}
+
+/// The idle watchdog and what comes from outside, in one future: a change outside that ends
+/// nothing re-plans the watchdog with the timeouts then in use.
+async fn watch(activity: &Activity, outside: &mut impl Outside) -> Close {
+    if let Some(close) = outside.ends() {
+        return close;
+    }
+    loop {
+        tokio::select! {
+            // As in `run`: the watchdog is polled on every poll of this future.
+            biased;
+            quiet = activity.idle(outside.timeouts()) => return quiet,
+            changed = outside.changed() => if let Some(close) = changed {
+                return close;
+            },
+        }
     }
 }
 

@@ -31,11 +31,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::metrics::End;
-use super::tunnel::Close;
+use super::tunnel::{Close, Outside as _};
 use crate::http_answer;
 use crate::listener::{self, Admitted};
 use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
-use super::server::{Audit, ClientSlot, Shared, Tracker};
+use super::server::{Audit, ClientSlot, FromOutside, Shared, Tracker};
 #[allow(unused_imports)]
 use std::sync::atomic::Ordering as _;
 use super::ticket;
@@ -511,7 +511,6 @@ type BrowserSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut audit: Audit, started: Instant) {
     let shared = &bridge.shared;
     shared.metrics.active.inc();
-    let idle = shared.limits().idle_timeout();
     let (mut up_r, mut up_w): (UpReader, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) = match upstream {
         Upstream::Plain(s) => {
             let (r, w) = s.into_split();
@@ -524,12 +523,28 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
     };
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut cancel = bridge.cancel.clone();
-    let target = audit.upstream;
+    let mut outside = FromOutside { cancel: &mut cancel, shared, target: audit.upstream };
+    let mut ended_from_outside = outside.ends();
+    // When a message last went either way: the idle timeout counts from there, also when a
+    // changed configuration file changes it.
+    let mut last = tokio::time::Instant::now();
     // A frame to the browser cut short (it stopped reading, or went): nothing more may follow.
     let mut torn = false;
     let (end, close) = loop {
+        if let Some(why) = ended_from_outside.take() {
+            // The audit line says what the tunnel's would; the browser gets a Close code.
+            let (code, reason, end, close) = match why {
+                Close::Revoked => (CloseCode::Policy, "target no longer allowed", End::Revoked, "target taken off the allow-list"),
+                _ => (CloseCode::Away, "proxy shutting down", End::Drained, "drain deadline"),
+            };
+            let _ = ws.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+            break (end, close);
+        }
+        // Read each time round (an uncontended lock): it may have changed since.
+        let idle = outside.timeouts().idle;
+        let quiet_until = last + idle;
         tokio::select! {
-            msg = tokio::time::timeout(idle, ws.next()) => match msg {
+            msg = tokio::time::timeout_at(quiet_until, ws.next()) => match msg {
                 Err(_) => break (End::Idle, "idle timeout"),
                 Ok(None) => break (End::Error, "client gone"),
                 Ok(Some(Err(e))) => {
@@ -557,7 +572,7 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
                 }
                 Ok(Some(Ok(_))) => {} // ping/pong: answered by the WebSocket layer
             },
-            read = tokio::time::timeout(idle, up_r.read_chunk()) => match read {
+            read = tokio::time::timeout_at(quiet_until, up_r.read_chunk()) => match read {
                 Err(_) => break (End::Idle, "idle timeout"),
                 Ok(Err(_)) | Ok(Ok(None)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "upstream closed".into() })))).await;
@@ -588,16 +603,13 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
                     }
                 }
             },
-            why = super::server::drained_or_revoked(&mut cancel, shared, target) => {
-                // The audit line says what the tunnel's would; the browser gets a Close code.
-                let (code, reason, end, close) = match why {
-                    Close::Revoked => (CloseCode::Policy, "target no longer allowed", End::Revoked, "target taken off the allow-list"),
-                    _ => (CloseCode::Away, "proxy shutting down", End::Drained, "drain deadline"),
-                };
-                let _ = ws.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-                break (end, close);
+            // Nothing moved: `last` stays.
+            changed = outside.changed() => {
+                ended_from_outside = changed;
+                continue;
             }
         }
+        last = tokio::time::Instant::now();
     };
     // Lets the WebSocket layer send its answer to a client's Close before the socket drops.
     if !torn {
