@@ -525,6 +525,7 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
     let mut cancel = bridge.cancel.clone();
     let mut outside = FromOutside { cancel: &mut cancel, shared, target: audit.upstream };
     let mut ended_from_outside = outside.ends();
+    let mut idle = outside.timeouts().idle;
     // When a message last went either way: the idle timeout counts from there, also when a
     // changed configuration file changes it.
     let mut last = tokio::time::Instant::now();
@@ -540,8 +541,6 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
             let _ = ws.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
             break (end, close);
         }
-        // Read each time round (an uncontended lock): it may have changed since.
-        let idle = outside.timeouts().idle;
         let quiet_until = last + idle;
         tokio::select! {
             msg = tokio::time::timeout_at(quiet_until, ws.next()) => match msg {
@@ -603,9 +602,10 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
                     }
                 }
             },
-            // Nothing moved: `last` stays.
+            // Nothing moved: `last` stays, and the idle timeout is read anew.
             changed = outside.changed() => {
                 ended_from_outside = changed;
+                idle = outside.timeouts().idle;
                 continue;
             }
         }
