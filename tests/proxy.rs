@@ -1564,6 +1564,50 @@ async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_t
     assert_eq!(closes.iter().filter(|c| **c == "idle timeout").count(), 2, "the tunnel left quiet and the one opened after the change idle out: {closes:?}");
 }
 
+/// A load balancer replaced by one at another address must not end every open console with a
+/// rollout: the balancers trusted to send the PROXY protocol apply to the next connections
+/// without a restart, and a tunnel that came through the old one stays open.
+#[tokio::test]
+async fn a_new_load_balancer_is_trusted_without_a_restart_and_the_old_ones_tunnels_stay() {
+    use spice_operator::proxy::proxy_protocol::ProxyProtocolConfig;
+    let up = echo_server().await;
+    let (p, mut cfg) = VolumeProxy::start(|cfg| cfg.proxy_protocol = Some(ProxyProtocolConfig { trusted: vec!["127.0.0.2/32".parse().unwrap()] }));
+    let head = format!("PROXY TCP4 198.51.100.7 127.0.0.1 40000 3128\r\n{}", spice_gtk_head(&up.to_string(), ""));
+    let through = |balancer: &'static str| {
+        let head = head.clone();
+        async move {
+            let mut s = connect_from(balancer, p.addr).unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let status = read_response(&mut s).await.0;
+            (s, status)
+        }
+    };
+    let (mut old, status) = through("127.0.0.2").await;
+    assert_eq!(status, 200);
+    echo_roundtrip(&mut old, b"through the first balancer").await;
+    let (mut s, status) = through("127.0.0.3").await;
+    assert_eq!(status, 403);
+    assert!(body(&mut s).await.contains("127.0.0.3 is not a load balancer of this proxy"));
+
+    cfg.proxy_protocol = Some(ProxyProtocolConfig { trusted: vec!["127.0.0.3/32".parse().unwrap()] });
+    p.publish(&cfg, 2);
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
+    let mut new = loop {
+        match through("127.0.0.3").await {
+            (s, 200) => break s,
+            (_, status) => assert!(status == 403 && Instant::now() < deadline, "the new balancer was not trusted within {within:?}: {status}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    echo_roundtrip(&mut new, b"through the new balancer").await;
+    let (mut s, status) = through("127.0.0.2").await;
+    assert_eq!(status, 403, "the old balancer is no longer trusted");
+    assert!(body(&mut s).await.contains("127.0.0.2 is not a load balancer of this proxy"));
+    echo_roundtrip(&mut old, b"opened through the old balancer, still open").await;
+    assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_config_reloads_total{outcome=\"applied\"}"), 1);
+}
+
 /// Keeps `tunnels` (to echoing upstreams) busy until the replica has applied `files` changed
 /// configuration files: a lowered idle timeout would end them when it is read.
 async fn busy_until_applied(admin: SocketAddr, files: u64, within: Duration, tunnels: &mut [&mut TcpStream]) {

@@ -190,7 +190,8 @@ pub struct ServiceSpec {
 pub struct ProxyProtocolSpec {
     /// Addresses the load balancers (their health checkers included) connect from, as the
     /// proxy sees them: with `externalTrafficPolicy: Cluster` a node may forward in their place,
-    /// so list the nodes' addresses too.
+    /// so list the nodes' addresses too. A change rolls no pods: running replicas trust the
+    /// new list within about a minute, for the next connections.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 64)))]
     #[schemars(extend("x-kubernetes-validations" = [
         {"rule": "self.all(c, isCIDR(c))", "message": "every entry must be a CIDR such as 10.0.0.0/16"}

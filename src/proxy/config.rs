@@ -93,14 +93,15 @@ fn default_html5_dir() -> String {
 
 impl ProxyConfig {
     /// This configuration without what a running replica takes from a changed file (the
-    /// allow-list, the live limits and the browser port's allowed origins, blanked to their
-    /// defaults): a change to what is left needs a restart, which the operator rolls the pods
-    /// for.
+    /// allow-list, the live limits, the browser port's allowed origins and the load balancers
+    /// trusted to send the PROXY protocol, blanked to their defaults): a change to what is left
+    /// needs a restart, which the operator rolls the pods for.
     pub fn read_at_start(&self) -> ProxyConfig {
         ProxyConfig {
             allowed_targets: Vec::new(),
             limits: self.limits.with_live_settings_of(&ProxyLimits::default()),
             html5: self.html5.clone().map(|h| Html5Config { allowed_origins: Vec::new(), ..h }),
+            proxy_protocol: self.proxy_protocol.as_ref().map(|_| Default::default()),
             ..self.clone()
         }
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// (TLVs), of which load balancers send a few hundred bytes at most (AWS: the VPC endpoint).
 pub const MAX_HEADER: usize = 4096;
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyProtocolConfig {
     /// Load balancers allowed to connect; every connection from them begins with a header.

@@ -19,7 +19,7 @@ use super::allow::{AllowList, canonical};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
 use super::metrics::{Outcome, ProxyMetrics};
-use super::proxy_protocol::{self, HeaderError, Origin};
+use super::proxy_protocol::{self, HeaderError, Origin, ProxyProtocolConfig};
 use super::sockopt::Keepalive;
 use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
@@ -69,6 +69,9 @@ pub struct Shared {
     limits: RwLock<ProxyLimits>,
     /// The browser port's allowed origins in use, as the configuration file last gave them.
     origins: RwLock<Vec<String>>,
+    /// The load balancers trusted to send the PROXY protocol, as the configuration file last
+    /// gave them (none when `cfg.proxy_protocol` is off).
+    balancers: RwLock<ProxyProtocolConfig>,
     creds: RwLock<Credentials>,
     pub metrics: ProxyMetrics,
     /// Open tunnels, CONNECT and browser bridges alike: `maxTunnels`, or fewer where the
@@ -508,6 +511,7 @@ impl ProxyServer {
             allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
             limits: RwLock::new(cfg.limits),
             origins: RwLock::new(cfg.allowed_origins().to_vec()),
+            balancers: RwLock::new(cfg.proxy_protocol.clone().unwrap_or_default()),
             tunnels: Places::new(tunnel_limit),
             html5_connections,
             workers: listeners.len(),
@@ -759,7 +763,8 @@ async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<
         let allow_list_changed = shared.use_allow_list(new.allowed_targets);
         let limits_changed = shared.use_limits(new.limits);
         let origins_changed = shared.use_origins(new.allowed_origins);
-        if allow_list_changed || limits_changed || origins_changed {
+        let balancers_changed = new.balancers.is_some_and(|b| shared.use_balancers(b));
+        if allow_list_changed || limits_changed || origins_changed || balancers_changed {
             shared.metrics.config_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
         }
         // Open tunnels check their target against the new list, and re-plan their idle
@@ -778,6 +783,8 @@ struct Changed {
     /// The limits in use, with the file's live ones.
     limits: ProxyLimits,
     allowed_origins: Vec<String>,
+    /// The trusted load balancers, when the PROXY protocol is on in the file and in use.
+    balancers: Option<ProxyProtocolConfig>,
     /// Whether the file also changes settings read at start.
     restart_needed: bool,
 }
@@ -789,8 +796,14 @@ fn changed_config(text: &[u8], running: &ProxyConfig) -> anyhow::Result<Changed>
     if new.allowed_targets.is_empty() {
         anyhow::bail!("allowedTargets is empty");
     }
+    if new.proxy_protocol.as_ref().is_some_and(|p| p.trusted.is_empty()) {
+        anyhow::bail!("proxyProtocol.trusted is empty: every connection would be refused");
+    }
     let restart_needed = new.read_at_start() != running.read_at_start();
-    Ok(Changed { limits: running.limits.with_live_settings_of(&new.limits), allowed_origins: new.allowed_origins().to_vec(), allowed_targets: new.allowed_targets, restart_needed })
+    // Turning the PROXY protocol on or off changes how every connection begins: that waits
+    // for the restart; while it is on, the balancers it trusts may change.
+    let balancers = new.proxy_protocol.clone().filter(|_| running.proxy_protocol.is_some());
+    Ok(Changed { limits: running.limits.with_live_settings_of(&new.limits), allowed_origins: new.allowed_origins().to_vec(), allowed_targets: new.allowed_targets, balancers, restart_needed })
 }
 
 impl Shared {
@@ -819,6 +832,23 @@ impl Shared {
         tracing::info!(?origins, "new allowed origins in use for the browser port");
         *in_use = origins;
         true
+    }
+
+    /// Puts `balancers` to use for the next connections; false when they are in use. Open
+    /// connections that came through a balancer no longer listed stay open.
+    fn use_balancers(&self, balancers: ProxyProtocolConfig) -> bool {
+        let mut in_use = self.balancers.write().expect("balancers lock");
+        if *in_use == balancers {
+            return false;
+        }
+        tracing::info!(trusted = ?balancers.trusted, "new load balancers trusted to send the PROXY protocol");
+        *in_use = balancers;
+        true
+    }
+
+    /// Whether `ip` is a load balancer trusted to send the PROXY protocol.
+    pub(crate) fn trusts_balancer(&self, ip: IpAddr) -> bool {
+        self.balancers.read().expect("balancers lock").trusts(ip)
     }
 
     /// Whether a WebSocket handshake's `Origin` may open a console (see `websocket::check_origin`).
@@ -924,8 +954,8 @@ async fn serve_one(
     let deadline = tokio::time::Instant::from_std(started) + shared.limits().handshake_timeout();
     let (client_ip, early) = match &shared.cfg.proxy_protocol {
         None => (peer_ip, Vec::with_capacity(512)),
-        Some(pp) => {
-            if !pp.trusts(peer_ip) {
+        Some(_) => {
+            if !shared.trusts_balancer(peer_ip) {
                 return Err((v10, refuse(403, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)"))));
             }
             // Boxed like the handshake below: its buffer must not stay in every tunnel's task.
@@ -1049,6 +1079,7 @@ mod tests {
             allow: RwLock::new(AllowList::new(vec![])),
             limits: RwLock::new(cfg.limits),
             origins: RwLock::new(Vec::new()),
+            balancers: RwLock::new(ProxyProtocolConfig::default()),
             tunnels: Places::new(10),
             html5_connections: ConnectionLimit::new(10, metrics.html5_connections_refused.clone()),
             workers: 1,
@@ -1064,7 +1095,7 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_file_gives_its_allow_list_live_limits_and_origins_and_says_whether_a_restart_is_needed() {
+    fn a_changed_file_gives_its_allow_list_live_limits_origins_and_balancers_and_says_whether_a_restart_is_needed() {
         let running: ProxyConfig = serde_json::from_value(serde_json::json!({
             "listen": "0.0.0.0:3128", "adminListen": "0.0.0.0:9090", "authMode": "Ticket", "limits": {},
             "allowedTargets": [{"cidr": "10.0.0.0/24", "ports": [[5900, 5999]]}],
@@ -1110,6 +1141,22 @@ mod tests {
         assert!(!c.restart_needed, "origins only");
         assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
         assert!(changed_config(&serde_json::to_vec(&browser).unwrap(), &running).unwrap().restart_needed, "a browser port added");
+        // The load balancers trusted to send the PROXY protocol apply at once; turning the
+        // protocol on or off waits for the restart.
+        let mut balanced = running.clone();
+        balanced.proxy_protocol = Some(ProxyProtocolConfig { trusted: vec!["10.9.0.0/24".parse().unwrap()] });
+        let mut moved = serde_json::to_value(&balanced).unwrap();
+        moved["proxyProtocol"]["trusted"] = serde_json::json!(["10.9.0.0/24", "10.9.1.0/24"]);
+        let c = changed_config(&serde_json::to_vec(&moved).unwrap(), &balanced).unwrap();
+        assert!(!c.restart_needed, "trusted balancers only");
+        assert_eq!(c.balancers.unwrap().trusted.len(), 2);
+        let on = changed_config(&serde_json::to_vec(&balanced).unwrap(), &running).unwrap();
+        assert!(on.restart_needed && on.balancers.is_none(), "the PROXY protocol turned on waits for the restart");
+        let off = changed_config(&serde_json::to_vec(&running).unwrap(), &balanced).unwrap();
+        assert!(off.restart_needed && off.balancers.is_none(), "the PROXY protocol turned off waits for the restart");
+        moved["proxyProtocol"]["trusted"] = serde_json::json!([]);
+        let nobody = changed_config(&serde_json::to_vec(&moved).unwrap(), &balanced).err().unwrap();
+        assert_eq!(nobody.to_string(), "proxyProtocol.trusted is empty: every connection would be refused");
         let other = changed_config(&file(&|v| v["authMode"] = "Basic".into()), &running).unwrap();
         assert!(other.restart_needed, "the auth mode is read at start");
         let empty = changed_config(&file(&|v| v["allowedTargets"] = serde_json::json!([])), &running).err().unwrap();

@@ -34,7 +34,7 @@ use super::metrics::End;
 use super::tunnel::{Close, Outside as _};
 use crate::http_answer;
 use crate::listener::{self, Admitted};
-use super::proxy_protocol::{self, Origin, ProxyProtocolConfig};
+use super::proxy_protocol::{self, Origin};
 use super::server::{Audit, ClientSlot, FromOutside, Shared, Tracker};
 #[allow(unused_imports)]
 use std::sync::atomic::Ordering as _;
@@ -78,13 +78,13 @@ pub async fn serve(
     let app = axum::Router::new().fallback(handle).with_state(bridge.clone());
     // A page request or WebSocket handshake within the same time as a CONNECT request head.
     let head_timeout = bridge.shared.limits().handshake_timeout();
-    let proxy_protocol = bridge.shared.cfg.proxy_protocol.clone().map(Arc::new);
+    let proxy_protocol = bridge.shared.cfg.proxy_protocol.is_some();
     let local = PeerAddr { client: listener.local_addr()?, via: None };
     // Page requests and WebSocket handshakes at once: as many as there are tunnel places (the
     // open-files limit counts a descriptor for each); a bridge, once upgraded, is a tunnel instead.
     let limit = bridge.shared.html5_connections.clone();
     match (&html5.tls, proxy_protocol) {
-        (None, None) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
+        (None, false) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
         (None, pp) => {
             let admitted = Admitted::spawn(listener, local, limit.clone(), admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
             listener::serve(admitted, app, head_timeout, limit, |from| from, shutdown).await
@@ -112,7 +112,7 @@ pub struct PeerAddr {
 /// in HTTP (without TLS a browser can read them).
 fn admit<Io, H, Fut>(
     shared: Arc<Shared>,
-    proxy_protocol: Option<Arc<ProxyProtocolConfig>>,
+    proxy_protocol: bool,
     plain: bool,
     handshake: H,
 ) -> impl Fn(TcpStream, SocketAddr) -> BoxFuture<'static, Option<(Io, PeerAddr)>> + Send + Sync + 'static
@@ -124,13 +124,13 @@ where
     let limit = shared.limits().handshake_timeout();
     let handshake = Arc::new(handshake);
     move |mut stream, peer| {
-        let (shared, pp, handshake) = (shared.clone(), proxy_protocol.clone(), handshake.clone());
+        let (shared, handshake) = (shared.clone(), handshake.clone());
         Box::pin(async move {
             let started = Instant::now();
-            let from = match pp.as_deref() {
-                None => PeerAddr { client: peer, via: None },
-                Some(pp) => {
-                    let read = tokio::time::timeout(limit, proxy_header(&mut stream, pp, peer))
+            let from = match proxy_protocol {
+                false => PeerAddr { client: peer, via: None },
+                true => {
+                    let read = tokio::time::timeout(limit, proxy_header(&mut stream, &shared, peer))
                         .await
                         .unwrap_or_else(|_| Err((StatusCode::REQUEST_TIMEOUT, format!("PROXY protocol header not received within {limit:?}"))));
                     match read {
@@ -156,9 +156,9 @@ where
 
 /// Reads a PROXY protocol header from a trusted balancer without reading past it (it peeks
 /// first): what follows is the browser's own, HTTP or TLS.
-async fn proxy_header(stream: &mut TcpStream, pp: &ProxyProtocolConfig, peer: SocketAddr) -> Result<PeerAddr, (StatusCode, String)> {
+async fn proxy_header(stream: &mut TcpStream, shared: &Shared, peer: SocketAddr) -> Result<PeerAddr, (StatusCode, String)> {
     let peer_ip = super::allow::canonical(peer.ip());
-    if !pp.trusts(peer_ip) {
+    if !shared.trusts_balancer(peer_ip) {
         return Err((StatusCode::FORBIDDEN, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)")));
     }
     let io = |e: std::io::Error| (StatusCode::BAD_REQUEST, format!("reading the PROXY protocol header: {e}"));

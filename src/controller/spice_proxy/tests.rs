@@ -61,7 +61,7 @@ fn build_makes_a_hardened_owned_deployment_and_service() {
 }
 
 #[test]
-fn a_config_change_rolls_the_pods_unless_only_the_allow_list_live_limits_or_origins_changed() {
+fn a_config_change_rolls_the_pods_unless_only_the_allow_list_live_limits_origins_or_balancers_changed() {
     let a = spx(BASIC);
     let hash = |s: &SpiceProxy| build(s, "i").unwrap().deployment.spec.template.metadata.unwrap().annotations.unwrap()[labels::CONFIG_HASH].clone();
     let config = |s: &SpiceProxy| build(s, "i").unwrap().config_map.data.unwrap()["config.json"].clone();
@@ -95,6 +95,13 @@ fn a_config_change_rolls_the_pods_unless_only_the_allow_list_live_limits_or_orig
     assert_ne!(config(&portal), config(&two_portals));
     assert_eq!(hash(&portal), hash(&two_portals), "an allowed origin must not roll the pods");
     assert_ne!(hash(&a), hash(&portal), "the browser port is read at start");
+    // And for the load balancers trusted to send the PROXY protocol; turning it on rolls them.
+    let balanced = spx(&format!("{BASIC}  service: {{proxyProtocol: {{trustedCidrs: [\"10.0.0.0/24\"]}}}}\n"));
+    let mut moved = balanced.clone();
+    moved.spec.service.proxy_protocol.as_mut().unwrap().trusted_cidrs.push("10.0.1.0/24".into());
+    assert_ne!(config(&balanced), config(&moved));
+    assert_eq!(hash(&balanced), hash(&moved), "a new load balancer address must not roll the pods");
+    assert_ne!(hash(&a), hash(&balanced), "the PROXY protocol's use is read at start");
     // Anything else the replicas read only at start rolls them.
     let read_at_start: [fn(&mut ProxyLimits); 4] = [|l| l.dead_peer_timeout_seconds += 1, |l| l.handshake_timeout_seconds += 1, |l| l.drain_seconds += 1, |l| l.shutdown_delay_seconds += 1];
     for (i, change) in read_at_start.iter().enumerate() {
