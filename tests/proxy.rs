@@ -1543,12 +1543,12 @@ async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_t
         echo_roundtrip(&mut a, b"open before the limit was lowered").await;
         echo_roundtrip(&mut b, b"and this one too").await;
     }
+    // Quiet from now on, the open one idles out at the new timeout.
+    let quiet = Instant::now();
     // One closed: one is still open, the limit's worth.
     drop(a);
     assert_metric_reaches(admin, "spice_proxy_active_tunnels", 1).await;
     refused_for("tunnel limit").await;
-    // Quiet from now on, the open one idles out at the new timeout.
-    let quiet = Instant::now();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut rest)).await.expect("the open tunnel closed at the new idle timeout").unwrap();
     assert!(quiet.elapsed() >= Duration::from_millis(1900), "closed after {:?} of quiet, before the idle timeout", quiet.elapsed());

@@ -761,6 +761,7 @@ async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<
             tracing::info!("settings that are read at start changed: they apply when this pod restarts");
         }
         let allow_list_changed = shared.use_allow_list(new.allowed_targets);
+        let timeouts_before = shared.tunnel_timeouts();
         let limits_changed = shared.use_limits(new.limits);
         let origins_changed = shared.use_origins(new.allowed_origins);
         let balancers_changed = new.balancers.is_some_and(|b| shared.use_balancers(b));
@@ -768,8 +769,8 @@ async fn reload_config(shared: Arc<Shared>, path: PathBuf, nudge: watch::Sender<
             shared.metrics.config_reloads.get_or_create(&Outcome { outcome: "applied" }).inc();
         }
         // Open tunnels check their target against the new list, and re-plan their idle
-        // timeouts with the new limits.
-        if allow_list_changed || limits_changed {
+        // timeouts with new ones (other limits concern only the next tunnels).
+        if allow_list_changed || shared.tunnel_timeouts() != timeouts_before {
             nudge.send_modify(|_| {});
         }
         Ok(())

@@ -100,7 +100,7 @@ impl Default for Activity {
 
 /// How long a tunnel may stay quiet: `idle` while both directions are open, `half_closed`
 /// (at most `idle`) once one of them has ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub idle: Duration,
     pub half_closed: Duration,
