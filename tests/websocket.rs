@@ -216,6 +216,41 @@ async fn behind_a_load_balancer_the_proxy_protocol_names_the_browser() {
     }
 }
 
+/// A load balancer at a new address is trusted by the browser port too without a restart, and
+/// a console that came through the old one goes on.
+#[tokio::test]
+async fn a_new_load_balancer_is_trusted_by_the_browser_port_without_a_restart() {
+    use spice_operator::proxy::proxy_protocol::ProxyProtocolConfig;
+    let (up, _seen) = echo().await;
+    let b = start_edited(3600, 0, None, |c| c.proxy_protocol = Some(ProxyProtocolConfig { trusted: vec!["127.0.0.2/32".parse().unwrap()] })).await;
+    let q = format!("?token={}", token(up.port(), VALID, KEY));
+    let header = b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 6082\r\n";
+    let mut old = open_behind(&b, "127.0.0.2", header, &q).await.expect("a console through the first balancer");
+    let refused = |r: Result<tokio_tungstenite::WebSocketStream<TcpStream>, WsError>| match r {
+        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    };
+    assert_eq!(refused(open_behind(&b, "127.0.0.3", header, &q).await), 403);
+    let mut cfg = b.config();
+    cfg.proxy_protocol = Some(ProxyProtocolConfig { trusted: vec!["127.0.0.3/32".parse().unwrap()] });
+    b.replace_config(&serde_json::to_string(&cfg).unwrap());
+    let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
+    let _new = loop {
+        match open_behind(&b, "127.0.0.3", header, &q).await {
+            Ok(ws) => break ws,
+            Err(e) => {
+                let code = refused(Err(e));
+                assert!(code == 403 && Instant::now() < deadline, "the new balancer was not trusted within {within:?}: {code}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(refused(open_behind(&b, "127.0.0.2", header, &q).await), 403, "the old balancer is no longer trusted");
+    echoes(&mut old, b"through the old balancer").await;
+    let _ = b.stop.send(true);
+}
+
 /// `refused_with` takes the `connect_async` result type; a refusal never reaches this.
 fn unreachable_ws() -> Ws {
     unreachable!("the WebSocket opened")
@@ -686,7 +721,7 @@ async fn metric(admin: SocketAddr, series: &str) -> u64 {
 }
 
 /// Sends `what` as one binary message and expects it back from the echoing hypervisor.
-async fn echoes(ws: &mut Ws, what: &[u8]) {
+async fn echoes<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(ws: &mut tokio_tungstenite::WebSocketStream<S>, what: &[u8]) {
     ws.send(Message::binary(what.to_vec())).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("an echo").unwrap().unwrap() {
         Message::Binary(d) => assert_eq!(&d[..], what),
