@@ -811,13 +811,8 @@ impl Shared {
     /// Puts `targets` to use for the next tunnels; false when they are the list in use.
     fn use_allow_list(&self, targets: Vec<super::config::AllowedTarget>) -> bool {
         let rules = targets.len();
-        let new = AllowList::new(targets);
-        {
-            let mut allow = self.allow.write().expect("allow-list lock");
-            if *allow == new {
-                return false;
-            }
-            *allow = new;
+        if !replace_if_changed(&self.allow, AllowList::new(targets)) {
+            return false;
         }
         self.metrics.allow_list_rules.set(rules as i64);
         tracing::info!(rules, "new allow-list in use; open tunnels to targets it does not list are closed");
@@ -826,25 +821,22 @@ impl Shared {
 
     /// Puts `origins` to use for the next WebSocket handshakes; false when they are in use.
     fn use_origins(&self, origins: Vec<String>) -> bool {
-        let mut in_use = self.origins.write().expect("origins lock");
-        if *in_use == origins {
-            return false;
+        let changed = replace_if_changed(&self.origins, origins.clone());
+        if changed {
+            tracing::info!(?origins, "new allowed origins in use for the browser port");
         }
-        tracing::info!(?origins, "new allowed origins in use for the browser port");
-        *in_use = origins;
-        true
+        changed
     }
 
     /// Puts `balancers` to use for the next connections; false when they are in use. Open
     /// connections that came through a balancer no longer listed stay open.
     fn use_balancers(&self, balancers: ProxyProtocolConfig) -> bool {
-        let mut in_use = self.balancers.write().expect("balancers lock");
-        if *in_use == balancers {
-            return false;
+        let trusted = balancers.trusted.clone();
+        let changed = replace_if_changed(&self.balancers, balancers);
+        if changed {
+            tracing::info!(?trusted, "new load balancers trusted to send the PROXY protocol");
         }
-        tracing::info!(trusted = ?balancers.trusted, "new load balancers trusted to send the PROXY protocol");
-        *in_use = balancers;
-        true
+        changed
     }
 
     /// Whether `ip` is a load balancer trusted to send the PROXY protocol.
@@ -859,12 +851,8 @@ impl Shared {
 
     /// Puts `limits` to use for the next tunnels; false when they are the limits in use.
     fn use_limits(&self, limits: ProxyLimits) -> bool {
-        {
-            let mut in_use = self.limits.write().expect("limits lock");
-            if *in_use == limits {
-                return false;
-            }
-            *in_use = limits;
+        if !replace_if_changed(&self.limits, limits) {
+            return false;
         }
         // As at start: no more tunnels than the open-files limit leaves descriptors for.
         let tunnel_limit = super::open_files::fit(limits.tunnel_limit(), self.workers, self.cfg.html5.is_some());
@@ -884,6 +872,16 @@ impl Shared {
         );
         true
     }
+}
+
+/// Puts `new` in `lock` unless it holds an equal value already; whether it changed.
+fn replace_if_changed<T: PartialEq>(lock: &RwLock<T>, new: T) -> bool {
+    let mut in_use = lock.write().expect("a reloaded setting's lock");
+    if *in_use == new {
+        return false;
+    }
+    *in_use = new;
+    true
 }
 
 /// Counts spawned tunnel tasks so a drain can wait for them. Its `spawn` wraps the future in
