@@ -1606,6 +1606,15 @@ async fn a_new_load_balancer_is_trusted_without_a_restart_and_the_old_ones_tunne
     assert!(body(&mut s).await.contains("127.0.0.2 is not a load balancer of this proxy"));
     echo_roundtrip(&mut old, b"opened through the old balancer, still open").await;
     assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_config_reloads_total{outcome=\"applied\"}"), 1);
+
+    // A hand-edited file that names no balancer (the schema refuses it) is refused whole: the
+    // balancer in use stays trusted.
+    cfg.proxy_protocol = Some(ProxyProtocolConfig { trusted: Vec::new() });
+    p.publish(&cfg, 3);
+    assert_metric_reaches_within(p.admin, "spice_proxy_config_reloads_total{outcome=\"refused\"}", 1, within).await;
+    let (mut still, status) = through("127.0.0.3").await;
+    assert_eq!(status, 200, "the refused file took the trusted balancer away");
+    echo_roundtrip(&mut still, b"after a refused file").await;
 }
 
 /// Keeps `tunnels` (to echoing upstreams) busy until the replica has applied `files` changed
