@@ -5,6 +5,7 @@
 //! the engine API and the proxy's browser port use it. `serve` is every HTTP server's loop
 //! (engine API, browser port, admin ports): axum's, with a time limit on each request head.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -138,6 +139,92 @@ impl ConnectionLimit {
     /// A new limit for the connections accepted from now on (at least 1).
     pub fn set_limit(&self, max: usize) {
         self.places.set_limit(max);
+    }
+}
+
+/// Connections that have not yet sent a request the server accepted (read, and its credentials
+/// checked), at most `limit` at once. One more does not turn the newcomer away, as a full
+/// `ConnectionLimit` does: the connection that has waited longest is told to close instead.
+/// A flood of silent or trickling connections (slowloris) from enough addresses would otherwise
+/// hold every place for the whole request timeout and turn away every real client; this way it
+/// has to open connections faster than `limit` per round trip of a real client to keep one out.
+#[derive(Clone)]
+pub struct Waiting(Arc<WaitingQueue>);
+
+struct WaitingQueue {
+    limit: AtomicUsize,
+    /// The next connection's number, and the waiting ones by number: the first waited longest.
+    queue: std::sync::Mutex<(u64, BTreeMap<u64, oneshot::Sender<()>>)>,
+    /// Connections told to close to make room.
+    closed: prometheus_client::metrics::counter::Counter,
+    /// Connections waiting now.
+    count: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// One waiting connection's place, given back on drop.
+pub struct WaitingPlace {
+    queue: Arc<WaitingQueue>,
+    id: u64,
+    told: oneshot::Receiver<()>,
+}
+
+impl Waiting {
+    /// `limit`: at least 1. `closed` counts the connections told to close, `count` shows how
+    /// many wait.
+    pub fn new(limit: usize, closed: prometheus_client::metrics::counter::Counter, count: prometheus_client::metrics::gauge::Gauge) -> Self {
+        let queue = std::sync::Mutex::new((0, BTreeMap::new()));
+        Waiting(Arc::new(WaitingQueue { limit: AtomicUsize::new(limit.max(1)), queue, closed, count }))
+    }
+
+    /// A place for a new connection, made by telling the longest waiting ones to close when
+    /// as many wait as the limit (more than one after the limit was lowered).
+    pub fn enter(&self) -> WaitingPlace {
+        let (tx, told) = oneshot::channel();
+        let limit = self.0.limit.load(Ordering::Relaxed);
+        let mut guard = self.0.queue.lock().expect("waiting queue lock");
+        let (next, waiting) = &mut *guard;
+        while waiting.len() >= limit {
+            let Some((_, oldest)) = waiting.pop_first() else { break };
+            let _ = oldest.send(());
+            self.0.closed.inc();
+        }
+        let id = *next;
+        *next += 1;
+        waiting.insert(id, tx);
+        self.0.count.set(waiting.len() as i64);
+        WaitingPlace { queue: self.0.clone(), id, told }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.0.limit.load(Ordering::Relaxed)
+    }
+
+    /// At least 1; connections waiting beyond a lower limit are told to close as new ones come.
+    pub fn set_limit(&self, limit: usize) {
+        self.0.limit.store(limit.max(1), Ordering::Relaxed);
+    }
+
+    /// Connections waiting now.
+    pub fn count(&self) -> usize {
+        self.0.count.get() as usize
+    }
+}
+
+impl WaitingPlace {
+    /// Resolves when this connection must close to make room for a newer one.
+    pub async fn told_to_close(&mut self) {
+        if (&mut self.told).await.is_err() {
+            // Its entry is gone only when this place is dropped: never told.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for WaitingPlace {
+    fn drop(&mut self) {
+        let mut guard = self.queue.queue.lock().expect("waiting queue lock");
+        guard.1.remove(&self.id);
+        self.queue.count.set(guard.1.len() as i64);
     }
 }
 
@@ -319,6 +406,32 @@ mod tests {
             let peer = accepted.unwrap().1.ip();
             assert_eq!(crate::proxy::allow::canonical(peer).to_string(), client, "{client} arrives as {peer}");
         }
+    }
+
+    #[test]
+    fn a_full_waiting_queue_closes_the_longest_waiting_connections_not_the_newcomer() {
+        use futures::FutureExt;
+        let told = |p: &mut WaitingPlace| p.told_to_close().now_or_never().is_some();
+        let closed = prometheus_client::metrics::counter::Counter::<u64>::default();
+        let waiting = Waiting::new(2, closed.clone(), Default::default());
+        let (mut a, mut b) = (waiting.enter(), waiting.enter());
+        assert!(!told(&mut a) && !told(&mut b), "room for both");
+        let mut c = waiting.enter();
+        assert!(told(&mut a), "the longest waiting makes room");
+        assert!(!told(&mut b) && !told(&mut c));
+        assert_eq!((waiting.count(), closed.get()), (2, 1));
+        drop((a, b));
+        let mut d = waiting.enter();
+        assert!(!told(&mut c) && !told(&mut d), "a place given back is room enough");
+        waiting.set_limit(1);
+        let mut e = waiting.enter();
+        assert!(told(&mut c) && told(&mut d), "a lowered limit: as many close as it takes");
+        assert!(!told(&mut e));
+        assert_eq!((waiting.count(), closed.get()), (1, 3));
+        drop((c, d, e));
+        assert_eq!(waiting.count(), 0, "every place was given back");
+        waiting.set_limit(0);
+        assert_eq!(waiting.limit(), 1, "at least one place");
     }
 
     #[test]

@@ -314,7 +314,9 @@ fn alert_rule(set: &[&str], alert: &str) -> Value {
 /// the Prometheus Operator's admission webhook checks), and its rule unit tests show alerts firing
 /// on the series they are for, after their `for:`, with their annotations rendered, and not on
 /// others: a pod at 95 % of its tunnel places but not one at 50 %; a SpiceProxy not ready that
-/// should run but not one scaled to zero; an engine API that turned connections away.
+/// should run but not one scaled to zero; an engine API that turned connections away; a proxy
+/// that closed waiting connections to make room (not one whose count stands still), until ten
+/// minutes have passed without more.
 #[test]
 fn promtool_accepts_the_rules_and_the_alerts_fire_when_they_should() {
     let all = render(&["prometheusRule.enabled=true"]);
@@ -338,6 +340,8 @@ tests:
       - {{series: 'spice_operator_spiceproxy_desired_replicas{{namespace="consoles",name="parked"}}', values: '0x20'}}
       - {{series: 'spice_operator_engine_connections_refused_total{{namespace="spice-operator-system",pod="op-1"}}', values: '0 0 0 3 3 3 3 3 3 3 3'}}
       - {{series: 'spice_proxy_admin_connections_refused_total{{namespace="consoles",pod="edge-2"}}', values: '0x10'}}
+      - {{series: 'spice_proxy_waiting_connections_closed_total{{namespace="consoles",pod="edge-1"}}', values: '0 0 40 40 40 40 40 40 40 40 40 40 40 40'}}
+      - {{series: 'spice_proxy_waiting_connections_closed_total{{namespace="consoles",pod="edge-2"}}', values: '7x14'}}
     alert_rule_test:
       - {{eval_time: 4m, alertname: SpiceProxyNearTunnelLimit, exp_alerts: []}}
       - eval_time: 6m
@@ -362,9 +366,19 @@ tests:
             exp_annotations:
               summary: Pod spice-operator-system/op-1 turned away 3 connections in 10 minutes over capacity
               description: {refused}
+      - {{eval_time: 1m, alertname: SpiceProxySlowRequestFlood, exp_alerts: []}}
+      - eval_time: 5m
+        alertname: SpiceProxySlowRequestFlood
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: consoles, pod: edge-1}}
+            exp_annotations:
+              summary: Proxy pod consoles/edge-1 closed 40 connections in 10 minutes that had not sent their request, to make room
+              description: {flood}
+      - {{eval_time: 13m, alertname: SpiceProxySlowRequestFlood, exp_alerts: []}}
 "#,
         near = description("SpiceProxyNearTunnelLimit"),
         refused = description("SpiceConnectionsRefusedOverCapacity"),
+        flood = description("SpiceProxySlowRequestFlood"),
     );
     std::fs::write(dir.path().join("tests.yaml"), tests).unwrap();
     let promtool = |args: &[&str]| {

@@ -522,9 +522,75 @@ async fn slowloris_gets_408_and_limits_give_503() {
     let mut third = connect_from("127.0.0.2", p.addr).unwrap();
     third.write_all(head.as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut third).await.0, 200);
-    let (mut d, s4, _) = request(p.addr, head.as_bytes()).await;
-    assert_eq!(s4, 503);
+    // A third address is within its own limit, and over the global one.
+    let mut d = connect_from("127.0.0.3", p.addr).unwrap();
+    d.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut d).await.0, 503);
     assert!(body(&mut d).await.contains("tunnel limit"));
+}
+
+/// Connections that have not sent a request the proxy accepted hold no tunnel place, and when
+/// as many wait as there are tunnel places, the one waiting longest is closed for a newcomer.
+/// So a slowloris flood from many addresses (each within the per-client limit) neither takes
+/// the consoles' places nor keeps out a client that sends its request with a ticket at once.
+#[tokio::test]
+async fn a_slow_request_flood_from_many_addresses_keeps_out_no_client_with_a_ticket() {
+    let up = echo_server().await;
+    let p = start(|c, _| {
+        c.limits.max_tunnels = 4;
+        c.limits.max_tunnels_per_client = 2;
+    })
+    .await;
+    let counts = || async {
+        let text = http_get(p.admin, "/metrics").await;
+        (metric(&text, "spice_proxy_waiting_connections"), metric(&text, "spice_proxy_waiting_connections_closed_total"))
+    };
+    // 20 connections from 10 addresses, each sending half a request head and then nothing.
+    let mut flood = Vec::new();
+    for i in 0..20u64 {
+        let mut slow = connect_from(&format!("127.0.0.{}", 10 + i / 2), p.addr).unwrap();
+        slow.write_all(b"CONNECT 127.0.0.1:5900 HTTP/1.0\r\nHost: ").await.unwrap();
+        flood.push(slow);
+        // Taken in one at a time, so the order the proxy saw them in is the order sent.
+        let want = ((i + 1).min(4), (i + 1).saturating_sub(4));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counts().await != want {
+            assert!(Instant::now() < deadline, "slow connection {i}: want (waiting, closed) {want:?}, have {:?}", counts().await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let (status, text) = read_response(&mut flood[0]).await;
+    let why = body(&mut flood[0]).await;
+    assert!(status == 408 && why.contains("closed to make room") && why.contains("4 connections were waiting"), "{text}{why}");
+
+    // Clients with tickets open as many tunnels as there are places, the flood notwithstanding.
+    let ticket = format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(format!("vm:{}", ticket_for("127.0.0.1", &[up.port()], VALID, KEY))));
+    let head = spice_gtk_head(&up.to_string(), &ticket);
+    let mut tunnels = Vec::new();
+    for from in ["127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2"] {
+        let mut s = connect_from(from, p.addr).unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut s).await.0, 200, "a client with a ticket from {from}");
+        echo_roundtrip(&mut s, b"through the flood").await;
+        tunnels.push(s);
+    }
+    // The first of them made room by closing the longest waiting of the flood; the others found
+    // room, as each tunnel left the waiting connections.
+    let (status, _) = read_response(&mut flood[16]).await;
+    assert_eq!(status, 408, "the longest waiting connection made room");
+    assert_eq!(counts().await, (3, 17));
+    // The tunnel limit holds for tunnels: a fifth, with its ticket, is turned away once read.
+    let mut fifth = connect_from("127.0.0.3", p.addr).unwrap();
+    fifth.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut fifth).await;
+    let why = body(&mut fifth).await;
+    assert!(status == 503 && why.contains("tunnel limit"), "{status} {why}");
+    let text = http_get(p.admin, "/metrics").await;
+    assert_eq!(metric(&text, "spice_proxy_active_tunnels"), 4);
+    assert_eq!(metric(&text, "spice_proxy_tunnels_total{outcome=\"408\"}"), 17);
+    for (i, s) in tunnels.iter_mut().enumerate() {
+        echo_roundtrip(s, format!("tunnel {i} still open").as_bytes()).await;
+    }
 }
 
 /// A PROXY protocol v2 header for a TCP/IPv4 client (what HAProxy's send-proxy-v2 sends).
@@ -800,14 +866,15 @@ async fn a_low_soft_open_files_limit_is_raised_for_the_tunnel_limit() {
     let hard = open_files_limits(std::process::id()).1.parse::<u64>().unwrap().min(65_536);
     let p = ProxyProcess::start(Some((64, hard)));
     let (proxy, admin, pid) = (p.proxy, p.admin, p.pid);
-    // What the default maxTunnels (10,000) needs: 6 descriptors each, 64 for the process and 11
-    // for each of its two workers, as far as the hard limit allows.
-    let raised = hard.min(10_000 * 6 + 64 + 2 * 11);
+    // What the default maxTunnels (10,000) needs: 7 descriptors each (6 for the tunnel, 1 for a
+    // connection waiting for its request), 64 for the process and 11 for each of its two
+    // workers, as far as the hard limit allows.
+    let raised = hard.min(10_000 * 7 + 64 + 2 * 11);
     assert_eq!(open_files_limits(pid), (raised.to_string(), hard.to_string()));
     let open = open_tunnels(proxy, up, TUNNELS, "the proxy ran out of file descriptors").await;
     let text = http_get(admin, "/metrics").await;
     assert_eq!(metric(&text, "spice_proxy_active_tunnels"), TUNNELS as u64);
-    assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), ((raised - 64 - 2 * 11) / 6).min(10_000));
+    assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), ((raised - 64 - 2 * 11) / 7).min(10_000));
     drop(open);
 }
 
@@ -818,8 +885,8 @@ async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
     let up = echo_server().await;
     let p = ProxyProcess::start(Some((256, 256)));
     let (proxy, admin, stderr) = (p.proxy, p.admin, p.stderr);
-    // (256 - 64 - 2 × 11) / 6 descriptors.
-    const FITS: usize = 28;
+    // (256 - 64 - 2 × 11) / 7 descriptors.
+    const FITS: usize = 24;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), FITS as u64);
     let open = open_tunnels(proxy, up, FITS, "the proxy ran out of file descriptors").await;
     let (mut s, status, _) = request(proxy, spice_gtk_head(&up.to_string(), "").as_bytes()).await;
@@ -839,7 +906,7 @@ async fn a_hard_open_files_limit_below_max_tunnels_lowers_the_tunnel_limit() {
 /// With a browser port, each tunnel place also has a browser connection waiting for its upgrade,
 /// so the open-files limit is shared out with one more descriptor a tunnel, and the browser port
 /// holds only as many connections as tunnels fit: under a hard limit of 256, (256 - 64 - 2 × 11)
-/// / 7 = 24. One more browser connection is answered 503 rather than left to meet EMFILE.
+/// / 8 = 21. One more browser connection is answered 503 rather than left to meet EMFILE.
 #[tokio::test]
 async fn under_a_low_open_files_limit_the_browser_port_holds_as_many_connections_as_tunnels_fit() {
     use spice_operator::proxy::config::Html5Config;
@@ -848,7 +915,7 @@ async fn under_a_low_open_files_limit_the_browser_port_holds_as_many_connections
         let listen = web.to_string();
         c.html5 = Some(Html5Config { listen, static_dir: "/nonexistent".into(), allowed_origins: vec![], tls: None, upstream_tls: None });
     });
-    const FITS: usize = 24;
+    const FITS: usize = 21;
     assert_eq!(metric(&http_get(p.admin, "/metrics").await, "spice_proxy_tunnel_limit"), FITS as u64);
     let mut waiting = Vec::new();
     for i in 0..FITS {
@@ -1507,17 +1574,17 @@ async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_t
     let head_text = spice_gtk_head(&up.to_string(), "");
     let head = head_text.as_bytes();
     let open = || async { request(addr, head).await };
-    let refused_for = |why: &'static str| async move {
-        let (mut s, status, _) = request(addr, head).await;
+    let refused_for = |from: &'static str, why: &'static str| async move {
+        let mut s = connect_from(from, addr).unwrap();
+        s.write_all(head).await.unwrap();
+        let status = read_response(&mut s).await.0;
         let b = body(&mut s).await;
         assert!(status == 503 && b.contains(why), "want 503 {why}: {status} {b}");
     };
     let within = spice_operator::mounted::RELOAD_EVERY + Duration::from_secs(5);
 
-    // The start's readiness probe (a connection without a request) holds the one place until
-    // the proxy has taken it in, up to the listener's deferral, and read its end.
     let mut a = opened_within(addr, head, Duration::from_secs(5), "the first tunnel").await;
-    refused_for("tunnel limit").await;
+    refused_for("127.0.0.1", "tunnel limit").await;
 
     // Raised: the second tunnel opens once the replica has read the file; the per-client
     // limit, lowered in the same change, applies as well.
@@ -1525,7 +1592,7 @@ async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_t
     cfg.limits.max_tunnels_per_client = 2;
     publish(&cfg, 2);
     let mut b = opened_within(addr, head, within, "the raised limit").await;
-    refused_for("too many tunnels from your address").await;
+    refused_for("127.0.0.1", "too many tunnels from your address").await;
     let text = http_get(admin, "/metrics").await;
     assert_eq!(metric(&text, "spice_proxy_tunnel_limit"), 3);
     assert_eq!(metric(&text, "spice_proxy_config_reloads_total{outcome=\"applied\"}"), 1);
@@ -1537,7 +1604,8 @@ async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_t
     publish(&cfg, 3);
     busy_until_applied(admin, 2, within, &mut [&mut a, &mut b]).await;
     assert_eq!(metric(&http_get(admin, "/metrics").await, "spice_proxy_tunnel_limit"), 1);
-    refused_for("tunnel limit").await;
+    // From another address: 127.0.0.1 is at its own limit as well.
+    refused_for("127.0.0.2", "tunnel limit").await;
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         echo_roundtrip(&mut a, b"open before the limit was lowered").await;
@@ -1548,7 +1616,7 @@ async fn changed_limits_apply_without_a_restart_and_a_lowered_one_ends_no_open_t
     // One closed: one is still open, the limit's worth.
     drop(a);
     assert_metric_reaches(admin, "spice_proxy_active_tunnels", 1).await;
-    refused_for("tunnel limit").await;
+    refused_for("127.0.0.1", "tunnel limit").await;
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut rest)).await.expect("the open tunnel closed at the new idle timeout").unwrap();
     assert!(quiet.elapsed() >= Duration::from_millis(1900), "closed after {:?} of quiet, before the idle timeout", quiet.elapsed());

@@ -73,6 +73,11 @@ pub struct ProxyMetrics {
     pub hypervisor_ca_expiry: Gauge,
     /// Browser-port connections turned away because as many were open, not yet bridges, as the tunnel limit.
     pub html5_connections_refused: Counter,
+    /// CONNECT-port connections told to close before their request was accepted, to make room
+    /// for a newer one (`listener::Waiting`).
+    pub waiting_connections_closed: Counter,
+    /// CONNECT-port connections waiting for their request to be accepted now.
+    pub waiting_connections: Gauge,
     /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
     pub admin_connections_refused: Counter,
     /// Changed configuration files read while running: applied (their allow-list or live
@@ -121,6 +126,18 @@ impl Default for ProxyMetrics {
             "Browser-port connections closed or answered 503 because as many connections that were not bridges were open as the tunnel limit (spice_proxy_tunnel_limit)",
             html5_connections_refused.clone(),
         );
+        let waiting_connections_closed = Counter::default();
+        registry.register(
+            "waiting_connections_closed",
+            "CONNECT-port connections closed (408) before their request was accepted, to make room for a newer one: as many were waiting for theirs as the tunnel limit (a flood of slow or silent connections)",
+            waiting_connections_closed.clone(),
+        );
+        let waiting_connections = Gauge::default();
+        registry.register(
+            "waiting_connections",
+            "CONNECT-port connections open now whose request is not yet read and authorised (they hold no tunnel place)",
+            waiting_connections.clone(),
+        );
         let admin_connections_refused = crate::admin::register_refused(&mut registry);
         let config_reloads = Family::<Outcome, Counter>::default();
         // Both series from the start, so an alert on refusals has a zero to compare with.
@@ -150,6 +167,8 @@ impl Default for ProxyMetrics {
             tls_cert_expiry,
             hypervisor_ca_expiry,
             html5_connections_refused,
+            waiting_connections_closed,
+            waiting_connections,
             admin_connections_refused,
             config_reloads,
             allow_list_rules,

@@ -11,10 +11,11 @@ pub const RESERVED: u64 = 64;
 /// And for each worker: its listener, epoll and eventfd, and its spare pipes.
 pub const PER_WORKER: u64 = 3 + 2 * super::tunnel::SPARE_PIPES as u64;
 
-/// What `workers` worker threads' tunnels need. With a browser port, each tunnel place also
-/// has one connection there waiting for its WebSocket upgrade (the port holds as many).
+/// What `workers` worker threads' tunnels need. Each tunnel place also has one connection on
+/// the CONNECT port waiting for its request to be accepted and, with a browser port, one there
+/// waiting for its WebSocket upgrade (each port holds as many as there are tunnel places).
 pub fn need(workers: usize, browser_port: bool) -> Need {
-    Need { per_connection: PER_TUNNEL + browser_port as u64, reserved: RESERVED + PER_WORKER * workers as u64 }
+    Need { per_connection: PER_TUNNEL + 1 + browser_port as u64, reserved: RESERVED + PER_WORKER * workers as u64 }
 }
 
 /// Raises the open-files limit for `max_tunnels` over `workers` workers; returns the tunnels it
@@ -29,12 +30,12 @@ mod tests {
     fn each_worker_keeps_descriptors_of_its_own() {
         assert_eq!(super::need(2, false).reserved, 64 + 2 * 11);
         let plan = crate::open_files::plan(Some(1024), Some(524_288), 10_000, super::need(64, false));
-        assert_eq!(plan.raise_to, Some(60_000 + 64 + 64 * 11));
+        assert_eq!(plan.raise_to, Some(70_000 + 64 + 64 * 11));
     }
 
     #[test]
     fn a_browser_port_needs_one_more_descriptor_per_tunnel() {
         let plan = |browser| crate::open_files::plan(Some(256), Some(256), 10_000, super::need(2, browser)).connections;
-        assert_eq!((plan(false), plan(true)), ((256 - 86) / 6, (256 - 86) / 7));
+        assert_eq!((plan(false), plan(true)), ((256 - 86) / 7, (256 - 86) / 8));
     }
 }

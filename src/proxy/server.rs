@@ -25,7 +25,7 @@ use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::{AuthMode, ClientSocketSpec, ProxyLimits};
-use crate::listener::{ConnectionLimit, Places};
+use crate::listener::{ConnectionLimit, Places, Waiting};
 use crate::http_answer::{Refusal, refuse, response};
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
@@ -77,6 +77,9 @@ pub struct Shared {
     /// Open tunnels, CONNECT and browser bridges alike: `maxTunnels`, or fewer where the
     /// open-files limit leaves room for fewer.
     pub(crate) tunnels: Places,
+    /// CONNECT-port connections whose request is not yet read and authorised, which take no
+    /// tunnel place: as many as there are tunnel places, the longest waiting closed for a newcomer.
+    waiting: Waiting,
     /// Browser-port connections not (yet) bridges: as many as there are tunnel places.
     pub(crate) html5_connections: ConnectionLimit,
     /// Worker threads, for the descriptors a new tunnel limit needs.
@@ -513,6 +516,7 @@ impl ProxyServer {
             origins: RwLock::new(cfg.allowed_origins().to_vec()),
             balancers: RwLock::new(cfg.proxy_protocol.clone().unwrap_or_default()),
             tunnels: Places::new(tunnel_limit),
+            waiting: Waiting::new(tunnel_limit, metrics.waiting_connections_closed.clone(), metrics.waiting_connections.clone()),
             html5_connections,
             workers: listeners.len(),
             creds: RwLock::new(creds),
@@ -857,6 +861,7 @@ impl Shared {
         // As at start: no more tunnels than the open-files limit leaves descriptors for.
         let tunnel_limit = super::open_files::fit(limits.tunnel_limit(), self.workers, self.cfg.html5.is_some());
         self.tunnels.set_limit(tunnel_limit);
+        self.waiting.set_limit(tunnel_limit);
         self.html5_connections.set_limit(tunnel_limit);
         self.metrics.tunnel_limit.set(tunnel_limit as i64);
         self.auth_failures.set_limits(limits.max_auth_failures(), limits.auth_failure_window());
@@ -946,43 +951,23 @@ async fn serve_one(
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<Close, Refused> {
     let v10 = Version::Http10;
+    // Until its request is read and authorised a connection takes no tunnel place, only a
+    // waiting one: silent connections cannot turn away clients that bring a ticket.
+    let mut waiting = shared.waiting.enter();
+    // Boxed like the opening below: its buffers must not stay in every tunnel's task.
+    let accepted = tokio::select! {
+        biased;
+        accepted = Box::pin(accept_request(shared, client, peer_ip, audit, started)) => accepted?,
+        () = waiting.told_to_close() => return Err((v10, refuse(408, made_room(shared.waiting.limit(), started.elapsed())))),
+    };
+    drop(waiting);
+    let Some(Accepted { request, leftover, slot: _slot }) = accepted else {
+        return Ok(Close::NoRequest);
+    };
     let Some(_permit) = shared.tunnels.take() else {
-        return Err((v10, refuse(503, AT_TUNNEL_LIMIT)));
+        return Err((request.version, refuse(503, AT_TUNNEL_LIMIT)));
     };
-    // One deadline for the whole request: a PROXY protocol header, then the head.
-    let deadline = tokio::time::Instant::from_std(started) + shared.limits().handshake_timeout();
-    let (client_ip, early) = match &shared.cfg.proxy_protocol {
-        None => (peer_ip, Vec::with_capacity(512)),
-        Some(_) => {
-            if !shared.trusts_balancer(peer_ip) {
-                return Err((v10, refuse(403, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)"))));
-            }
-            // Boxed like the handshake below: its buffer must not stay in every tunnel's task.
-            match tokio::time::timeout_at(deadline, Box::pin(read_proxy_header(client))).await {
-                Err(_) => return Err((v10, refuse(408, format!("PROXY protocol header not received within {:?}", shared.limits().handshake_timeout())))),
-                Ok(Err(_) | Ok(None)) => return Ok(Close::NoRequest),
-                Ok(Ok(Some(Err(e)))) => return Err((v10, refuse(400, e.to_string()))),
-                Ok(Ok(Some(Ok((origin, rest))))) => match origin {
-                    Origin::Client(addr) => {
-                        let ip = canonical(addr.ip());
-                        // The audit line names the client; the balancer's own address moves to `via`.
-                        audit.via = audit.client.replace(SocketAddr::new(ip, addr.port()));
-                        (ip, rest)
-                    }
-                    Origin::Itself => (peer_ip, rest),
-                },
-            }
-        }
-    };
-    let Some(_slot) = ClientSlot::take(shared, client_ip) else {
-        return Err((v10, refuse(503, too_many_from(client_ip))));
-    };
-    // The handshake runs in its own boxed future, so its buffers are freed before the
-    // tunnel starts: an idle tunnel keeps only the two sockets and a small state.
-    let mut upstream = match Box::pin(handshake(shared, client, client_ip, audit, early, deadline)).await? {
-        Some(up) => up,
-        None => return Ok(Close::NoRequest),
-    };
+    let mut upstream = Box::pin(open(shared, client, audit, request, leftover)).await?;
     shared.metrics.handshake.observe(started.elapsed().as_secs_f64());
     shared.metrics.active.inc();
     let activity = Activity::default();
@@ -997,27 +982,73 @@ async fn serve_one(
     Ok(close)
 }
 
-/// Reads and checks the request, authorises it, connects upstream and answers 200.
-/// `None` when the client went away without a request.
-async fn handshake(shared: &Shared, client: &mut TcpStream, client_ip: IpAddr, audit: &mut Audit, early: Vec<u8>, deadline: tokio::time::Instant) -> Result<Option<TcpStream>, Refused> {
+/// The answer of a connection closed to make room for a newer one.
+fn made_room(limit: usize, waited: Duration) -> String {
+    format!("closed to make room: {limit} connections were waiting to send a request (the tunnel limit), and this one had waited longest ({} ms)", waited.as_millis())
+}
+
+/// A request read and authorised, and the client's place in its per-client count.
+struct Accepted<'a> {
+    request: head::Request,
+    /// Bytes the client sent after its request head, for the upstream.
+    leftover: Vec<u8>,
+    slot: ClientSlot<'a>,
+}
+
+/// Reads a PROXY protocol header when configured, then the request head, all within the
+/// handshake timeout from `started`; checks it and authorises it. `None` when the client went
+/// away without a request.
+async fn accept_request<'a>(shared: &'a Shared, client: &mut TcpStream, peer_ip: IpAddr, audit: &mut Audit, started: Instant) -> Result<Option<Accepted<'a>>, Refused> {
     let v10 = Version::Http10;
+    // One deadline for the whole request: a PROXY protocol header, then the head.
+    let deadline = tokio::time::Instant::from_std(started) + shared.limits().handshake_timeout();
+    let (client_ip, early) = match &shared.cfg.proxy_protocol {
+        None => (peer_ip, Vec::with_capacity(512)),
+        Some(_) => {
+            if !shared.trusts_balancer(peer_ip) {
+                return Err((v10, refuse(403, format!("{peer_ip} is not a load balancer of this proxy: connections come through one (PROXY protocol)"))));
+            }
+            match tokio::time::timeout_at(deadline, read_proxy_header(client)).await {
+                Err(_) => return Err((v10, refuse(408, format!("PROXY protocol header not received within {:?}", shared.limits().handshake_timeout())))),
+                Ok(Err(_) | Ok(None)) => return Ok(None),
+                Ok(Ok(Some(Err(e)))) => return Err((v10, refuse(400, e.to_string()))),
+                Ok(Ok(Some(Ok((origin, rest))))) => match origin {
+                    Origin::Client(addr) => {
+                        let ip = canonical(addr.ip());
+                        // The audit line names the client; the balancer's own address moves to `via`.
+                        audit.via = audit.client.replace(SocketAddr::new(ip, addr.port()));
+                        (ip, rest)
+                    }
+                    Origin::Itself => (peer_ip, rest),
+                },
+            }
+        }
+    };
+    let Some(slot) = ClientSlot::take(shared, client_ip) else {
+        return Err((v10, refuse(503, too_many_from(client_ip))));
+    };
     let (head, leftover) = match tokio::time::timeout_at(deadline, read_head(client, early)).await {
         Err(_) => return Err((v10, refuse(408, format!("request head not received within {:?}", shared.limits().handshake_timeout())))),
         Ok(Err(_)) | Ok(Ok(HeadRead::Closed)) => return Ok(None),
         Ok(Ok(HeadRead::TooLarge)) => return Err((v10, refuse(400, format!("request head larger than {MAX_HEAD} bytes")))),
         Ok(Ok(HeadRead::Head(h, rest))) => (h, rest),
     };
-    let req = match head::parse(&head) {
+    let request = match head::parse(&head) {
         Ok(r) => r,
         Err(e @ HeadError::NotConnect { version, .. }) => return Err((version, refuse(405, e.to_string()))),
         Err(e) => return Err((v10, refuse(400, e.to_string()))),
     };
-    let version = req.version;
-    audit.target = Some(head::authority(&req.host, req.port));
-    let who = shared.authorise(&req, client_ip).map_err(|r| (version, r))?;
+    audit.target = Some(head::authority(&request.host, request.port));
+    let who = shared.authorise(&request, client_ip).map_err(|r| (request.version, r))?;
     audit.user = who.user;
     audit.subject = who.subject;
-    let addrs = shared.allowed_addresses(&req.host, req.port).await.map_err(|r| (version, r))?;
+    Ok(Some(Accepted { request, leftover, slot }))
+}
+
+/// Connects to the target of an accepted request, if the allow-list permits it, and answers 200.
+async fn open(shared: &Shared, client: &mut TcpStream, audit: &mut Audit, request: head::Request, leftover: Vec<u8>) -> Result<TcpStream, Refused> {
+    let version = request.version;
+    let addrs = shared.allowed_addresses(&request.host, request.port).await.map_err(|r| (version, r))?;
     let (mut upstream, addr) = shared.connect(&addrs).await.map_err(|r| (version, r))?;
     audit.upstream = Some(addr);
     // Success: the status line and a blank line, nothing more; then the client speaks first.
@@ -1028,7 +1059,7 @@ async fn handshake(shared: &Shared, client: &mut TcpStream, client_ip: IpAddr, a
         upstream.write_all(&leftover).await.map_err(|e| (version, refuse(502, e.to_string())))?;
         audit.bytes_early = Some(leftover.len());
     }
-    Ok(Some(upstream))
+    Ok(upstream)
 }
 
 /// `spice-operator proxy --config FILE`: serve until SIGTERM/SIGINT, then drain.
@@ -1080,6 +1111,7 @@ mod tests {
             origins: RwLock::new(Vec::new()),
             balancers: RwLock::new(ProxyProtocolConfig::default()),
             tunnels: Places::new(10),
+            waiting: Waiting::new(10, metrics.waiting_connections_closed.clone(), metrics.waiting_connections.clone()),
             html5_connections: ConnectionLimit::new(10, metrics.html5_connections_refused.clone()),
             workers: 1,
             creds: RwLock::new(Credentials::default()),
