@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -112,33 +112,68 @@ impl Drop for Place {
     }
 }
 
-/// How many connections one server holds at once, from accept (its admission included) to close;
-/// one more is closed at once (answered 503 when it can be read) and counted in `refused`.
+/// How many connections one server holds at once, from accept (its admission included) to close.
 /// Shared by `Admitted` and `serve`, each holding a place in turn, so admissions and requests are
-/// counted together.
+/// counted together. What happens to one more depends on how the limit was made: `new` closes
+/// it at once (answered 503 when it can be read) and counts it in `refused`; `closing_oldest`
+/// closes the connection that has waited longest instead (`Waiting`), unless a request of its
+/// own is being answered, which is finished first.
 #[derive(Clone)]
-pub struct ConnectionLimit {
-    places: Places,
-    refused: prometheus_client::metrics::counter::Counter,
+pub struct ConnectionLimit(Limit);
+
+#[derive(Clone)]
+enum Limit {
+    RefuseNewcomer { places: Places, refused: prometheus_client::metrics::counter::Counter },
+    CloseOldest(Waiting),
+}
+
+/// A connection's place under a `ConnectionLimit`, given back on drop.
+pub enum Held {
+    Place(#[allow(dead_code)] Place),
+    Waiting(WaitingPlace),
+}
+
+impl Held {
+    /// Resolves when this connection must close to make room for a newer one (never under a
+    /// limit that refuses newcomers instead).
+    async fn told_to_close(&mut self) {
+        match self {
+            Held::Place(_) => std::future::pending().await,
+            Held::Waiting(w) => w.told_to_close().await,
+        }
+    }
 }
 
 impl ConnectionLimit {
     pub fn new(max: usize, refused: prometheus_client::metrics::counter::Counter) -> Self {
-        Self { places: Places::new(max), refused }
+        Self(Limit::RefuseNewcomer { places: Places::new(max), refused })
+    }
+
+    /// A limit that makes room for a newcomer by closing the connection waiting longest.
+    pub fn closing_oldest(waiting: Waiting) -> Self {
+        Self(Limit::CloseOldest(waiting))
     }
 
     /// A place for one more connection, or None (counted) when all are taken.
-    fn take(&self) -> Option<Place> {
-        let place = self.places.take();
-        if place.is_none() {
-            self.refused.inc();
+    fn take(&self) -> Option<Held> {
+        match &self.0 {
+            Limit::RefuseNewcomer { places, refused } => {
+                let place = places.take();
+                if place.is_none() {
+                    refused.inc();
+                }
+                place.map(Held::Place)
+            }
+            Limit::CloseOldest(waiting) => Some(Held::Waiting(waiting.enter())),
         }
-        place
     }
 
     /// A new limit for the connections accepted from now on (at least 1).
     pub fn set_limit(&self, max: usize) {
-        self.places.set_limit(max);
+        match &self.0 {
+            Limit::RefuseNewcomer { places, .. } => places.set_limit(max),
+            Limit::CloseOldest(waiting) => waiting.set_limit(max),
+        }
     }
 }
 
@@ -248,12 +283,16 @@ impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
                 if tx.is_closed() {
                     return;
                 }
-                let Some(place) = limit.take() else {
+                let Some(mut place) = limit.take() else {
                     continue;
                 };
                 let (tx, admitted) = (tx.clone(), admit(stream, peer));
                 tokio::spawn(async move {
-                    let conn = admitted.await;
+                    let conn = tokio::select! {
+                        biased;
+                        conn = admitted => conn,
+                        () = place.told_to_close() => return,
+                    };
                     // `serve` takes a place of its own for the connection it is handed.
                     drop(place);
                     if let Some(conn) = conn {
@@ -304,8 +343,8 @@ where
 /// the client likes, each holding a descriptor, and enough of them exhaust the process's
 /// descriptors (the proxy's tunnels included). At most `limit` connections are served at once
 /// (an upgraded one leaves the count: it is the handler's, with limits of its own); one more is
-/// answered 503 and closed. At `shutdown` it stops accepting, lets requests in flight finish and
-/// closes idle connections.
+/// answered 503 and closed, or the longest waiting is closed for it (`ConnectionLimit`). At
+/// `shutdown` it stops accepting, lets requests in flight finish and closes idle connections.
 pub async fn serve<L, C>(
     mut listener: L,
     router: axum::Router,
@@ -329,31 +368,71 @@ pub async fn serve<L, C>(
             conn = listener.accept() => conn,
             () = &mut shutdown => break,
         };
-        let Some(place) = limit.take() else {
+        let Some(mut place) = limit.take() else {
             tokio::spawn(over_capacity(io));
             continue;
         };
         let (router, connect_info) = (router.clone(), axum::extract::ConnectInfo(info(addr)));
-        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let mut request = request.map(axum::body::Body::new);
-            request.extensions_mut().insert(connect_info.clone());
-            router.clone().oneshot(request)
+        // From a request's head until its answer's body is sent: a connection told to close to
+        // make room finishes that first.
+        let busy = Arc::new(AtomicBool::new(false));
+        let service = hyper::service::service_fn({
+            let busy = busy.clone();
+            move |request: hyper::Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(connect_info.clone());
+                busy.store(true, Ordering::Relaxed);
+                let (answer, busy) = (router.clone().oneshot(request), Busy(Some(busy.clone())));
+                async move { answer.await.map(|response| busy.until_sent(response)) }
+            }
         });
         let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
         let mut stopped = stopped.clone();
         connections.spawn(async move {
-            let _place = place;
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+                () = place.told_to_close() => {
+                    if !busy.load(Ordering::Relaxed) {
+                        return; // waiting for a request head: closed as it is dropped
+                    }
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             let _ = conn.await;
+            drop(place);
         });
     }
     let _ = stop.send(true);
     connections.close();
     connections.wait().await;
+}
+
+/// Marks a connection busy until the body of its answer has been sent (or dropped).
+struct Busy(Option<Arc<AtomicBool>>);
+
+impl Busy {
+    fn until_sent(mut self, response: axum::response::Response) -> axum::response::Response {
+        use http_body_util::BodyExt;
+        if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+            // Busy for good: the connection is the handler's once upgraded.
+            self.0 = None;
+            return response;
+        }
+        response.map(|body| axum::body::Body::new(body.map_frame(move |frame| {
+            let _ = &self;
+            frame
+        })))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(busy) = &self.0 {
+            busy.store(false, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The answer of a server that holds as many connections as it may (in the form of every

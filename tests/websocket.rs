@@ -120,7 +120,11 @@ fn status(resp: &str) -> u16 {
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 async fn open(b: &Bridge, query: &str, origin: Option<&str>) -> Result<Ws, WsError> {
-    let mut req = format!("ws://{}/websockify{query}", b.web).into_client_request().unwrap();
+    open_at(b.web, query, origin).await
+}
+
+async fn open_at(web: SocketAddr, query: &str, origin: Option<&str>) -> Result<Ws, WsError> {
+    let mut req = format!("ws://{web}/websockify{query}").into_client_request().unwrap();
     req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
     if let Some(o) = origin {
         req.headers_mut().insert("Origin", HeaderValue::from_str(o).unwrap());
@@ -336,28 +340,86 @@ async fn connections_that_send_no_request_in_time_are_closed() {
     let _ = b.stop.send(true);
 }
 
-/// The browser port holds at most maxTunnels connections that have not become bridges: one
-/// more is answered 503 with a body and closed, and once a place is free again it is served.
+/// The browser port holds at most maxTunnels connections that have not become bridges. When one
+/// more comes, the one that has waited longest is closed to make room, not the newcomer: slow or
+/// silent connections cannot keep a console out.
 #[tokio::test]
-async fn a_browser_port_full_of_connections_answers_503() {
+async fn a_browser_port_full_of_slow_connections_closes_the_oldest_for_a_console() {
+    let b = start_edited(600, 1, None, |c| c.limits.max_tunnels = 2).await;
+    let (up, _) = echo().await;
+    let waiting = "spice_proxy_html5_waiting_connections";
+    let closed = "spice_proxy_html5_waiting_connections_closed_total";
+    let mut slow = Vec::new();
+    for i in 0..2 {
+        let mut s = TcpStream::connect(b.web).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: ").await.unwrap();
+        slow.push(s);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(b.admin, waiting).await != i + 1 {
+            assert!(Instant::now() < deadline, "slow connection {i} not taken in");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Full: a console opens all the same, at once, and the longest waiting connection is closed.
+    let started = Instant::now();
+    let mut ws = open(&b, &format!("?token={}", token(up.port(), VALID, KEY)), None).await.expect("a console through a full port");
+    assert!(started.elapsed() < Duration::from_secs(1), "opened at once, not after a timeout: {:?}", started.elapsed());
+    echoes(&mut ws, b"through a port full of slow connections").await;
+    assert!(closed_within(&mut slow[0], Duration::from_secs(2)).await.is_some(), "the longest waiting connection was closed");
+    assert!(closed_within(&mut slow[1], Duration::from_millis(300)).await.is_none(), "only as many as make room");
+    assert_eq!((metric(b.admin, waiting).await, metric(b.admin, closed).await), (1, 1), "the bridge left the count");
+    // A page request is served too, and the next longest waiting makes room for it.
+    let mut page = TcpStream::connect(b.web).await.unwrap();
+    let mut keep = TcpStream::connect(b.web).await.unwrap();
+    keep.write_all(b"GET / HTTP/1.1\r\nHost: ").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    page.write_all(b"GET /spice_auto.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), page.read_to_string(&mut answer)).await.expect("answered within 5 s").unwrap();
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(closed_within(&mut slow[1], Duration::from_secs(2)).await.is_some());
+    assert_eq!(metric(b.admin, closed).await, 2);
+    echoes(&mut ws, b"the console is untouched").await;
+    let _ = b.stop.send(true);
+}
+
+/// A connection told to close while a request of its own is being answered finishes it first:
+/// a console being opened (here a WebSocket handshake waiting for a hypervisor's TLS) is not cut
+/// because slower connections came after it.
+#[tokio::test]
+async fn a_connection_closed_to_make_room_finishes_the_request_it_is_answering() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            kept.push(s);
+        }
+    });
+    let (ca, _) = hypervisor_ca("hypervisor CA", 2030);
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_file = ca_dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
     let b = start_edited(600, 1, None, |c| {
-        c.limits.max_tunnels = 2;
-        c.limits.handshake_timeout_seconds = 2;
+        c.limits.connect_timeout_seconds = 2;
+        c.limits.max_tunnels = 1;
+        c.html5.as_mut().unwrap().upstream_tls = Some(UpstreamTls { ca_file: ca_file.to_string_lossy().into(), host_subject: None });
     })
     .await;
-    let _first = TcpStream::connect(b.web).await.unwrap();
-    let _second = TcpStream::connect(b.web).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let r = raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(status(&r), 503, "{r}");
-    assert!(r.contains("over capacity") && r.to_ascii_lowercase().contains("retry-after: 1"), "{r}");
-    assert!(started.elapsed() < Duration::from_secs(1), "answered at once, not after a timeout: {:?}", started.elapsed());
-    let metrics = raw(b.admin, "GET /metrics HTTP/1.0\r\n\r\n").await;
-    assert!(metrics.lines().any(|l| l == "spice_proxy_html5_connections_refused_total 1"), "{metrics}");
-    // The two silent ones are closed after the 2 s head timeout, and their places are free.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(status(&raw(b.web, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await), 200);
+    let expires = ticket::now() + VALID as u64;
+    let tls_only = ticket::mint(KEY, &Claims { host: "127.0.0.1".into(), ports: vec![port], expires, subject: "vm-tls".into() });
+    let query = format!("?token={tls_only}");
+    let web = b.web;
+    let busy = tokio::spawn(async move { refused_with(open_at(web, &query, None).await) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The port is full with the handshake in progress: a page request makes room and is served.
+    let page = raw(b.web, "GET /spice_auto.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&page), 200, "{page}");
+    assert_eq!(metric(b.admin, "spice_proxy_html5_waiting_connections_closed_total").await, 1);
+    // The handshake that made room still gets its answer: the hypervisor's TLS timed out.
+    let (code, body) = busy.await.unwrap();
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("TLS handshake with the hypervisor"), "{body}");
     let _ = b.stop.send(true);
 }
 

@@ -71,8 +71,10 @@ pub struct ProxyMetrics {
     pub tls_cert_expiry: Gauge,
     /// When the last hypervisor CA certificate (html5.upstreamTls) expires (0 without one).
     pub hypervisor_ca_expiry: Gauge,
-    /// Browser-port connections turned away because as many were open, not yet bridges, as the tunnel limit.
-    pub html5_connections_refused: Counter,
+    /// Browser-port connections not (yet) bridges, closed to make room for a newer one.
+    pub html5_waiting_connections_closed: Counter,
+    /// Browser-port connections open now that are not (yet) bridges.
+    pub html5_waiting_connections: Gauge,
     /// CONNECT-port connections told to close before their request was accepted, to make room
     /// for a newer one (`listener::Waiting`).
     pub waiting_connections_closed: Counter,
@@ -120,11 +122,17 @@ impl Default for ProxyMetrics {
             "When the last of the hypervisor CA certificates (html5.upstreamTls.caSecret) expires (seconds since the epoch; 0 without them)",
             hypervisor_ca_expiry.clone(),
         );
-        let html5_connections_refused = Counter::default();
+        let html5_waiting_connections_closed = Counter::default();
         registry.register(
-            "html5_connections_refused",
-            "Browser-port connections closed or answered 503 because as many connections that were not bridges were open as the tunnel limit (spice_proxy_tunnel_limit)",
-            html5_connections_refused.clone(),
+            "html5_waiting_connections_closed",
+            "Browser-port connections that were not bridges, closed before a request of theirs was being answered, to make room for a newer one: as many were open as the tunnel limit (a flood of slow or silent connections)",
+            html5_waiting_connections_closed.clone(),
+        );
+        let html5_waiting_connections = Gauge::default();
+        registry.register(
+            "html5_waiting_connections",
+            "Browser-port connections open now that are not bridges (TLS handshakes, page requests, WebSocket handshakes, kept-alive connections)",
+            html5_waiting_connections.clone(),
         );
         let waiting_connections_closed = Counter::default();
         registry.register(
@@ -166,7 +174,8 @@ impl Default for ProxyMetrics {
             tunnel_limit,
             tls_cert_expiry,
             hypervisor_ca_expiry,
-            html5_connections_refused,
+            html5_waiting_connections_closed,
+            html5_waiting_connections,
             waiting_connections_closed,
             waiting_connections,
             admin_connections_refused,

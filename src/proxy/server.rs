@@ -80,7 +80,8 @@ pub struct Shared {
     /// CONNECT-port connections whose request is not yet read and authorised, which take no
     /// tunnel place: as many as there are tunnel places, the longest waiting closed for a newcomer.
     waiting: Waiting,
-    /// Browser-port connections not (yet) bridges: as many as there are tunnel places.
+    /// Browser-port connections not (yet) bridges: as many as there are tunnel places, the
+    /// longest waiting closed for a newcomer.
     pub(crate) html5_connections: ConnectionLimit,
     /// Worker threads, for the descriptors a new tunnel limit needs.
     workers: usize,
@@ -509,7 +510,7 @@ impl ProxyServer {
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         metrics.allow_list_rules.set(cfg.allowed_targets.len() as i64);
-        let html5_connections = ConnectionLimit::new(tunnel_limit, metrics.html5_connections_refused.clone());
+        let html5_connections = ConnectionLimit::closing_oldest(Waiting::new(tunnel_limit, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone()));
         let shared = Arc::new(Shared {
             allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
             limits: RwLock::new(cfg.limits),
@@ -1112,7 +1113,7 @@ mod tests {
             balancers: RwLock::new(ProxyProtocolConfig::default()),
             tunnels: Places::new(10),
             waiting: Waiting::new(10, metrics.waiting_connections_closed.clone(), metrics.waiting_connections.clone()),
-            html5_connections: ConnectionLimit::new(10, metrics.html5_connections_refused.clone()),
+            html5_connections: ConnectionLimit::closing_oldest(Waiting::new(10, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone())),
             workers: 1,
             creds: RwLock::new(Credentials::default()),
             metrics,
