@@ -383,14 +383,13 @@ async fn a_browser_port_full_of_slow_connections_closes_the_oldest_for_a_console
     let _ = b.stop.send(true);
 }
 
-/// A connection told to close while a request of its own is being answered finishes it first:
-/// a console being opened (here a WebSocket handshake waiting for a hypervisor's TLS) is not cut
-/// because slower connections came after it.
-#[tokio::test]
-async fn a_connection_closed_to_make_room_finishes_the_request_it_is_answering() {
+/// A bridge with `maxTunnels: 1` and the connect timeout given, whose hypervisors speak TLS,
+/// and a hypervisor tls-port that accepts and then says nothing: the bridge, the port, a token
+/// for it, and the directory of the CA file (kept while the bridge runs).
+async fn bridge_to_a_silent_tls_port(connect_timeout: i32) -> (Bridge, u16, String, tempfile::TempDir) {
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = silent.local_addr().unwrap().port();
-    let _held = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut kept = Vec::new();
         while let Ok((s, _)) = silent.accept().await {
             kept.push(s);
@@ -401,13 +400,22 @@ async fn a_connection_closed_to_make_room_finishes_the_request_it_is_answering()
     let ca_file = ca_dir.path().join("ca.crt");
     std::fs::write(&ca_file, ca.pem()).unwrap();
     let b = start_edited(600, 1, None, |c| {
-        c.limits.connect_timeout_seconds = 2;
+        c.limits.connect_timeout_seconds = connect_timeout;
         c.limits.max_tunnels = 1;
         c.html5.as_mut().unwrap().upstream_tls = Some(UpstreamTls { ca_file: ca_file.to_string_lossy().into(), host_subject: None });
     })
     .await;
     let expires = ticket::now() + VALID as u64;
     let tls_only = ticket::mint(KEY, &Claims { host: "127.0.0.1".into(), ports: vec![port], expires, subject: "vm-tls".into() });
+    (b, port, tls_only, ca_dir)
+}
+
+/// A connection told to close while a request of its own is being answered finishes it first:
+/// a console being opened (here a WebSocket handshake waiting for a hypervisor's TLS) is not cut
+/// because slower connections came after it.
+#[tokio::test]
+async fn a_connection_closed_to_make_room_finishes_the_request_it_is_answering() {
+    let (b, _, tls_only, _ca_dir) = bridge_to_a_silent_tls_port(2).await;
     let query = format!("?token={tls_only}");
     let web = b.web;
     let busy = tokio::spawn(async move { refused_with(open_at(web, &query, None).await) });
@@ -475,26 +483,7 @@ async fn handshake_refusals_say_why() {
 /// up after the connect timeout with 504, and the slot it held is free again.
 #[tokio::test]
 async fn a_silent_tls_port_is_a_504_after_the_connect_timeout() {
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let _held = tokio::spawn(async move {
-        let mut kept = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            kept.push(s);
-        }
-    });
-    let (ca, _) = hypervisor_ca("hypervisor CA", 2030);
-    let ca_dir = tempfile::tempdir().unwrap();
-    let ca_file = ca_dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let b = start_edited(600, 1, None, |c| {
-        c.limits.connect_timeout_seconds = 1;
-        c.limits.max_tunnels = 1;
-        c.html5.as_mut().unwrap().upstream_tls = Some(UpstreamTls { ca_file: ca_file.to_string_lossy().into(), host_subject: None });
-    })
-    .await;
-    let expires = ticket::now() + VALID as u64;
-    let tls_only = ticket::mint(KEY, &Claims { host: "127.0.0.1".into(), ports: vec![port], expires, subject: "vm-tls".into() });
+    let (b, port, tls_only, _ca_dir) = bridge_to_a_silent_tls_port(1).await;
     for attempt in 0..2 {
         let started = Instant::now();
         let (code, body) = refused_with(open(&b, &format!("?token={tls_only}"), None).await);
