@@ -128,7 +128,7 @@ enum Limit {
 }
 
 /// A connection's place under a `ConnectionLimit`, given back on drop.
-pub enum Held {
+enum Held {
     Place(#[allow(dead_code)] Place),
     Waiting(WaitingPlace),
 }
