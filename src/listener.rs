@@ -168,6 +168,11 @@ impl ConnectionLimit {
         }
     }
 
+    /// Whether one more connection closes the longest waiting (`closing_oldest`).
+    fn closes_oldest(&self) -> bool {
+        matches!(self.0, Limit::CloseOldest(_))
+    }
+
     /// A new limit for the connections accepted from now on (at least 1).
     pub fn set_limit(&self, max: usize) {
         match &self.0 {
@@ -237,11 +242,6 @@ impl Waiting {
     /// At least 1; connections waiting beyond a lower limit are told to close as new ones come.
     pub fn set_limit(&self, limit: usize) {
         self.0.limit.store(limit.max(1), Ordering::Relaxed);
-    }
-
-    /// Connections waiting now.
-    pub fn count(&self) -> usize {
-        self.0.count.get() as usize
     }
 }
 
@@ -374,15 +374,17 @@ pub async fn serve<L, C>(
         };
         let (router, connect_info) = (router.clone(), axum::extract::ConnectInfo(info(addr)));
         // From a request's head until its answer's body is sent: a connection told to close to
-        // make room finishes that first.
-        let busy = Arc::new(AtomicBool::new(false));
+        // make room finishes that first. Only a limit that closes connections needs to know.
+        let busy = limit.closes_oldest().then(|| Arc::new(AtomicBool::new(false)));
         let service = hyper::service::service_fn({
             let busy = busy.clone();
             move |request: hyper::Request<hyper::body::Incoming>| {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(connect_info.clone());
-                busy.store(true, Ordering::Relaxed);
-                let (answer, busy) = (router.clone().oneshot(request), Busy(Some(busy.clone())));
+                if let Some(busy) = &busy {
+                    busy.store(true, Ordering::Relaxed);
+                }
+                let (answer, busy) = (router.clone().oneshot(request), Busy(busy.clone()));
                 async move { answer.await.map(|response| busy.until_sent(response)) }
             }
         });
@@ -394,7 +396,7 @@ pub async fn serve<L, C>(
                 _ = conn.as_mut() => return,
                 _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
                 () = place.told_to_close() => {
-                    if !busy.load(Ordering::Relaxed) {
+                    if !busy.is_some_and(|busy| busy.load(Ordering::Relaxed)) {
                         return; // waiting for a request head: closed as it is dropped
                     }
                     conn.as_mut().graceful_shutdown();
@@ -415,6 +417,9 @@ struct Busy(Option<Arc<AtomicBool>>);
 impl Busy {
     fn until_sent(mut self, response: axum::response::Response) -> axum::response::Response {
         use http_body_util::BodyExt;
+        if self.0.is_none() {
+            return response;
+        }
         if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
             // Busy for good: the connection is the handler's once upgraded.
             self.0 = None;
@@ -492,13 +497,14 @@ mod tests {
         use futures::FutureExt;
         let told = |p: &mut WaitingPlace| p.told_to_close().now_or_never().is_some();
         let closed = prometheus_client::metrics::counter::Counter::<u64>::default();
-        let waiting = Waiting::new(2, closed.clone(), Default::default());
+        let count = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let waiting = Waiting::new(2, closed.clone(), count.clone());
         let (mut a, mut b) = (waiting.enter(), waiting.enter());
         assert!(!told(&mut a) && !told(&mut b), "room for both");
         let mut c = waiting.enter();
         assert!(told(&mut a), "the longest waiting makes room");
         assert!(!told(&mut b) && !told(&mut c));
-        assert_eq!((waiting.count(), closed.get()), (2, 1));
+        assert_eq!((count.get(), closed.get()), (2, 1));
         drop((a, b));
         let mut d = waiting.enter();
         assert!(!told(&mut c) && !told(&mut d), "a place given back is room enough");
@@ -506,9 +512,9 @@ mod tests {
         let mut e = waiting.enter();
         assert!(told(&mut c) && told(&mut d), "a lowered limit: as many close as it takes");
         assert!(!told(&mut e));
-        assert_eq!((waiting.count(), closed.get()), (1, 3));
+        assert_eq!((count.get(), closed.get()), (1, 3));
         drop((c, d, e));
-        assert_eq!(waiting.count(), 0, "every place was given back");
+        assert_eq!(count.get(), 0, "every place was given back");
         waiting.set_limit(0);
         assert_eq!(waiting.limit(), 1, "at least one place");
     }
