@@ -28,6 +28,15 @@ struct Proxy {
     admin: u16,
     audit: std::sync::mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
+    stderr: std::path::PathBuf,
+}
+
+impl Proxy {
+    /// For a failure message: the audit lines not read yet and the proxy's log.
+    fn diagnostics(&self) -> String {
+        let audit: Vec<String> = std::iter::from_fn(|| self.audit.try_recv().ok()).collect();
+        format!("audit lines: {audit:#?}\nproxy log:\n{}", std::fs::read_to_string(&self.stderr).unwrap_or_default())
+    }
 }
 
 fn proxy(spice_port: u16, tls: bool) -> Proxy {
@@ -63,7 +72,7 @@ fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<Strin
     std::fs::write(&file, cfg.to_string()).unwrap();
     let (process, audit) = proxy_process(&file, port);
     wait_port(html5, "the browser port");
-    Proxy { _process: process, html5, admin, audit, _dir: dir }
+    Proxy { _process: process, html5, admin, audit, stderr: file.with_extension("stderr"), _dir: dir }
 }
 
 fn token(host: &str, port: u16, ttl: i64, key: &[u8]) -> String {
@@ -113,7 +122,9 @@ impl Browser {
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900",
                      // the wss case uses a throwaway self-signed certificate
                      "--ignore-certificate-errors"]
-        }}}});
+        },
+        // The page's console (a failed WebSocket's net:: error is there), for failure messages.
+        "goog:loggingPrefs": {"browser": "ALL"}}}});
         let r = b.try_call("POST", "/session", Some(caps))?;
         b.session = r["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {r}")).to_string();
         Ok(b)
@@ -150,6 +161,15 @@ impl Browser {
 
     fn js(&self, script: &str) -> Value {
         self.call("POST", &format!("/session/{}/execute/sync", self.session), Some(json!({"script": script, "args": []})))["value"].clone()
+    }
+
+    /// The browser console's messages since the last call, for failure messages.
+    fn console(&self) -> String {
+        let log = self.try_call("POST", &format!("/session/{}/se/log", self.session), Some(json!({"type": "browser"})));
+        match log {
+            Ok(v) => v["value"].as_array().into_iter().flatten().map(|m| format!("{} {}\n", m["level"], m["message"])).collect(),
+            Err(e) => format!("(no console log: {e})"),
+        }
     }
 
     /// The text of the page's open prompt or alert, if one is open.
@@ -208,7 +228,7 @@ fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
     browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
     let shot = browser.screenshot("browser-console.png");
-    assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank ({lit} lit pixels; {}); page says: {}", shot.display(), browser.js(MESSAGES));
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank ({lit} lit pixels; {}); page says: {}\nconsole: {}\n{}", shot.display(), browser.js(MESSAGES), browser.console(), p.diagnostics());
     let channels = active_tunnels(p.admin);
     assert!(channels >= 2, "spice-html5 opens one WebSocket per channel, saw {channels}");
     eprintln!("browser console screenshot: {} ({lit} lit pixels, {channels} channels)", shot.display());
@@ -276,7 +296,7 @@ fn browser_console_over_https_and_wss() {
     browser.open(&format!("https://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
     let shot = browser.screenshot("browser-console-wss.png");
-    assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank over wss ({lit}; {}); page says: {}", shot.display(), browser.js(MESSAGES));
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "the canvas stayed blank over wss ({lit}; {}); page says: {}\nconsole: {}\n{}", shot.display(), browser.js(MESSAGES), browser.console(), p.diagnostics());
     assert!(active_tunnels(p.admin) >= 2);
 }
 
@@ -320,8 +340,7 @@ fn browser_console_reaches_a_tls_only_spice_server_through_the_bridge() {
     browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
     let shot = browser.screenshot("browser-console-upstream-tls.png");
-    let audit: Vec<String> = std::iter::from_fn(|| p.audit.try_recv().ok()).collect();
-    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen through TLS to the hypervisor ({lit}; {}); page says: {}; audit: {audit:?}", shot.display(), browser.js(MESSAGES));
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen through TLS to the hypervisor ({lit}; {}); page says: {}\nconsole: {}\n{}", shot.display(), browser.js(MESSAGES), browser.console(), p.diagnostics());
     drop(browser);
 
     // The wrong subject: the bridge refuses the hypervisor (502) and the page shows the error.
@@ -395,6 +414,6 @@ fn browser_console_of_a_vm_with_a_spice_password() {
     browser.open(&html5_console_url(&base, &good, Some(password)));
     let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
     let shot = browser.screenshot("browser-console-password.png");
-    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen with the password ({lit}; {}); page says: {}", shot.display(), browser.js(MESSAGES));
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen with the password ({lit}; {}); page says: {}\nconsole: {}\n{}", shot.display(), browser.js(MESSAGES), browser.console(), p.diagnostics());
     assert_eq!(browser.prompt_text(), None);
 }

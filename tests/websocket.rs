@@ -961,6 +961,51 @@ async fn wss_with_a_certificate_and_the_https_origin() {
     let _ = b.stop.send(true);
 }
 
+/// A browser that cannot finish the TLS handshake sees only a failed connection; the proxy
+/// counts (and audits) each by why: not TLS at all or refused by the client, closed before
+/// finishing, or not finished within the handshake timeout.
+#[tokio::test]
+async fn failed_tls_handshakes_on_the_browser_port_are_counted_by_why() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+    let b = start_edited(600, 1, Some((cert.pem(), key.serialize_pem())), |c| c.limits.handshake_timeout_seconds = 1).await;
+    let counted = |outcome: &'static str, want: u64| {
+        let admin = b.admin;
+        async move {
+            let series = format!("spice_proxy_tunnels_total{{outcome=\"{outcome}\"}}");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let text = raw(admin, "GET /metrics HTTP/1.0\r\n\r\n").await;
+                let n: u64 = text.lines().find_map(|l| l.strip_prefix(series.as_str())?.strip_prefix(' ')?.parse().ok()).unwrap_or(0);
+                if n == want || tokio::time::Instant::now() > deadline {
+                    assert_eq!(n, want, "{series}");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Plain HTTP to the TLS port.
+    let answer = raw(b.web, "GET /spice_auto.html HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert!(!answer.starts_with("HTTP/"), "answered in plain HTTP: {answer}");
+    counted("tls_failed", 1).await;
+    // A client that does not trust the certificate ends the handshake with an alert.
+    let tcp = TcpStream::connect(b.web).await.unwrap();
+    let untrusting = common::tls::trusting(&[]);
+    assert!(tokio_rustls::TlsConnector::from(untrusting).connect("localhost".try_into().unwrap(), tcp).await.is_err());
+    counted("tls_failed", 2).await;
+    // A connection closed before any byte (a probe): not a failure, no request.
+    drop(TcpStream::connect(b.web).await.unwrap());
+    counted("no_request", 1).await;
+    // A silent one is closed after the handshake timeout (1 s).
+    let mut silent = TcpStream::connect(b.web).await.unwrap();
+    let closed = closed_within(&mut silent, Duration::from_secs(4)).await.expect("a silent connection stays open");
+    assert!(closed >= Duration::from_millis(900), "closed after {closed:?}");
+    counted("408", 1).await;
+    assert_eq!(metric(b.admin, "spice_proxy_tunnels_total{outcome=\"tls_failed\"}").await, 2);
+    let _ = b.stop.send(true);
+}
+
 /// cert-manager renews a kubernetes.io/tls Secret in place and the kubelet rewrites the mounted
 /// files: new connections get the renewed certificate without a restart, open ones keep working,
 /// and /metrics tells when the served one expires.
