@@ -262,6 +262,41 @@ async fn ipv6_hypervisors_and_clients_through_the_dual_stack_listener() {
     assert!(b.contains(&format!("target [::1]:{port} (::1) is not on the allow-list")), "{b}");
 }
 
+/// The workers' listeners share their port with SO_REUSEPORT, which would also let another
+/// process of the same user join it and silently take a share of the connections (a second
+/// proxy started by mistake, an old one still running on the host network). A port another
+/// process listens on is "address in use", as for any server.
+#[tokio::test]
+async fn a_port_another_proxy_listens_on_is_refused_not_shared() {
+    let first = start(|_, _| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(dir.path());
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/current"), KEY).unwrap();
+    cfg.listen = first.addr.to_string();
+    let err = match ProxyServer::bind(cfg.clone()).await {
+        Ok(_) => panic!("a second proxy joined {} beside the first", first.addr),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(&format!("cannot listen on {}", first.addr)) && err.contains("in use"), "{err}");
+    // Nor beside a listener that is not a proxy at all.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    cfg.listen = other.local_addr().unwrap().to_string();
+    assert!(ProxyServer::bind(cfg.clone()).await.is_err());
+    // Once that listener is closed the port binds, though a connection it accepted (closed on
+    // its side first) is still in TIME_WAIT there, as after a proxy's restart.
+    let client = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
+    drop(other.accept().unwrap().0);
+    drop(other);
+    let mut byte = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut &client, &mut byte).unwrap(), 0, "the accepted connection is closed");
+    drop(client);
+    let time_wait = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = format!(":{:04X} ", cfg.listen.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+    assert!(time_wait.lines().any(|l| l.contains(&port) && l.split_whitespace().nth(3) == Some("06")), "no TIME_WAIT on the port:\n{time_wait}");
+    ProxyServer::bind(cfg).await.expect("binds beside a TIME_WAIT connection");
+}
+
 #[tokio::test]
 async fn a_dns_name_resolving_outside_the_allow_list_is_refused() {
     let up = echo_server().await;

@@ -643,6 +643,15 @@ impl ProxyServer {
 /// then meets the handshake timeout.
 async fn bind_workers(listen: &str, workers: Option<usize>, defer_secs: u32, keepalive: Keepalive, client_socket: &ClientSocketSpec) -> std::io::Result<Vec<std::net::TcpListener>> {
     let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).clamp(1, 64);
+    // SO_REUSEPORT would also let another process of this user join a port it listens on and
+    // silently take a share of the connections (a second proxy started by mistake, an old one
+    // still running on the host network). A bind without it fails on a listening port (and
+    // only there: SO_REUSEADDR lets it past connections in TIME_WAIT), so that is "address in
+    // use", as for any server. Another listener could slip in between the two binds, but not
+    // an operator's mistake.
+    if listen.rsplit(':').next() != Some("0") {
+        drop(crate::listener::bind_socket(listen, |socket| socket.set_reuseaddr(true)).await?);
+    }
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     for _ in 0..n {
         // The first binds what `listen` says (port 0: any); the others join it on its port.
