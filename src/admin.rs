@@ -32,9 +32,10 @@ const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// Serves until the process ends. `/readyz` answers 200 while `ready` says so, else 503 with the reason.
-/// A connection past `MAX_CONNECTIONS` is answered 503 and counted in `refused`: a probe that
-/// meets it fails, so the count tells why.
-pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, refused: prometheus_client::metrics::counter::Counter) -> anyhow::Result<()> {
+/// One connection past `MAX_CONNECTIONS` closes the longest waiting (`listener::Waiting`): a
+/// flood of silent connections must not fail the kubelet's probes (a failed liveness probe
+/// restarts the pod, and every console through it ends), and probes send their request at once.
+pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, connections: Connections) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -53,7 +54,8 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, ref
             }),
         )
         .with_state(AdminState { metrics, ready });
-    crate::listener::serve(listener, app, HEAD_TIMEOUT, crate::listener::ConnectionLimit::new(MAX_CONNECTIONS, refused), |_| (), std::future::pending()).await;
+    let limit = crate::listener::Waiting::new(MAX_CONNECTIONS, connections.closed, connections.open);
+    crate::listener::serve(listener, app, HEAD_TIMEOUT, limit, |_| (), std::future::pending()).await;
     Ok(())
 }
 
@@ -61,10 +63,21 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     crate::listener::bind(addr, "admin").await
 }
 
-/// Registers the counter `serve` takes, as `admin_connections_refused` in `registry`.
-pub fn register_refused(registry: &mut prometheus_client::registry::Registry) -> prometheus_client::metrics::counter::Counter {
-    let refused = prometheus_client::metrics::counter::Counter::default();
-    let help = format!("Admin-port connections (probes, scrapes) closed or answered 503 because {MAX_CONNECTIONS} were open");
-    registry.register("admin_connections_refused", help, refused.clone());
-    refused
+/// The admin port's connections, as metrics under the process's prefix.
+#[derive(Clone, Default)]
+pub struct Connections {
+    /// `admin_connections_closed`: closed to make room because `MAX_CONNECTIONS` were open.
+    pub closed: prometheus_client::metrics::counter::Counter,
+    /// `admin_connections`: open now.
+    pub open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Connections {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let c = Connections::default();
+        let help = format!("Admin-port connections (probes, scrapes) closed to make room for a newer one because {MAX_CONNECTIONS} were open");
+        registry.register("admin_connections_closed", help, c.closed.clone());
+        registry.register("admin_connections", "Admin-port connections open now", c.open.clone());
+        c
+    }
 }

@@ -112,82 +112,15 @@ impl Drop for Place {
     }
 }
 
-/// How many connections one server holds at once, from accept (its admission included) to close.
-/// Shared by `Admitted` and `serve`, each holding a place in turn, so admissions and requests are
-/// counted together. What happens to one more depends on how the limit was made: `new` closes
-/// it at once (answered 503 when it can be read) and counts it in `refused`; `closing_oldest`
-/// closes the connection that has waited longest instead (`Waiting`), unless a request of its
-/// own is being answered, which is finished first.
-#[derive(Clone)]
-pub struct ConnectionLimit(Limit);
-
-#[derive(Clone)]
-enum Limit {
-    RefuseNewcomer { places: Places, refused: prometheus_client::metrics::counter::Counter },
-    CloseOldest(Waiting),
-}
-
-/// A connection's place under a `ConnectionLimit`, given back on drop.
-enum Held {
-    Place(#[allow(dead_code)] Place),
-    Waiting(WaitingPlace),
-}
-
-impl Held {
-    /// Resolves when this connection must close to make room for a newer one (never under a
-    /// limit that refuses newcomers instead).
-    async fn told_to_close(&mut self) {
-        match self {
-            Held::Place(_) => std::future::pending().await,
-            Held::Waiting(w) => w.told_to_close().await,
-        }
-    }
-}
-
-impl ConnectionLimit {
-    pub fn new(max: usize, refused: prometheus_client::metrics::counter::Counter) -> Self {
-        Self(Limit::RefuseNewcomer { places: Places::new(max), refused })
-    }
-
-    /// A limit that makes room for a newcomer by closing the connection waiting longest.
-    pub fn closing_oldest(waiting: Waiting) -> Self {
-        Self(Limit::CloseOldest(waiting))
-    }
-
-    /// A place for one more connection, or None (counted) when all are taken.
-    fn take(&self) -> Option<Held> {
-        match &self.0 {
-            Limit::RefuseNewcomer { places, refused } => {
-                let place = places.take();
-                if place.is_none() {
-                    refused.inc();
-                }
-                place.map(Held::Place)
-            }
-            Limit::CloseOldest(waiting) => Some(Held::Waiting(waiting.enter())),
-        }
-    }
-
-    /// Whether one more connection closes the longest waiting (`closing_oldest`).
-    fn closes_oldest(&self) -> bool {
-        matches!(self.0, Limit::CloseOldest(_))
-    }
-
-    /// A new limit for the connections accepted from now on (at least 1).
-    pub fn set_limit(&self, max: usize) {
-        match &self.0 {
-            Limit::RefuseNewcomer { places, .. } => places.set_limit(max),
-            Limit::CloseOldest(waiting) => waiting.set_limit(max),
-        }
-    }
-}
-
 /// Connections that have not yet sent a request the server accepted (read, and its credentials
-/// checked), at most `limit` at once. One more does not turn the newcomer away, as a full
-/// `ConnectionLimit` does: the connection that has waited longest is told to close instead.
-/// A flood of silent or trickling connections (slowloris) from enough addresses would otherwise
-/// hold every place for the whole request timeout and turn away every real client; this way it
-/// has to open connections faster than `limit` per round trip of a real client to keep one out.
+/// checked), at most `limit` at once; for `Admitted` and `serve`, every connection from accept
+/// (its admission included) to close, each holding a place in turn. One more does not turn the
+/// newcomer away: the connection that has waited longest is told to close instead (`serve`
+/// finishes a request it is answering first). A flood of silent or trickling connections
+/// (slowloris) from enough addresses would otherwise hold every place for the whole request
+/// timeout and turn away every real client (a console, an engine, the kubelet's probe); this
+/// way it has to open connections faster than `limit` per round trip of a real client to keep
+/// one out.
 #[derive(Clone)]
 pub struct Waiting(Arc<WaitingQueue>);
 
@@ -265,9 +198,9 @@ impl Drop for WaitingPlace {
 
 impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
     /// Accepts on `tcp` and runs `admit` for each connection in a task of its own; what it
-    /// returns is served, `None` is dropped. `admit` bounds its own time; a connection past
-    /// `limit` is closed without one.
-    pub fn spawn<F, Fut>(tcp: TcpListener, local: Addr, limit: ConnectionLimit, admit: F) -> Self
+    /// returns is served, `None` is dropped. `admit` bounds its own time; a connection told to
+    /// close to make room (`limit`) is dropped mid-admission.
+    pub fn spawn<F, Fut>(tcp: TcpListener, local: Addr, limit: Waiting, admit: F) -> Self
     where
         F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Option<(Io, Addr)>> + Send + 'static,
@@ -283,9 +216,7 @@ impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
                 if tx.is_closed() {
                     return;
                 }
-                let Some(mut place) = limit.take() else {
-                    continue;
-                };
+                let mut place = limit.enter();
                 let (tx, admitted) = (tx.clone(), admit(stream, peer));
                 tokio::spawn(async move {
                     let conn = tokio::select! {
@@ -306,7 +237,7 @@ impl<Io: Send + 'static, Addr: Send + 'static> Admitted<Io, Addr> {
 }
 
 /// TLS, each handshake within `limit`.
-pub fn tls(tcp: TcpListener, config: Arc<rustls::ServerConfig>, limit: Duration, connections: ConnectionLimit) -> std::io::Result<Admitted<TlsStream<TcpStream>, SocketAddr>> {
+pub fn tls(tcp: TcpListener, config: Arc<rustls::ServerConfig>, limit: Duration, connections: Waiting) -> std::io::Result<Admitted<TlsStream<TcpStream>, SocketAddr>> {
     let local = tcp.local_addr()?;
     let acceptor = TlsAcceptor::from(config);
     Ok(Admitted::spawn(tcp, local, connections, move |stream, peer| {
@@ -342,14 +273,15 @@ where
 /// at a time (slowloris), is closed then. Without it such connections are kept for as long as
 /// the client likes, each holding a descriptor, and enough of them exhaust the process's
 /// descriptors (the proxy's tunnels included). At most `limit` connections are served at once
-/// (an upgraded one leaves the count: it is the handler's, with limits of its own); one more is
-/// answered 503 and closed, or the longest waiting is closed for it (`ConnectionLimit`). At
-/// `shutdown` it stops accepting, lets requests in flight finish and closes idle connections.
+/// (an upgraded one leaves the count: it is the handler's, with limits of its own); for one
+/// more, the longest waiting is closed, or once it has answered the request in hand
+/// (`Waiting`). At `shutdown` it stops accepting, lets requests in flight finish and closes
+/// idle connections.
 pub async fn serve<L, C>(
     mut listener: L,
     router: axum::Router,
     head_timeout: Duration,
-    limit: ConnectionLimit,
+    limit: Waiting,
     info: impl Fn(L::Addr) -> C,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -368,23 +300,18 @@ pub async fn serve<L, C>(
             conn = listener.accept() => conn,
             () = &mut shutdown => break,
         };
-        let Some(mut place) = limit.take() else {
-            tokio::spawn(over_capacity(io));
-            continue;
-        };
+        let mut place = limit.enter();
         let (router, connect_info) = (router.clone(), axum::extract::ConnectInfo(info(addr)));
         // From a request's head until its answer's body is sent: a connection told to close to
-        // make room finishes that first. Only a limit that closes connections needs to know.
-        let busy = limit.closes_oldest().then(|| Arc::new(AtomicBool::new(false)));
+        // make room finishes that first.
+        let busy = Arc::new(AtomicBool::new(false));
         let service = hyper::service::service_fn({
             let busy = busy.clone();
             move |request: hyper::Request<hyper::body::Incoming>| {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(connect_info.clone());
-                if let Some(busy) = &busy {
-                    busy.store(true, Ordering::Relaxed);
-                }
-                let (answer, busy) = (router.clone().oneshot(request), Busy(busy.clone()));
+                busy.store(true, Ordering::Relaxed);
+                let (answer, busy) = (router.clone().oneshot(request), Busy(Some(busy.clone())));
                 async move { answer.await.map(|response| busy.until_sent(response)) }
             }
         });
@@ -396,7 +323,7 @@ pub async fn serve<L, C>(
                 _ = conn.as_mut() => return,
                 _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
                 () = place.told_to_close() => {
-                    if !busy.is_some_and(|busy| busy.load(Ordering::Relaxed)) {
+                    if !busy.load(Ordering::Relaxed) {
                         return; // waiting for a request head: closed as it is dropped
                     }
                     conn.as_mut().graceful_shutdown();
@@ -417,9 +344,6 @@ struct Busy(Option<Arc<AtomicBool>>);
 impl Busy {
     fn until_sent(mut self, response: axum::response::Response) -> axum::response::Response {
         use http_body_util::BodyExt;
-        if self.0.is_none() {
-            return response;
-        }
         if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
             // Busy for good: the connection is the handler's once upgraded.
             self.0 = None;
@@ -438,20 +362,6 @@ impl Drop for Busy {
             busy.store(false, Ordering::Relaxed);
         }
     }
-}
-
-/// The answer of a server that holds as many connections as it may (in the form of every
-/// refusal, `http_answer`), written within a second.
-async fn over_capacity<Io: AsyncWrite + Unpin>(mut io: Io) {
-    use crate::http_answer::{Refusal, Version, response};
-    use tokio::io::AsyncWriteExt;
-    let refusal = Refusal { status: 503, body: "over capacity: too many connections, try again later".into(), retry_after: Some(1) };
-    let answer = response(Version::Http11, &refusal);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        io.write_all(&answer).await?;
-        io.shutdown().await
-    })
-    .await;
 }
 
 /// Waits out a server's shutdown delay, saying so (`serving`: what goes on meanwhile). After the

@@ -191,9 +191,9 @@ struct ApiArgs {
     /// (a revoked token or binding stops working within it); 0 asks every time.
     #[arg(long, env = "SPICE_API_AUTH_CACHE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
     api_auth_cache_seconds: u64,
-    /// Connections the engine API holds at once, TLS handshakes included; one more is closed
-    /// before its handshake and counted. Lowered, with a warning, to what the process's
-    /// open-files limit leaves descriptors for.
+    /// Connections the engine API holds at once, TLS handshakes included; one more closes the
+    /// longest waiting (one answering a request finishes it first), counted. Lowered, with a
+    /// warning, to what the process's open-files limit leaves descriptors for.
     #[arg(long, env = "SPICE_API_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     api_max_connections: u64,
     /// Time a stopping replica goes on serving the engine API while /readyz already fails, so
@@ -389,7 +389,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
         // Engines hold a few connections each; the default thousand at once is far past any of them.
         let max_connections = spice_operator::open_files::fit(api.api_max_connections as usize, ENGINE_API_FILES, "--api-max-connections", "connections");
-        let connections = spice_operator::listener::ConnectionLimit::new(max_connections, metrics.engine_connections_refused.clone());
+        let connections = spice_operator::listener::Waiting::new(max_connections, metrics.engine_connections_closed.clone(), metrics.engine_connections.clone());
         // The TLS handshake within 10 s, then each request head within 10 s: engines send at once.
         let within = Duration::from_secs(10);
         let listener = spice_operator::listener::tls(tcp, server_config, within, connections.clone())?;
@@ -410,7 +410,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         None
     };
     let (ready_tx, ready_rx) = watch::channel(false);
-    let admin_refused = metrics.admin_connections_refused.clone();
+    let admin_connections = metrics.admin_connections.clone();
     let encode = {
         let m = metrics.clone();
         Arc::new(move || m.encode())
@@ -425,7 +425,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
     });
     let admin_listener = admin::bind(&admin_addr.to_string()).await?;
     let admin_addr = admin_listener.local_addr()?; // what was bound, after any IPv4 fallback
-    let admin = tokio::spawn(admin::serve(admin_listener, encode, readiness, admin_refused));
+    let admin = tokio::spawn(admin::serve(admin_listener, encode, readiness, admin_connections));
     let mut stopping = stop_rx.clone();
     spice_operator::on_stop_signals(move || {
         tracing::info!(grace = ?shutdown_grace, "shutting down: finishing reconciles in flight");

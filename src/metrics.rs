@@ -75,10 +75,12 @@ pub struct Metrics {
     /// The notAfter of the certificate the engine API serves (0 while it serves none), for an
     /// alert before it expires.
     pub engine_api_cert_expiry: Gauge,
-    /// Engine API connections turned away because `--api-max-connections` were open.
-    pub engine_connections_refused: Counter,
-    /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
-    pub admin_connections_refused: Counter,
+    /// Engine API connections closed to make room for a newer one because
+    /// `--api-max-connections` were open (`listener::Waiting`).
+    pub engine_connections_closed: Counter,
+    /// Engine API connections open now.
+    pub engine_connections: Gauge,
+    pub admin_connections: crate::admin::Connections,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
@@ -120,9 +122,15 @@ impl Default for Metrics {
         registry.register("engine_reviews", "TokenReviews and SubjectAccessReviews the engine API sent, by kind", engine_reviews.clone());
         let engine_api_cert_expiry = Gauge::default();
         registry.register("engine_api_certificate_expiry_timestamp_seconds", "When the certificate the engine API serves expires (seconds since the epoch; 0 while it serves none)", engine_api_cert_expiry.clone());
-        let engine_connections_refused = Counter::default();
-        registry.register("engine_connections_refused", "Engine API connections closed or answered 503 because --api-max-connections (engineApi.maxConnections) were open", engine_connections_refused.clone());
-        let admin_connections_refused = crate::admin::register_refused(&mut registry);
+        let engine_connections_closed = Counter::default();
+        registry.register(
+            "engine_connections_closed",
+            "Engine API connections closed to make room for a newer one because --api-max-connections (engineApi.maxConnections) were open",
+            engine_connections_closed.clone(),
+        );
+        let engine_connections = Gauge::default();
+        registry.register("engine_connections", "Engine API connections open now", engine_connections.clone());
+        let admin_connections = crate::admin::Connections::register(&mut registry);
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
@@ -148,8 +156,9 @@ impl Default for Metrics {
             engine_duration,
             engine_reviews,
             engine_api_cert_expiry,
-            engine_connections_refused,
-            admin_connections_refused,
+            engine_connections_closed,
+            engine_connections,
+            admin_connections,
             spiceproxy_ready,
             spiceproxy_degraded,
             spiceproxy_desired,
@@ -234,10 +243,13 @@ mod tests {
     }
 
     #[test]
-    fn admin_refusals_are_counted_under_the_operators_prefix() {
+    fn admin_connections_are_counted_under_the_operators_prefix() {
         let metrics = Metrics::default();
-        metrics.admin_connections_refused.inc();
-        assert!(metrics.encode().lines().any(|l| l == "spice_operator_admin_connections_refused_total 1"), "{}", metrics.encode());
+        metrics.admin_connections.closed.inc();
+        metrics.admin_connections.open.set(3);
+        let text = metrics.encode();
+        assert!(text.lines().any(|l| l == "spice_operator_admin_connections_closed_total 1"), "{text}");
+        assert!(text.lines().any(|l| l == "spice_operator_admin_connections 3"), "{text}");
     }
 
     #[test]

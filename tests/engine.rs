@@ -401,11 +401,12 @@ async fn a_renewed_engine_api_certificate_is_served_without_a_restart() {
 
 /// The engine API holds at most `--api-max-connections` connections at once, fewer when the
 /// process's open-files limit leaves descriptors for fewer (lowered, with a warning that says
-/// so): one more is closed at once, before its TLS handshake, and counted; once a place is
-/// free the next client is served, and those already served never noticed.
+/// so). One more closes the connection that has waited longest, counted: silent connections
+/// cannot keep an engine out, and an idle kept-alive one is closed only when it is the oldest.
 #[tokio::test]
 async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_files_limit_allow() {
     use common::tls::{connect, trusting};
+    use tokio::io::AsyncReadExt;
     let kubeconfig = operator_kubeconfig().unwrap_or_else(|| std::env::var_os("KUBECONFIG").unwrap().into());
     let (dir, cert, addr) = engine_api_files();
     let args = ["--lease-name", "spice-operator-leader", "--api-addr", &addr.to_string(), "--api-tls-dir", dir.path().to_str().unwrap(), "--api-max-connections", "3"];
@@ -419,43 +420,42 @@ async fn the_engine_api_holds_no_more_connections_than_its_limit_and_the_open_fi
     }
     let log = operator.log_text();
     assert!(log.contains("leaves descriptors for 2 connections only, fewer than --api-max-connections asks"), "no warning of the lowered limit:\n{log}");
-    let refused = || engine_counter(operator.admin_port, "spice_operator_engine_connections_refused_total");
-
-    // The two places: one client mid-handshake (it sends nothing), one served and kept alive.
-    // The readiness probe's connection above frees its place once the server has seen it
-    // close, which may be after the next connect: until both places are taken by these two
-    // (none refused in between), try again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (before, silent, mut served) = loop {
-        let before = refused();
-        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-        match connect(addr, &config).await {
-            Ok(served) if refused() == before => break (before, silent, served),
-            other => assert!(Instant::now() < deadline, "two places were not free within 5 s of the last probe: {:?}", other.err()),
+    let (open, closed) = (|| engine_counter(operator.admin_port, "spice_operator_engine_connections"), || engine_counter(operator.admin_port, "spice_operator_engine_connections_closed_total"));
+    let until = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(Instant::now() < deadline, "{what} within 5 s: {} open, {} closed", open(), closed());
+            std::thread::sleep(Duration::from_millis(50));
         }
-        drop(silent);
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The readiness connections above give their places back once the server has seen them close.
+    until("no connection open", &|| open() == 0);
+    let before = closed();
+
+    // The two places: one client mid-handshake (it sends nothing), then one served and kept alive.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    until("the silent client taken in", &|| open() == 1);
+    let mut served = connect(addr, &config).await.expect("a TLS handshake beside the silent client");
     let answer = healthz(&mut served).await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
+    assert_eq!((open(), closed()), (2, before));
 
-    // A third: closed at once, before its handshake, and counted.
-    let third = tokio::time::timeout(Duration::from_secs(5), connect(addr, &config)).await.expect("the third connection closed within 5 s");
-    assert!(third.is_err(), "a third connection was served beside two");
-    assert_eq!(refused(), before + 1);
-
-    // The silent client leaves: its place goes to the next client.
-    drop(silent);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut next = loop {
-        match connect(addr, &config).await {
-            Ok(tls) => break tls,
-            Err(e) => assert!(Instant::now() < deadline, "no place freed within 5 s of a client leaving: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(healthz(&mut next).await.starts_with("HTTP/1.1 200"));
+    // A third: served at once; the silent client, waiting longest, makes room and is counted.
+    let mut third = tokio::time::timeout(Duration::from_secs(5), connect(addr, &config)).await.expect("a TLS handshake within 5 s").expect("a third engine is served");
+    assert!(healthz(&mut third).await.starts_with("HTTP/1.1 200"));
+    let mut byte = [0u8; 1];
+    let gone = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut byte)).await.expect("the silent client closed within 5 s");
+    assert!(matches!(gone, Ok(0) | Err(_)), "the silent client was closed: {gone:?}");
+    assert_eq!(closed(), before + 1);
     assert!(healthz(&mut served).await.starts_with("HTTP/1.1 200"), "the kept-alive connection is still served");
+
+    // A fourth: now the kept-alive connection, idle since its answer, has waited longest.
+    let mut fourth = tokio::time::timeout(Duration::from_secs(5), connect(addr, &config)).await.expect("a TLS handshake within 5 s").expect("a fourth engine is served");
+    assert!(healthz(&mut fourth).await.starts_with("HTTP/1.1 200"));
+    let gone = tokio::time::timeout(Duration::from_secs(5), served.read(&mut byte)).await.expect("the idle kept-alive connection closed within 5 s");
+    assert!(matches!(gone, Ok(0) | Err(_)), "the idle kept-alive connection was closed: {gone:?}");
+    assert_eq!(closed(), before + 2);
+    assert!(healthz(&mut third).await.starts_with("HTTP/1.1 200"), "the newer kept-alive connection is still served");
 }
 
 /// A stopping replica (a rollout, a drained node) fails /readyz at once, but kube-proxy goes on

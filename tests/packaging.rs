@@ -338,8 +338,8 @@ tests:
       - {{series: 'spice_operator_spiceproxy_desired_replicas{{namespace="consoles",name="edge"}}', values: '2x20'}}
       - {{series: 'spice_operator_spiceproxy_ready{{namespace="consoles",name="parked"}}', values: '0x20'}}
       - {{series: 'spice_operator_spiceproxy_desired_replicas{{namespace="consoles",name="parked"}}', values: '0x20'}}
-      - {{series: 'spice_operator_engine_connections_refused_total{{namespace="spice-operator-system",pod="op-1"}}', values: '0 0 0 3 3 3 3 3 3 3 3'}}
-      - {{series: 'spice_proxy_admin_connections_refused_total{{namespace="consoles",pod="edge-2"}}', values: '0x10'}}
+      - {{series: 'spice_operator_engine_connections_closed_total{{namespace="spice-operator-system",pod="op-1"}}', values: '0 0 0 3 3 3 3 3 3 3 3'}}
+      - {{series: 'spice_proxy_admin_connections_closed_total{{namespace="consoles",pod="edge-2"}}', values: '0x10'}}
       - {{series: 'spice_proxy_waiting_connections_closed_total{{namespace="consoles",pod="edge-1"}}', values: '0 0 40 40 40 40 40 40 40 40 40 40 40 40'}}
       - {{series: 'spice_proxy_waiting_connections_closed_total{{namespace="consoles",pod="edge-2"}}', values: '7x14'}}
     alert_rule_test:
@@ -360,12 +360,12 @@ tests:
               summary: SpiceProxy consoles/edge has not been ready for 10 minutes
               description: Consoles through it may fail. kubectl describe spx -n consoles edge says why (conditions and events).
       - eval_time: 10m
-        alertname: SpiceConnectionsRefusedOverCapacity
+        alertname: SpiceConnectionsClosedToMakeRoom
         exp_alerts:
           - exp_labels: {{severity: warning, namespace: spice-operator-system, pod: op-1}}
             exp_annotations:
-              summary: Pod spice-operator-system/op-1 turned away 3 connections in 10 minutes over capacity
-              description: {refused}
+              summary: Pod spice-operator-system/op-1 closed 3 connections in 10 minutes to make room for newer ones
+              description: {closed}
       - {{eval_time: 1m, alertname: SpiceProxySlowRequestFlood, exp_alerts: []}}
       - eval_time: 5m
         alertname: SpiceProxySlowRequestFlood
@@ -377,7 +377,7 @@ tests:
       - {{eval_time: 13m, alertname: SpiceProxySlowRequestFlood, exp_alerts: []}}
 "#,
         near = description("SpiceProxyNearTunnelLimit"),
-        refused = description("SpiceConnectionsRefusedOverCapacity"),
+        closed = description("SpiceConnectionsClosedToMakeRoom"),
         flood = description("SpiceProxySlowRequestFlood"),
     );
     std::fs::write(dir.path().join("tests.yaml"), tests).unwrap();

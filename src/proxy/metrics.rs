@@ -80,8 +80,7 @@ pub struct ProxyMetrics {
     pub waiting_connections_closed: Counter,
     /// CONNECT-port connections waiting for their request to be accepted now.
     pub waiting_connections: Gauge,
-    /// Admin-port connections turned away because `admin::MAX_CONNECTIONS` were open.
-    pub admin_connections_refused: Counter,
+    pub admin_connections: crate::admin::Connections,
     /// Changed configuration files read while running: applied (their allow-list or live
     /// limits) or refused.
     pub config_reloads: Family<Outcome, Counter>,
@@ -146,7 +145,7 @@ impl Default for ProxyMetrics {
             "CONNECT-port connections open now whose request is not yet read and authorised (they hold no tunnel place)",
             waiting_connections.clone(),
         );
-        let admin_connections_refused = crate::admin::register_refused(&mut registry);
+        let admin_connections = crate::admin::Connections::register(&mut registry);
         let config_reloads = Family::<Outcome, Counter>::default();
         // Both series from the start, so an alert on refusals has a zero to compare with.
         for outcome in ["applied", "refused"] {
@@ -178,7 +177,7 @@ impl Default for ProxyMetrics {
             html5_waiting_connections,
             waiting_connections_closed,
             waiting_connections,
-            admin_connections_refused,
+            admin_connections,
             config_reloads,
             allow_list_rules,
         }

@@ -25,7 +25,7 @@ use super::throttle::AuthThrottle;
 use super::ticket::{self, TicketError};
 use super::tunnel::{self, Activity, Close};
 use crate::crd::{AuthMode, ClientSocketSpec, ProxyLimits};
-use crate::listener::{ConnectionLimit, Places, Waiting};
+use crate::listener::{Places, Waiting};
 use crate::http_answer::{Refusal, refuse, response};
 
 /// Credentials a replica accepts, reloaded from the mounted Secrets.
@@ -82,7 +82,7 @@ pub struct Shared {
     waiting: Waiting,
     /// Browser-port connections not (yet) bridges: as many as there are tunnel places, the
     /// longest waiting closed for a newcomer.
-    pub(crate) html5_connections: ConnectionLimit,
+    pub(crate) html5_connections: Waiting,
     /// Worker threads, for the descriptors a new tunnel limit needs.
     workers: usize,
     per_client: Mutex<HashMap<IpAddr, u32>>,
@@ -510,7 +510,7 @@ impl ProxyServer {
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         metrics.allow_list_rules.set(cfg.allowed_targets.len() as i64);
-        let html5_connections = ConnectionLimit::closing_oldest(Waiting::new(tunnel_limit, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone()));
+        let html5_connections = Waiting::new(tunnel_limit, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone());
         let shared = Arc::new(Shared {
             allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
             limits: RwLock::new(cfg.limits),
@@ -559,7 +559,7 @@ impl ProxyServer {
             let s = shared.clone();
             Arc::new(move || s.metrics.encode())
         };
-        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, crate::admin::ready_while(ready_rx, "draining"), shared.metrics.admin_connections_refused.clone()));
+        let admin_task = tokio::spawn(crate::admin::serve(admin, encode, crate::admin::ready_while(ready_rx, "draining"), shared.metrics.admin_connections.clone()));
         let reload = tokio::spawn(reload_credentials(shared.clone()));
         let reload_cert = shared.html5_cert.clone().map(|cert| {
             let s = shared.clone();
@@ -1122,7 +1122,7 @@ mod tests {
             balancers: RwLock::new(ProxyProtocolConfig::default()),
             tunnels: Places::new(10),
             waiting: Waiting::new(10, metrics.waiting_connections_closed.clone(), metrics.waiting_connections.clone()),
-            html5_connections: ConnectionLimit::closing_oldest(Waiting::new(10, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone())),
+            html5_connections: Waiting::new(10, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone()),
             workers: 1,
             creds: RwLock::new(Credentials::default()),
             metrics,
