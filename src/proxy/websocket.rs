@@ -150,16 +150,17 @@ where
             };
             // A browser that cannot finish the TLS handshake sees only a failed connection: the
             // audit line is where an operator finds out why (an old client, a probe, a stall).
-            let failed = match tokio::time::timeout(limit.saturating_sub(started.elapsed()), handshake(stream)).await {
+            let (outcome, close) = match tokio::time::timeout(limit.saturating_sub(started.elapsed()), handshake(stream)).await {
                 Ok(Ok(io)) => return Some((io, from)),
                 // A probe, or a browser's spare connection closed unused.
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => ("no_request", format!("closed before the TLS handshake finished: {e}")),
                 Ok(Err(e)) => ("tls_failed", format!("TLS handshake failed: {e}")),
                 Err(_) => ("408", format!("TLS handshake not finished within {limit:?}")),
             };
-            let (outcome, close) = failed;
             shared.metrics.tunnels.get_or_create(&super::metrics::Outcome { outcome }).inc();
-            let audit = Audit { event: "websocket", client: Some(from.client), via: from.via, outcome, close, duration_ms: started.elapsed().as_millis() as u64, ..Default::default() };
+            // As every audit line names a client: an IPv4 one on the `[::]` listener as IPv4.
+            let client = SocketAddr::new(super::allow::canonical(from.client.ip()), from.client.port());
+            let audit = Audit { event: "websocket", client: Some(client), via: from.via, outcome, close, duration_ms: started.elapsed().as_millis() as u64, ..Default::default() };
             audit.emit();
             None
         })
