@@ -41,6 +41,11 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `canonical` for a socket address.
+pub fn canonical_addr(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(canonical(addr.ip()), addr.port())
+}
+
 /// IPv6 addresses that carry an IPv4 address a gateway or tunnel reaches on the client's
 /// behalf, and the bit at which it starts: a NAT64 gateway turns 64:ff9b::a9fe:a9fe into
 /// 169.254.169.254 (RFC 6052), a 6to4 relay sends 2002:7f00:1:: to 127.0.0.1 (RFC 3056). The

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::allow::{AllowList, canonical};
+use super::allow::{AllowList, canonical, canonical_addr};
 use super::config::ProxyConfig;
 use super::head::{self, HeadError, MAX_HEAD, Version};
 use super::metrics::{Outcome, ProxyMetrics};
@@ -221,7 +221,7 @@ impl Shared {
         };
         let allowed: Vec<SocketAddr> = {
             let allow = self.allow.read().expect("allow-list lock");
-            resolved.iter().filter(|a| allow.permits(a.ip(), a.port())).map(|a| SocketAddr::new(canonical(a.ip()), a.port())).collect()
+            resolved.iter().filter(|a| allow.permits(a.ip(), a.port())).map(|a| canonical_addr(*a)).collect()
         };
         if allowed.is_empty() {
             let shown: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();

@@ -84,7 +84,7 @@ pub async fn serve(
     // open-files limit counts a descriptor for each); a bridge, once upgraded, is a tunnel instead.
     let limit = bridge.shared.html5_connections.clone();
     match (&html5.tls, proxy_protocol) {
-        (None, false) => listener::serve(listener, app, head_timeout, limit, |client| PeerAddr { client, via: None }, shutdown).await,
+        (None, false) => listener::serve(listener, app, head_timeout, limit, PeerAddr::direct, shutdown).await,
         (None, pp) => {
             let admitted = Admitted::spawn(listener, local, limit.clone(), admit(bridge.shared.clone(), pp, true, |tcp| async move { Ok(tcp) }));
             listener::serve(admitted, app, head_timeout, limit, |from| from, shutdown).await
@@ -100,11 +100,19 @@ pub async fn serve(
 }
 
 /// Where a browser connection comes from: the client, and with the PROXY protocol the load
-/// balancer that passed it on (`client` is then the address the balancer named).
+/// balancer that passed it on (`client` is then the address the balancer named). Both
+/// canonical (an IPv4 client on the `[::]` listener as IPv4), as audit lines and limits need.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr {
     pub client: SocketAddr,
     pub via: Option<SocketAddr>,
+}
+
+impl PeerAddr {
+    /// A connection straight from the client.
+    fn direct(peer: SocketAddr) -> Self {
+        PeerAddr { client: super::allow::canonical_addr(peer), via: None }
+    }
 }
 
 /// How the browser port admits a connection, within the handshake timeout: the PROXY protocol
@@ -128,7 +136,7 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let from = match proxy_protocol {
-                false => PeerAddr { client: peer, via: None },
+                false => PeerAddr::direct(peer),
                 true => {
                     let read = tokio::time::timeout(limit, proxy_header(&mut stream, &shared, peer))
                         .await
@@ -136,8 +144,7 @@ where
                     match read {
                         Ok(from) => from,
                         Err((status, body)) => {
-                            let client = SocketAddr::new(super::allow::canonical(peer.ip()), peer.port());
-                            let audit = Audit { event: "websocket", client: Some(client), ..Default::default() };
+                            let audit = Audit { event: "websocket", client: Some(PeerAddr::direct(peer).client), ..Default::default() };
                             drop(log_refusal(&shared, audit, started, status, body.clone()));
                             if plain {
                                 let refusal = http_answer::refuse(status.as_u16(), body);
@@ -158,9 +165,7 @@ where
                 Err(_) => ("408", format!("TLS handshake not finished within {limit:?}")),
             };
             shared.metrics.tunnels.get_or_create(&super::metrics::Outcome { outcome }).inc();
-            // As every audit line names a client: an IPv4 one on the `[::]` listener as IPv4.
-            let client = SocketAddr::new(super::allow::canonical(from.client.ip()), from.client.port());
-            let audit = Audit { event: "websocket", client: Some(client), via: from.via, outcome, close, duration_ms: started.elapsed().as_millis() as u64, ..Default::default() };
+            let audit = Audit { event: "websocket", client: Some(from.client), via: from.via, outcome, close, duration_ms: started.elapsed().as_millis() as u64, ..Default::default() };
             audit.emit();
             None
         })
@@ -185,8 +190,8 @@ async fn proxy_header(stream: &mut TcpStream, shared: &Shared, peer: SocketAddr)
             Ok(Some((origin, len))) => {
                 stream.read_exact(&mut buf[..len]).await.map_err(io)?;
                 return Ok(match origin {
-                    Origin::Client(a) => PeerAddr { client: SocketAddr::new(super::allow::canonical(a.ip()), a.port()), via: Some(SocketAddr::new(peer_ip, peer.port())) },
-                    Origin::Itself => PeerAddr { client: peer, via: None },
+                    Origin::Client(a) => PeerAddr { client: super::allow::canonical_addr(a), via: Some(SocketAddr::new(peer_ip, peer.port())) },
+                    Origin::Itself => PeerAddr::direct(peer),
                 });
             }
             // Part of it so far: a peek returns at once while anything is queued, so wait a
@@ -226,8 +231,8 @@ async fn handle(
         return refuse(StatusCode::BAD_REQUEST, "not a WebSocket handshake: this connection cannot be upgraded");
     };
     let started = Instant::now();
-    let peer_ip = super::allow::canonical(peer.ip());
-    let mut audit = Audit { event: "websocket", client: Some(SocketAddr::new(peer_ip, peer.port())), via, ..Default::default() };
+    let peer_ip = peer.ip();
+    let mut audit = Audit { event: "websocket", client: Some(peer), via, ..Default::default() };
     if let Err(why) = bridge.shared.check_origin(&headers, bridge.scheme) {
         return log_refusal(&bridge.shared, audit, started, StatusCode::FORBIDDEN, why);
     }
