@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use crate::listener::WaitingMetrics;
 
 type Encode = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -35,7 +36,7 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// One connection past `MAX_CONNECTIONS` closes the longest waiting (`listener::Waiting`): a
 /// flood of silent connections must not fail the kubelet's probes (a failed liveness probe
 /// restarts the pod, and every console through it ends), and probes send their request at once.
-pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, connections: Connections) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, connections: WaitingMetrics) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -54,7 +55,7 @@ pub async fn serve(listener: TcpListener, metrics: Encode, ready: Readiness, con
             }),
         )
         .with_state(AdminState { metrics, ready });
-    let limit = crate::listener::Waiting::new(MAX_CONNECTIONS, connections.closed, connections.open);
+    let limit = crate::listener::Waiting::new(MAX_CONNECTIONS, connections);
     crate::listener::serve(listener, app, HEAD_TIMEOUT, limit, |_| (), std::future::pending()).await;
     Ok(())
 }
@@ -63,21 +64,9 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     crate::listener::bind(addr, "admin").await
 }
 
-/// The admin port's connections, as metrics under the process's prefix.
-#[derive(Clone, Default)]
-pub struct Connections {
-    /// `admin_connections_closed`: closed to make room because `MAX_CONNECTIONS` were open.
-    pub closed: prometheus_client::metrics::counter::Counter,
-    /// `admin_connections`: open now.
-    pub open: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Connections {
-    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
-        let c = Connections::default();
-        let help = format!("Admin-port connections (probes, scrapes) closed to make room for a newer one because {MAX_CONNECTIONS} were open");
-        registry.register("admin_connections_closed", help, c.closed.clone());
-        registry.register("admin_connections", "Admin-port connections open now", c.open.clone());
-        c
-    }
+/// Registers the admin port's connection metrics (`admin_connections`, and
+/// `admin_connections_closed` to make room) under the process's prefix, for `serve`.
+pub fn register_connections(registry: &mut prometheus_client::registry::Registry) -> WaitingMetrics {
+    let closed = format!("Admin-port connections (probes, scrapes) closed to make room for a newer one because {MAX_CONNECTIONS} were open");
+    WaitingMetrics::register(registry, "admin_connections", closed, "Admin-port connections open now")
 }

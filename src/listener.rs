@@ -128,10 +128,24 @@ struct WaitingQueue {
     limit: AtomicUsize,
     /// The next connection's number, and the waiting ones by number: the first waited longest.
     queue: std::sync::Mutex<(u64, BTreeMap<u64, oneshot::Sender<()>>)>,
-    /// Connections told to close to make room.
-    closed: prometheus_client::metrics::counter::Counter,
-    /// Connections waiting now.
-    count: prometheus_client::metrics::gauge::Gauge,
+    metrics: WaitingMetrics,
+}
+
+/// A `Waiting` queue's metrics: `<name>_closed_total`, the connections told to close to make
+/// room, and `<name>`, the connections waiting now.
+#[derive(Clone, Default)]
+pub struct WaitingMetrics {
+    pub closed: prometheus_client::metrics::counter::Counter,
+    pub open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl WaitingMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry, name: &str, closed_help: impl Into<String>, open_help: &str) -> Self {
+        let m = WaitingMetrics::default();
+        registry.register(format!("{name}_closed"), closed_help, m.closed.clone());
+        registry.register(name, open_help, m.open.clone());
+        m
+    }
 }
 
 /// One waiting connection's place, given back on drop.
@@ -142,11 +156,10 @@ pub struct WaitingPlace {
 }
 
 impl Waiting {
-    /// `limit`: at least 1. `closed` counts the connections told to close, `count` shows how
-    /// many wait.
-    pub fn new(limit: usize, closed: prometheus_client::metrics::counter::Counter, count: prometheus_client::metrics::gauge::Gauge) -> Self {
+    /// `limit`: at least 1.
+    pub fn new(limit: usize, metrics: WaitingMetrics) -> Self {
         let queue = std::sync::Mutex::new((0, BTreeMap::new()));
-        Waiting(Arc::new(WaitingQueue { limit: AtomicUsize::new(limit.max(1)), queue, closed, count }))
+        Waiting(Arc::new(WaitingQueue { limit: AtomicUsize::new(limit.max(1)), queue, metrics }))
     }
 
     /// A place for a new connection, made by telling the longest waiting ones to close when
@@ -159,12 +172,12 @@ impl Waiting {
         while waiting.len() >= limit {
             let Some((_, oldest)) = waiting.pop_first() else { break };
             let _ = oldest.send(());
-            self.0.closed.inc();
+            self.0.metrics.closed.inc();
         }
         let id = *next;
         *next += 1;
         waiting.insert(id, tx);
-        self.0.count.set(waiting.len() as i64);
+        self.0.metrics.open.set(waiting.len() as i64);
         WaitingPlace { queue: self.0.clone(), id, told }
     }
 
@@ -192,7 +205,7 @@ impl Drop for WaitingPlace {
     fn drop(&mut self) {
         let mut guard = self.queue.queue.lock().expect("waiting queue lock");
         guard.1.remove(&self.id);
-        self.queue.count.set(guard.1.len() as i64);
+        self.queue.metrics.open.set(guard.1.len() as i64);
     }
 }
 
@@ -406,9 +419,9 @@ mod tests {
     fn a_full_waiting_queue_closes_the_longest_waiting_connections_not_the_newcomer() {
         use futures::FutureExt;
         let told = |p: &mut WaitingPlace| p.told_to_close().now_or_never().is_some();
-        let closed = prometheus_client::metrics::counter::Counter::<u64>::default();
-        let count = prometheus_client::metrics::gauge::Gauge::<i64>::default();
-        let waiting = Waiting::new(2, closed.clone(), count.clone());
+        let metrics = WaitingMetrics::default();
+        let (closed, count) = (metrics.closed.clone(), metrics.open.clone());
+        let waiting = Waiting::new(2, metrics);
         let (mut a, mut b) = (waiting.enter(), waiting.enter());
         assert!(!told(&mut a) && !told(&mut b), "room for both");
         let mut c = waiting.enter();

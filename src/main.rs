@@ -389,7 +389,7 @@ async fn run_controller(settings: Settings, admin_addr: SocketAddr, lease: Optio
         tracing::info!(addr = %tcp.local_addr()?, "engine API listening (HTTPS)");
         // Engines hold a few connections each; the default thousand at once is far past any of them.
         let max_connections = spice_operator::open_files::fit(api.api_max_connections as usize, ENGINE_API_FILES, "--api-max-connections", "connections");
-        let connections = spice_operator::listener::Waiting::new(max_connections, metrics.engine_connections_closed.clone(), metrics.engine_connections.clone());
+        let connections = spice_operator::listener::Waiting::new(max_connections, metrics.engine_connections.clone());
         // The TLS handshake within 10 s, then each request head within 10 s: engines send at once.
         let within = Duration::from_secs(10);
         let listener = spice_operator::listener::tls(tcp, server_config, within, connections.clone())?;

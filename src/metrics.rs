@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use crate::conditions;
 use crate::crd::{ClusterConsolePolicy, SpiceProxy};
+use crate::listener::WaitingMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabel {
@@ -75,12 +76,10 @@ pub struct Metrics {
     /// The notAfter of the certificate the engine API serves (0 while it serves none), for an
     /// alert before it expires.
     pub engine_api_cert_expiry: Gauge,
-    /// Engine API connections closed to make room for a newer one because
+    /// Engine API connections open now, and closed to make room for a newer one because
     /// `--api-max-connections` were open (`listener::Waiting`).
-    pub engine_connections_closed: Counter,
-    /// Engine API connections open now.
-    pub engine_connections: Gauge,
-    pub admin_connections: crate::admin::Connections,
+    pub engine_connections: WaitingMetrics,
+    pub admin_connections: WaitingMetrics,
     /// Per object, from the caches at each scrape (so deleted objects drop out): what alerts
     /// need without a kube-state-metrics configuration for our CRDs.
     spiceproxy_ready: Family<ProxyLabel, Gauge>,
@@ -122,15 +121,13 @@ impl Default for Metrics {
         registry.register("engine_reviews", "TokenReviews and SubjectAccessReviews the engine API sent, by kind", engine_reviews.clone());
         let engine_api_cert_expiry = Gauge::default();
         registry.register("engine_api_certificate_expiry_timestamp_seconds", "When the certificate the engine API serves expires (seconds since the epoch; 0 while it serves none)", engine_api_cert_expiry.clone());
-        let engine_connections_closed = Counter::default();
-        registry.register(
-            "engine_connections_closed",
+        let engine_connections = WaitingMetrics::register(
+            &mut registry,
+            "engine_connections",
             "Engine API connections closed to make room for a newer one because --api-max-connections (engineApi.maxConnections) were open",
-            engine_connections_closed.clone(),
+            "Engine API connections open now",
         );
-        let engine_connections = Gauge::default();
-        registry.register("engine_connections", "Engine API connections open now", engine_connections.clone());
-        let admin_connections = crate::admin::Connections::register(&mut registry);
+        let admin_connections = crate::admin::register_connections(&mut registry);
         let spiceproxy_ready = Family::<ProxyLabel, Gauge>::default();
         registry.register("spiceproxy_ready", "1 while the SpiceProxy's Ready condition is True", spiceproxy_ready.clone());
         let spiceproxy_degraded = Family::<ProxyLabel, Gauge>::default();
@@ -156,7 +153,6 @@ impl Default for Metrics {
             engine_duration,
             engine_reviews,
             engine_api_cert_expiry,
-            engine_connections_closed,
             engine_connections,
             admin_connections,
             spiceproxy_ready,

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use crate::listener::WaitingMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -71,16 +72,13 @@ pub struct ProxyMetrics {
     pub tls_cert_expiry: Gauge,
     /// When the last hypervisor CA certificate (html5.upstreamTls) expires (0 without one).
     pub hypervisor_ca_expiry: Gauge,
-    /// Browser-port connections not (yet) bridges, closed to make room for a newer one.
-    pub html5_waiting_connections_closed: Counter,
-    /// Browser-port connections open now that are not (yet) bridges.
-    pub html5_waiting_connections: Gauge,
-    /// CONNECT-port connections told to close before their request was accepted, to make room
-    /// for a newer one (`listener::Waiting`).
-    pub waiting_connections_closed: Counter,
-    /// CONNECT-port connections waiting for their request to be accepted now.
-    pub waiting_connections: Gauge,
-    pub admin_connections: crate::admin::Connections,
+    /// Browser-port connections open now that are not (yet) bridges, and those closed to make
+    /// room for a newer one.
+    pub html5_waiting_connections: WaitingMetrics,
+    /// CONNECT-port connections waiting for their request to be accepted now, and those told
+    /// to close before it was, to make room for a newer one (`listener::Waiting`).
+    pub waiting_connections: WaitingMetrics,
+    pub admin_connections: WaitingMetrics,
     /// Changed configuration files read while running: applied (their allow-list or live
     /// limits) or refused.
     pub config_reloads: Family<Outcome, Counter>,
@@ -121,31 +119,19 @@ impl Default for ProxyMetrics {
             "When the last of the hypervisor CA certificates (html5.upstreamTls.caSecret) expires (seconds since the epoch; 0 without them)",
             hypervisor_ca_expiry.clone(),
         );
-        let html5_waiting_connections_closed = Counter::default();
-        registry.register(
-            "html5_waiting_connections_closed",
-            "Browser-port connections that were not bridges, closed before a request of theirs was being answered, to make room for a newer one: as many were open as the tunnel limit (a flood of slow or silent connections)",
-            html5_waiting_connections_closed.clone(),
-        );
-        let html5_waiting_connections = Gauge::default();
-        registry.register(
+        let html5_waiting_connections = WaitingMetrics::register(
+            &mut registry,
             "html5_waiting_connections",
+            "Browser-port connections that were not bridges, closed before a request of theirs was being answered, to make room for a newer one: as many were open as the tunnel limit (a flood of slow or silent connections)",
             "Browser-port connections open now that are not bridges (TLS handshakes, page requests, WebSocket handshakes, kept-alive connections)",
-            html5_waiting_connections.clone(),
         );
-        let waiting_connections_closed = Counter::default();
-        registry.register(
-            "waiting_connections_closed",
-            "CONNECT-port connections closed (408) before their request was accepted, to make room for a newer one: as many were waiting for theirs as the tunnel limit (a flood of slow or silent connections)",
-            waiting_connections_closed.clone(),
-        );
-        let waiting_connections = Gauge::default();
-        registry.register(
+        let waiting_connections = WaitingMetrics::register(
+            &mut registry,
             "waiting_connections",
+            "CONNECT-port connections closed (408) before their request was accepted, to make room for a newer one: as many were waiting for theirs as the tunnel limit (a flood of slow or silent connections)",
             "CONNECT-port connections open now whose request is not yet read and authorised (they hold no tunnel place)",
-            waiting_connections.clone(),
         );
-        let admin_connections = crate::admin::Connections::register(&mut registry);
+        let admin_connections = crate::admin::register_connections(&mut registry);
         let config_reloads = Family::<Outcome, Counter>::default();
         // Both series from the start, so an alert on refusals has a zero to compare with.
         for outcome in ["applied", "refused"] {
@@ -173,9 +159,7 @@ impl Default for ProxyMetrics {
             tunnel_limit,
             tls_cert_expiry,
             hypervisor_ca_expiry,
-            html5_waiting_connections_closed,
             html5_waiting_connections,
-            waiting_connections_closed,
             waiting_connections,
             admin_connections,
             config_reloads,

@@ -510,14 +510,14 @@ impl ProxyServer {
         let metrics = ProxyMetrics::default();
         metrics.tunnel_limit.set(tunnel_limit as i64);
         metrics.allow_list_rules.set(cfg.allowed_targets.len() as i64);
-        let html5_connections = Waiting::new(tunnel_limit, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone());
+        let html5_connections = Waiting::new(tunnel_limit, metrics.html5_waiting_connections.clone());
         let shared = Arc::new(Shared {
             allow: RwLock::new(AllowList::new(cfg.allowed_targets.clone())),
             limits: RwLock::new(cfg.limits),
             origins: RwLock::new(cfg.allowed_origins().to_vec()),
             balancers: RwLock::new(cfg.proxy_protocol.clone().unwrap_or_default()),
             tunnels: Places::new(tunnel_limit),
-            waiting: Waiting::new(tunnel_limit, metrics.waiting_connections_closed.clone(), metrics.waiting_connections.clone()),
+            waiting: Waiting::new(tunnel_limit, metrics.waiting_connections.clone()),
             html5_connections,
             workers: listeners.len(),
             creds: RwLock::new(creds),
@@ -1121,8 +1121,8 @@ mod tests {
             origins: RwLock::new(Vec::new()),
             balancers: RwLock::new(ProxyProtocolConfig::default()),
             tunnels: Places::new(10),
-            waiting: Waiting::new(10, metrics.waiting_connections_closed.clone(), metrics.waiting_connections.clone()),
-            html5_connections: Waiting::new(10, metrics.html5_waiting_connections_closed.clone(), metrics.html5_waiting_connections.clone()),
+            waiting: Waiting::new(10, metrics.waiting_connections.clone()),
+            html5_connections: Waiting::new(10, metrics.html5_waiting_connections.clone()),
             workers: 1,
             creds: RwLock::new(Credentials::default()),
             metrics,
