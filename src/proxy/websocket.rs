@@ -656,6 +656,19 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::WebSocket;
 
     #[test]
+    fn the_token_in_the_url_wins_over_a_cookie_left_by_another_console() {
+        let uri = |u: &str| u.parse::<Uri>().unwrap();
+        let mut cookies = HeaderMap::new();
+        cookies.insert(header::COOKIE, HeaderValue::from_static("lang=en; token=v1.other-vm"));
+        assert_eq!(token(&uri("/websockify?token=v1.this-vm"), &cookies).as_deref(), Some("v1.this-vm"));
+        assert_eq!(token(&uri("/websockify?x=1&token=v1.this-vm"), &HeaderMap::new()).as_deref(), Some("v1.this-vm"));
+        // Only the cookie (a page that does not put it in the URL), or nothing at all.
+        assert_eq!(token(&uri("/websockify"), &cookies).as_deref(), Some("v1.other-vm"));
+        assert_eq!(token(&uri("/websockify?token="), &HeaderMap::new()), None);
+        assert_eq!(token(&uri("/websockify"), &HeaderMap::new()), None);
+    }
+
+    #[test]
     fn a_chunk_reaches_a_websocket_client_as_one_binary_message_of_its_bytes() {
         // Each length a header can have: 7 bits, 16 bits, 64 bits, and their edges.
         for len in [0, 1, 125, 126, 127, 65_535, 65_536, READ_CHUNK] {
