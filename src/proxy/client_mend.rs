@@ -38,13 +38,14 @@ const TOKEN_IN_URL: &str = "new SpiceHtml5.SpiceMainConn({uri: (token ? uri + (u
 /// else as read. A file whose code is not as expected (the statement missing, or there twice)
 /// is served as read.
 pub fn mend(path: &str, bytes: Vec<u8>) -> Vec<u8> {
-    let (context, lossy, mended) = match path.rsplit('/').next() {
+    // (code that shows it is the file we know, the statement to mend, what replaces it)
+    let (context, statement, mended) = match path.rsplit('/').next() {
         Some("ticket.js") => ("function rsa_encrypt", LOSSY, PADDED),
         Some("spice_auto.html") => ("spice_query_var('token'", COOKIE_ONLY, TOKEN_IN_URL),
         _ => return bytes,
     };
     match String::from_utf8(bytes) {
-        Ok(text) if text.contains(context) && text.matches(lossy).count() == 1 => text.replacen(lossy, mended, 1).into_bytes(),
+        Ok(text) if text.contains(context) && text.matches(statement).count() == 1 => text.replacen(statement, mended, 1).into_bytes(),
         Ok(text) => text.into_bytes(),
         Err(e) => e.into_bytes(),
     }
