@@ -40,11 +40,12 @@ impl Proxy {
 }
 
 fn proxy(spice_port: u16, tls: bool) -> Proxy {
-    proxy_with(spice_port, tls, None)
+    proxy_with(spice_port, tls, None, &[])
 }
 
-/// `upstream`: (CA PEM, host-subject) for TLS to the hypervisor's tls-port.
-fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<String>)>) -> Proxy {
+/// `upstream`: (CA PEM, host-subject) for TLS to the hypervisor's tls-port; `origins`:
+/// `html5.allowedOrigins`.
+fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<String>)>, origins: &[String]) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let upstream = upstream.map(|(ca, subject)| {
         std::fs::write(dir.path().join("hv-ca.crt"), ca).unwrap();
@@ -66,7 +67,7 @@ fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<Strin
         "authMode": "Ticket", "keysDir": dir.path().join("keys"),
         "limits": {"maxTunnels": 100, "maxTunnelsPerClient": 50, "idleTimeoutSeconds": 3600,
                    "connectTimeoutSeconds": 5, "handshakeTimeoutSeconds": 10, "drainSeconds": 1, "shutdownDelaySeconds": 0},
-        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5", "tls": tls, "upstreamTls": upstream}
+        "html5": {"listen": format!("127.0.0.1:{html5}"), "staticDir": "/usr/share/spice-html5", "tls": tls, "upstreamTls": upstream, "allowedOrigins": origins}
     });
     let file = dir.path().join("config.json");
     std::fs::write(&file, cfg.to_string()).unwrap();
@@ -164,6 +165,11 @@ impl Browser {
         self.call("POST", &format!("/session/{}/url", self.session), Some(json!({"url": url})));
     }
 
+    /// Makes the page's `index`th frame (None: the top page) the one scripts run in.
+    fn frame(&self, index: Option<u32>) {
+        self.call("POST", &format!("/session/{}/frame", self.session), Some(json!({"id": index})));
+    }
+
     fn js(&self, script: &str) -> Value {
         self.call("POST", &format!("/session/{}/execute/sync", self.session), Some(json!({"script": script, "args": []})))["value"].clone()
     }
@@ -222,6 +228,20 @@ const LIT_PIXELS: &str = r#"
 "#;
 const MESSAGES: &str = "const m = document.getElementById('message-div'); return m ? m.innerText : '';";
 
+/// A site of its own on a free loopback port, serving `page` to every request (a few).
+fn serve_page(page: String) -> u16 {
+    let site = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = site.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in site.incoming().flatten().take(4) {
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}", page.len());
+        }
+    });
+    port
+}
+
 #[test]
 fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
     let (_qemu, spice) = qemu();
@@ -268,20 +288,11 @@ fn browser_console_shows_the_vm_and_bad_tokens_show_the_error() {
     }
 
     // A page on another origin that opens the bridge with a valid token: refused (403).
-    let evil = TcpListener::bind("127.0.0.1:0").unwrap();
-    let evil_port = evil.local_addr().unwrap().port();
-    let page = format!(
+    let evil_port = serve_page(format!(
         "<html><body><script>const ws = new WebSocket('ws://127.0.0.1:{}/websockify?token={good}', 'binary');\
          ws.onopen = () => document.title = 'OPEN'; ws.onerror = () => document.title = 'REFUSED';</script></body></html>",
         p.html5
-    );
-    std::thread::spawn(move || {
-        for mut conn in evil.incoming().flatten().take(4) {
-            let mut buf = [0u8; 2048];
-            let _ = conn.read(&mut buf);
-            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}", page.len());
-        }
-    });
+    ));
     browser.open(&format!("http://127.0.0.1:{evil_port}/"));
     let title = browser.wait("return document.title;", Duration::from_secs(20), |v| v.as_str().is_some_and(|t| !t.is_empty()));
     assert_eq!(title, "REFUSED");
@@ -324,6 +335,50 @@ fn browser_console_opens_with_cookies_blocked() {
     assert!(channels >= 2, "every channel, not only the main one, must find the token: {channels} open\n{}", p.diagnostics());
 }
 
+/// A portal listed in `allowedOrigins` shows the console in a frame, as OpenStack's Horizon
+/// embeds nova's; the pages' Content-Security-Policy lets no other site frame it (clickjacking).
+#[test]
+fn a_listed_portal_frames_the_console_and_no_other_site_can() {
+    let (_qemu, spice) = qemu();
+    // A page that frames the URL after its `#`: the portal, and another site serving the same.
+    let framing = || serve_page("<html><body><iframe id=\"c\" width=\"900\" height=\"700\"></iframe>\
+        <script>c.src = decodeURIComponent(location.hash.slice(1));</script></body></html>".into());
+    let (portal, other) = (framing(), framing());
+    let p = proxy_with(spice, false, None, &[format!("http://127.0.0.1:{portal}")]);
+    let console = format!("http://127.0.0.1:{}/spice_auto.html?token={}", p.html5, token("127.0.0.1", spice, VALID, KEY));
+    let framed_by = |site: u16| format!("http://127.0.0.1:{site}/#{}", console.replace('%', "%25").replace('&', "%26"));
+
+    let browser = Browser::start();
+    browser.open(&framed_by(portal));
+    browser.frame(Some(0));
+    let lit = browser.wait(LIT_PIXELS, Duration::from_secs(60), |v| v.as_i64().unwrap_or(-1) > 500);
+    browser.frame(None);
+    let shot = browser.screenshot("browser-console-in-portal-frame.png");
+    assert!(lit.as_i64().unwrap_or(-1) > 500, "no screen in the portal's frame ({lit}; {})\nconsole: {}\n{}", shot.display(), browser.console(), p.diagnostics());
+    // (Chromium may keep a left page's frame and its WebSockets for going back: a browser of
+    // its own for the other site, so its count starts at zero.)
+    drop(browser);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while active_tunnels(p.admin) != 0 {
+        assert!(Instant::now() < deadline, "bridges stayed open after the browser quit");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Any other site: the browser refuses to show the console in its frame; no console opens.
+    let browser = Browser::start();
+    browser.open(&framed_by(other));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut log = String::new();
+    while !log.contains("frame-ancestors") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        log += &browser.console();
+    }
+    let refused = format!("Framing 'http://127.0.0.1:{}/' violates the following Content Security Policy directive: \\\"frame-ancestors http://127.0.0.1:{portal}\\\"", p.html5);
+    assert!(log.contains(&refused), "no refusal to frame the console in the browser's log:\n{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(active_tunnels(p.admin), 0, "a console opened in another site's frame\n{}", p.diagnostics());
+}
+
 /// A VM whose SPICE server listens on a tls-port only, with a certificate from our own CA.
 fn qemu_tls(dir: &std::path::Path) -> (Kill, u16, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -358,7 +413,7 @@ fn browser_console_reaches_a_tls_only_spice_server_through_the_bridge() {
     let certs = tempfile::tempdir().unwrap();
     let (_qemu, tls_port, ca) = qemu_tls(certs.path());
     // The bridge checks the hypervisor against the CA and the host-subject.
-    let p = proxy_with(tls_port, false, Some((ca.clone(), Some("O=example, CN=host1".into()))));
+    let p = proxy_with(tls_port, false, Some((ca.clone(), Some("O=example, CN=host1".into()))), &[]);
     let browser = Browser::start();
     let good = token("127.0.0.1", tls_port, VALID, KEY);
     browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", p.html5));
@@ -368,7 +423,7 @@ fn browser_console_reaches_a_tls_only_spice_server_through_the_bridge() {
     drop(browser);
 
     // The wrong subject: the bridge refuses the hypervisor (502) and the page shows the error.
-    let q = proxy_with(tls_port, false, Some((ca, Some("O=example, CN=host2".into()))));
+    let q = proxy_with(tls_port, false, Some((ca, Some("O=example, CN=host2".into()))), &[]);
     let browser = Browser::start();
     browser.open(&format!("http://127.0.0.1:{}/spice_auto.html?token={good}", q.html5));
     let msg = browser.wait(MESSAGES, Duration::from_secs(20), |v| v.as_str().is_some_and(|m| m.contains("WebSocket error")));

@@ -249,9 +249,10 @@ pub struct Html5Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub external_port: Option<i32>,
-    /// Origins, besides the console page's own, whose pages may open the WebSocket
-    /// (e.g. an engine portal embedding the console). Anything else gets 403. A change rolls
-    /// no pods: running replicas use it within about a minute, for the next consoles opened.
+    /// Origins (scheme://host[:port]), besides the console page's own, whose pages may open the
+    /// WebSocket or show the console in a frame (e.g. an engine portal embedding the console).
+    /// Anything else gets 403, and no other page may frame it. A change rolls no pods: running
+    /// replicas use it within about a minute, for the next consoles opened.
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub allowed_origins: Vec<String>,

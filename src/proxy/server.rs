@@ -463,6 +463,7 @@ pub struct ProxyServer {
 
 impl ProxyServer {
     pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Self> {
+        check_origins(&cfg)?;
         let creds = read_credentials(&cfg)?;
         let defer = cfg.limits.handshake_timeout().as_secs() as u32;
         let keepalive = Keepalive::within(cfg.limits.dead_peer_timeout());
@@ -814,11 +815,20 @@ fn changed_config(text: &[u8], running: &ProxyConfig) -> anyhow::Result<Changed>
     if new.proxy_protocol.as_ref().is_some_and(|p| p.trusted.is_empty()) {
         anyhow::bail!("proxyProtocol.trusted is empty: every connection would be refused");
     }
+    check_origins(&new)?;
     let restart_needed = new.read_at_start() != running.read_at_start();
     // Turning the PROXY protocol on or off changes how every connection begins: that waits
     // for the restart; while it is on, the balancers it trusts may change.
     let balancers = new.proxy_protocol.clone().filter(|_| running.proxy_protocol.is_some());
     Ok(Changed { limits: running.limits.with_live_settings_of(&new.limits), allowed_origins: new.allowed_origins().to_vec(), allowed_targets: new.allowed_targets, balancers, restart_needed })
+}
+
+/// Every `html5.allowedOrigins` entry is an origin (they also go into a header of the pages).
+fn check_origins(cfg: &ProxyConfig) -> anyhow::Result<()> {
+    for o in cfg.allowed_origins() {
+        super::websocket::origin(o).map_err(|why| anyhow::anyhow!("html5.allowedOrigins: {why}"))?;
+    }
+    Ok(())
 }
 
 impl Shared {
@@ -856,6 +866,11 @@ impl Shared {
     /// Whether `ip` is a load balancer trusted to send the PROXY protocol.
     pub(crate) fn trusts_balancer(&self, ip: IpAddr) -> bool {
         self.balancers.read().expect("balancers lock").trusts(ip)
+    }
+
+    /// The console pages' `Content-Security-Policy`: the allowed origins may frame them.
+    pub(crate) fn frame_ancestors(&self) -> String {
+        super::websocket::frame_ancestors(&self.origins.read().expect("origins lock"))
     }
 
     /// Whether a WebSocket handshake's `Origin` may open a console (see `websocket::check_origin`).
@@ -1182,6 +1197,10 @@ mod tests {
         assert!(!c.restart_needed, "origins only");
         assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
         assert!(changed_config(&serde_json::to_vec(&browser).unwrap(), &running).unwrap().restart_needed, "a browser port added");
+        // Refused whole, as the operator never writes one: the pages' CSP header would carry it.
+        more["html5"]["allowedOrigins"] = serde_json::json!(["https://a.example", "https://b.example; script-src *"]);
+        let injected = changed_config(&serde_json::to_vec(&more).unwrap(), &browser).err().unwrap();
+        assert!(injected.to_string().starts_with("html5.allowedOrigins: \"https://b.example; script-src *\" is not an origin"), "{injected}");
         // The load balancers trusted to send the PROXY protocol apply at once; turning the
         // protocol on or off waits for the restart.
         let mut balanced = running.clone();

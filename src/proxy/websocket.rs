@@ -221,7 +221,7 @@ async fn handle(
 ) -> Response {
     let wants_upgrade = headers.get(header::UPGRADE).is_some() || uri.path() == "/websockify";
     if !wants_upgrade {
-        return page(&bridge.static_dir, &method, uri.path()).await;
+        return page(&bridge.static_dir, &method, uri.path(), &bridge.shared.frame_ancestors()).await;
     }
     let accept = match accept_key(&method, request.version(), &headers) {
         Ok(a) => a,
@@ -381,6 +381,56 @@ fn token(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     from_query.or_else(from_cookie).filter(|t| !t.is_empty())
 }
 
+/// An origin as `html5.allowedOrigins` lists it (`https://portal.example.com`, `http://10.0.0.5:8080`,
+/// `https://[2001:db8::1]:8443`; a trailing `/` is allowed), normalised to lower case without the
+/// slash; or why it is not one. Strict, since it also goes into a `Content-Security-Policy`
+/// header, where a `;` or a space would add directives or sources.
+pub fn origin(text: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("{text:?} is not an origin such as https://portal.example.com: {why}"));
+    let lower = text.trim_end_matches('/').to_ascii_lowercase();
+    let Some((scheme, authority)) = lower.split_once("://") else { return bad("no scheme") };
+    if scheme != "http" && scheme != "https" {
+        return bad("the scheme must be http or https");
+    }
+    let port = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let Some((addr, rest)) = v6.split_once(']') else { return bad("no ']' after the IPv6 address") };
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return bad("not an IPv6 address between the brackets");
+            }
+            match rest.strip_prefix(':') {
+                Some(port) => Some(port),
+                None if rest.is_empty() => None,
+                None => return bad("no path: only scheme, host and port"),
+            }
+        }
+        None => {
+            let (host, port) = match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            };
+            let name_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+            if host.is_empty() || host.starts_with(['.', '-']) || !host.chars().all(name_char) {
+                return bad("the host may hold letters, digits, '-' and '.' only, and no path");
+            }
+            port
+        }
+    };
+    let port_ok = |port: &str| port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0') && port.parse::<u16>().is_ok_and(|p| p > 0);
+    if port.is_some_and(|port| !port_ok(port)) {
+        return bad("the port must be 1-65535");
+    }
+    Ok(lower)
+}
+
+/// The `Content-Security-Policy` of the console's pages: which pages may show them in a frame.
+/// None but the allowed origins (a portal embedding the console, as Horizon embeds nova's),
+/// so no other site can frame the console and trick its user into clicks (clickjacking).
+pub fn frame_ancestors(allowed: &[String]) -> String {
+    let listed: Vec<String> = allowed.iter().filter_map(|o| origin(o).ok()).collect();
+    if listed.is_empty() { "frame-ancestors 'none'".into() } else { format!("frame-ancestors {}", listed.join(" ")) }
+}
+
 /// A browser always sends Origin on a WebSocket handshake: it must be this very page's
 /// origin (same scheme and host:port) or one the SpiceProxy lists. Clients that are not
 /// browsers send none and cannot be hijacked cross-site; the token still decides for them.
@@ -401,7 +451,8 @@ pub fn check_origin(headers: &HeaderMap, scheme: &str, allowed: &[String]) -> Re
 /// The spice-html5 pages: `/` and `/spice_auto.html` are the console; other files by exact
 /// name. Path segments are plain names only, so nothing escapes the directory and nothing
 /// redirects.
-async fn page(dir: &Path, method: &Method, path: &str) -> Response {
+/// `frame_ancestors`: the pages' Content-Security-Policy (`frame_ancestors`).
+async fn page(dir: &Path, method: &Method, path: &str, frame_ancestors: &str) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
@@ -431,7 +482,13 @@ async fn page(dir: &Path, method: &Method, path: &str) -> Response {
     // The console URL carries the token: never send it on as a Referer, never cache the page.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    // Browsers without CSP's frame-ancestors know only "framed by nobody".
+    if frame_ancestors == "frame-ancestors 'none'" {
+        h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    }
+    if let Ok(csp) = HeaderValue::from_str(frame_ancestors) {
+        h.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
     r
 }
 
@@ -654,6 +711,58 @@ async fn run(bridge: &Bridge, mut ws: BrowserSocket, upstream: Upstream, mut aud
 mod tests {
     use super::*;
     use tokio_tungstenite::tungstenite::protocol::WebSocket;
+
+    #[test]
+    fn an_allowed_origin_is_scheme_host_and_port_only() {
+        for (given, normalised) in [
+            ("https://portal.example.com", "https://portal.example.com"),
+            ("HTTPS://Portal.Example.com:8443/", "https://portal.example.com:8443"),
+            ("http://10.0.0.5:8080", "http://10.0.0.5:8080"),
+            ("https://[2001:DB8::1]:8443", "https://[2001:db8::1]:8443"),
+            ("http://[::1]", "http://[::1]"),
+        ] {
+            assert_eq!(origin(given).as_deref(), Ok(normalised), "{given}");
+        }
+        for bad in [
+            "portal.example.com",
+            "ftp://portal.example.com",
+            "https://",
+            "https://portal.example.com/app",
+            "https://portal.example.com; script-src *",
+            "https://a.example https://b.example",
+            "https://*.example.com",
+            "https://portal.example.com:0",
+            "https://portal.example.com:65536",
+            "https://portal.example.com:+80",
+            "https://portal.example.com:",
+            "https://[2001:db8::zz]",
+            "https://[::1]x",
+            "https://-portal.example.com",
+        ] {
+            let e = origin(bad).unwrap_err();
+            assert!(e.contains("is not an origin such as https://portal.example.com: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_the_allowed_origins_may_frame_the_console() {
+        assert_eq!(frame_ancestors(&[]), "frame-ancestors 'none'");
+        let portals = ["https://Portal.example.com/".to_string(), "http://10.0.0.5:8080".to_string()];
+        assert_eq!(frame_ancestors(&portals), "frame-ancestors https://portal.example.com http://10.0.0.5:8080");
+    }
+
+    #[tokio::test]
+    async fn pages_say_who_may_frame_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("spice_auto.html"), "<html></html>").unwrap();
+        let framed_by_none = page(dir.path(), &Method::GET, "/", &frame_ancestors(&[])).await;
+        let h = framed_by_none.headers();
+        assert_eq!((h["x-frame-options"].to_str().unwrap(), h[header::CONTENT_SECURITY_POLICY].to_str().unwrap()), ("DENY", "frame-ancestors 'none'"));
+        let portal = page(dir.path(), &Method::GET, "/", &frame_ancestors(&["https://portal.example.com".into()])).await;
+        let h = portal.headers();
+        assert!(h.get("x-frame-options").is_none(), "X-Frame-Options has no allow-list: it would forbid the portal too");
+        assert_eq!(h[header::CONTENT_SECURITY_POLICY], "frame-ancestors https://portal.example.com");
+    }
 
     #[test]
     fn the_token_in_the_url_wins_over_a_cookie_left_by_another_console() {

@@ -107,9 +107,8 @@ pub fn validate(spec: &SpiceProxySpec) -> Result<(), Vec<String>> {
             problems.push(format!("html5.port {} is also the proxy's service port", h.port));
         }
         for o in &h.allowed_origins {
-            let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.trim_end_matches('/').split_once("://").is_some_and(|(_, rest)| rest.is_empty() || rest.contains('/'));
-            if !ok {
-                problems.push(format!("html5.allowedOrigins entry {o:?} is not an origin such as https://portal.example.com"));
+            if let Err(why) = crate::proxy::websocket::origin(o) {
+                problems.push(format!("html5.allowedOrigins entry {why}"));
             }
         }
     }

@@ -420,6 +420,10 @@ fn html5_adds_a_port_a_config_and_a_console_url() {
     s.spec.html5.as_mut().unwrap().port = 3128;
     s.spec.html5.as_mut().unwrap().allowed_origins.push("portal.example.com/app".into());
     assert_eq!(validate(&s.spec).unwrap_err().len(), 3, "{:?}", validate(&s.spec));
+    // An origin also goes into the pages' Content-Security-Policy: nothing that adds to it.
+    s.spec.html5.as_mut().unwrap().allowed_origins = vec!["https://portal.example.com; script-src *".into()];
+    let problems = validate(&s.spec).unwrap_err();
+    assert!(problems.iter().any(|p| p.contains("allowedOrigins entry \"https://portal.example.com; script-src *\" is not an origin")), "{problems:?}");
 }
 
 #[test]
