@@ -308,7 +308,7 @@ async fn issued_vv_opens_in_remote_viewer_through_the_proxy_and_expires() {
     let s = setup(&client, "engine-vv", spice_port).await;
     let token = service_account_token(&client, &s.ns.name, "engine", true).await;
     let (_proxy, admin, audit, _dir) = generated_proxy(&client, &s.ns.name, "edge", s.proxy_port).await;
-    let display = Display::start(1);
+    let display = Display::start();
     let blank = artifact("engine-blank.png");
     display.screenshot(&blank);
 

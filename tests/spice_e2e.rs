@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -14,7 +14,7 @@ use base64::Engine;
 mod common;
 
 use common::free_port;
-use common::spice::{Kill, qemu, unique_colours};
+use common::spice::{Display, Kill, qemu, unique_colours};
 
 /// Runs `spice-operator proxy` as users do; returns it, its port, admin port and its stdout (audit).
 fn proxy(dir: &Path, mode: &str, spice_port: u16) -> (Kill, u16, u16, std::sync::mpsc::Receiver<String>) {
@@ -113,16 +113,14 @@ fn remote_viewer_shows_the_vm_screen_through_the_proxy() {
     let (_qemu, spice) = qemu();
     let dir = tempfile::tempdir().unwrap();
     let (_proxy, port, admin, audit) = proxy(dir.path(), "Ticket", spice);
-    let display = format!(":{}", 90 + (std::process::id() % 100));
-    let _xvfb = Kill(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp"]).stderr(Stdio::null()).spawn().expect("Xvfb"));
-    std::thread::sleep(Duration::from_millis(800));
+    let display = Display::start();
     let blank = dir.path().join("blank.png");
-    assert!(Command::new("import").env("DISPLAY", &display).args(["-window", "root"]).arg(&blank).status().unwrap().success());
+    display.screenshot(&blank);
 
     let t = ticket(dir.path(), &format!("127.0.0.1:{spice}"));
     let vv = dir.path().join("console.vv");
     std::fs::write(&vv, format!("[virt-viewer]\ntype=spice\nhost=127.0.0.1\nport={spice}\nproxy=http://alice:{t}@127.0.0.1:{port}\ndelete-this-file=0\ntitle=vm-e2e\n")).unwrap();
-    let _viewer = Kill(Command::new("remote-viewer").env("DISPLAY", &display).arg(&vv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("remote-viewer"));
+    let _viewer = display.remote_viewer(&vv);
 
     // The display channel carries the screen: wait until it has moved real data through us.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -138,7 +136,7 @@ fn remote_viewer_shows_the_vm_screen_through_the_proxy() {
     }
     std::thread::sleep(Duration::from_secs(8));
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("remote-viewer-through-proxy.png");
-    assert!(Command::new("import").env("DISPLAY", &display).args(["-window", "root"]).arg(&shot).status().unwrap().success());
+    display.screenshot(&shot);
     let (before, after) = (unique_colours(&blank), unique_colours(&shot));
     assert!(before <= 2 && after > 16, "the screen did not change: {before} colours before, {after} after ({})", shot.display());
     drop(_viewer);

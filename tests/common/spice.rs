@@ -65,11 +65,27 @@ pub struct Display {
 }
 
 impl Display {
-    pub fn start(offset: u32) -> Display {
-        let name = format!(":{}", 90 + offset + (std::process::id() % 50) * 2);
-        let server = Kill(Command::new("Xvfb").args([name.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp"]).stderr(Stdio::null()).spawn().expect("Xvfb"));
-        std::thread::sleep(Duration::from_millis(800));
-        Display { name, _server: server }
+    /// Xvfb on a display it picks itself, once it accepts clients: with `-displayfd` it writes
+    /// the display's number when ready. (A fixed wait and a display named from the process id
+    /// failed CI once: the screenshot found no X server 800 ms after Xvfb started.)
+    pub fn start() -> Display {
+        let mut child = Command::new("Xvfb")
+            .args(["-displayfd", "1", "-screen", "0", "1024x768x24", "-nolisten", "tcp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Xvfb must be installed (hack/deps.sh: xvfb)");
+        let stdout = child.stdout.take().unwrap();
+        let server = Kill(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        let number = rx.recv_timeout(Duration::from_secs(30)).expect("Xvfb did not say its display within 30 s");
+        let number: u32 = number.trim().parse().unwrap_or_else(|_| panic!("Xvfb ended without a display: {number:?}"));
+        Display { name: format!(":{number}"), _server: server }
     }
 
     pub fn screenshot(&self, file: &Path) {
