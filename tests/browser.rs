@@ -317,7 +317,7 @@ fn browser_console_over_https_and_wss() {
 }
 
 /// spice_auto.html hands the token to the bridge in a cookie, which a browser may store too late
-/// for the first WebSocket (it failed CI once) or not at all (cookies blocked, or third-party in
+/// for the first WebSocket (a run of this suite failed that way: 401, no token) or not at all (cookies blocked, or third-party in
 /// a portal's iframe). The page the proxy serves puts it in the WebSocket URL too: with every
 /// cookie blocked the console still opens, every channel with it.
 #[test]
