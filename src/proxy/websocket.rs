@@ -420,6 +420,12 @@ pub fn origin(text: &str) -> Result<String, String> {
     if port.is_some_and(|port| !port_ok(port)) {
         return bad("the port must be 1-65535");
     }
+    // A browser leaves the scheme's default port out of Origin, so a listed
+    // https://portal.example.com:443 must compare equal to the https://portal.example.com it sends.
+    let default_port = if scheme == "http" { "80" } else { "443" };
+    if port == Some(default_port) {
+        return Ok(lower[..lower.len() - default_port.len() - 1].to_string());
+    }
     Ok(lower)
 }
 
@@ -437,7 +443,10 @@ pub fn frame_ancestors(allowed: &[String]) -> String {
 pub fn check_origin(headers: &HeaderMap, scheme: &str, allowed: &[String]) -> Result<(), String> {
     let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
     let origin = origin.to_str().map_err(|_| "Origin header is not text".to_string())?.trim_end_matches('/').to_ascii_lowercase();
-    if allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(&origin)) {
+    // Both sides in the form `origin()` gives (lower case, no default port); the list was
+    // checked with it when it was read, so an entry it refuses is one that matches nothing.
+    let sent = self::origin(&origin).unwrap_or_else(|_| origin.clone());
+    if allowed.iter().filter_map(|a| self::origin(a).ok()).any(|a| a == sent) {
         return Ok(());
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_ascii_lowercase();
@@ -720,6 +729,12 @@ mod tests {
             ("http://10.0.0.5:8080", "http://10.0.0.5:8080"),
             ("https://[2001:DB8::1]:8443", "https://[2001:db8::1]:8443"),
             ("http://[::1]", "http://[::1]"),
+            // The scheme's default port is what a browser leaves out of Origin.
+            ("https://portal.example.com:443", "https://portal.example.com"),
+            ("HTTP://10.0.0.5:80/", "http://10.0.0.5"),
+            ("https://[::1]:443", "https://[::1]"),
+            ("http://portal.example.com:443", "http://portal.example.com:443"),
+            ("https://portal.example.com:80", "https://portal.example.com:80"),
         ] {
             assert_eq!(origin(given).as_deref(), Ok(normalised), "{given}");
         }
@@ -741,6 +756,29 @@ mod tests {
         ] {
             let e = origin(bad).unwrap_err();
             assert!(e.contains("is not an origin such as https://portal.example.com: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_websocket_from_a_listed_origin_matches_however_the_list_spells_it() {
+        let handshake = |origin: Option<&str>, host: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+            }
+            h
+        };
+        let listed = ["HTTPS://Portal.Example.com:443/".to_string(), "http://10.0.0.5:8080".to_string()];
+        for sent in ["https://portal.example.com", "http://10.0.0.5:8080"] {
+            assert_eq!(check_origin(&handshake(Some(sent), "console:6082"), "http", &listed), Ok(()), "{sent}");
+        }
+        // Not a browser (no Origin), or the console's own page: the token decides.
+        assert_eq!(check_origin(&handshake(None, "console:6082"), "http", &[]), Ok(()));
+        assert_eq!(check_origin(&handshake(Some("http://console:6082"), "console:6082"), "http", &[]), Ok(()));
+        for sent in ["http://portal.example.com", "https://portal.example.com:8443", "http://10.0.0.5", "https://console:6082", "null"] {
+            let e = check_origin(&handshake(Some(sent), "console:6082"), "http", &listed).unwrap_err();
+            assert!(e.starts_with("cross-origin WebSocket refused: Origin "), "{sent}: {e}");
         }
     }
 
