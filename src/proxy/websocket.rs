@@ -429,12 +429,15 @@ pub fn origin(text: &str) -> Result<String, String> {
     Ok(lower)
 }
 
+/// The pages' `Content-Security-Policy` when no origin is listed.
+const FRAMED_BY_NONE: &str = "frame-ancestors 'none'";
+
 /// The `Content-Security-Policy` of the console's pages: which pages may show them in a frame.
 /// None but the allowed origins (a portal embedding the console, as Horizon embeds nova's),
 /// so no other site can frame the console and trick its user into clicks (clickjacking).
 pub fn frame_ancestors(allowed: &[String]) -> String {
     let listed: Vec<String> = allowed.iter().filter_map(|o| origin(o).ok()).collect();
-    if listed.is_empty() { "frame-ancestors 'none'".into() } else { format!("frame-ancestors {}", listed.join(" ")) }
+    if listed.is_empty() { FRAMED_BY_NONE.into() } else { format!("frame-ancestors {}", listed.join(" ")) }
 }
 
 /// A browser always sends Origin on a WebSocket handshake: it must be this very page's
@@ -460,7 +463,7 @@ pub fn check_origin(headers: &HeaderMap, scheme: &str, allowed: &[String]) -> Re
 /// The spice-html5 pages: `/` and `/spice_auto.html` are the console; other files by exact
 /// name. Path segments are plain names only, so nothing escapes the directory and nothing
 /// redirects.
-/// `frame_ancestors`: the pages' Content-Security-Policy (`frame_ancestors`).
+/// `frame_ancestors`: their `Content-Security-Policy` (see `frame_ancestors`).
 async fn page(dir: &Path, method: &Method, path: &str, frame_ancestors: &str) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET");
@@ -492,7 +495,7 @@ async fn page(dir: &Path, method: &Method, path: &str, frame_ancestors: &str) ->
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // Browsers without CSP's frame-ancestors know only "framed by nobody".
-    if frame_ancestors == "frame-ancestors 'none'" {
+    if frame_ancestors == FRAMED_BY_NONE {
         h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     }
     if let Ok(csp) = HeaderValue::from_str(frame_ancestors) {
