@@ -72,7 +72,7 @@ fn proxy_with(spice_port: u16, tls: bool, upstream: Option<(String, Option<Strin
     let file = dir.path().join("config.json");
     std::fs::write(&file, cfg.to_string()).unwrap();
     let (process, audit) = proxy_process(&file, port);
-    wait_port(html5, "the browser port");
+    wait_port(process.0.id(), html5, "the browser port");
     Proxy { _process: process, html5, admin, audit, stderr: file.with_extension("stderr"), _dir: dir }
 }
 
@@ -121,7 +121,7 @@ impl Browser {
                 .spawn()
                 .expect("chromedriver must be installed (hack/deps.sh: chromium-driver)"),
         );
-        wait_port(port, "chromedriver");
+        wait_port(driver.0.id(), port, "chromedriver");
         let mut b = Browser { port, session: String::new(), _driver: driver };
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": "/usr/bin/chromium", "prefs": prefs,
@@ -404,7 +404,7 @@ fn qemu_tls(dir: &std::path::Path) -> (Kill, u16, String) {
         .spawn()
         .expect("qemu-system-x86_64");
     let k = Kill(child);
-    wait_port(port, "qemu's SPICE tls-port");
+    wait_port(k.0.id(), port, "qemu's SPICE tls-port");
     (k, port, ca.pem())
 }
 

@@ -729,9 +729,9 @@ async fn haproxy_in_front_sends_the_proxy_protocol_and_audit_lines_name_its_clie
          frontend v1\n  bind 127.0.0.1:{v1_port}\n  default_backend v1\nbackend v1\n  server s 127.0.0.1:{proxy_port} send-proxy\n\
          frontend v2\n  bind 127.0.0.1:{v2_port}\n  default_backend v2\nbackend v2\n  server s 127.0.0.1:{proxy_port} send-proxy-v2\n"
     )).unwrap();
-    let _haproxy = Kill(std::process::Command::new(haproxy_bin()).args(["-db", "-f"]).arg(&haproxy_cfg).spawn().expect("haproxy (Debian's, from hack/deps.sh)"));
-    wait_port(v1_port, "haproxy");
-    wait_port(v2_port, "haproxy");
+    let haproxy = Kill(std::process::Command::new(haproxy_bin()).args(["-db", "-f"]).arg(&haproxy_cfg).spawn().expect("haproxy (Debian's, from hack/deps.sh)"));
+    wait_port(haproxy.0.id(), v1_port, "haproxy");
+    wait_port(haproxy.0.id(), v2_port, "haproxy");
     let head = spice_gtk_head(&up.to_string(), "");
     for (port, client_ip) in [(v1_port, "127.0.0.4"), (v2_port, "127.0.0.5")] {
         let mut s = connect_from(client_ip, format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
@@ -793,7 +793,7 @@ impl ProxyProcess {
         let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
         let pid = child.id();
         let kill = Kill(child);
-        wait_port(proxy.port(), "the proxy");
+        wait_port(pid, proxy.port(), "the proxy");
         ProxyProcess { proxy, admin, pid, stdout, stderr, _kill: kill, _dir: dir }
     }
 }

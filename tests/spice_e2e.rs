@@ -66,7 +66,7 @@ fn link_message() -> Vec<u8> {
 
 #[test]
 fn spice_link_handshake_through_the_proxy_in_every_auth_mode() {
-    let (_qemu, spice) = qemu();
+    let (mut qemu, spice) = qemu();
     for mode in ["Ticket", "Basic", "None"] {
         let dir = tempfile::tempdir().unwrap();
         let (proxy_proc, port, _admin, audit) = proxy(dir.path(), mode, spice);
@@ -84,7 +84,16 @@ fn spice_link_handshake_through_the_proxy_in_every_auth_mode() {
         write!(s, "CONNECT 127.0.0.1:{spice} HTTP/1.0\r\nHost: 127.0.0.1:{spice}\r\nProxy-Connection: keep-alive\r\nUser-Agent: GLib/2.74\r\n{auth}\r\n").unwrap();
         let mut reply = [0u8; 39];
         s.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply, b"HTTP/1.0 200 Connection established\r\n\r\n", "{mode}");
+        if &reply != b"HTTP/1.0 200 Connection established\r\n\r\n" {
+            // A refusal closes the connection after its one-line body: show all of it.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            let qemu_state = match qemu.0.try_wait() {
+                Ok(Some(status)) => format!("qemu has exited ({status})"),
+                _ => format!("qemu still runs; listening on {spice}: {}", common::listens(qemu.0.id(), spice)),
+            };
+            panic!("{mode}: the proxy did not open the tunnel: {}{}\n{qemu_state}", String::from_utf8_lossy(&reply), String::from_utf8_lossy(&rest));
+        }
         s.write_all(&link_message()).unwrap();
         let mut magic = [0u8; 16];
         s.read_exact(&mut magic).unwrap();

@@ -334,17 +334,52 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
+    // Ports handed out before in this test binary: free until their process binds them, and
+    // the tests run in parallel, so two of them must never be given the same one.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     // Above the ports services commonly use; a random start, so parallel tests rarely meet.
     let (low, high) = (20000u16, ephemeral_low.max(20001));
     for _ in 0..1000 {
         // Every RandomState has keys of its own: a random number without a crate for it.
         let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
         let port = low + (random % u64::from(high - low)) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
     panic!("no free port between {low} and {high} in 1000 tries");
+}
+
+/// Whether process `pid` holds a TCP socket listening on `port` (any local address), from
+/// /proc: the listening sockets' inodes in its network namespace, and its open descriptors.
+pub fn listens(pid: u32, port: u16) -> bool {
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { return false };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+            let local_port = f.get(1).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.filter_map(Result::ok).filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|link| inodes.iter().any(|i| link.as_os_str() == i.as_str()))
+}
+
+/// Whether process `pid` still runs (it exists and is not a zombie waiting to be reaped).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// A plain HTTP/1.0 GET on loopback; the body, or None when nothing answers.

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,19 +16,23 @@ impl Drop for Kill {
     }
 }
 
-pub fn wait_port(port: u16, what: &str) {
-    wait_listening(port, what, || None);
+/// Waits up to 20 s until process `pid` itself listens on `port`.
+pub fn wait_port(pid: u32, port: u16, what: &str) {
+    wait_listening(pid, port, what, || None);
 }
 
-/// Waits up to 20 s for `port` to accept; `gone` says why the process behind it has ended
-/// (then there is nothing to wait for), or `None` while it runs.
-fn wait_listening(port: u16, what: &str, mut gone: impl FnMut() -> Option<String>) {
+/// Waits up to 20 s until process `pid` listens on `port`; `gone` says why it has ended (then
+/// there is nothing to wait for). Whether the port merely accepts is not enough: another test's
+/// process may hold it, and the process meant to listen there has then failed to bind (a CI run
+/// of 2026-12-07 saw its proxy answer 502 for a SPICE server that accepted a moment before).
+fn wait_listening(pid: u32, port: u16, what: &str, mut gone: impl FnMut() -> Option<String>) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !super::listens(pid, port) {
         if let Some(why) = gone() {
             panic!("{what} exited before listening on {port}: {why}");
         }
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        assert!(super::running(pid), "{what} (pid {pid}) exited before listening on {port}");
+        assert!(Instant::now() < deadline, "{what} (pid {pid}) did not listen on {port} within 20 s");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -52,10 +55,17 @@ fn qemu_spice(password: Option<&str>) -> (Kill, u16) {
         Some(pw) => qemu.args(["-object", &format!("secret,id=spicepw,data={pw}")]).args(["-spice", &format!("port={port},addr=127.0.0.1,password-secret=spicepw")]),
         None => qemu.args(["-spice", &format!("port={port},addr=127.0.0.1,disable-ticketing=on")]),
     };
-    let child = qemu.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
-    let k = Kill(child);
-    wait_port(port, "qemu's SPICE server");
-    (k, port)
+    let stderr_file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("qemu-{port}.stderr"));
+    let mut child = qemu
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
+        .spawn()
+        .expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
+    wait_listening(child.id(), port, "qemu's SPICE server", || {
+        let status = child.try_wait().unwrap()?;
+        Some(format!("{status}, {}", std::fs::read_to_string(&stderr_file).unwrap_or_default()))
+    });
+    (Kill(child), port)
 }
 
 /// An Xvfb display for remote-viewer.
@@ -121,7 +131,7 @@ pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiv
             let _ = tx.send(line);
         }
     });
-    wait_listening(port, "the proxy", || {
+    wait_listening(child.id(), port, "the proxy", || {
         let status = child.try_wait().unwrap()?;
         Some(format!("{status}, {}", std::fs::read_to_string(&stderr_file).unwrap_or_default()))
     });
