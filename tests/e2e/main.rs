@@ -13,7 +13,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use common::*;
@@ -288,11 +288,7 @@ async fn through_service(client: &Client, ns: &str) -> (SocketAddr, SocketAddr, 
         .spawn()
         .unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], local).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "kubectl port-forward did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::spice::wait_port(pf.id(), local, "kubectl port-forward");
     (addr, SocketAddr::new(ip.parse().unwrap(), 9090), vec![Box::new(Killed(pf))])
 }
 
