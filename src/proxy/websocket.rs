@@ -453,8 +453,11 @@ pub fn check_origin(headers: &HeaderMap, scheme: &str, allowed: &[String]) -> Re
         return Ok(());
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    // Same host and port is not enough: an http:// page may not use a wss:// console, nor the reverse.
-    if !host.is_empty() && origin == format!("{scheme}://{host}") {
+    // Same host and port is not enough: an http:// page may not use a wss:// console, nor the
+    // reverse. In the same form as the Origin: a Host that names the default port (`:443`, as
+    // some balancers pass it on) is still this console's own origin.
+    let own = format!("{scheme}://{host}");
+    if !host.is_empty() && sent == self::origin(&own).unwrap_or(own) {
         return Ok(());
     }
     Err(format!("cross-origin WebSocket refused: Origin {origin} is not this console's origin {scheme}://{host} nor an allowed origin"))
@@ -779,6 +782,10 @@ mod tests {
         // Not a browser (no Origin), or the console's own page: the token decides.
         assert_eq!(check_origin(&handshake(None, "console:6082"), "http", &[]), Ok(()));
         assert_eq!(check_origin(&handshake(Some("http://console:6082"), "console:6082"), "http", &[]), Ok(()));
+        // The console's own origin however Host spells the default port.
+        assert_eq!(check_origin(&handshake(Some("https://console.example.com"), "console.example.com:443"), "https", &[]), Ok(()));
+        assert_eq!(check_origin(&handshake(Some("https://console.example.com:443"), "console.example.com"), "https", &[]), Ok(()));
+        assert!(check_origin(&handshake(Some("https://console.example.com"), "console.example.com:443"), "http", &[]).is_err(), "another scheme");
         for sent in ["http://portal.example.com", "https://portal.example.com:8443", "http://10.0.0.5", "https://console:6082", "null"] {
             let e = check_origin(&handshake(Some(sent), "console:6082"), "http", &listed).unwrap_err();
             assert!(e.starts_with("cross-origin WebSocket refused: Origin "), "{sent}: {e}");
