@@ -21,6 +21,15 @@ pub fn wait_port(pid: u32, port: u16, what: &str) {
     wait_listening(pid, port, what, || None);
 }
 
+/// Waits up to 20 s until `child` listens on `port`; if it exits first, fails with its exit
+/// status and what it wrote to `stderr_file`.
+fn wait_child(child: &mut Child, port: u16, what: &str, stderr_file: &Path) {
+    wait_listening(child.id(), port, what, || {
+        let status = child.try_wait().unwrap()?;
+        Some(format!("{status}, {}", std::fs::read_to_string(stderr_file).unwrap_or_default()))
+    });
+}
+
 /// Waits up to 20 s until process `pid` listens on `port`; `gone` says why it has ended (then
 /// there is nothing to wait for). Whether the port merely accepts is not enough: another test's
 /// process may hold it, and the process meant to listen there has then failed to bind (a CI run
@@ -61,10 +70,7 @@ fn qemu_spice(password: Option<&str>) -> (Kill, u16) {
         .stderr(std::fs::File::create(&stderr_file).unwrap())
         .spawn()
         .expect("qemu-system-x86_64 must be installed (hack/deps.sh)");
-    wait_listening(child.id(), port, "qemu's SPICE server", || {
-        let status = child.try_wait().unwrap()?;
-        Some(format!("{status}, {}", std::fs::read_to_string(&stderr_file).unwrap_or_default()))
-    });
+    wait_child(&mut child, port, "qemu's SPICE server", &stderr_file);
     (Kill(child), port)
 }
 
@@ -131,10 +137,7 @@ pub fn proxy_process(config: &Path, port: u16) -> (Kill, std::sync::mpsc::Receiv
             let _ = tx.send(line);
         }
     });
-    wait_listening(child.id(), port, "the proxy", || {
-        let status = child.try_wait().unwrap()?;
-        Some(format!("{status}, {}", std::fs::read_to_string(&stderr_file).unwrap_or_default()))
-    });
+    wait_child(&mut child, port, "the proxy", &stderr_file);
     (Kill(child), rx)
 }
 
